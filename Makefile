@@ -1,0 +1,36 @@
+# One entry point for humans and CI. Every target bootstraps what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-unit test-mc lint types bench clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+## Start the broker (embedded redis-server unless BROKER_REDIS_URL is set)
+run: $(STAMP)
+	$(PY) -m broker serve
+
+## The whole test suite: unit + integration + mission-critical, against real redis-server processes
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests mission_critical
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-mc: $(STAMP)
+	$(PY) -m pytest -q mission_critical
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+types: $(STAMP)
+	$(VENV)/bin/mypy broker
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""Redis-backed asyncio WebSocket message broker."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""asyncio client: publish with confirm, consume as an async iterator, reconnect with jittered backoff.
+
+Publishes always carry an idempotency key (generated when the caller gives none), so a publish that is retried
+after a reconnect or an ``unavailable`` answer is stored once. Subscriptions are restored after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .errors import ERROR_CODES, BrokerError, UnavailableError
+from .resilience import transient_retry
+
+log = structlog.get_logger("broker.client")
+
+_ERRORS: dict[str, type[BrokerError]] = {}
+
+
+def _error_class(code: str) -> type[BrokerError]:
+    if not _ERRORS:
+        from . import errors
+
+        for obj in vars(errors).values():
+            if isinstance(obj, type) and issubclass(obj, BrokerError) and obj.code not in _ERRORS:
+                _ERRORS[obj.code] = obj
+    return _ERRORS.get(code, BrokerError)
+
+
+def error_from_frame(frame: dict[str, Any]) -> BrokerError:
+    code = frame.get("code", "internal")
+    cls = _error_class(code if code in ERROR_CODES else "internal")
+    return cls(str(frame.get("message", "")), retry_after_ms=frame.get("retry_after_ms"))
+
+
+@dataclass(frozen=True)
+class Published:
+    id: str
+    duplicate: bool
+
+
+@dataclass
+class Message:
+    id: str
+    topic: str
+    group: str
+    payload: Any
+    headers: dict[str, str]
+    attempt: int
+    receipt: str
+    published_at: int
+    lease_expires_at: int
+    key: str | None
+    _client: BrokerClient = field(repr=False)
+
+    async def ack(self, *, wait: bool = False) -> None:
+        await self._client._settle({"op": "ack", "id": self.id, "receipt": self.receipt}, wait)
+
+    async def nack(
+        self, error: str = "", *, delay_ms: int | None = None, dead: bool = False, wait: bool = False
+    ) -> None:
+        frame: dict[str, Any] = {"op": "nack", "id": self.id, "receipt": self.receipt, "error": error, "dead": dead}
+        if delay_ms is not None:
+            frame["delay_ms"] = delay_ms
+        await self._client._settle(frame, wait)
+
+    async def extend(self, lease_ms: int) -> int:
+        reply = await self._client.request(
+            {"op": "extend", "id": self.id, "receipt": self.receipt, "lease_ms": lease_ms}
+        )
+        self.lease_expires_at = int(reply["lease_expires_at"])
+        return self.lease_expires_at
+
+
+class Subscription:
+    def __init__(self, client: BrokerClient, frame: dict[str, Any]) -> None:
+        self.client = client
+        self.frame = frame
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.queue.get()
+
+    async def get(self, timeout: float | None = None) -> Message:
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+class BrokerClient:
+    def __init__(
+        self,
+        url: str = "ws://127.0.0.1:8765/",
+        token: str | None = None,
+        *,
+        reconnect: bool = True,
+        request_timeout_s: float = 30.0,
+        reconnect_deadline_s: float = 300.0,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.reconnect = reconnect
+        self.request_timeout_s = request_timeout_s
+        self.reconnect_deadline_s = reconnect_deadline_s
+        self._ws: ClientConnection | None = None
+        self._refs = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._subs: dict[tuple[str, str], Subscription] = {}
+        self._sub_frames: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._tag = os.urandom(6).hex()
+        self._seq = itertools.count(1)
+        self.errors: asyncio.Queue[BrokerError] = asyncio.Queue(maxsize=10_000)
+
+    async def __aenter__(self) -> BrokerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None)
+        self._connected.set()
+        self._reader = asyncio.create_task(self._read(self._ws))
+        for frame in self._sub_frames:
+            await self.request(frame)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            await asyncio.wait([self._reader], timeout=5)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(UnavailableError("client closed"))
+
+    async def _read(self, ws: ClientConnection) -> None:
+        try:
+            async for raw in ws:
+                self._dispatch(orjson.loads(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connected.clear()
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(UnavailableError("connection lost", retry_after_ms=100))
+            self._waiting.clear()
+            if self.reconnect and not self._closing:
+                asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        retry_on = (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, UnavailableError, TimeoutError)
+        try:
+            async for attempt in transient_retry(
+                retry_on, attempts=10_000, max_wait_s=5, deadline_s=self.reconnect_deadline_s
+            ):
+                with attempt:
+                    if self._closing:
+                        return
+                    await self.connect()
+            log.info("client_reconnected", url=self.url)
+        except Exception as e:
+            log.error("client_reconnect_gave_up", url=self.url, error=repr(e))
+
+    def _dispatch(self, f: dict[str, Any]) -> None:
+        op = f.get("op")
+        if op == "message":
+            sub = self._subs.get((f["topic"], f["group"]))
+            if sub is None:
+                return
+            sub.queue.put_nowait(
+                Message(
+                    f["id"], f["topic"], f["group"], f["payload"], f.get("headers", {}), f["attempt"], f["receipt"],
+                    f["published_at"], f["lease_expires_at"], f.get("key"), self,
+                )
+            )  # fmt: skip
+            return
+        ref = f.get("ref")
+        fut = self._waiting.pop(ref, None) if isinstance(ref, int) else None
+        if fut is not None and not fut.done():
+            if op == "error":
+                fut.set_exception(error_from_frame(f))
+            else:
+                fut.set_result(f)
+        elif op == "error":
+            err = error_from_frame(f)
+            log.warning("broker_error", code=f.get("code"), message=f.get("message"), id=f.get("id"))
+            if not self.errors.full():
+                self.errors.put_nowait(err)
+        elif op in ("paused", "resumed"):
+            log.warning(f"delivery_{op}", topic=f.get("topic"), group=f.get("group"), reason=f.get("reason"))
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), self.request_timeout_s)
+        assert self._ws is not None
+        await self._ws.send(orjson.dumps(frame).decode())
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send a frame with a fresh ref and wait for its reply; an error reply raises the matching BrokerError."""
+        ref = next(self._refs)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[ref] = fut
+        try:
+            await self._send({**frame, "ref": ref})
+            return await asyncio.wait_for(fut, self.request_timeout_s)
+        finally:
+            self._waiting.pop(ref, None)
+
+    async def _settle(self, frame: dict[str, Any], wait: bool) -> None:
+        if wait:
+            await self.request(frame)
+        else:
+            await self._send(frame)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+        delay_ms: int = 0,
+        key: str | None = None,
+        retry: bool = True,
+    ) -> Published:
+        frame: dict[str, Any] = {
+            "op": "publish",
+            "topic": topic,
+            "payload": payload,
+            "idempotency_key": idempotency_key or f"{self._tag}-{next(self._seq)}",
+        }
+        if headers:
+            frame["headers"] = headers
+        if delay_ms:
+            frame["delay_ms"] = delay_ms
+        if key is not None:
+            frame["key"] = key
+        if not retry:
+            reply = await self.request(frame)
+        else:
+            async for attempt in transient_retry(
+                (UnavailableError, ConnectionClosed, TimeoutError),
+                attempts=1_000,
+                max_wait_s=2,
+                deadline_s=self.reconnect_deadline_s,
+            ):
+                with attempt:
+                    reply = await self.request(frame)
+        return Published(reply["id"], bool(reply.get("duplicate", False)))
+
+    async def subscribe(
+        self,
+        topic: str | list[str],
+        group: str | None = None,
+        *,
+        prefetch: int | None = None,
+        lease_ms: int | None = None,
+    ) -> Subscription:
+        topics = [topic] if isinstance(topic, str) else list(topic)
+        frame: dict[str, Any] = {"op": "subscribe", "topics": topics}
+        if group is not None:
+            frame["group"] = group
+        if prefetch is not None:
+            frame["prefetch"] = prefetch
+        if lease_ms is not None:
+            frame["lease_ms"] = lease_ms
+        reply = await self.request(frame)
+        sub = Subscription(self, frame)
+        for t in topics:
+            self._subs[(t, reply["group"])] = sub
+        self._sub_frames.append(frame)
+        return sub
+
+    async def ping(self) -> None:
+        await self.request({"op": "ping"})

@@ -1,0 +1,297 @@
+"""Per (topic, group) delivery loops on this node: credit from consumers' prefetch, batched claims, fan-out.
+
+A ``Consumer`` is one subscription of one connection (or an in-process handler) to one (topic, group). The
+``GroupDispatcher`` claims up to each consumer's free credit and hands the deliveries over; credit returns on ack,
+nack or requeue. Acks and nacks from every consumer of a group are coalesced into one script call per flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+
+from . import metrics
+from .batching import Coalescer
+from .config import Settings
+from .errors import BrokerError, UnavailableError
+from .model import AckItem, Delivery, NackItem
+from .store import NackOutcome, RedisStore
+
+log = structlog.get_logger("broker.dispatch")
+
+
+class Outlet(Protocol):
+    """Where a consumer's deliveries go (a WebSocket session)."""
+
+    def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None: ...
+
+    def congested(self) -> bool: ...
+
+
+_consumer_seq = itertools.count(1)
+
+
+class Consumer:
+    __slots__ = ("active", "group", "id", "inflight", "lease_ms", "outlet", "prefetch", "topic")
+
+    def __init__(self, outlet: Outlet, conn_id: str, topic: str, group: str, prefetch: int, lease_ms: int) -> None:
+        self.id = f"{conn_id}.{next(_consumer_seq)}"
+        self.outlet = outlet
+        self.topic = topic
+        self.group = group
+        self.prefetch = prefetch
+        self.lease_ms = lease_ms
+        self.inflight: dict[str, tuple[str, int]] = {}  # message id -> (receipt, attempt)
+        self.active = True
+
+    def credit(self) -> int:
+        if not self.active or self.outlet.congested():
+            return 0
+        return self.prefetch - len(self.inflight)
+
+
+class GroupDispatcher:
+    def __init__(self, dispatch: Dispatch, topic: str, group: str) -> None:
+        self.dispatch = dispatch
+        self.topic = topic
+        self.group = group
+        self.consumers: list[Consumer] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.paused_reason: str | None = None
+        self._rr = 0
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name=f"dispatch:{self.topic}/{self.group}")
+
+    async def _run(self) -> None:
+        d = self.dispatch
+        poll = d.settings.delivery.poll_interval_ms / 1000
+        batch = d.settings.delivery.claim_batch
+        while not d.stopping and self.consumers:
+            got_all = False
+            try:
+                got_all = await self._claim_round(batch)
+                if self.paused_reason is not None:
+                    log.info("delivery_resumed", topic=self.topic, group=self.group)
+                    self.paused_reason = None
+                    d.notify_resumed(self)
+            except UnavailableError as e:
+                if self.paused_reason is None:
+                    log.warning("delivery_paused", topic=self.topic, group=self.group, reason=e.message)
+                    self.paused_reason = e.message
+                    d.notify_paused(self, e)
+                metrics.store_errors.labels("claim", "unavailable").inc()
+                await asyncio.sleep(min(5.0, (e.retry_after_ms or 1000) / 1000))
+                continue
+            except Exception:
+                metrics.loop_errors.labels("dispatch").inc()
+                log.exception("dispatch_loop_error", topic=self.topic, group=self.group)
+                await asyncio.sleep(1.0)
+                continue
+            if got_all:
+                await asyncio.sleep(0)  # let acks and publishes in
+                continue
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), poll)
+            except TimeoutError:
+                pass
+        self.task = None
+
+    async def _claim_round(self, batch: int) -> bool:
+        """One claim per consumer with credit, round robin. True when every claim came back full."""
+        full = True
+        any_credit = False
+        n = len(self.consumers)
+        for i in range(n):
+            c = self.consumers[(self._rr + i) % n]
+            want = min(c.credit(), batch)
+            if want <= 0:
+                continue
+            any_credit = True
+            deliveries = await self.dispatch.store.claim(self.topic, self.group, want, c.lease_ms, c.id)
+            if len(deliveries) < want:
+                full = False
+            if deliveries:
+                self._hand_over(c, deliveries)
+            if not full:
+                break
+        self._rr = (self._rr + 1) % max(1, n)
+        return any_credit and full
+
+    def _hand_over(self, c: Consumer, deliveries: list[Delivery]) -> None:
+        if not c.active:
+            self.dispatch.release_later(self.topic, self.group, deliveries)
+            return
+        for dv in deliveries:
+            c.inflight[dv.id] = (dv.receipt, dv.attempt)
+            c.outlet.send_delivery(c, dv)
+        metrics.delivered.labels(self.topic, self.group).inc(len(deliveries))
+
+
+class Dispatch:
+    """All dispatchers of this node, plus the coalesced ack/nack paths."""
+
+    def __init__(self, store: RedisStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.dispatchers: dict[tuple[str, str], GroupDispatcher] = {}
+        self.stopping = False
+        self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
+        self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
+        self._bg: set[asyncio.Task[None]] = set()
+        self.pause_listeners: list[Outlet] = []
+
+    # ---- membership ----------------------------------------------------------------------------------------
+
+    async def add(self, consumer: Consumer) -> None:
+        await self.store.ensure_group(consumer.topic, consumer.group)
+        key = (consumer.topic, consumer.group)
+        gd = self.dispatchers.get(key)
+        if gd is None:
+            gd = self.dispatchers[key] = GroupDispatcher(self, consumer.topic, consumer.group)
+        gd.consumers.append(consumer)
+        gd.start()
+        gd.wake.set()
+
+    def remove(self, consumer: Consumer) -> None:
+        consumer.active = False
+        gd = self.dispatchers.get((consumer.topic, consumer.group))
+        if gd is not None and consumer in gd.consumers:
+            gd.consumers.remove(consumer)
+            if not gd.consumers:
+                gd.wake.set()  # lets the loop see it has no consumers and end
+                if gd.task is None:
+                    del self.dispatchers[(consumer.topic, consumer.group)]
+
+    def wake(self, topic: str, group: str | None = None) -> None:
+        for (t, g), gd in self.dispatchers.items():
+            if t == topic and (group is None or g == group):
+                gd.wake.set()
+
+    def wake_all(self) -> None:
+        for gd in self.dispatchers.values():
+            gd.wake.set()
+
+    def notify_paused(self, gd: GroupDispatcher, err: BrokerError) -> None:
+        for c in gd.consumers:
+            notify = getattr(c.outlet, "delivery_paused", None)
+            if notify is not None:
+                notify(gd.topic, gd.group, err)
+
+    def notify_resumed(self, gd: GroupDispatcher) -> None:
+        for c in gd.consumers:
+            notify = getattr(c.outlet, "delivery_resumed", None)
+            if notify is not None:
+                notify(gd.topic, gd.group)
+
+    # ---- settlement ----------------------------------------------------------------------------------------
+
+    def ack(self, consumer: Consumer, item: AckItem) -> asyncio.Future[bool]:
+        consumer.inflight.pop(item.id, None)
+        key = (consumer.topic, consumer.group)
+        co = self._acks.get(key)
+        if co is None:
+            co = self._acks[key] = Coalescer(lambda items: self._ack_flush(key, items), 1000)
+        self._wake_key(key)
+        return co.submit(item)
+
+    async def _ack_flush(self, key: tuple[str, str], items: Sequence[AckItem]) -> list[bool]:
+        res = await self.store.ack_many(key[0], key[1], items)
+        metrics.acked.labels(*key).inc(sum(res))
+        return res
+
+    def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:
+        consumer.inflight.pop(item.id, None)
+        return self._nack(consumer.topic, consumer.group, item, attempt, consumer.id)
+
+    def _nack(self, topic: str, group: str, item: NackItem, attempt: int, who: str) -> asyncio.Future[NackOutcome]:
+        key = (topic, group)
+        co = self._nacks.get(key)
+        if co is None:
+            co = self._nacks[key] = Coalescer(lambda items: self._nack_flush(key, items), 500)
+        self._wake_key(key)
+        return co.submit((item, attempt, who))
+
+    async def _nack_flush(
+        self, key: tuple[str, str], items: Sequence[tuple[NackItem, int, str]]
+    ) -> Sequence[NackOutcome]:
+        res = await self.store.nack_many(key[0], key[1], items)
+        for outcome in res:
+            metrics.nacked.labels(key[0], key[1], outcome.value).inc()
+        if any(o is NackOutcome.READY for o in res):
+            self._wake_key(key)
+        return res
+
+    async def extend(self, consumer: Consumer, msg_id: str, receipt: str, lease_ms: int) -> int | None:
+        return await self.store.extend(consumer.topic, consumer.group, msg_id, receipt, lease_ms)
+
+    def _wake_key(self, key: tuple[str, str]) -> None:
+        gd = self.dispatchers.get(key)
+        if gd is not None:
+            gd.wake.set()
+
+    def requeue_all(self, consumer: Consumer, unsent: set[str], reason: str) -> None:
+        """A consumer left: deliveries never sent go back as they were; sent ones are redelivered at once
+        (the attempt counts: a message that keeps killing consumers must end in the DLQ)."""
+        self.remove(consumer)
+        if not consumer.inflight:
+            return
+        back = [AckItem(i, r) for i, (r, _) in consumer.inflight.items() if i in unsent]
+        if back:
+            self._spawn(self._release(consumer.topic, consumer.group, back))
+        for msg_id, (receipt, attempt) in list(consumer.inflight.items()):
+            if msg_id in unsent:
+                continue
+            fut = self._nack(consumer.topic, consumer.group, NackItem(msg_id, receipt, reason, 0), attempt, consumer.id)
+            fut.add_done_callback(_log_requeue_failure)
+            metrics.requeued.labels(consumer.topic, consumer.group).inc()
+        consumer.inflight.clear()
+
+    def release_later(self, topic: str, group: str, deliveries: Sequence[Delivery]) -> None:
+        self._spawn(self._release(topic, group, [AckItem(d.id, d.receipt) for d in deliveries]))
+
+    async def _release(self, topic: str, group: str, items: list[AckItem]) -> None:
+        try:
+            n = await self.store.release(topic, group, items)
+            metrics.released.labels(topic, group).inc(n)
+            self._wake_key((topic, group))
+        except BrokerError as e:
+            log.warning(
+                "release_failed",
+                topic=topic,
+                group=group,
+                count=len(items),
+                error=e.message,
+                note="the leases will expire and the messages will be redelivered",
+            )
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def stop(self, timeout_s: float) -> None:
+        self.stopping = True
+        self.wake_all()
+        tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for co in [*self._acks.values(), *self._nacks.values()]:
+            await co.drain(timeout_s)
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=timeout_s)
+
+
+def _log_requeue_failure(fut: asyncio.Future[NackOutcome]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("requeue_failed", error=str(exc), note="the lease will expire and the message will be redelivered")

@@ -1,0 +1,79 @@
+"""The embedded default: a managed local ``redis-server`` child with append-only persistence in a data folder.
+
+Used only when no Redis URL is configured. When no binary exists the caller falls back to in-process fakeredis
+(non-durable) and says so loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("broker.embedded")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: str, port: int = 0) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binary() -> str | None:
+        return shutil.which("redis-server")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self, timeout_s: float = 15.0) -> None:
+        binary = self.binary()
+        if binary is None:
+            raise FileNotFoundError("redis-server")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"embedded redis-server exited with {self.proc.returncode}: {err[-500:]}")
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+                w.close()
+                (self.data_dir / "url").write_text(self.url + "\n")  # lets `broker stats` find it
+                log.info("embedded_redis_started", port=self.port, data_dir=str(self.data_dir), appendonly=True)
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"embedded redis-server did not listen on {self.port} within {timeout_s}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # SIGTERM: redis flushes the AOF and exits
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error("embedded_redis_kill", port=self.port, note="did not stop on SIGTERM in time")
+            self.proc.kill()
+            self.proc.wait()
+        log.info("embedded_redis_stopped", port=self.port)

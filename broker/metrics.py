@@ -1,0 +1,54 @@
+"""Prometheus metrics (prometheus-client), in the broker's own registry. Served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+connections = Gauge("broker_open_connections", "Open WebSocket connections", registry=REGISTRY)
+connections_total = Counter(
+    "broker_connections_total", "WebSocket connections by outcome", ["outcome"], registry=REGISTRY
+)
+frames_in = Counter("broker_frames_in_total", "Frames received by op", ["op"], registry=REGISTRY)
+frame_errors = Counter("broker_frame_errors_total", "Error frames sent, by code", ["code"], registry=REGISTRY)
+published = Counter("broker_published_total", "Messages confirmed to publishers", ["topic"], registry=REGISTRY)
+publish_failed = Counter("broker_publish_failed_total", "Publishes answered with an error", ["code"], registry=REGISTRY)
+delivered = Counter("broker_delivered_total", "Deliveries sent to consumers", ["topic", "group"], registry=REGISTRY)
+acked = Counter("broker_acked_total", "Deliveries acked", ["topic", "group"], registry=REGISTRY)
+stale = Counter("broker_stale_receipts_total", "Acks/nacks/extends refused as stale", ["op"], registry=REGISTRY)
+nacked = Counter(
+    "broker_nacked_total", "Deliveries nacked, by outcome", ["topic", "group", "outcome"], registry=REGISTRY
+)
+released = Counter(
+    "broker_released_total", "Claimed deliveries given back unsent", ["topic", "group"], registry=REGISTRY
+)
+requeued = Counter(
+    "broker_requeued_total", "Deliveries requeued because their consumer left", ["topic", "group"], registry=REGISTRY
+)
+lease_expired = Counter(
+    "broker_lease_expired_total", "Leases that expired, by outcome", ["topic", "group", "outcome"], registry=REGISTRY
+)
+promoted = Counter(
+    "broker_promoted_total", "Due retries/delayed messages promoted", ["topic", "group"], registry=REGISTRY
+)
+orphans = Counter("broker_queue_entries_without_body_total", "Queue ids whose body was missing", registry=REGISTRY)
+store_errors = Counter("broker_store_errors_total", "Redis operations that failed", ["op", "kind"], registry=REGISTRY)
+loop_errors = Counter("broker_loop_errors_total", "Background loop failures", ["loop"], registry=REGISTRY)
+breaker_state = Gauge(
+    "broker_breaker_state", "Breaker state (0 closed, 1 half-open, 2 open)", ["breaker"], registry=REGISTRY
+)
+breaker_transitions = Counter(
+    "broker_breaker_transitions_total", "Breaker state changes", ["breaker", "to"], registry=REGISTRY
+)
+redis_latency = Histogram(
+    "broker_redis_call_seconds",
+    "Latency of one Redis round trip (script or pipeline)",
+    ["op"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

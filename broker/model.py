@@ -1,0 +1,131 @@
+"""Messages, deliveries and the delivery lifecycle (pure: no I/O).
+
+Everything that affects the delivery state machine lives here: the table below is what the Lua scripts in
+``broker/store/scripts`` implement, one script per transition (each names its transition in its header).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidNameError
+
+
+class State(StrEnum):
+    READY = "ready"  # in the group's ready list, waiting for a consumer
+    LEASED = "leased"  # held by one consumer until its lease deadline
+    RETRY_WAIT = "retry_wait"  # in the group's delayed set until its due time (retry or delayed publish)
+    DEAD = "dead"  # parked in the group's dead-letter queue until its TTL
+    ACKED = "acked"  # done for this group (nothing left in Redis for it)
+    EXPIRED = "expired"  # dead letter whose TTL ran out
+
+
+#: (from, to) -> the script that performs it.
+TRANSITIONS: dict[tuple[State | None, State], str] = {
+    (None, State.READY): "publish",
+    (None, State.RETRY_WAIT): "publish",  # delay_ms > 0
+    (State.READY, State.LEASED): "claim",
+    (State.LEASED, State.ACKED): "ack",
+    (
+        State.LEASED,
+        State.RETRY_WAIT,
+    ): "nack",  # also lease expiry and consumer disconnect (script expire/requeue)
+    (State.LEASED, State.DEAD): "nack",  # attempts exhausted or dead=true
+    (State.LEASED, State.READY): "release",  # handed back unsent: attempt not counted
+    (State.RETRY_WAIT, State.READY): "promote",
+    (State.DEAD, State.READY): "reprocess",
+    (State.DEAD, State.EXPIRED): "prune_dead",
+}
+
+DEFAULT_GROUP = "default"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+def validate_name(kind: str, name: object) -> str:
+    """Topic and group names end up inside Redis keys and hash tags: no braces, colons, spaces or wildcards."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidNameError(
+            f"invalid {kind} name {name!r}: 1-128 chars of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+_counter = itertools.count()
+_NODE_TAG = os.urandom(4).hex()
+
+
+def new_message_id(now_ms: int | None = None) -> str:
+    """Sortable, unique across processes: 12 hex of epoch ms, 8 hex of process tag, 8 hex of a counter."""
+    ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    return f"{ms:012x}{_NODE_TAG}{next(_counter) & 0xFFFFFFFF:08x}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    topic: str
+    payload: str  # JSON text of the payload, stored and delivered verbatim
+    headers: str = "{}"  # JSON text of a str->str object
+    idempotency_key: str | None = None
+    delay_ms: int = 0
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    id: str
+    duplicate: bool = False
+    groups: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message for one group, as claimed by one consumer."""
+
+    id: str
+    topic: str
+    group: str
+    payload: str  # JSON text
+    headers: str  # JSON text
+    attempt: int
+    receipt: str
+    published_at: int  # epoch ms
+    lease_expires_at: int  # epoch ms
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AckItem:
+    id: str
+    receipt: str
+
+
+@dataclass(frozen=True, slots=True)
+class NackItem:
+    id: str
+    receipt: str
+    error: str = ""
+    delay_ms: int | None = None  # None: the backoff policy decides
+    dead: bool = False
+
+
+@dataclass(slots=True)
+class GroupDepth:
+    topic: str
+    group: str
+    ready: int = 0
+    leased: int = 0
+    delayed: int = 0
+    dead: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)

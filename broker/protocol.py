@@ -1,0 +1,323 @@
+"""Wire protocol: JSON text frames <-> typed requests and replies (pure: no I/O).
+
+Any input either parses into one of the request types below or raises ``ProtocolError`` (or a subclass) carrying
+the client's ``ref`` when one could be read. Nothing else escapes ``parse_frame``; a hypothesis test holds us to it.
+The final frame reference is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import BrokerError, PayloadTooLargeError, ProtocolError
+from .model import DEFAULT_GROUP, Delivery, validate_name
+
+Ref = str | int | None
+
+MAX_REF_LEN = 128
+MAX_ID_LEN = 64
+MAX_ERROR_TEXT = 2_000
+MAX_BATCH_ITEMS = 1_000
+MAX_TOPICS_PER_SUBSCRIBE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_payload_bytes: int = 262_144
+    max_headers_bytes: int = 8_192
+    max_prefetch: int = 1_000
+    max_delay_ms: int = 7 * 86_400_000
+    max_lease_ms: int = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    ref: Ref
+    topic: str
+    payload: str  # JSON text
+    headers: str  # JSON text
+    idempotency_key: str | None
+    delay_ms: int
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    ref: Ref
+    topics: tuple[str, ...]
+    group: str
+    prefetch: int | None
+    lease_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    ref: Ref
+    topics: tuple[str, ...]
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckRef:
+    id: str
+    receipt: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ref: Ref
+    items: tuple[AckRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    ref: Ref
+    id: str
+    receipt: str
+    error: str
+    delay_ms: int | None
+    dead: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    ref: Ref
+    id: str
+    receipt: str
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ref: Ref
+
+
+Request = Publish | Subscribe | Unsubscribe | Ack | Nack | Extend | Ping
+
+OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping")
+
+
+class _Fields:
+    """Typed field access over one decoded frame; every failure is a ProtocolError with the frame's ref."""
+
+    __slots__ = ("d", "ref")
+
+    def __init__(self, d: dict[str, Any], ref: Ref) -> None:
+        self.d = d
+        self.ref = ref
+
+    def fail(self, message: str, cls: type[ProtocolError] = ProtocolError) -> ProtocolError:
+        err = cls(message)
+        err.ref = self.ref  # type: ignore[attr-defined]
+        return err
+
+    def str_(self, name: str, *, required: bool = True, max_len: int = MAX_ID_LEN) -> str | None:
+        v = self.d.get(name)
+        if v is None:
+            if required:
+                raise self.fail(f"missing field '{name}'")
+            return None
+        if not isinstance(v, str) or not v:
+            raise self.fail(f"field '{name}' must be a non-empty string")
+        if len(v) > max_len:
+            raise self.fail(f"field '{name}' is longer than {max_len} characters")
+        return v
+
+    def int_(self, name: str, lo: int, hi: int) -> int | None:
+        v = self.d.get(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(f"field '{name}' must be an integer")
+        if not lo <= v <= hi:
+            raise self.fail(f"field '{name}' must be between {lo} and {hi}")
+        return v
+
+    def bool_(self, name: str) -> bool:
+        v = self.d.get(name, False)
+        if not isinstance(v, bool):
+            raise self.fail(f"field '{name}' must be true or false")
+        return v
+
+    def name(self, kind: str, value: object) -> str:
+        try:
+            return validate_name(kind, value)
+        except ProtocolError as e:
+            raise self.fail(e.message) from None
+
+    def topics(self) -> tuple[str, ...]:
+        if "topics" in self.d:
+            raw = self.d["topics"]
+            if not isinstance(raw, list) or not raw or len(raw) > MAX_TOPICS_PER_SUBSCRIBE:
+                raise self.fail(f"field 'topics' must be a list of 1 to {MAX_TOPICS_PER_SUBSCRIBE} names")
+            return tuple(dict.fromkeys(self.name("topic", t) for t in raw))
+        if "topic" not in self.d:
+            raise self.fail("missing field 'topic' (or 'topics')")
+        return (self.name("topic", self.d["topic"]),)
+
+
+def _read_ref(d: dict[str, Any]) -> Ref:
+    ref = d.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        raise ProtocolError("field 'ref' must be a string or an integer")
+    if isinstance(ref, str) and len(ref) > MAX_REF_LEN:
+        raise ProtocolError(f"field 'ref' is longer than {MAX_REF_LEN} characters")
+    if isinstance(ref, int) and not -(2**53) <= ref <= 2**53:
+        raise ProtocolError("field 'ref' is out of range")
+    return ref
+
+
+def parse_frame(data: str | bytes, limits: Limits) -> Request:
+    if isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("binary frames are not supported: send JSON text frames")
+    try:
+        d = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ProtocolError("a frame must be a JSON object")
+    ref = _read_ref(d)
+    f = _Fields(d, ref)
+    op = d.get("op")
+    if op == "publish":
+        return _publish(f, limits)
+    if op == "ack":
+        return _ack(f)
+    if op == "nack":
+        err = d.get("error", "")
+        if not isinstance(err, str):
+            raise f.fail("field 'error' must be a string")
+        return Nack(
+            ref,
+            _s(f, "id"),
+            _s(f, "receipt"),
+            err[:MAX_ERROR_TEXT],
+            f.int_("delay_ms", 0, limits.max_delay_ms),
+            f.bool_("dead"),
+        )
+    if op == "extend":
+        lease = f.int_("lease_ms", 100, limits.max_lease_ms)
+        if lease is None:
+            raise f.fail("missing field 'lease_ms'")
+        return Extend(ref, _s(f, "id"), _s(f, "receipt"), lease)
+    if op == "subscribe":
+        group = f.name("group", d.get("group", DEFAULT_GROUP))
+        return Subscribe(
+            ref,
+            f.topics(),
+            group,
+            f.int_("prefetch", 1, limits.max_prefetch),
+            f.int_("lease_ms", 100, limits.max_lease_ms),
+        )
+    if op == "unsubscribe":
+        return Unsubscribe(ref, f.topics(), f.name("group", d.get("group", DEFAULT_GROUP)))
+    if op == "ping":
+        return Ping(ref)
+    if op is None:
+        raise f.fail("missing field 'op'")
+    raise f.fail(f"unknown op {str(op)[:40]!r} (known: {', '.join(OPS)})")
+
+
+def _s(f: _Fields, name: str) -> str:
+    v = f.str_(name)
+    assert v is not None
+    return v
+
+
+def _publish(f: _Fields, limits: Limits) -> Publish:
+    d = f.d
+    topic = f.name("topic", d.get("topic"))
+    if "payload" not in d:
+        raise f.fail("missing field 'payload'")
+    payload = orjson.dumps(d["payload"]).decode()
+    if len(payload) > limits.max_payload_bytes:
+        raise f.fail(f"payload is {len(payload)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
+    headers_raw = d.get("headers")
+    if headers_raw is None:
+        headers = "{}"
+    else:
+        if not isinstance(headers_raw, dict) or not all(isinstance(v, str) for v in headers_raw.values()):
+            raise f.fail("field 'headers' must be an object of string values")
+        headers = orjson.dumps(headers_raw).decode()
+        if len(headers) > limits.max_headers_bytes:
+            raise f.fail(f"headers are {len(headers)} bytes, limit {limits.max_headers_bytes}", PayloadTooLargeError)
+    idem = f.str_("idempotency_key", required=False, max_len=200)
+    key = f.str_("key", required=False, max_len=200)
+    delay = f.int_("delay_ms", 0, limits.max_delay_ms) or 0
+    return Publish(f.ref, topic, payload, headers, idem, delay, key)
+
+
+def _ack(f: _Fields) -> Ack:
+    items = f.d.get("items")
+    if items is None:
+        return Ack(f.ref, (AckRef(_s(f, "id"), _s(f, "receipt")),))
+    if not isinstance(items, list) or not items or len(items) > MAX_BATCH_ITEMS:
+        raise f.fail(f"field 'items' must be a list of 1 to {MAX_BATCH_ITEMS} {{id, receipt}} objects")
+    out = []
+    for it in items:
+        if not isinstance(it, dict):
+            raise f.fail("each item must be an object {id, receipt}")
+        sub = _Fields(it, f.ref)
+        out.append(AckRef(_s(sub, "id"), _s(sub, "receipt")))
+    return Ack(f.ref, tuple(out))
+
+
+# ---- replies (broker -> client) -------------------------------------------------------------------------------
+
+
+def _dump(d: dict[str, Any]) -> str:
+    return orjson.dumps(d).decode()
+
+
+def _with_ref(d: dict[str, Any], ref: Ref) -> dict[str, Any]:
+    if ref is not None:
+        d["ref"] = ref
+    return d
+
+
+def published(ref: Ref, msg_id: str, duplicate: bool) -> str:
+    d: dict[str, Any] = {"op": "published", "id": msg_id}
+    if duplicate:
+        d["duplicate"] = True
+    return _dump(_with_ref(d, ref))
+
+
+def error(ref: Ref, code: str, message: str, *, retry_after_ms: int | None = None, msg_id: str | None = None) -> str:
+    d: dict[str, Any] = {"op": "error", "code": code, "message": message}
+    if retry_after_ms is not None:
+        d["retry_after_ms"] = retry_after_ms
+    if msg_id is not None:
+        d["id"] = msg_id
+    return _dump(_with_ref(d, ref))
+
+
+def error_from(exc: BrokerError, ref: Ref = None, msg_id: str | None = None) -> str:
+    ref = ref if ref is not None else getattr(exc, "ref", None)
+    return error(ref, exc.code, exc.message, retry_after_ms=exc.retry_after_ms, msg_id=msg_id)
+
+
+def reply(op: str, ref: Ref, **fields: Any) -> str:
+    return _dump(_with_ref({"op": op, **fields}, ref))
+
+
+def message(d: Delivery) -> str:
+    frame: dict[str, Any] = {
+        "op": "message",
+        "id": d.id,
+        "topic": d.topic,
+        "group": d.group,
+        "payload": orjson.Fragment(d.payload),
+        "headers": orjson.Fragment(d.headers),
+        "attempt": d.attempt,
+        "receipt": d.receipt,
+        "published_at": d.published_at,
+        "lease_expires_at": d.lease_expires_at,
+    }
+    if d.key is not None:
+        frame["key"] = d.key
+    return _dump(frame)

@@ -1,0 +1,84 @@
+"""Background upkeep, safe on N nodes (every step is one idempotent script): lease expiry, due-retry promotion,
+node heartbeats. Each loop logs and counts its failures and keeps going; none ends silently."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from . import metrics
+from .dispatch import Dispatch
+from .errors import BrokerError
+from .store import RedisStore
+
+log = structlog.get_logger("broker.recovery")
+
+PAIRS_REFRESH_S = 2.0
+
+
+class Recovery:
+    def __init__(self, store: RedisStore, dispatch: Dispatch, sweep_interval_ms: int) -> None:
+        self.store = store
+        self.dispatch = dispatch
+        self.interval = sweep_interval_ms / 1000
+        self._pairs: list[tuple[str, str]] = []
+        self._pairs_at = 0.0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.last_error: dict[str, str] = {}
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop("sweep", self.sweep_once, self.interval), name="sweep"),
+            asyncio.create_task(self._loop("heartbeat", self.store.heartbeat, 1.0), name="heartbeat"),
+        ]
+
+    async def _loop(self, name: str, step: Callable[[], Awaitable[object]], every_s: float) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await step()
+                if failures:
+                    log.info("loop_recovered", loop=name, after_failures=failures)
+                failures = 0
+                self.last_error.pop(name, None)
+            except BrokerError as e:
+                failures += 1
+                metrics.loop_errors.labels(name).inc()
+                self.last_error[name] = e.message
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("loop_step_failed", loop=name, error=e.message, failures=failures)
+            except Exception as e:
+                failures += 1
+                metrics.loop_errors.labels(name).inc()
+                self.last_error[name] = repr(e)
+                log.exception("loop_step_crashed", loop=name, failures=failures)
+            try:
+                await asyncio.wait_for(self._stop.wait(), every_s)
+            except TimeoutError:
+                pass
+
+    async def sweep_once(self) -> None:
+        now = time.monotonic()
+        if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
+            self._pairs = await self.store.all_pairs()
+            self._pairs_at = now
+        for i in range(0, len(self._pairs), 100):
+            chunk = self._pairs[i : i + 100]
+            results = await self.store.sweep(chunk)
+            for (topic, group), (retry, dead, promoted) in zip(chunk, results, strict=True):
+                if retry or dead:
+                    metrics.lease_expired.labels(topic, group, "retry").inc(retry)
+                    metrics.lease_expired.labels(topic, group, "dead").inc(dead)
+                    log.warning("leases_expired", topic=topic, group=group, to_retry=retry, to_dlq=dead)
+                if promoted:
+                    metrics.promoted.labels(topic, group).inc(promoted)
+                    self.dispatch.wake(topic, group)
+
+    async def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)

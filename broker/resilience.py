@@ -1,0 +1,152 @@
+"""Circuit breakers (pybreaker under an asyncio adapter) and retry policies (tenacity).
+
+The only module that imports pybreaker or tenacity. The rest of the code sees ``Breaker``, ``BreakerState``,
+``BreakerOpenError`` and pure functions such as ``backoff_ms``.
+
+Why an adapter: pybreaker 1.4's decorator records success when an ``async def`` is *called* (the coroutine is only
+created), and ``call_async`` needs Tornado. We drive pybreaker's state machine through its public ``calling()``
+context manager around an ``await``; the per-call timeout runs *inside* the breaker so a hung call counts as a
+failure; ``asyncio.CancelledError`` is excluded; in half-open only one trial call runs at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import pybreaker
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import wait_random_exponential as _wait_random_exponential
+
+T = TypeVar("T")
+log = structlog.get_logger("broker.resilience")
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class BreakerOpenError(Exception):
+    """The breaker refused the call without trying it (open, or a half-open trial is already running)."""
+
+    def __init__(self, name: str, retry_after_ms: int) -> None:
+        super().__init__(f"circuit breaker {name!r} is open")
+        self.name = name
+        self.retry_after_ms = retry_after_ms
+
+
+def backoff_ms(attempt: int, base_ms: int, multiplier: float, cap_ms: int, jitter: float, rng: random.Random) -> int:
+    """Delay before retry number ``attempt`` (1-based): ``min(cap, base * multiplier**(attempt-1))`` then
+    +/- ``jitter`` (uniform, so the result lies in ``[d*(1-jitter), d*(1+jitter)]``), never below 1 ms.
+    Proportional jitter (not full jitter) keeps retries spread without ever retrying at once."""
+    raw = min(float(cap_ms), base_ms * multiplier ** max(0, attempt - 1))
+    spread = raw * jitter
+    return max(1, round(raw + rng.uniform(-spread, spread)))
+
+
+def backoff_table(
+    max_attempts: int, base_ms: int, multiplier: float, cap_ms: int, jitter: float, rng: random.Random
+) -> list[int]:
+    """Delays for attempts 1..max_attempts, one jitter draw each (passed to Lua scripts that reschedule)."""
+    return [backoff_ms(a, base_ms, multiplier, cap_ms, jitter, rng) for a in range(1, max_attempts + 1)]
+
+
+StateListener = Callable[[str, BreakerState, BreakerState], None]
+
+
+class _Listener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def __init__(self, name: str, on_change: StateListener | None) -> None:
+        self._name = name
+        self._on_change = on_change
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old = BreakerState(old_state.name) if old_state is not None else BreakerState.CLOSED
+        new = BreakerState(new_state.name)
+        log.warning("breaker_state_changed", breaker=self._name, old=old.value, new=new.value)
+        if self._on_change is not None:
+            self._on_change(self._name, old, new)
+
+
+class Breaker:
+    """An asyncio circuit breaker over pybreaker's state machine."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int,
+        reset_timeout_s: float,
+        success_threshold: int = 1,
+        call_timeout_s: float | None = None,
+        exclude: Iterable[type[BaseException]] = (),
+        on_change: StateListener | None = None,
+    ) -> None:
+        self.name = name
+        self.reset_timeout_s = reset_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout_s,
+            success_threshold=success_threshold,
+            exclude=[asyncio.CancelledError, *exclude],
+            listeners=[_Listener(name, on_change)],
+            name=name,
+            throw_new_error_on_trip=False,
+        )
+        self._trial = asyncio.Lock()
+
+    @property
+    def state(self) -> BreakerState:
+        return BreakerState(self._cb.current_state)
+
+    @property
+    def fail_counter(self) -> int:
+        return int(self._cb.fail_counter)
+
+    def retry_after_ms(self) -> int:
+        opened = self._cb._state_storage.opened_at
+        if opened is None or self.state is not BreakerState.OPEN:
+            return 1_000
+        from datetime import UTC, datetime
+
+        left = opened.timestamp() + self.reset_timeout_s - datetime.now(UTC).timestamp()
+        return max(100, int(left * 1000))
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self.state is BreakerState.CLOSED:
+            return await self._guarded(fn)
+        if self._trial.locked():
+            raise BreakerOpenError(self.name, self.retry_after_ms())
+        async with self._trial:
+            return await self._guarded(fn)
+
+    async def _guarded(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            with self._cb.calling():
+                if self.call_timeout_s is None:
+                    return await fn()
+                return await asyncio.wait_for(fn(), self.call_timeout_s)
+        except pybreaker.CircuitBreakerError:
+            raise BreakerOpenError(self.name, self.retry_after_ms()) from None
+
+
+def transient_retry(
+    retry_on: tuple[type[BaseException], ...], *, attempts: int, max_wait_s: float, deadline_s: float
+) -> AsyncRetrying:
+    """Bounded retries with full jitter for transient failures (client reconnects, idempotent publish retries)."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=_wait_random_exponential(multiplier=0.05, max=max_wait_s),
+        stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
+        reraise=True,
+    )
+
+
+def wait_random_exponential(multiplier: float, max_s: float) -> Any:
+    return _wait_random_exponential(multiplier=multiplier, max=max_s)

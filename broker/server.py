@@ -1,0 +1,111 @@
+"""WebSocket server: handshake, sessions, and HTTP /healthz, /readyz, /metrics on the same port."""
+
+from __future__ import annotations
+
+import http
+from typing import TYPE_CHECKING
+
+import orjson
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from . import metrics
+from .session import Session, new_conn_id
+
+if TYPE_CHECKING:
+    from .app import Broker
+
+log = structlog.get_logger("broker.server")
+
+WS_PATHS = ("/", "/ws")
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json(status: http.HTTPStatus, obj: object) -> Response:
+    return _response(status, orjson.dumps(obj), "application/json")
+
+
+class WsServer:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.server: Server | None = None
+        self.sessions: set[Session] = set()
+
+    async def start(self) -> None:
+        s = self.broker.settings.server
+        self.server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            max_size=s.max_frame_bytes,
+            max_queue=64,
+            ping_interval=20,
+            ping_timeout=20,
+            compression=None,
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(next(iter(self.server.sockets)).getsockname()[1])
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return _json(http.HTTPStatus.OK, {"status": "alive", "node": self.broker.node_id})
+        if path == "/readyz":
+            ready, reasons = self.broker.readiness()
+            status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _json(status, {"ready": ready, "reasons": reasons, "node": self.broker.node_id})
+        if path == "/metrics":
+            return _response(http.HTTPStatus.OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        if path not in WS_PATHS:
+            log.info("connection_refused", peer=_peer(conn), path=path, reason="unknown path")
+            metrics.connections_total.labels("refused_path").inc()
+            return _json(http.HTTPStatus.NOT_FOUND, {"error": "not_found", "message": f"no such path {path}"})
+        if self.broker.stopping:
+            metrics.connections_total.labels("refused_shutdown").inc()
+            return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": "shutting down"})
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn_id = new_conn_id()
+        session = Session(self.broker, ws, conn_id)
+        log.info("connection_opened", conn_id=conn_id, peer=_peer(ws), path=ws.request.path if ws.request else "")
+        metrics.connections_total.labels("accepted").inc()
+        metrics.connections.inc()
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            metrics.connections.dec()
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close(close_connections=False)
+
+    async def close_all(self, timeout_s: float) -> None:
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            try:
+                import asyncio
+
+                await asyncio.wait_for(self.server.wait_closed(), timeout_s)
+            except TimeoutError:
+                log.warning("connections_cut", remaining=len(self.sessions))
+
+
+def _peer(conn: ServerConnection) -> str:
+    try:
+        host, port = conn.remote_address[:2]
+        return f"{host}:{port}"
+    except Exception:
+        return "?"

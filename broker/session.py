@@ -1,0 +1,304 @@
+"""One WebSocket connection: frames in -> broker operations, replies and deliveries out (an ``Outlet``).
+
+The reader never waits on Redis for a publish: publishes go to the node's coalescer and their confirmations are
+sent when Redis has them, so one connection can keep up to ``max_unconfirmed_publishes`` in flight. Outgoing
+frames go through one bounded outbox; a consumer whose outbox is over the high-water mark gets no new deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from . import metrics, protocol
+from .dispatch import Consumer
+from .errors import BrokerError, ProtocolError
+from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
+from .store import NackOutcome
+
+if TYPE_CHECKING:
+    from .app import Broker
+
+log = structlog.get_logger("broker.session")
+_conn_seq = itertools.count(1)
+
+
+class Session:
+    def __init__(self, broker: Broker, ws: ServerConnection, conn_id: str) -> None:
+        self.broker = broker
+        self.ws = ws
+        self.conn_id = conn_id
+        self.log = log.bind(conn_id=conn_id)
+        s = broker.settings
+        self.limits = broker.limits
+        self.high_water = s.server.outbox_high_water
+        self.out: deque[str | tuple[Consumer, Delivery]] = deque()
+        self._out_ready = asyncio.Event()
+        self._unconfirmed = asyncio.Semaphore(s.server.max_unconfirmed_publishes)
+        self.consumers: list[Consumer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._was_congested = False
+
+    # ---- Outlet --------------------------------------------------------------------------------------------
+
+    def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
+        self.out.append((consumer, delivery))
+        self._out_ready.set()
+
+    def congested(self) -> bool:
+        if len(self.out) >= self.high_water or self._closed:
+            self._was_congested = True
+            return True
+        return False
+
+    def delivery_paused(self, topic: str, group: str, err: BrokerError) -> None:
+        self.send(
+            protocol.reply(
+                "paused", None, topic=topic, group=group, reason=err.message, retry_after_ms=err.retry_after_ms
+            )
+        )
+
+    def delivery_resumed(self, topic: str, group: str) -> None:
+        self.send(protocol.reply("resumed", None, topic=topic, group=group))
+
+    # ---- I/O -----------------------------------------------------------------------------------------------
+
+    def send(self, frame: str) -> None:
+        self.out.append(frame)
+        self._out_ready.set()
+
+    async def _writer(self) -> None:
+        ws = self.ws
+        while True:
+            await self._out_ready.wait()
+            self._out_ready.clear()
+            while self.out:
+                item = self.out.popleft()
+                if isinstance(item, str):
+                    await ws.send(item)
+                else:
+                    c, dv = item
+                    if c.active and dv.id in c.inflight:
+                        await ws.send(protocol.message(dv))
+            if self._was_congested:
+                self._was_congested = False
+                for c in self.consumers:
+                    self.broker.dispatch.wake(c.topic, c.group)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}")
+        close_reason = "client closed"
+        try:
+            async for frame in self.ws:
+                await self.handle(frame)
+        except ConnectionClosed as e:
+            close_reason = f"connection lost: {e}"
+        finally:
+            self._closed = True
+            self._give_back("consumer disconnected")
+            writer.cancel()
+            self.log.info("connection_closed", reason=close_reason, code=self.ws.close_code)
+
+    def _give_back(self, reason: str) -> None:
+        unsent: dict[Consumer, set[str]] = {}
+        for item in self.out:
+            if not isinstance(item, str):
+                unsent.setdefault(item[0], set()).add(item[1].id)
+        for c in self.consumers:
+            self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ---- frames --------------------------------------------------------------------------------------------
+
+    async def handle(self, frame: str | bytes) -> None:
+        try:
+            req = protocol.parse_frame(frame, self.limits)
+        except ProtocolError as e:
+            metrics.frames_in.labels("invalid").inc()
+            self._error(e)
+            return
+        op = type(req).__name__.lower()
+        metrics.frames_in.labels(op).inc()
+        if isinstance(req, protocol.Publish):
+            await self._publish(req)
+        elif isinstance(req, protocol.Ack):
+            self._ack(req)
+        elif isinstance(req, protocol.Nack):
+            self._nack(req)
+        elif isinstance(req, protocol.Extend):
+            self._spawn(self._extend(req))
+        elif isinstance(req, protocol.Subscribe):
+            await self._subscribe(req)
+        elif isinstance(req, protocol.Unsubscribe):
+            self._unsubscribe(req)
+        else:
+            self.send(protocol.reply("pong", req.ref))
+
+    def _error(self, e: BrokerError, ref: protocol.Ref = None, msg_id: str | None = None) -> None:
+        metrics.frame_errors.labels(e.code).inc()
+        self.send(protocol.error_from(e, ref, msg_id))
+
+    async def _publish(self, req: protocol.Publish) -> None:
+        await self._unconfirmed.acquire()  # backpressure: stop reading this client while too much is in flight
+        fut = self.broker.publisher.submit(
+            PublishRequest(req.topic, req.payload, req.headers, req.idempotency_key, req.delay_ms, req.key)
+        )
+        fut.add_done_callback(partial(self._published, req))
+
+    def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
+        self._unconfirmed.release()
+        if fut.cancelled():
+            self._error(BrokerError("publish cancelled (broker shutting down); not confirmed"), req.ref)
+            return
+        exc = fut.exception()
+        if exc is not None:
+            metrics.publish_failed.labels(getattr(exc, "code", "internal")).inc()
+            if isinstance(exc, BrokerError):
+                self._error(exc, req.ref)
+            else:
+                self.log.error("publish_failed", topic=req.topic, error=repr(exc))
+                self._error(BrokerError(f"internal error: {exc!r}; not confirmed"), req.ref)
+            return
+        res = fut.result()
+        if res.groups < 0:
+            metrics.publish_failed.labels("not_found").inc()
+            self.send(
+                protocol.error(
+                    req.ref,
+                    "not_found",
+                    f"topic {req.topic!r} has no group and delivery.publish_without_group is 'reject'; nothing stored",
+                )
+            )
+            return
+        metrics.published.labels(req.topic).inc()
+        self.send(protocol.published(req.ref, res.id, res.duplicate))
+
+    def _find(self, msg_id: str, receipt: str) -> Consumer | None:
+        for c in self.consumers:
+            held = c.inflight.get(msg_id)
+            if held is not None and held[0] == receipt:
+                return c
+        return None
+
+    def _stale(self, op: str, ref: protocol.Ref, msg_id: str) -> None:
+        metrics.stale.labels(op).inc()
+        self.send(
+            protocol.error(
+                ref,
+                "stale_receipt",
+                f"{op} refused: this connection holds no lease for it under that receipt",
+                msg_id=msg_id,
+            )
+        )
+
+    def _ack(self, req: protocol.Ack) -> None:
+        futs = []
+        for it in req.items:
+            c = self._find(it.id, it.receipt)
+            if c is None:
+                self._stale("ack", req.ref, it.id)
+                continue
+            fut = self.broker.dispatch.ack(c, AckItem(it.id, it.receipt))
+            fut.add_done_callback(partial(self._acked, req.ref, it.id))
+            futs.append(fut)
+        if req.ref is not None and futs:
+            self._spawn(self._ack_reply(req.ref, futs, [it.id for it in req.items]))
+
+    def _acked(self, ref: protocol.Ref, msg_id: str, fut: asyncio.Future[bool]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._error(exc if isinstance(exc, BrokerError) else BrokerError(repr(exc)), ref, msg_id)
+        elif not fut.result():
+            self._stale("ack", ref, msg_id)
+
+    async def _ack_reply(self, ref: protocol.Ref, futs: list[asyncio.Future[bool]], ids: list[str]) -> None:
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        if all(x is True for x in done):
+            self.send(protocol.reply("acked", ref, ids=ids))
+
+    def _nack(self, req: protocol.Nack) -> None:
+        c = self._find(req.id, req.receipt)
+        if c is None:
+            self._stale("nack", req.ref, req.id)
+            return
+        attempt = c.inflight[req.id][1]
+        fut = self.broker.dispatch.nack(c, NackItem(req.id, req.receipt, req.error, req.delay_ms, req.dead), attempt)
+        fut.add_done_callback(partial(self._nacked, req))
+
+    def _nacked(self, req: protocol.Nack, fut: asyncio.Future[NackOutcome]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._error(exc if isinstance(exc, BrokerError) else BrokerError(repr(exc)), req.ref, req.id)
+            return
+        outcome = fut.result()
+        if outcome is NackOutcome.STALE:
+            self._stale("nack", req.ref, req.id)
+        elif req.ref is not None:
+            self.send(protocol.reply("nacked", req.ref, id=req.id, outcome=outcome.value))
+
+    async def _extend(self, req: protocol.Extend) -> None:
+        c = self._find(req.id, req.receipt)
+        if c is None:
+            self._stale("extend", req.ref, req.id)
+            return
+        try:
+            deadline = await self.broker.dispatch.extend(c, req.id, req.receipt, req.lease_ms)
+        except BrokerError as e:
+            self._error(e, req.ref, req.id)
+            return
+        if deadline is None:
+            c.inflight.pop(req.id, None)
+            self._stale("extend", req.ref, req.id)
+        elif req.ref is not None:
+            self.send(protocol.reply("extended", req.ref, id=req.id, lease_expires_at=deadline))
+
+    async def _subscribe(self, req: protocol.Subscribe) -> None:
+        d = self.broker.settings.delivery
+        prefetch = req.prefetch or d.prefetch
+        lease_ms = req.lease_ms or d.lease_ms
+        added = []
+        for topic in req.topics:
+            if any(c.active and c.topic == topic and c.group == req.group for c in self.consumers):
+                continue  # already subscribed: idempotent
+            c = Consumer(self, self.conn_id, topic, req.group, prefetch, lease_ms)
+            try:
+                await self.broker.dispatch.add(c)
+            except BrokerError as e:
+                self._error(e, req.ref)
+                return
+            self.consumers.append(c)
+            added.append(topic)
+        self.log.info("subscribed", topics=list(req.topics), group=req.group, prefetch=prefetch)
+        self.send(
+            protocol.reply(
+                "subscribed", req.ref, topics=list(req.topics), group=req.group, prefetch=prefetch, lease_ms=lease_ms
+            )
+        )
+
+    def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
+        n = 0
+        for c in self.consumers:
+            if c.active and c.topic in req.topics and c.group == req.group:
+                self.broker.dispatch.remove(c)  # held deliveries stay ackable until the connection closes
+                n += 1
+        self.send(protocol.reply("unsubscribed", req.ref, topics=list(req.topics), group=req.group, removed=n))
+
+
+def new_conn_id() -> str:
+    return f"c{next(_conn_seq)}"

@@ -1,0 +1,83 @@
+"""The key schema, in one place. docs/keys.md documents the same names; a test keeps the two in step.
+
+All keys of one topic share the hash tag ``{<topic>}`` so every script touches one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicKeys:
+    prefix: str
+    topic: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:{{{self.topic}}}:"
+
+    @property
+    def groups(self) -> str:
+        return self.base + "groups"
+
+    @property
+    def wake(self) -> str:
+        return self.base + "wake"
+
+    def body(self, msg_id: str) -> str:
+        return f"{self.base}msg:{msg_id}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.base}idem:{key}"
+
+    def group(self, group: str) -> GroupKeys:
+        return GroupKeys(self, group)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeys:
+    topic_keys: TopicKeys
+    group: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.topic_keys.base}g:{self.group}:"
+
+    @property
+    def ready(self) -> str:
+        return self.base + "ready"
+
+    @property
+    def leased(self) -> str:
+        return self.base + "leased"
+
+    @property
+    def delayed(self) -> str:
+        return self.base + "delayed"
+
+    @property
+    def dead(self) -> str:
+        return self.base + "dead"
+
+    def delivery(self, msg_id: str) -> str:
+        return f"{self.base}dlv:{msg_id}"
+
+    def dead_letter(self, msg_id: str) -> str:
+        return f"{self.base}dead:{msg_id}"
+
+
+def topics_key(prefix: str) -> str:
+    """SET of every topic name (outside any topic's slot; written before a topic's first message)."""
+    return f"{prefix}:topics"
+
+
+def schema_key(prefix: str) -> str:
+    return f"{prefix}:schema"
+
+
+def nodes_key(prefix: str) -> str:
+    """ZSET broker node id -> last heartbeat (epoch ms)."""
+    return f"{prefix}:nodes"

@@ -1,0 +1,348 @@
+"""Typed async operations over Redis; each public method is one Lua call or one pipeline.
+
+Redis exceptions never leave this module: they become ``UnavailableError`` (Redis unreachable, breaker open) or
+``StoreRefusedError`` (Redis refused a write). Every call runs behind the Redis circuit breaker.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from enum import StrEnum
+from importlib import resources
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..config import Settings
+from ..errors import StoreRefusedError, UnavailableError
+from ..model import (
+    AckItem,
+    Delivery,
+    GroupDepth,
+    NackItem,
+    PublishRequest,
+    PublishResult,
+    new_message_id,
+    now_ms,
+)
+from ..resilience import Breaker, BreakerOpenError, backoff_ms, backoff_table
+from .keys import SCHEMA_VERSION, TopicKeys, nodes_key, schema_key, topics_key
+
+T = TypeVar("T")
+log = structlog.get_logger("broker.store")
+
+_REFUSALS = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "BUSY")
+
+
+class NackOutcome(StrEnum):
+    RETRY = "retry"
+    READY = "ready"
+    DEAD = "dead"
+    STALE = "stale"
+
+
+def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
+    """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        socket_connect_timeout=settings.redis.connect_timeout_ms / 1000,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+def _load(name: str) -> str:
+    lib = resources.files("broker.store").joinpath("scripts/_lib.lua").read_text()
+    return lib + "\n" + resources.files("broker.store").joinpath(f"scripts/{name}.lua").read_text()
+
+
+def is_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0].lstrip("-").upper() in _REFUSALS
+
+
+class RedisStore:
+    SCRIPTS = ("publish", "claim", "ack", "nack", "release", "extend", "expire", "promote")
+
+    def __init__(self, client: aioredis.Redis, settings: Settings, breaker: Breaker, node_id: str) -> None:
+        self.redis = client
+        self.settings = settings
+        self.prefix = settings.redis.key_prefix
+        self.breaker = breaker
+        self.node_id = node_id
+        self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
+        self._known_topics: set[str] = set()
+        self._rng = random.Random()
+
+    def keys(self, topic: str) -> TopicKeys:
+        return TopicKeys(self.prefix, topic)
+
+    async def _run(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
+        try:
+            return await self.breaker.call(fn)
+        except BreakerOpenError as e:
+            raise UnavailableError(
+                f"redis unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
+            ) from None
+        except ResponseError as e:
+            if is_refusal(e):
+                log.error("redis_write_refused", op=what, error=str(e))
+                raise StoreRefusedError(f"redis refused {what}: {e}", retry_after_ms=1_000) from None
+            raise
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+            raise UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000) from None
+        except RedisError as e:
+            raise UnavailableError(f"redis error during {what}: {e}", retry_after_ms=1_000) from None
+
+    # ---- topology ------------------------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        return bool(await self._run(lambda: self.redis.ping(), "ping"))  # type: ignore[no-untyped-call]
+
+    async def init_schema(self) -> str | None:
+        """Write the schema version if absent; return what was there (a different value is the caller's alarm)."""
+
+        async def go() -> str | None:
+            old = await self.redis.set(schema_key(self.prefix), SCHEMA_VERSION, nx=True, get=True)
+            return None if old is None else str(old)
+
+        return await self._run(go, "init_schema")
+
+    async def ensure_group(self, topic: str, group: str) -> None:
+        k = self.keys(topic)
+
+        async def go() -> None:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sadd(topics_key(self.prefix), topic)  # registry first: never a queue nobody can find
+                p.sadd(k.groups, group)
+                await p.execute()
+
+        await self._run(go, "ensure_group")
+        self._known_topics.add(topic)
+
+    async def topics(self) -> list[str]:
+        return sorted(await self._run(lambda: self.redis.smembers(topics_key(self.prefix)), "topics"))  # type: ignore[misc]
+
+    async def groups(self, topic: str) -> list[str]:
+        return sorted(await self._run(lambda: self.redis.smembers(self.keys(topic).groups), "groups"))  # type: ignore[misc]
+
+    # ---- publish -------------------------------------------------------------------------------------------
+
+    async def publish_many(self, reqs: Sequence[PublishRequest]) -> list[PublishResult]:
+        """Store a batch (any topics) in one pipeline, one script call per topic. Order within a topic is kept.
+        ``groups == -1`` in a result: the topic has no group and the policy is ``reject`` (nothing stored)."""
+        by_topic: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            by_topic.setdefault(r.topic, []).append(i)
+        new_topics = [t for t in by_topic if t not in self._known_topics]
+        now = now_ms()
+        ttl = str(self.settings.delivery.idempotency_ttl_s)
+        policy = self.settings.delivery.publish_without_group
+        ids = [new_message_id(now) for _ in reqs]
+        script = self._scripts["publish"]
+
+        async def go() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as p:
+                if new_topics:
+                    p.sadd(topics_key(self.prefix), *new_topics)
+                for topic, idxs in by_topic.items():
+                    k = self.keys(topic)
+                    args: list[Any] = [k.base, now, ttl, policy, len(idxs)]
+                    for i in idxs:
+                        r = reqs[i]
+                        args += [
+                            ids[i],
+                            r.payload,
+                            r.headers,
+                            r.idempotency_key or "",
+                            r.delay_ms,
+                            r.key or "",
+                        ]
+                    await script(keys=[k.groups], args=args, client=p)
+                return await p.execute()  # type: ignore[no-any-return]
+
+        replies = await self._run(go, "publish")
+        self._known_topics.update(new_topics)
+        if new_topics:
+            replies = replies[1:]
+        out: list[PublishResult] = [PublishResult("")] * len(reqs)
+        for (_, idxs), flat in zip(by_topic.items(), replies, strict=True):
+            for j, i in enumerate(idxs):
+                out[i] = PublishResult(str(flat[3 * j]), bool(int(flat[3 * j + 1])), int(flat[3 * j + 2]))
+        return out
+
+    # ---- deliveries ----------------------------------------------------------------------------------------
+
+    async def claim(self, topic: str, group: str, n: int, lease_ms: int, consumer: str) -> list[Delivery]:
+        k = self.keys(topic)
+        g = k.group(group)
+        now = now_ms()
+        flat = await self._run(
+            lambda: self._scripts["claim"](
+                keys=[g.ready, g.leased], args=[k.base, group, n, now, lease_ms, consumer, self.node_id]
+            ),
+            "claim",
+        )
+        out = []
+        deadline = now + lease_ms
+        for i in range(0, len(flat), 7):
+            msg_id, payload = flat[i], flat[i + 1]
+            if payload is None or payload is False:
+                log.error("queue_entry_without_body", topic=topic, group=group, message_id=msg_id)
+                continue
+            key = flat[i + 4] or None
+            out.append(
+                Delivery(
+                    msg_id,
+                    topic,
+                    group,
+                    payload,
+                    flat[i + 2],
+                    int(flat[i + 5]),
+                    flat[i + 6],
+                    int(flat[i + 3]),
+                    deadline,
+                    key,
+                )
+            )
+        return out
+
+    async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[bool]:
+        k = self.keys(topic)
+        args: list[Any] = [k.base, group]
+        for it in items:
+            args += [it.id, it.receipt]
+        res = await self._run(lambda: self._scripts["ack"](keys=[k.group(group).leased], args=args), "ack")
+        return [bool(int(x)) for x in res]
+
+    async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
+        """items: (nack, attempt it was delivered as, consumer). Delay None -> backoff for that attempt."""
+        k = self.keys(topic)
+        g = k.group(group)
+        r = self.settings.retry
+        now = now_ms()
+        args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s]
+        for it, attempt, consumer in items:
+            delay = it.delay_ms
+            if delay is None:
+                delay = backoff_ms(
+                    attempt, r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, r.jitter, self._rng
+                )
+            entry = _error_entry(attempt, it.error, now, consumer)
+            args += [it.id, it.receipt, entry, delay, "1" if it.dead else "0"]
+        res = await self._run(
+            lambda: self._scripts["nack"](keys=[g.ready, g.leased, g.delayed, g.dead], args=args), "nack"
+        )
+        return [NackOutcome(x) for x in res]
+
+    async def release(self, topic: str, group: str, items: Sequence[AckItem]) -> int:
+        if not items:
+            return 0
+        k = self.keys(topic)
+        g = k.group(group)
+        args: list[Any] = [k.base, group]
+        for it in items:
+            args += [it.id, it.receipt]
+        return int(await self._run(lambda: self._scripts["release"](keys=[g.ready, g.leased], args=args), "release"))
+
+    async def extend(self, topic: str, group: str, msg_id: str, receipt: str, lease_ms: int) -> int | None:
+        k = self.keys(topic)
+        deadline = now_ms() + lease_ms
+        ok = await self._run(
+            lambda: self._scripts["extend"](
+                keys=[k.group(group).leased], args=[k.base, group, msg_id, receipt, deadline]
+            ),
+            "extend",
+        )
+        return deadline if int(ok) else None
+
+    # ---- recovery ------------------------------------------------------------------------------------------
+
+    async def sweep(self, pairs: Sequence[tuple[str, str]], limit: int = 500) -> list[tuple[int, int, int]]:
+        """Expire due leases and promote due retries for many (topic, group) pairs in one pipeline.
+        Returns per pair (expired->retry, expired->dead, promoted)."""
+        if not pairs:
+            return []
+        r = self.settings.retry
+        now = now_ms()
+        delays = backoff_table(
+            r.max_attempts, r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, r.jitter, self._rng
+        )
+
+        async def go() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as p:
+                for topic, group in pairs:
+                    k = self.keys(topic)
+                    g = k.group(group)
+                    await self._scripts["expire"](
+                        keys=[g.leased, g.delayed, g.dead],
+                        args=[
+                            k.base,
+                            topic,
+                            group,
+                            now,
+                            r.max_attempts,
+                            self.settings.dlq.ttl_s,
+                            limit,
+                            *delays,
+                        ],
+                        client=p,
+                    )
+                    await self._scripts["promote"](keys=[g.delayed, g.ready], args=[now, limit, k.wake], client=p)
+                return await p.execute()  # type: ignore[no-any-return]
+
+        res = await self._run(go, "sweep")
+        return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
+
+    async def all_pairs(self) -> list[tuple[str, str]]:
+        topics = await self.topics()
+        if not topics:
+            return []
+
+        async def go() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as p:
+                for t in topics:
+                    p.smembers(self.keys(t).groups)
+                return await p.execute()  # type: ignore[no-any-return]
+
+        groups = await self._run(go, "all_pairs")
+        return [(t, g) for t, gs in zip(topics, groups, strict=True) for g in sorted(gs)]
+
+    async def heartbeat(self) -> None:
+        await self._run(lambda: self.redis.zadd(nodes_key(self.prefix), {self.node_id: now_ms()}), "heartbeat")
+
+    # ---- inspection ----------------------------------------------------------------------------------------
+
+    async def depths(self, pairs: Sequence[tuple[str, str]]) -> list[GroupDepth]:
+        async def go() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as p:
+                for topic, group in pairs:
+                    g = self.keys(topic).group(group)
+                    p.llen(g.ready)
+                    p.zcard(g.leased)
+                    p.zcard(g.delayed)
+                    p.zcard(g.dead)
+                return await p.execute()  # type: ignore[no-any-return]
+
+        res = await self._run(go, "depths")
+        return [
+            GroupDepth(t, g, int(res[4 * i]), int(res[4 * i + 1]), int(res[4 * i + 2]), int(res[4 * i + 3]))
+            for i, (t, g) in enumerate(pairs)
+        ]
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _error_entry(attempt: int, error: str, at: int, consumer: str) -> str:
+    return orjson.dumps({"attempt": attempt, "error": error, "at": at, "consumer": consumer}).decode()

@@ -1,0 +1,11 @@
+-- promote.lua: transition RETRY_WAIT -> READY for entries whose due time has passed (retries, delayed publishes).
+-- Exactly once on N nodes: ZREM and RPUSH happen in one step.
+-- KEYS[1] <gb>delayed, KEYS[2] <gb>ready
+-- ARGV[1] now, ARGV[2] limit, ARGV[3] wake channel
+-- Returns number promoted
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #ids == 0 then return 0 end
+redis.call('ZREM', KEYS[1], unpack(ids))
+redis.call('RPUSH', KEYS[2], unpack(ids))
+redis.call('PUBLISH', ARGV[3], 'r')
+return #ids

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create the venv, install the project with its dev tools, and make sure a redis-server binary exists.
+# Safe to run repeatedly; used by `make run` / `make test` and therefore by CI.
+set -euo pipefail
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "bootstrap: redis-server not found, installing it from the OS packages" >&2
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        $SUDO apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q redis-server >/dev/null
+        # Debian starts a system service on install; the project manages its own instances.
+    else
+        echo "bootstrap: no apt-get; install redis-server yourself (the broker will fall back to fakeredis)" >&2
+    fi
+fi
+command -v redis-server >/dev/null 2>&1 && redis-server --version >&2 || true
