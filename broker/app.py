@@ -20,7 +20,7 @@ from .protocol import Limits
 from .recovery import Recovery
 from .resilience import Breaker, BreakerState
 from .server import WsServer
-from .store import RedisStore, connect_redis
+from .store import Redis, RedisStore, connect_redis
 from .store.fake import fake_client
 from .store.inspect import persistence_warnings
 from .store.keys import SCHEMA_VERSION
@@ -63,7 +63,7 @@ class Broker:
         if new is BreakerState.CLOSED and hasattr(self, "dispatch"):
             self.dispatch.wake_all()
 
-    async def _redis_client(self):  # type: ignore[no-untyped-def]
+    async def _redis_client(self) -> Redis:
         url = self.settings.redis.url
         if url:
             log.info("redis_external", url=_redact(url))

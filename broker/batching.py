@@ -56,6 +56,6 @@ class Coalescer(Generic[Req, Res]):
         """Wait until nothing is pending (shutdown). True if drained in time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while (self._pending or self._task is not None) and loop.time() < deadline:
+        while (self._pending or self._task is not None) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         return not self._pending and self._task is None

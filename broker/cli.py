@@ -95,7 +95,7 @@ async def _stats(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url = settings.redis.url or _embedded_url(settings)
     if not url:
-        print("no Redis URL: set BROKER_REDIS_URL or --redis-url (or start the broker in embedded mode)", file=sys.stderr)
+        print("no Redis URL: set BROKER_REDIS_URL or --redis-url, or start the embedded broker", file=sys.stderr)
         return EXIT_CONFIG
     breaker = Breaker("redis", fail_max=1_000, reset_timeout_s=1)
     store = RedisStore(connect_redis(url, settings), settings, breaker, "cli")
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(args.fn(args))
+        code: int = asyncio.run(args.fn(args))
+        return code
     except ConfigError as e:
         print(f"configuration error: {e.message}", file=sys.stderr)
         return EXIT_CONFIG

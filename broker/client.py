@@ -94,7 +94,7 @@ class Subscription:
         while True:
             yield await self.queue.get()
 
-    async def get(self, timeout: float | None = None) -> Message:
+    async def get(self, timeout: float | None = None) -> Message:  # noqa: ASYNC109
         return await asyncio.wait_for(self.queue.get(), timeout)
 
 
@@ -119,6 +119,7 @@ class BrokerClient:
         self._subs: dict[tuple[str, str], Subscription] = {}
         self._sub_frames: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
         self._tag = os.urandom(6).hex()
@@ -163,7 +164,7 @@ class BrokerClient:
                     fut.set_exception(UnavailableError("connection lost", retry_after_ms=100))
             self._waiting.clear()
             if self.reconnect and not self._closing:
-                asyncio.create_task(self._reconnect())
+                self._reconnecting = asyncio.create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
         retry_on = (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, UnavailableError, TimeoutError)

@@ -8,6 +8,7 @@ nack or requeue. Acks and nacks from every consumer of a group are coalesced int
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Protocol
@@ -18,7 +19,7 @@ from . import metrics
 from .batching import Coalescer
 from .config import Settings
 from .errors import BrokerError, UnavailableError
-from .model import AckItem, Delivery, NackItem
+from .model import AckItem, Delivery, NackItem, now_ms
 from .store import NackOutcome, RedisStore
 
 log = structlog.get_logger("broker.dispatch")
@@ -45,13 +46,20 @@ class Consumer:
         self.group = group
         self.prefetch = prefetch
         self.lease_ms = lease_ms
-        self.inflight: dict[str, tuple[str, int]] = {}  # message id -> (receipt, attempt)
+        self.inflight: dict[str, tuple[str, int, int]] = {}  # message id -> (receipt, attempt, lease deadline ms)
         self.active = True
 
     def credit(self) -> int:
         if not self.active or self.outlet.congested():
             return 0
-        return self.prefetch - len(self.inflight)
+        free = self.prefetch - len(self.inflight)
+        if free <= 0:
+            # Leases that ran out are no longer this consumer's: Redis reschedules them, the credit comes back.
+            now = now_ms()
+            for msg_id in [i for i, (_, _, deadline) in self.inflight.items() if deadline < now]:
+                del self.inflight[msg_id]
+            free = self.prefetch - len(self.inflight)
+        return free
 
 
 class GroupDispatcher:
@@ -98,10 +106,8 @@ class GroupDispatcher:
                 await asyncio.sleep(0)  # let acks and publishes in
                 continue
             self.wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
-            except TimeoutError:
-                pass
         self.task = None
 
     async def _claim_round(self, batch: int) -> bool:
@@ -130,7 +136,7 @@ class GroupDispatcher:
             self.dispatch.release_later(self.topic, self.group, deliveries)
             return
         for dv in deliveries:
-            c.inflight[dv.id] = (dv.receipt, dv.attempt)
+            c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at)
             c.outlet.send_delivery(c, dv)
         metrics.delivered.labels(self.topic, self.group).inc(len(deliveries))
 
@@ -230,7 +236,11 @@ class Dispatch:
         return res
 
     async def extend(self, consumer: Consumer, msg_id: str, receipt: str, lease_ms: int) -> int | None:
-        return await self.store.extend(consumer.topic, consumer.group, msg_id, receipt, lease_ms)
+        deadline = await self.store.extend(consumer.topic, consumer.group, msg_id, receipt, lease_ms)
+        held = consumer.inflight.get(msg_id)
+        if deadline is not None and held is not None:
+            consumer.inflight[msg_id] = (held[0], held[1], deadline)
+        return deadline
 
     def _wake_key(self, key: tuple[str, str]) -> None:
         gd = self.dispatchers.get(key)
@@ -243,10 +253,10 @@ class Dispatch:
         self.remove(consumer)
         if not consumer.inflight:
             return
-        back = [AckItem(i, r) for i, (r, _) in consumer.inflight.items() if i in unsent]
+        back = [AckItem(i, r) for i, (r, _, _) in consumer.inflight.items() if i in unsent]
         if back:
             self._spawn(self._release(consumer.topic, consumer.group, back))
-        for msg_id, (receipt, attempt) in list(consumer.inflight.items()):
+        for msg_id, (receipt, attempt, _) in list(consumer.inflight.items()):
             if msg_id in unsent:
                 continue
             fut = self._nack(consumer.topic, consumer.group, NackItem(msg_id, receipt, reason, 0), attempt, consumer.id)
@@ -283,8 +293,10 @@ class Dispatch:
         tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        for co in [*self._acks.values(), *self._nacks.values()]:
-            await co.drain(timeout_s)
+        for ack_co in self._acks.values():
+            await ack_co.drain(timeout_s)
+        for nack_co in self._nacks.values():
+            await nack_co.drain(timeout_s)
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=timeout_s)
 

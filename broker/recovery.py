@@ -4,6 +4,7 @@ node heartbeats. Each loop logs and counts its failures and keeps going; none en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -56,10 +57,8 @@ class Recovery:
                 metrics.loop_errors.labels(name).inc()
                 self.last_error[name] = repr(e)
                 log.exception("loop_step_crashed", loop=name, failures=failures)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), every_s)
-            except TimeoutError:
-                pass
 
     async def sweep_once(self) -> None:
         now = time.monotonic()

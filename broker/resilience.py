@@ -60,7 +60,7 @@ def backoff_table(
 StateListener = Callable[[str, BreakerState, BreakerState], None]
 
 
-class _Listener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _Listener(pybreaker.CircuitBreakerListener):
     def __init__(self, name: str, on_change: StateListener | None) -> None:
         self._name = name
         self._on_change = on_change
@@ -94,7 +94,7 @@ class Breaker:
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
             success_threshold=success_threshold,
-            exclude=[asyncio.CancelledError, *exclude],
+            exclude=[asyncio.CancelledError, *exclude],  # type: ignore[arg-type]
             listeners=[_Listener(name, on_change)],
             name=name,
             throw_new_error_on_trip=False,

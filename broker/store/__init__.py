@@ -1,5 +1,7 @@
 """The only package that talks to Redis."""
 
+from redis.asyncio import Redis
+
 from .redis_store import NackOutcome, RedisStore, connect_redis
 
-__all__ = ["NackOutcome", "RedisStore", "connect_redis"]
+__all__ = ["NackOutcome", "Redis", "RedisStore", "connect_redis"]

@@ -1,12 +1,14 @@
 """Typed async operations over Redis; each public method is one Lua call or one pipeline.
 
-Redis exceptions never leave this module: they become ``UnavailableError`` (Redis unreachable, breaker open) or
-``StoreRefusedError`` (Redis refused a write). Every call runs behind the Redis circuit breaker.
+Redis exceptions never leave this module: they become ``UnavailableError`` (Redis unreachable, breaker open),
+``StoreRefusedError`` (Redis refused a write) or ``BrokerError`` (code internal: any other error reply, such as
+WRONGTYPE or a script error; it does not count against the breaker). Every call runs behind the Redis breaker.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from importlib import resources
@@ -18,11 +20,11 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import Settings
-from ..errors import StoreRefusedError, UnavailableError
+from ..errors import BrokerError, StoreRefusedError, UnavailableError
 from ..model import (
     AckItem,
     Delivery,
@@ -67,8 +69,35 @@ def _load(name: str) -> str:
     return lib + "\n" + resources.files("broker.store").joinpath(f"scripts/{name}.lua").read_text()
 
 
+_PIPELINE_ERROR = re.compile(r"of pipeline caused error: \(['\"]-?(\S+)")
+
+
 def is_refusal(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0].lstrip("-").upper() in _REFUSALS
+    """Redis answered but would not write (OOM, MISCONF, READONLY, ...): the store is up but cannot take data.
+
+    redis-py strips the code from errors it maps to classes (OOM -> ``OutOfMemoryError``, with ``status_code``), and a
+    pipeline rewrites the message as ``Command # N (...) of pipeline caused error: ('<reply>',)``: check all three."""
+    if not isinstance(exc, ResponseError):
+        return False
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError):
+        return True
+    code = getattr(exc, "status_code", None)
+    if code:
+        return str(code).upper() in _REFUSALS
+    text = str(exc)
+    m = _PIPELINE_ERROR.search(text)
+    first = m.group(1) if m else text.split(" ", 1)[0].lstrip("-")
+    return first.upper() in _REFUSALS
+
+
+class _Answered:
+    """Redis answered a call with an error reply that is not an outage (WRONGTYPE, a script error): carried out of
+    the breaker as a value so it does not count as a Redis failure (one bad key must not open the breaker for all)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ResponseError) -> None:
+        self.error = error
 
 
 class RedisStore:
@@ -88,26 +117,36 @@ class RedisStore:
         return TopicKeys(self.prefix, topic)
 
     async def _run(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
+        async def answered() -> T | _Answered:
+            try:
+                return await fn()
+            except ResponseError as e:
+                if is_refusal(e):
+                    raise
+                return _Answered(e)
+
         try:
-            return await self.breaker.call(fn)
+            res = await self.breaker.call(answered)
         except BreakerOpenError as e:
             raise UnavailableError(
                 f"redis unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
             ) from None
-        except ResponseError as e:
-            if is_refusal(e):
-                log.error("redis_write_refused", op=what, error=str(e))
-                raise StoreRefusedError(f"redis refused {what}: {e}", retry_after_ms=1_000) from None
-            raise
+        except ResponseError as e:  # only refusals get here
+            log.error("redis_write_refused", op=what, error=str(e))
+            raise StoreRefusedError(f"redis refused {what}: {e}", retry_after_ms=1_000) from None
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
             raise UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000) from None
         except RedisError as e:
             raise UnavailableError(f"redis error during {what}: {e}", retry_after_ms=1_000) from None
+        if isinstance(res, _Answered):
+            log.error("redis_error_reply", op=what, error=str(res.error))
+            raise BrokerError(f"redis error reply during {what}: {res.error}")
+        return res
 
     # ---- topology ------------------------------------------------------------------------------------------
 
     async def ping(self) -> bool:
-        return bool(await self._run(lambda: self.redis.ping(), "ping"))  # type: ignore[no-untyped-call]
+        return bool(await self._run(lambda: self.redis.ping(), "ping"))
 
     async def init_schema(self) -> str | None:
         """Write the schema version if absent; return what was there (a different value is the caller's alarm)."""
@@ -131,10 +170,13 @@ class RedisStore:
         self._known_topics.add(topic)
 
     async def topics(self) -> list[str]:
-        return sorted(await self._run(lambda: self.redis.smembers(topics_key(self.prefix)), "topics"))  # type: ignore[misc]
+        return await self._run(lambda: self._members(topics_key(self.prefix)), "topics")
 
     async def groups(self, topic: str) -> list[str]:
-        return sorted(await self._run(lambda: self.redis.smembers(self.keys(topic).groups), "groups"))  # type: ignore[misc]
+        return await self._run(lambda: self._members(self.keys(topic).groups), "groups")
+
+    async def _members(self, key: str) -> list[str]:
+        return sorted(str(m) for m in await self.redis.smembers(key))
 
     # ---- publish -------------------------------------------------------------------------------------------
 
@@ -169,7 +211,7 @@ class RedisStore:
                             r.key or "",
                         ]
                     await script(keys=[k.groups], args=args, client=p)
-                return await p.execute()  # type: ignore[no-any-return]
+                return await p.execute()
 
         replies = await self._run(go, "publish")
         self._known_topics.update(new_topics)
@@ -299,7 +341,7 @@ class RedisStore:
                         client=p,
                     )
                     await self._scripts["promote"](keys=[g.delayed, g.ready], args=[now, limit, k.wake], client=p)
-                return await p.execute()  # type: ignore[no-any-return]
+                return await p.execute()
 
         res = await self._run(go, "sweep")
         return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
@@ -313,7 +355,7 @@ class RedisStore:
             async with self.redis.pipeline(transaction=False) as p:
                 for t in topics:
                     p.smembers(self.keys(t).groups)
-                return await p.execute()  # type: ignore[no-any-return]
+                return await p.execute()
 
         groups = await self._run(go, "all_pairs")
         return [(t, g) for t, gs in zip(topics, groups, strict=True) for g in sorted(gs)]
@@ -332,7 +374,7 @@ class RedisStore:
                     p.zcard(g.leased)
                     p.zcard(g.delayed)
                     p.zcard(g.dead)
-                return await p.execute()  # type: ignore[no-any-return]
+                return await p.execute()
 
         res = await self._run(go, "depths")
         return [

@@ -3,6 +3,13 @@
 --   base.."groups" SET, base.."msg:"..id HASH body, gb.."ready" LIST, gb.."leased" ZSET, gb.."delayed" ZSET,
 --   gb.."dlv:"..id HASH delivery state, gb.."dead" ZSET index, gb.."dead:"..id HASH dead letter (with TTL).
 
+-- redis.call(cmd, key, ...list) in chunks: unpack() of more than ~8000 values fails ("too many results to unpack").
+local function call_chunked(cmd, key, list)
+  for s = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
+  end
+end
+
 -- Drop one group's reference to a body; the body goes when the last group is done with it.
 local function release_body(base, id)
   local bkey = base .. 'msg:' .. id

@@ -5,7 +5,7 @@
 -- Returns number promoted
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #ids == 0 then return 0 end
-redis.call('ZREM', KEYS[1], unpack(ids))
-redis.call('RPUSH', KEYS[2], unpack(ids))
+call_chunked('ZREM', KEYS[1], ids)
+call_chunked('RPUSH', KEYS[2], ids)
 redis.call('PUBLISH', ARGV[3], 'r')
 return #ids

@@ -46,7 +46,7 @@ for i = 0, n - 1 do
   end
 end
 if #ready > 0 then
-  for _, g in ipairs(groups) do redis.call('RPUSH', base .. 'g:' .. g .. ':ready', unpack(ready)) end
+  for _, g in ipairs(groups) do call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', ready) end
   redis.call('PUBLISH', base .. 'wake', 'p')
 end
 return out
