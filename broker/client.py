@@ -184,7 +184,8 @@ class BrokerClient:
         op = f.get("op")
         if op == "message":
             sub = self._subs.get((f["topic"], f["group"]))
-            if sub is None:
+            if sub is None:  # not ours (any more): say so; the broker redelivers it when the lease runs out
+                log.warning("delivery_without_subscription", topic=f["topic"], group=f["group"], id=f["id"])
                 return
             sub.queue.put_nowait(
                 Message(
@@ -283,10 +284,17 @@ class BrokerClient:
             frame["prefetch"] = prefetch
         if lease_ms is not None:
             frame["lease_ms"] = lease_ms
-        reply = await self.request(frame)
+        # Registered before the request: a delivery may arrive right behind the `subscribed` reply.
         sub = Subscription(self, frame)
-        for t in topics:
-            self._subs[(t, reply["group"])] = sub
+        keys = [(t, group or "default") for t in topics]
+        for k in keys:
+            self._subs[k] = sub
+        try:
+            await self.request(frame)
+        except BaseException:
+            for k in keys:
+                self._subs.pop(k, None)
+            raise
         self._sub_frames.append(frame)
         return sub
 
