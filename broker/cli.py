@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from . import dlq_ops
 from .config import Settings, load_settings
+from .dlq_ops import Filter, parse_duration_ms
 from .errors import BrokerError, ConfigError
+from .store import RedisStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -88,17 +92,21 @@ async def _consume(args: argparse.Namespace) -> int:
     return EXIT_OK if args.count is None or got >= args.count else EXIT_FAILURE
 
 
-async def _stats(args: argparse.Namespace) -> int:
+def _open_store(args: argparse.Namespace) -> RedisStore:
+    """Operator commands talk to Redis directly (they work while every broker node is down)."""
     from .resilience import Breaker
-    from .store import RedisStore, connect_redis
+    from .store import connect_redis
 
     settings = _settings(args)
     url = settings.redis.url or _embedded_url(settings)
     if not url:
-        print("no Redis URL: set BROKER_REDIS_URL or --redis-url, or start the embedded broker", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError("no Redis URL: set BROKER_REDIS_URL or --redis-url, or start the embedded broker first")
     breaker = Breaker("redis", fail_max=1_000, reset_timeout_s=1)
-    store = RedisStore(connect_redis(url, settings), settings, breaker, "cli")
+    return RedisStore(connect_redis(url, settings), settings, breaker, "cli")
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    store = _open_store(args)
     try:
         pairs = await store.all_pairs()
         if args.topic:
@@ -112,14 +120,141 @@ async def _stats(args: argparse.Namespace) -> int:
     ]
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    elif rows:
+        _print_table(rows, ["topic", "group", "ready", "leased", "delayed", "dead"])
     else:
-        cols = ["topic", "group", "ready", "leased", "delayed", "dead"]
-        widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
-        print("  ".join(c.ljust(widths[c]) for c in cols))
-        for r in rows:
-            print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-        if not rows:
-            print("(no topics)")
+        print("(no topics)")
+    return EXIT_OK
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    try:
+        older = parse_duration_ms(args.older_than) if args.older_than else None
+        newer = parse_duration_ms(args.newer_than) if args.newer_than else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Filter(args.topic, args.group, args.error, older, newer, frozenset(getattr(args, "ids", None) or ()))
+
+
+class UsageError(Exception):
+    pass
+
+
+def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip())
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < (0.1 if tty else 2.0):
+            return
+        last[0] = now
+        width = 30
+        filled = int(width * done / max(1, total))
+        bar = "#" * filled + "." * (width - filled)
+        end = "\r" if tty and done < total else "\n"
+        print(f"{label} [{bar}] {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+async def _dlq_list(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        letters = await dlq_ops.select(store, _filter(args), args.limit)
+    finally:
+        await store.close()
+    if args.json:
+        print(orjson.dumps([d.to_json() for d in letters], option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    now = time.time() * 1000
+    rows = [
+        {
+            "id": d.id, "topic": d.topic, "group": d.group, "attempts": d.attempts, "reason": d.reason,
+            "died": f"{(now - d.died_at) / 60000:.0f}m ago", "ttl": f"{d.ttl_s // 3600}h",
+            "last_error": (str(d.errors[-1].get("error", "")) if d.errors else "")[:60],
+        }
+        for d in letters
+    ]  # fmt: skip
+    if rows:
+        _print_table(rows, ["id", "topic", "group", "attempts", "reason", "died", "ttl", "last_error"])
+    else:
+        print("(no dead letters match)")
+    return EXIT_OK
+
+
+async def _dlq_show(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        letters = await dlq_ops.select(store, Filter(args.topic, args.group, ids=frozenset([args.id])))
+    finally:
+        await store.close()
+    if not letters:
+        print(f"no dead letter {args.id!r} (unknown id, already reprocessed, purged or expired)", file=sys.stderr)
+        return EXIT_FAILURE
+    for d in letters:
+        print(orjson.dumps(d.to_json(), option=orjson.OPT_INDENT_2).decode())
+    return EXIT_OK
+
+
+async def _dlq_move(args: argparse.Namespace) -> int:
+    """reprocess / purge: select, (confirm), apply, report. Exit 1 if nothing matched or anything was missing."""
+    f = _filter(args)
+    if f.is_empty() and not args.all:
+        raise UsageError("name ids, or a filter (--topic/--group/--error/--older-than/--newer-than), or --all")
+    store = _open_store(args)
+    try:
+        letters = await dlq_ops.select(store, f)
+        if not letters:
+            print("no dead letters match: nothing changed", file=sys.stderr)
+            return EXIT_FAILURE
+        verb = args.cmd_dlq
+        if args.dry_run:
+            for d in letters:
+                print(f"would {verb} {d.id} ({d.topic}/{d.group}, {d.attempts} attempts, {d.reason})")
+            print(f"dry run: {len(letters)} dead letter(s) would be {verb}ed; nothing changed", file=sys.stderr)
+            return EXIT_OK
+        if verb == "purge" and not args.yes:
+            if not sys.stdin.isatty():
+                raise UsageError(f"purge of {len(letters)} dead letter(s) needs --yes when not interactive")
+            answer = await asyncio.to_thread(input, f"permanently delete {len(letters)} dead letter(s)? type 'yes': ")
+            if answer.strip() != "yes":
+                print("not confirmed: nothing changed", file=sys.stderr)
+                return EXIT_FAILURE
+        progress = _progress(verb) if len(letters) > 100 else None
+        if verb == "reprocess":
+            moved, missing = await dlq_ops.reprocess(store, letters, args.rate, progress)
+        else:
+            moved, missing = await dlq_ops.purge(store, letters, progress)
+    finally:
+        await store.close()
+    print(orjson.dumps({verb + "ed": moved, "missing": missing}).decode())
+    if missing:
+        print(f"{len(missing)} dead letter(s) were gone before they could be {verb}ed", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _dlq_export(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        letters = await dlq_ops.select(store, _filter(args))
+    finally:
+        await store.close()
+    data = b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters)
+    if args.out and args.out != "-":
+        await asyncio.to_thread(Path(args.out).write_bytes, data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    print(f"exported {len(letters)} dead letter(s)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -167,6 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
+
+    dlq = sub.add_parser("dlq", help="inspect and act on dead letters").add_subparsers(dest="cmd_dlq", required=True)
+
+    def filters(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--topic")
+        sp.add_argument("--group")
+        sp.add_argument("--error", help="case-insensitive text in any recorded error or the reason")
+        sp.add_argument("--older-than", help="died at least this long ago (30s, 10m, 2h, 7d)")
+        sp.add_argument("--newer-than", help="died at most this long ago")
+        sp.add_argument("--redis-url")
+
+    ls = dlq.add_parser("list", help="list dead letters")
+    filters(ls)
+    ls.add_argument("--limit", type=int)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=_dlq_list)
+
+    sh = dlq.add_parser("show", help="one dead letter with its whole history")
+    sh.add_argument("id")
+    sh.add_argument("--topic")
+    sh.add_argument("--group")
+    sh.add_argument("--redis-url")
+    sh.set_defaults(fn=_dlq_show)
+
+    for name, text in (("reprocess", "move dead letters back to their group's queue"), ("purge", "delete them")):
+        mv = dlq.add_parser(name, help=text)
+        mv.add_argument("ids", nargs="*", help="dead-letter ids (or use filters / --all)")
+        filters(mv)
+        mv.add_argument("--all", action="store_true", help="every dead letter (with the other filters, if any)")
+        mv.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+        if name == "reprocess":
+            mv.add_argument("--rate", type=float, help="at most this many messages per second")
+        else:
+            mv.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        mv.set_defaults(fn=_dlq_move)
+
+    ex = dlq.add_parser("export", help="write dead letters as JSON Lines")
+    filters(ex)
+    ex.add_argument("--out", help="file (default stdout)")
+    ex.set_defaults(fn=_dlq_export)
     return p
 
 
@@ -175,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = asyncio.run(args.fn(args))
         return code
+    except UsageError as e:
+        print(f"usage error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as e:
         print(f"configuration error: {e.message}", file=sys.stderr)
         return EXIT_CONFIG

@@ -64,7 +64,7 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     )
 
 
-def _load(name: str) -> str:
+def load_script(name: str) -> str:
     lib = resources.files("broker.store").joinpath("scripts/_lib.lua").read_text()
     return lib + "\n" + resources.files("broker.store").joinpath(f"scripts/{name}.lua").read_text()
 
@@ -109,7 +109,7 @@ class RedisStore:
         self.prefix = settings.redis.key_prefix
         self.breaker = breaker
         self.node_id = node_id
-        self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
+        self._scripts = {name: client.register_script(load_script(name)) for name in self.SCRIPTS}
         self._known_topics: set[str] = set()
         self._rng = random.Random()
 
