@@ -18,6 +18,8 @@ from .store import RedisStore
 log = structlog.get_logger("broker.recovery")
 
 PAIRS_REFRESH_S = 2.0
+NODE_TIMEOUT_MS = 10_000  # a node silent this long is dead: its leases are swept at once
+FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 
 
 class Recovery:
@@ -65,9 +67,10 @@ class Recovery:
         if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
             self._pairs = await self.store.all_pairs()
             self._pairs_at = now
+        dead_nodes = await self.store.dead_nodes(NODE_TIMEOUT_MS)
         for i in range(0, len(self._pairs), 100):
             chunk = self._pairs[i : i + 100]
-            results = await self.store.sweep(chunk)
+            results = await self.store.sweep(chunk, dead_nodes=dead_nodes)
             for (topic, group), (retry, dead, promoted) in zip(chunk, results, strict=True):
                 if retry or dead:
                     metrics.lease_expired.labels(topic, group, "retry").inc(retry)
@@ -76,6 +79,9 @@ class Recovery:
                 if promoted:
                     metrics.promoted.labels(topic, group).inc(promoted)
                     self.dispatch.wake(topic, group)
+        if dead_nodes:
+            # every pair was swept for these nodes' leases in this pass: they hold nothing any more
+            await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
 
     async def stop(self, timeout_s: float) -> None:
         self._stop.set()

@@ -310,9 +310,11 @@ class RedisStore:
 
     # ---- recovery ------------------------------------------------------------------------------------------
 
-    async def sweep(self, pairs: Sequence[tuple[str, str]], limit: int = 500) -> list[tuple[int, int, int]]:
-        """Expire due leases and promote due retries for many (topic, group) pairs in one pipeline.
-        Returns per pair (expired->retry, expired->dead, promoted)."""
+    async def sweep(
+        self, pairs: Sequence[tuple[str, str]], limit: int = 500, dead_nodes: Sequence[str] = ()
+    ) -> list[tuple[int, int, int]]:
+        """Expire due leases (and every lease held by one of ``dead_nodes``) and promote due retries for many
+        (topic, group) pairs in one pipeline. Returns per pair (expired->retry, expired->dead, promoted)."""
         if not pairs:
             return []
         r = self.settings.retry
@@ -336,6 +338,8 @@ class RedisStore:
                             r.max_attempts,
                             self.settings.dlq.ttl_s,
                             limit,
+                            len(dead_nodes),
+                            *dead_nodes,
                             *delays,
                         ],
                         client=p,
@@ -344,7 +348,29 @@ class RedisStore:
                 return await p.execute()
 
         res = await self._run(go, "sweep")
+        for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):
+            if int(res[i][2]):
+                log.warning(
+                    "orphaned_leases_recovered",
+                    topic=topic,
+                    group=group,
+                    count=int(res[i][2]),
+                    dead_nodes=list(dead_nodes),
+                )
         return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
+
+    async def dead_nodes(self, timeout_ms: int) -> list[str]:
+        """Nodes whose last heartbeat is older than ``timeout_ms`` (never this node)."""
+        cutoff = now_ms() - timeout_ms
+
+        async def go() -> list[str]:
+            return [str(n) for n in await self.redis.zrangebyscore(nodes_key(self.prefix), "-inf", cutoff)]
+
+        return [n for n in await self._run(go, "dead_nodes") if n != self.node_id]
+
+    async def forget_nodes(self, nodes: Sequence[str]) -> None:
+        if nodes:
+            await self._run(lambda: self.redis.zrem(nodes_key(self.prefix), *nodes), "forget_nodes")
 
     async def all_pairs(self) -> list[tuple[str, str]]:
         topics = await self.topics()
