@@ -93,7 +93,7 @@ class Broker:
             self._nondurable_nag = asyncio.create_task(self._nag())
         self.dispatch = Dispatch(self.store, self.settings)
         self.publisher: Coalescer[PublishRequest, PublishResult] = Coalescer(self._publish_flush, 1000)
-        self.recovery = Recovery(self.store, self.dispatch, self.settings.delivery.sweep_interval_ms)
+        self.recovery = Recovery(self.store, self.dispatch)
         self.recovery.start()
         self.server = WsServer(self)
         await self.server.start()

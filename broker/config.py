@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class DeliverySettings:
     publish_without_group: str = "default"  # "default": store for group `default`; "reject": not_found error
     idempotency_ttl_s: int = 86_400
     max_delay_ms: int = 7 * 86_400_000
+    node_timeout_ms: int = 10_000  # a node without heartbeat this long is dead: its leases are swept at once
+    strict_order_groups: tuple[str, ...] = ()  # "topic/group" entries: one in flight, a retry holds the head
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,18 @@ class RetrySettings:
 @dataclass(frozen=True)
 class DlqSettings:
     ttl_s: int = 7 * 86_400
+    prune_interval_s: int = 30  # how often expired dead letters are dropped from the indexes
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    """One in-process consumer: ``target`` is ``package.module:function``, an ``async def f(message)``."""
+
+    topic: str = ""
+    group: str = "default"
+    target: str = ""
+    timeout_ms: int = 30_000
+    concurrency: int = 10
 
 
 @dataclass(frozen=True)
@@ -92,17 +107,19 @@ class Settings:
     dlq: DlqSettings = field(default_factory=DlqSettings)
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    handlers: tuple[HandlerSettings, ...] = ()  # [[handlers]] tables in TOML (not settable from the environment)
 
     def replace(self, section: str, **values: Any) -> Settings:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
 
 
-SECTIONS: dict[str, type[Any]] = get_type_hints(Settings)
+SECTIONS: dict[str, type[Any]] = {k: v for k, v in get_type_hints(Settings).items() if k != "handlers"}
 
 
 def setting_names() -> list[str]:
-    """Every ``section.key``, in declaration order (docs/config.md lists exactly these)."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    """Every ``section.key``, in declaration order (docs/config.md lists exactly these), then ``handlers[].key``."""
+    names = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return names + [f"handlers[].{f.name}" for f in dataclasses.fields(HandlerSettings)]
 
 
 def _coerce(where: str, kind: type[Any], value: Any) -> Any:
@@ -123,17 +140,42 @@ def _coerce(where: str, kind: type[Any], value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError(value)
             return float(value)
-        if kind is str:
-            if not isinstance(value, str | int | float):
+        if typing.get_origin(kind) is tuple:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(value)
-            return str(value)
+            return tuple(i.strip() for i in items if i.strip())
+        if kind is str:
+            if not isinstance(value, str):  # `host = 8765` in TOML is a mistake, not a string
+                raise ValueError(value)
+            return value
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
     raise ConfigError(f"{where}: unsupported type {kind}")
 
 
+def _handlers(raw: Any, source: str) -> tuple[HandlerSettings, ...]:
+    if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
+        raise ConfigError(f"{source}: handlers must be an array of tables ([[handlers]])")
+    hints = get_type_hints(HandlerSettings)
+    out = []
+    for i, table in enumerate(raw):
+        for key in table:
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown setting handlers[{i}].{key} (known: {', '.join(hints)})")
+        values = {k: _coerce(f"{source}: handlers[{i}].{k}", hints[k], v) for k, v in table.items()}
+        h = HandlerSettings(**values)
+        if not h.topic or ":" not in h.target:
+            raise ConfigError(f"{source}: handlers[{i}] needs topic and target = 'package.module:function'")
+        out.append(h)
+    return tuple(out)
+
+
 def _apply(settings: Settings, overrides: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
     for section, values in overrides.items():
+        if section == "handlers":
+            settings = dataclasses.replace(settings, handlers=_handlers(values, source))
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
         if not isinstance(values, Mapping):
@@ -167,24 +209,78 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_KEY_PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
+
+
 def validate(settings: Settings) -> Settings:
-    d, r = settings.delivery, settings.retry
+    """Reject values that would misbehave at run time rather than at startup (all problems in one error)."""
+    sv, rd, d, r, b = settings.server, settings.redis, settings.delivery, settings.retry, settings.breakers
     problems = []
+
+    def at_least(name: str, value: float, low: float) -> None:
+        if not value >= low:  # "not >=" also catches NaN
+            problems.append(f"{name} must be >= {low}")
+
+    if not 0 <= sv.port <= 65_535:
+        problems.append("server.port must be between 0 and 65535")
+    if not 0 <= rd.embedded_port <= 65_535:
+        problems.append("redis.embedded_port must be between 0 and 65535")
+    for name, value, low in (
+        ("server.max_frame_bytes", sv.max_frame_bytes, 1),
+        ("server.max_payload_bytes", sv.max_payload_bytes, 1),
+        ("server.max_headers_bytes", sv.max_headers_bytes, 2),
+        ("server.max_unconfirmed_publishes", sv.max_unconfirmed_publishes, 1),
+        ("server.outbox_high_water", sv.outbox_high_water, 1),
+        ("server.shutdown_grace_ms", sv.shutdown_grace_ms, 0),
+        ("redis.socket_timeout_ms", rd.socket_timeout_ms, 1),
+        ("redis.connect_timeout_ms", rd.connect_timeout_ms, 1),
+        ("delivery.lease_ms", d.lease_ms, 100),
+        ("delivery.claim_batch", d.claim_batch, 1),
+        ("delivery.poll_interval_ms", d.poll_interval_ms, 1),
+        ("delivery.sweep_interval_ms", d.sweep_interval_ms, 1),
+        # SET EX 0 is an error inside the publish script (after some writes); EXPIRE 0 deletes a dead letter at once
+        ("delivery.idempotency_ttl_s", d.idempotency_ttl_s, 1),
+        ("delivery.max_delay_ms", d.max_delay_ms, 0),
+        ("retry.max_attempts", r.max_attempts, 1),
+        ("retry.backoff_base_ms", r.backoff_base_ms, 1),
+        ("retry.backoff_multiplier", r.backoff_multiplier, 1),
+        ("dlq.ttl_s", settings.dlq.ttl_s, 1),
+        ("breakers.redis_fail_max", b.redis_fail_max, 1),
+        ("breakers.redis_success_threshold", b.redis_success_threshold, 1),
+        ("breakers.redis_call_timeout_ms", b.redis_call_timeout_ms, 1),
+        ("breakers.handler_fail_max", b.handler_fail_max, 1),
+        ("breakers.handler_success_threshold", b.handler_success_threshold, 1),
+    ):
+        at_least(name, value, low)
+    for name, fvalue in (
+        ("breakers.redis_reset_timeout_s", b.redis_reset_timeout_s),
+        ("breakers.handler_reset_timeout_s", b.handler_reset_timeout_s),
+    ):
+        if not fvalue > 0:
+            problems.append(f"{name} must be > 0")
+    if not rd.key_prefix or not set(rd.key_prefix) <= _KEY_PREFIX_CHARS:
+        problems.append("redis.key_prefix must be non-empty: letters, digits, '.', '_', '-' or ':' (no braces)")
+    for entry in d.strict_order_groups:
+        if entry.count("/") != 1:
+            problems.append(f"delivery.strict_order_groups entry {entry!r} must be 'topic/group'")
+    if not d.node_timeout_ms >= 1000:
+        problems.append("delivery.node_timeout_ms must be >= 1000")
+    if not settings.dlq.prune_interval_s >= 1:
+        problems.append("dlq.prune_interval_s must be >= 1")
     if d.publish_without_group not in ("default", "reject"):
         problems.append("delivery.publish_without_group must be 'default' or 'reject'")
     if not 1 <= d.prefetch <= d.max_prefetch:
         problems.append("delivery.prefetch must be between 1 and delivery.max_prefetch")
-    if d.lease_ms < 100:
-        problems.append("delivery.lease_ms must be >= 100")
-    if r.max_attempts < 1:
-        problems.append("retry.max_attempts must be >= 1")
+    if r.backoff_cap_ms < r.backoff_base_ms:
+        problems.append("retry.backoff_cap_ms must be >= retry.backoff_base_ms")
     if not 0 <= r.jitter < 1:
         problems.append("retry.jitter must be in [0, 1)")
-    if r.backoff_multiplier < 1:
-        problems.append("retry.backoff_multiplier must be >= 1")
+    if settings.log.level.lower() not in LOG_LEVELS:
+        problems.append(f"log.level must be one of {', '.join(LOG_LEVELS)}")
     if settings.log.format not in ("auto", "json", "console"):
         problems.append("log.format must be auto, json or console")
-    if settings.server.max_payload_bytes > settings.server.max_frame_bytes:
+    if sv.max_payload_bytes > sv.max_frame_bytes:
         problems.append("server.max_payload_bytes must not exceed server.max_frame_bytes")
     if problems:
         raise ConfigError("; ".join(problems))

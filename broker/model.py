@@ -45,12 +45,12 @@ TRANSITIONS: dict[tuple[State | None, State], str] = {
 
 DEFAULT_GROUP = "default"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 
 
 def validate_name(kind: str, name: object) -> str:
     """Topic and group names end up inside Redis keys and hash tags: no braces, colons, spaces or wildcards."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" would accept a trailing "\n"
         raise InvalidNameError(
             f"invalid {kind} name {name!r}: 1-128 chars of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -60,6 +60,17 @@ def validate_name(kind: str, name: object) -> str:
 
 _counter = itertools.count()
 _NODE_TAG = os.urandom(4).hex()
+
+
+def _new_process_tag() -> None:
+    # A forked child inherits the tag and the counter: without a new tag it would mint the parent's next ids,
+    # and a duplicate id overwrites another message's body.
+    global _NODE_TAG, _counter
+    _NODE_TAG = os.urandom(4).hex()
+    _counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
 
 
 def new_message_id(now_ms: int | None = None) -> str:

@@ -7,6 +7,8 @@ The final frame reference is ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,7 +148,7 @@ class _Fields:
         try:
             return validate_name(kind, value)
         except ProtocolError as e:
-            raise self.fail(e.message) from None
+            raise self.fail(e.message, type(e)) from None
 
     def topics(self) -> tuple[str, ...]:
         if "topics" in self.d:
@@ -172,13 +174,40 @@ def _read_ref(d: dict[str, Any]) -> Ref:
     return ref
 
 
-def parse_frame(data: str | bytes, limits: Limits) -> Request:
-    if isinstance(data, bytes | bytearray | memoryview):
-        raise ProtocolError("binary frames are not supported: send JSON text frames")
+# orjson reads integers outside [-2**63, 2**64) as floats, which would round them: a payload must arrive as sent.
+# A run of 19+ digits is the only way to write such an integer; only then is the frame re-read with exact integers.
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _loads(data: str) -> Any:
     try:
         d = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
+    if _LONG_DIGITS.search(data):
+        try:
+            d = json.loads(data)  # orjson already validated the text (no NaN/Infinity, depth <= 1024)
+        except (ValueError, RecursionError) as e:
+            raise ProtocolError(f"malformed JSON: {e}") from None
+    return d
+
+
+def _dumps(value: Any, what: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as e:
+        if "Integer exceeds 64-bit range" in str(e):
+            try:
+                return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+            except (ValueError, RecursionError):
+                pass
+        raise ProtocolError(f"{what} cannot be encoded (nested too deeply?): {e}") from None
+
+
+def parse_frame(data: str | bytes, limits: Limits) -> Request:
+    if isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("binary frames are not supported: send JSON text frames")
+    d = _loads(data)
     if not isinstance(d, dict):
         raise ProtocolError("a frame must be a JSON object")
     ref = _read_ref(d)
@@ -234,18 +263,23 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
     topic = f.name("topic", d.get("topic"))
     if "payload" not in d:
         raise f.fail("missing field 'payload'")
-    payload = orjson.dumps(d["payload"]).decode()
-    if len(payload) > limits.max_payload_bytes:
-        raise f.fail(f"payload is {len(payload)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
+    try:
+        raw = _dumps(d["payload"], "payload")
+    except ProtocolError as e:
+        raise f.fail(e.message) from None
+    if len(raw) > limits.max_payload_bytes:
+        raise f.fail(f"payload is {len(raw)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
+    payload = raw.decode()
     headers_raw = d.get("headers")
     if headers_raw is None:
         headers = "{}"
     else:
         if not isinstance(headers_raw, dict) or not all(isinstance(v, str) for v in headers_raw.values()):
             raise f.fail("field 'headers' must be an object of string values")
-        headers = orjson.dumps(headers_raw).decode()
-        if len(headers) > limits.max_headers_bytes:
-            raise f.fail(f"headers are {len(headers)} bytes, limit {limits.max_headers_bytes}", PayloadTooLargeError)
+        raw = orjson.dumps(headers_raw)
+        if len(raw) > limits.max_headers_bytes:
+            raise f.fail(f"headers are {len(raw)} bytes, limit {limits.max_headers_bytes}", PayloadTooLargeError)
+        headers = raw.decode()
     idem = f.str_("idempotency_key", required=False, max_len=200)
     key = f.str_("key", required=False, max_len=200)
     delay = f.int_("delay_ms", 0, limits.max_delay_ms) or 0

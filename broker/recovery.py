@@ -14,19 +14,23 @@ from . import metrics
 from .dispatch import Dispatch
 from .errors import BrokerError
 from .store import RedisStore
+from .store.dlq import DeadLetters
 
 log = structlog.get_logger("broker.recovery")
 
 PAIRS_REFRESH_S = 2.0
-NODE_TIMEOUT_MS = 10_000  # a node silent this long is dead: its leases are swept at once
 FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 
 
 class Recovery:
-    def __init__(self, store: RedisStore, dispatch: Dispatch, sweep_interval_ms: int) -> None:
+    def __init__(self, store: RedisStore, dispatch: Dispatch) -> None:
         self.store = store
         self.dispatch = dispatch
-        self.interval = sweep_interval_ms / 1000
+        settings = store.settings
+        self.interval = settings.delivery.sweep_interval_ms / 1000
+        self.node_timeout_ms = settings.delivery.node_timeout_ms
+        self.prune_interval = float(settings.dlq.prune_interval_s)
+        self.dead_letters = DeadLetters(store)
         self._pairs: list[tuple[str, str]] = []
         self._pairs_at = 0.0
         self._stop = asyncio.Event()
@@ -37,6 +41,7 @@ class Recovery:
         self._tasks = [
             asyncio.create_task(self._loop("sweep", self.sweep_once, self.interval), name="sweep"),
             asyncio.create_task(self._loop("heartbeat", self.store.heartbeat, 1.0), name="heartbeat"),
+            asyncio.create_task(self._loop("dlq_prune", self.prune_once, self.prune_interval), name="dlq_prune"),
         ]
 
     async def _loop(self, name: str, step: Callable[[], Awaitable[object]], every_s: float) -> None:
@@ -67,7 +72,7 @@ class Recovery:
         if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
             self._pairs = await self.store.all_pairs()
             self._pairs_at = now
-        dead_nodes = await self.store.dead_nodes(NODE_TIMEOUT_MS)
+        dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
         for i in range(0, len(self._pairs), 100):
             chunk = self._pairs[i : i + 100]
             results = await self.store.sweep(chunk, dead_nodes=dead_nodes)
@@ -82,6 +87,13 @@ class Recovery:
         if dead_nodes:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
+
+    async def prune_once(self) -> None:
+        pairs = await self.store.all_pairs()
+        for i in range(0, len(pairs), 100):
+            n = await self.dead_letters.prune(pairs[i : i + 100])
+            if n:
+                log.info("dead_letters_expired", count=n)
 
     async def stop(self, timeout_s: float) -> None:
         self._stop.set()

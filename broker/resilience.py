@@ -4,15 +4,17 @@ The only module that imports pybreaker or tenacity. The rest of the code sees ``
 ``BreakerOpenError`` and pure functions such as ``backoff_ms``.
 
 Why an adapter: pybreaker 1.4's decorator records success when an ``async def`` is *called* (the coroutine is only
-created), and ``call_async`` needs Tornado. We drive pybreaker's state machine through its public ``calling()``
-context manager around an ``await``; the per-call timeout runs *inside* the breaker so a hung call counts as a
-failure; ``asyncio.CancelledError`` is excluded; in half-open only one trial call runs at a time.
+created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-call timeout, so a hung call counts as
+a failure) and then report its outcome to pybreaker's state machine through the public ``calling()`` context manager.
+``asyncio.CancelledError`` is reported as nothing at all: pybreaker counts an excluded exception as a success, which
+would let a cancelled half-open trial close the breaker. In half-open only one trial call runs at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -45,7 +47,10 @@ def backoff_ms(attempt: int, base_ms: int, multiplier: float, cap_ms: int, jitte
     """Delay before retry number ``attempt`` (1-based): ``min(cap, base * multiplier**(attempt-1))`` then
     +/- ``jitter`` (uniform, so the result lies in ``[d*(1-jitter), d*(1+jitter)]``), never below 1 ms.
     Proportional jitter (not full jitter) keeps retries spread without ever retrying at once."""
-    raw = min(float(cap_ms), base_ms * multiplier ** max(0, attempt - 1))
+    try:
+        raw = min(float(cap_ms), base_ms * multiplier ** max(0, attempt - 1))
+    except OverflowError:  # a huge attempt number: far past the cap
+        raw = float(cap_ms)
     spread = raw * jitter
     return max(1, round(raw + rng.uniform(-spread, spread)))
 
@@ -110,13 +115,9 @@ class Breaker:
         return int(self._cb.fail_counter)
 
     def retry_after_ms(self) -> int:
-        opened = self._cb._state_storage.opened_at
-        if opened is None or self.state is not BreakerState.OPEN:
+        if self.state is not BreakerState.OPEN:
             return 1_000
-        from datetime import UTC, datetime
-
-        left = opened.timestamp() + self.reset_timeout_s - datetime.now(UTC).timestamp()
-        return max(100, int(left * 1000))
+        return max(100, int(self._open_time_left_s() * 1000))
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self.state is BreakerState.CLOSED:
@@ -124,16 +125,46 @@ class Breaker:
         if self._trial.locked():
             raise BreakerOpenError(self.name, self.retry_after_ms())
         async with self._trial:
+            if self.state is BreakerState.OPEN:
+                if self._open_time_left_s() > 0:
+                    raise BreakerOpenError(self.name, self.retry_after_ms())
+                self._cb.half_open()
             return await self._guarded(fn)
 
+    def _open_time_left_s(self) -> float:
+        opened = self._cb._state_storage.opened_at
+        if opened is None:
+            return 0.0
+        return float(opened.timestamp() + self.reset_timeout_s - time.time())
+
     async def _guarded(self, fn: Callable[[], Awaitable[T]]) -> T:
+        # The await runs outside pybreaker; its outcome is reported afterwards, synchronously. So a cancelled call
+        # reports nothing (pybreaker would count an excluded exception as a *success*: a cancelled half-open trial
+        # would close the breaker, a cancelled call would reset the failure count), and a call that finishes after
+        # others opened the breaker does not reopen it or fire the listener again.
+        try:
+            if self.call_timeout_s is None:
+                result = await fn()
+            else:
+                result = await asyncio.wait_for(fn(), self.call_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._report(e)
+            raise
+        self._report(None)
+        return result
+
+    def _report(self, exc: Exception | None) -> None:
         try:
             with self._cb.calling():
-                if self.call_timeout_s is None:
-                    return await fn()
-                return await asyncio.wait_for(fn(), self.call_timeout_s)
+                if exc is not None:
+                    raise exc
         except pybreaker.CircuitBreakerError:
-            raise BreakerOpenError(self.name, self.retry_after_ms()) from None
+            pass  # opened by other calls while this one ran: the outcome changes nothing
+        except Exception as e:
+            if e is not exc:
+                raise
 
 
 def transient_retry(

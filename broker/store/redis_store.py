@@ -111,7 +111,11 @@ class RedisStore:
         self.node_id = node_id
         self._scripts = {name: client.register_script(load_script(name)) for name in self.SCRIPTS}
         self._known_topics: set[str] = set()
+        self._strict_groups = frozenset(settings.delivery.strict_order_groups)
         self._rng = random.Random()
+
+    def _strict(self, topic: str, group: str) -> str:
+        return "1" if f"{topic}/{group}" in self._strict_groups else "0"
 
     def keys(self, topic: str) -> TopicKeys:
         return TopicKeys(self.prefix, topic)
@@ -231,7 +235,8 @@ class RedisStore:
         now = now_ms()
         flat = await self._run(
             lambda: self._scripts["claim"](
-                keys=[g.ready, g.leased], args=[k.base, group, n, now, lease_ms, consumer, self.node_id]
+                keys=[g.ready, g.leased],
+                args=[k.base, group, n, now, lease_ms, consumer, self.node_id, self._strict(topic, group)],
             ),
             "claim",
         )
@@ -273,7 +278,15 @@ class RedisStore:
         g = k.group(group)
         r = self.settings.retry
         now = now_ms()
-        args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s]
+        args: list[Any] = [
+            k.base,
+            topic,
+            group,
+            now,
+            r.max_attempts,
+            self.settings.dlq.ttl_s,
+            self._strict(topic, group),
+        ]
         for it, attempt, consumer in items:
             delay = it.delay_ms
             if delay is None:
@@ -329,7 +342,7 @@ class RedisStore:
                     k = self.keys(topic)
                     g = k.group(group)
                     await self._scripts["expire"](
-                        keys=[g.leased, g.delayed, g.dead],
+                        keys=[g.leased, g.delayed, g.dead, g.ready],
                         args=[
                             k.base,
                             topic,
@@ -340,6 +353,7 @@ class RedisStore:
                             limit,
                             len(dead_nodes),
                             *dead_nodes,
+                            self._strict(topic, group),
                             *delays,
                         ],
                         client=p,

@@ -41,3 +41,14 @@ local function dead_letter(base, gb, deadidx, topic, group, id, reason, now, ttl
   redis.call('DEL', dkey)
   if b[1] then release_body(base, id) end
 end
+
+-- LEASED -> RETRY_WAIT. Concurrent groups: the delayed set, promoted when due. Strict-order groups: back to the
+-- head of the ready list with a not_before time, so nothing behind it is delivered first (FIFO across retries).
+local function schedule_retry(ready, delayed, dkey, id, due, strict)
+  if strict == '1' then
+    redis.call('HSET', dkey, 'not_before', due)
+    redis.call('LPUSH', ready, id)
+  else
+    redis.call('ZADD', delayed, due, id)
+  end
+end

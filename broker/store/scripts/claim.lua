@@ -1,13 +1,23 @@
 -- claim.lua: transition READY -> LEASED for up to N messages, oldest first.
 -- KEYS[1]  <gb>ready   LIST
 -- KEYS[2]  <gb>leased  ZSET id -> lease deadline (ms)
--- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease_ms, ARGV[6] consumer, ARGV[7] node
+-- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease_ms, ARGV[6] consumer, ARGV[7] node,
+-- ARGV[8]  strict order (1|0): at most one lease in the whole group, and a head whose retry is not due yet
+--          (delivery field not_before) holds the queue
 -- Returns  flat array, 7 per message: id, payload|false, headers, published_at, key, attempt, receipt
 --          (payload false: the queue held an id whose body is gone; it is dropped and reported by the caller)
 local base, group, n, now, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local gb = base .. 'g:' .. group .. ':'
+if ARGV[8] == '1' then
+  if redis.call('ZCARD', KEYS[2]) > 0 then return {} end
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then return {} end
+  local nb = redis.call('HGET', gb .. 'dlv:' .. head, 'not_before')
+  if nb and tonumber(nb) > now then return {} end
+  n = 1
+end
 local ids = redis.call('LPOP', KEYS[1], n)
 if not ids then return {} end
-local gb = base .. 'g:' .. group .. ':'
 local deadline = now + lease
 local out = {}
 for _, id in ipairs(ids) do
@@ -18,6 +28,7 @@ for _, id in ipairs(ids) do
     local seq = redis.call('HINCRBY', dkey, 'claims', 1)
     local receipt = ARGV[4] .. '-' .. seq
     redis.call('HSET', dkey, 'receipt', receipt, 'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline)
+    redis.call('HDEL', dkey, 'not_before')
     redis.call('ZADD', KEYS[2], deadline, id)
     out[#out + 1] = id; out[#out + 1] = b[1]; out[#out + 1] = b[2]; out[#out + 1] = b[3]
     out[#out + 1] = b[4] or ''; out[#out + 1] = attempt; out[#out + 1] = receipt

@@ -2,14 +2,15 @@
 -- held by broker nodes that stopped heartbeating (orphan sweep: no need to wait for the deadline).
 -- Safe on N nodes at once: each id is removed from the lease set in the same step that reschedules it, so a
 -- message gets exactly one retry schedule however many nodes sweep together.
--- KEYS[1] <gb>leased, KEYS[2] <gb>delayed, KEYS[3] <gb>dead
+-- KEYS[1] <gb>leased, KEYS[2] <gb>delayed, KEYS[3] <gb>dead, KEYS[4] <gb>ready
 -- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
--- ARGV[7] limit, ARGV[8] K = number of dead node ids, ARGV[9..8+K] dead node ids,
--- ARGV[9+K..] retry delay (ms) for attempt 1, 2, ... (jittered by the caller)
+-- ARGV[7] limit, ARGV[8] K = number of dead node ids, ARGV[9..8+K] dead node ids, ARGV[9+K] strict order (1|0),
+-- ARGV[10+K..] retry delay (ms) for attempt 1, 2, ... (jittered by the caller)
 -- Returns {expired_to_retry, expired_to_dead, of which orphaned by a dead node}
 local base, topic, group, now, maxa, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local limit, k = tonumber(ARGV[7]), tonumber(ARGV[8])
-local delay0 = 8 + k
+local strict = ARGV[9 + k]
+local delay0 = 9 + k
 local gb = base .. 'g:' .. group .. ':'
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local why = {}
@@ -42,7 +43,7 @@ for _, id in ipairs(ids) do
     dead = dead + 1
   else
     local delay = tonumber(ARGV[delay0 + attempts] or ARGV[#ARGV])
-    redis.call('ZADD', KEYS[2], now + delay, id)
+    schedule_retry(KEYS[4], KEYS[2], dkey, id, now + delay, strict)
     retried = retried + 1
   end
 end

@@ -1,13 +1,14 @@
 -- nack.lua: transition LEASED -> RETRY_WAIT (due at now + delay), LEASED -> READY (delay 0, head of queue),
 -- or LEASED -> DEAD (dead flag, or attempts >= max_attempts). Also used for consumers that disconnect.
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased, KEYS[3] <gb>delayed, KEYS[4] <gb>dead
--- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s)
--- then 5 per item: id, receipt, error entry (JSON object text), delay_ms, dead (0|1)
+-- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
+-- ARGV[7] strict order (1|0), then 5 per item: id, receipt, error entry (JSON object text), delay_ms, dead (0|1)
 -- Returns array per item: "retry" | "ready" | "dead" | "stale"
 local base, topic, group, now, maxa, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local gb = base .. 'g:' .. group .. ':'
 local out = {}
-for i = 7, #ARGV, 5 do
+local strict = ARGV[7]
+for i = 8, #ARGV, 5 do
   local id, receipt, entry, delay, dead = ARGV[i], ARGV[i+1], ARGV[i+2], tonumber(ARGV[i+3]), ARGV[i+4]
   local dkey = gb .. 'dlv:' .. id
   if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
@@ -23,7 +24,7 @@ for i = 7, #ARGV, 5 do
       redis.call('LPUSH', KEYS[1], id)
       out[#out + 1] = 'ready'
     else
-      redis.call('ZADD', KEYS[3], now + delay, id)
+      schedule_retry(KEYS[1], KEYS[3], dkey, id, now + delay, strict)
       out[#out + 1] = 'retry'
     end
   else
