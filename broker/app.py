@@ -15,6 +15,7 @@ from .config import Settings
 from .dispatch import Dispatch
 from .embedded import EmbeddedRedis
 from .errors import ConfigError
+from .handlers import HandlerRunner, start_handlers
 from .model import PublishRequest, PublishResult
 from .protocol import Limits
 from .recovery import Recovery
@@ -52,6 +53,7 @@ class Broker:
         )
         metrics.breaker_state.labels("redis").set(0)
         self.embedded: EmbeddedRedis | None = None
+        self.handlers: list[HandlerRunner] = []
         self.durable = True
         self.stopping = False
         self._stopped = asyncio.Event()
@@ -95,6 +97,7 @@ class Broker:
         self.publisher: Coalescer[PublishRequest, PublishResult] = Coalescer(self._publish_flush, 1000)
         self.recovery = Recovery(self.store, self.dispatch)
         self.recovery.start()
+        self.handlers = await start_handlers(self.settings, self.dispatch)
         self.server = WsServer(self)
         await self.server.start()
         log.info(
@@ -139,6 +142,8 @@ class Broker:
         log.info("shutdown_started", grace_s=grace)
         self.server.stop_accepting()
         await self.dispatch.stop(grace / 2)
+        for h in self.handlers:
+            await h.stop(grace / 4)
         if not await self.publisher.drain(grace / 4):
             log.warning("shutdown_publishes_cut", pending=len(self.publisher))
         await self.server.close_all(grace / 4)

@@ -119,6 +119,14 @@ class Breaker:
             return 1_000
         return max(100, int(self._open_time_left_s() * 1000))
 
+    def admits(self) -> int:
+        """How many calls may start now: unlimited (-1) when closed, 1 when a trial is due, 0 while open."""
+        if self.state is BreakerState.CLOSED:
+            return -1
+        if self._trial.locked() or (self.state is BreakerState.OPEN and self._open_time_left_s() > 0):
+            return 0
+        return 1
+
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self.state is BreakerState.CLOSED:
             return await self._guarded(fn)

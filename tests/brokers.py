@@ -23,8 +23,11 @@ START_TIMEOUT_S = 20.0
 class BrokerProcess:
     """``python -m broker serve`` on a free loopback port against ``redis_url``; env adds BROKER_* settings."""
 
-    def __init__(self, redis_url: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, redis_url: str, env: dict[str, str] | None = None, port: int | None = None, config: Path | None = None
+    ) -> None:
         self.redis_url = redis_url
+        self.config = config or ROOT / "config/broker.toml"
         self.port = port or free_port()
         self.extra_env = env or {}
         fd, name = tempfile.mkstemp(prefix="broker-", suffix=".log")
@@ -46,7 +49,7 @@ class BrokerProcess:
         env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker", "--config", str(ROOT / "config/broker.toml"), "serve",
+                [sys.executable, "-m", "broker", "--config", str(self.config), "serve",
                  "--port", str(self.port)],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
