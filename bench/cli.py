@@ -1,0 +1,495 @@
+"""``python -m bench``: start what the selected scenarios need, run them, print a table, optionally write JSON.
+
+Exit status: 0 every selected scenario ran and checked out (missed targets too, unless --check-targets);
+1 a scenario failed (error, missing/duplicated messages) or, with --check-targets, a target was missed;
+2 bad arguments or a process (redis-server, broker, relay) could not be started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import BenchError, SetupError
+from . import baselines as _baselines  # noqa: F401  (registers relay, relay-lat, nats)
+from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3)
+from .procs import (
+    DEFAULT_BROKER_CMD,
+    BrokerServer,
+    RedisServer,
+    RelayServer,
+    start_broker,
+    start_redis,
+    start_relay,
+)
+from .registry import (
+    RATIO_COLUMNS,
+    SCENARIOS,
+    TARGETS,
+    Context,
+    Need,
+    ScenarioResult,
+    Sizes,
+    Target,
+    combine,
+)
+
+DEFAULT_ORDER = ("relay", "nats", "s1", "s2", "s3")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Broker benchmarks (S1 throughput, S2 fan-out, S3 latency) with relay and NATS baselines.",
+        epilog="Scenarios: "
+        + "; ".join(f"{s.name}{'' if s.default else ' (opt-in)'}" for s in SCENARIOS.values())
+        + ". See bench/README.md.",
+    )
+    ap.add_argument(
+        "--scenario",
+        default="",
+        help=f"comma-separated scenario names (default: {','.join(DEFAULT_ORDER)}; 'all' = every registered one)",
+    )
+    ap.add_argument("--list", action="store_true", help="list the registered scenarios and exit")
+    ap.add_argument("--quick", action="store_true", help="smoke-run sizes (5,000 msgs, 1,000 fan-out, 2 s latency)")
+    ap.add_argument("--json", metavar="PATH", help="write every number (and each repeat's raw values) here")
+    ap.add_argument("--repeat", type=int, default=1, help="run the scenario list N times (interleaved); median")
+    ap.add_argument("--check-targets", action="store_true", help="exit 1 when a target from the issue is missed")
+    size = ap.add_argument_group("sizes (override the full/--quick defaults)")
+    size.add_argument("--messages", type=int, help="S1 / relay / NATS message count")
+    size.add_argument("--payload-bytes", type=int, help="payload JSON size in bytes (default 256)")
+    size.add_argument("--window", type=int, help="most unconfirmed publishes (default 1000)")
+    size.add_argument("--prefetch", type=int, help="consumer prefetch (default 500)")
+    size.add_argument("--ack-batch", type=int, help="most ack items per frame in S1/S2 (default 100)")
+    size.add_argument("--fanout-messages", type=int, help="S2 message count (default 5000)")
+    size.add_argument("--latency-seconds", type=float, help="S3 duration (default 10)")
+    size.add_argument("--latency-rate", type=int, help="S3 messages per second (default 1000)")
+    size.add_argument("--warmup", type=int, dest="warmup_messages", help="untimed warm-up messages per run")
+    size.add_argument("--run-timeout", type=float, dest="run_timeout_s", help="hard limit per timed run, s")
+    size.add_argument(
+        "--no-ack-confirm",
+        action="store_true",
+        help="send acks without a ref (end time = last ack sent, not last ack answered)",
+    )
+    proc = ap.add_argument_group("processes")
+    proc.add_argument(
+        "--broker-cmd",
+        default=DEFAULT_BROKER_CMD,
+        help="broker command line; {python} and {port} are substituted (default: %(default)s)",
+    )
+    proc.add_argument(
+        "--broker-log-level", default="warning", help="sets BROKER_LOG_LEVEL for the broker ('' leaves it alone)"
+    )
+    proc.add_argument(
+        "--broker-env",
+        metavar="NAME=VALUE",
+        type=_env_pair,
+        action="append",
+        default=[],
+        help="extra environment for the broker, e.g. BROKER_DELIVERY_CLAIM_BATCH=500 (repeatable)",
+    )
+    proc.add_argument("--startup-timeout", type=float, default=30.0, help="seconds to wait for /healthz")
+    proc.add_argument(
+        "--redis-fsync",
+        choices=("everysec", "always", "no"),
+        default="everysec",
+        help="appendfsync of the throwaway redis-server (AOF is always on, RDB off)",
+    )
+    proc.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with all process logs")
+    nats = ap.add_argument_group("NATS baseline")
+    nats.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    nats.add_argument("--nats-storage", choices=("file", "memory"), default="file")
+    nats.add_argument("--nats-consumer", choices=("push", "pull"), default="push")
+    return ap
+
+
+def select(spec: str) -> list[str]:
+    if not spec:
+        return [n for n in DEFAULT_ORDER if n in SCENARIOS] + [
+            n for n, s in SCENARIOS.items() if s.default and n not in DEFAULT_ORDER
+        ]
+    if spec.strip().lower() == "all":
+        return list(SCENARIOS)
+    names = [p.strip().lower() for p in spec.split(",") if p.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Resources:
+    args: argparse.Namespace
+    workdir: Path
+    redis: RedisServer | None = None
+    broker: BrokerServer | None = None
+    relay: RelayServer | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self, needs: set[Need]) -> None:
+        a = self.args
+        if "broker" in needs:
+            log(f"starting redis-server (AOF appendfsync={a.redis_fsync}, RDB off) ...")
+            self.redis = await start_redis(self.workdir, a.redis_fsync)
+            log(self.redis.description)
+            self.setup["redis"] = self.redis.description
+            log(f"starting broker: {a.broker_cmd} (BROKER_REDIS_URL={self.redis.url}) ...")
+            self.broker = await start_broker(
+                self.workdir,
+                self.redis.url,
+                cmd=a.broker_cmd,
+                log_level=a.broker_log_level,
+                timeout_s=a.startup_timeout,
+                env_extra=dict(a.broker_env),
+            )
+            log(f"broker up on {self.broker.ws_url} (pid {self.broker.proc.pid})")
+            self.setup["broker"] = {
+                "url": self.broker.ws_url,
+                "argv": self.broker.argv,
+                "log_level": a.broker_log_level,
+                "extra_env": dict(a.broker_env),
+            }
+        if "relay" in needs:
+            self.relay = await start_relay(self.workdir)
+            log(f"relay up on {self.relay.ws_url} (pid {self.relay.proc.pid})")
+            self.setup["relay"] = {"url": self.relay.ws_url, "argv": self.relay.proc.argv}
+        if "nats" in needs:
+            self.setup["nats"] = {"url": a.nats_url, "storage": a.nats_storage, "consumer": a.nats_consumer}
+
+    def check_alive(self, needs: tuple[Need, ...]) -> None:
+        for need, server in (("broker", self.broker), ("relay", self.relay)):
+            if need in needs and server is not None and not server.proc.running():
+                raise SetupError(server.proc.died_message())
+        if "broker" in needs and self.redis is not None and not self.redis.proc.running():
+            raise SetupError(self.redis.proc.died_message())
+
+    async def close(self) -> None:
+        for server in (self.broker, self.relay, self.redis):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.proc.stop()
+
+
+async def run_scenario(name: str, ctx: Context, res: Resources) -> ScenarioResult:
+    sc = SCENARIOS[name]
+    try:
+        res.check_alive(sc.needs)
+    except SetupError as e:
+        return ScenarioResult(name, status="error", note=str(e))
+    # Each timed run and each warm-up has its own deadline; this outer bound only catches a hang outside them.
+    hard = 2 * ctx.sizes.run_timeout_s + 4 * ctx.sizes.connect_timeout_s + 30
+    try:
+        async with asyncio.timeout(hard):
+            return await sc.fn(ctx)
+    except TimeoutError:
+        return ScenarioResult(name, status="error", note=f"hard timeout after {hard:g}s")
+    except BenchError as e:
+        died = res_died(res, sc.needs)
+        return ScenarioResult(name, status="error", note=f"{e}\n  and {died}" if died else str(e))
+    except Exception as e:
+        traceback.print_exc()
+        return ScenarioResult(name, status="error", note=f"unexpected {e!r}")
+
+
+def res_died(res: Resources, needs: tuple[Need, ...]) -> str:
+    try:
+        res.check_alive(needs)
+    except SetupError as e:
+        return str(e)
+    return ""
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+
+
+def fmt_value(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "-"
+    if unit == "ms":
+        return f"{value:,.3f}"
+    return f"{value:,.0f}"
+
+
+def ratio(results: dict[str, ScenarioResult], scenario: str, metric: str, against: str) -> float | None:
+    a, b = results.get(scenario), results.get(against)
+    if a is None or b is None or a.status in ("error", "skipped") or b.status in ("error", "skipped"):
+        return None
+    ma, mb = a.metric(metric), b.metric(metric)
+    if ma is None or mb is None or not mb.value or math.isnan(ma.value) or math.isnan(mb.value):
+        return None
+    return ma.value / mb.value
+
+
+def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
+    out = []
+    for t in TARGETS:
+        r = results.get(t.scenario)
+        if r is None:
+            continue
+        entry: dict[str, Any] = {"scenario": t.scenario, "metric": t.metric, "target": t.text}
+        if t.against is not None:
+            value = ratio(results, t.scenario, t.metric, t.against)
+            entry["against"] = t.against
+            entry["ratio"] = value
+            ok = None if value is None else value >= (t.min_ratio or 0)
+        else:
+            m = r.metric(t.metric) if r.status not in ("error", "skipped") else None
+            value = None if m is None or math.isnan(m.value) else m.value
+            entry["value"] = value
+            ok = None if value is None else value <= (t.max_value if t.max_value is not None else math.inf)
+        entry["met"] = ok
+        out.append(entry)
+    return out
+
+
+def _targets_for(scenario: str, metric: str) -> list[Target]:
+    return [t for t in TARGETS if t.scenario == scenario and t.metric == metric]
+
+
+def render_table(results: dict[str, ScenarioResult], evaluations: list[dict[str, Any]]) -> str:
+    head = ["scenario", "metric", "value", "unit"] + [c for c, _ in RATIO_COLUMNS] + ["target", "checks"]
+    rows: list[list[str]] = []
+    for name, r in results.items():
+        if not r.metrics:
+            rows.append([name, "-", "-", "-"] + ["" for _ in RATIO_COLUMNS] + ["", r.status.upper()])
+            continue
+        for m in r.metrics:
+            cells = [name, m.key, fmt_value(m.value, m.unit), m.unit]
+            targets = _targets_for(name, m.key)
+            for _, baseline in RATIO_COLUMNS:
+                shown = any(t.against == baseline for t in targets)
+                x = ratio(results, name, m.key, baseline) if shown else None
+                cells.append(f"{x:.2f}x" if x is not None else ("n/a" if shown else ""))
+            texts = []
+            for t in targets:
+                ev = next(e for e in evaluations if e["scenario"] == name and e["target"] == t.text)
+                verdict = {True: "ok", False: "MISSED", None: "n/a"}[ev["met"]]
+                texts.append(f"{t.text} {verdict}")
+            cells.append("; ".join(texts))
+            cells.append(r.status.upper())
+            rows.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    right = {2, 4, 5}
+    lines = []
+    for i, row in enumerate([head, *rows]):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+    with contextlib.suppress(OSError):
+        info["loadavg"] = list(os.getloadavg())
+    for dist in ("websockets", "orjson", "nats-py", "redis"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[dist] = importlib.metadata.version(dist)
+    return info
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+
+async def amain(args: argparse.Namespace, names: list[str]) -> int:
+    needs: set[Need] = {n for name in names for n in SCENARIOS[name].needs}
+    base = Sizes.quick() if args.quick else Sizes()
+    sizes = base.with_overrides(
+        messages=args.messages,
+        payload_bytes=args.payload_bytes,
+        window=args.window,
+        prefetch=args.prefetch,
+        ack_batch=args.ack_batch,
+        fanout_messages=args.fanout_messages,
+        latency_seconds=args.latency_seconds,
+        latency_rate=args.latency_rate,
+        warmup_messages=args.warmup_messages,
+        run_timeout_s=args.run_timeout_s,
+        confirm_acks=False if args.no_ack_confirm else None,
+    )
+    bad = [
+        f"{k} must be positive"
+        for k in ("messages", "window", "prefetch", "ack_batch", "fanout_messages", "latency_rate", "payload_bytes")
+        if getattr(sizes, k) <= 0
+    ]
+    if sizes.payload_bytes < 48:
+        bad.append("payload_bytes must be >= 48 (room for the sequence number and the timestamp)")
+    if bad or args.repeat < 1:
+        print(f"python -m bench: {'; '.join(bad) or '--repeat must be >= 1'}", file=sys.stderr)
+        return 2
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    res = Resources(args, workdir)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    meta = {
+        "started_at": started,
+        "command": ["python", "-m", "bench", *sys.argv[1:]],
+        "quick": args.quick,
+        "repeat": args.repeat,
+        **machine_info(),
+    }
+    log(f"scenarios: {', '.join(names)}; {'quick' if args.quick else 'full'} sizes; logs in {workdir}")
+    runs: dict[str, list[ScenarioResult]] = {n: [] for n in names}
+    keep = args.keep_logs
+    try:
+        try:
+            await res.start(needs)
+        except SetupError as e:
+            keep = True
+            print(f"\npython -m bench: setup failed: {e}", file=sys.stderr)
+            if "broker" in needs:
+                print(
+                    "  (the broker scenarios need `python -m broker serve --port P` to start and answer GET /healthz"
+                    " with 200; the baselines alone run with --scenario relay,nats)",
+                    file=sys.stderr,
+                )
+            print(f"  logs kept in {workdir}", file=sys.stderr)
+            return 2
+        ctx = Context(
+            sizes=sizes,
+            broker_url=res.broker.ws_url if res.broker else "",
+            relay_url=res.relay.ws_url if res.relay else "",
+            nats_url=args.nats_url,
+            nats_storage=args.nats_storage,
+            nats_consumer=args.nats_consumer,
+            log=log,
+        )
+        for rep in range(args.repeat):
+            for name in names:
+                suffix = f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+                log(f"{name}: {SCENARIOS[name].title}{suffix}")
+                t = time.perf_counter()
+                r = await run_scenario(name, ctx, res)
+                runs[name].append(r)
+                summary = ", ".join(f"{m.key}={fmt_value(m.value, m.unit)} {m.unit}" for m in r.metrics)
+                log(f"{name}: {r.status} in {time.perf_counter() - t:.1f}s {summary} {r.note}".rstrip())
+    finally:
+        await res.close()
+        meta["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        with contextlib.suppress(OSError):
+            meta["loadavg_end"] = list(os.getloadavg())
+
+    results = {n: combine(rs) for n, rs in runs.items() if rs}
+    evaluations = evaluate(results)
+
+    print()
+    print("setup:")
+    for key in ("redis", "broker", "relay", "nats"):
+        if key in res.setup:
+            value = res.setup[key]
+            print(f"  {key}: {value if isinstance(value, str) else orjson.dumps(value).decode()}")
+    repeat_note = f", median of {args.repeat} runs" if args.repeat > 1 else ""
+    print(f"  sizes: {'quick' if args.quick else 'full'}{repeat_note}: {sizes}")
+    print()
+    print(render_table(results, evaluations))
+    notes = [(n, r) for n, r in results.items() if r.note or r.problems]
+    if notes:
+        print()
+        for n, r in notes:
+            if r.note:
+                print(f"{n}: {r.status}: {r.note}")
+            for p in r.problems[:10]:
+                print(f"{n}: problem: {p}")
+
+    if args.json:
+        doc = {
+            "meta": meta,
+            "setup": res.setup,
+            "sizes": asdict(sizes),
+            "scenarios": {n: asdict(r) for n, r in results.items()},
+            "targets": evaluations,
+        }
+        data = orjson.dumps(json_safe(doc), option=orjson.OPT_INDENT_2)
+        await asyncio.to_thread(_write, Path(args.json), data)
+        log(f"wrote {args.json}")
+
+    failed = [n for n, r in results.items() if r.status in ("error", "fail")]
+    missed = [e for e in evaluations if e["met"] is False]
+    if failed:
+        keep = True
+    if keep:
+        log(f"process logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if failed:
+        return 1
+    if args.check_targets and missed:
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.list:
+        for s in SCENARIOS.values():
+            needs = ",".join(s.needs) or "-"
+            print(f"{s.name:10} needs {needs:7} {'' if s.default else '(opt-in) '}{s.title}")
+        return 0
+    try:
+        names = select(args.scenario)
+    except ValueError as e:
+        print(f"python -m bench: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(amain(args, names))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("python -m bench: interrupted; child processes stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,179 @@
+"""The scenario registry and the types every scenario shares.
+
+A scenario is an ``async def fn(ctx: Context) -> ScenarioResult`` registered under a name with ``@scenario``.
+``SCENARIOS`` maps name -> ``Scenario`` (the function plus what it needs); the runner in ``bench.cli`` starts only
+the processes the selected scenarios need (``needs``), runs them in order and prints one table. Adding S4 or S5 is
+one decorated function in ``bench/scenarios.py``; a ratio or a pass/fail line is one ``Target`` in ``TARGETS``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Need = Literal["broker", "relay", "nats"]
+Status = Literal["ok", "fail", "error", "skipped"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every knob a scenario reads. ``Sizes()`` is the full run from the issue; ``Sizes.quick()`` is a smoke run."""
+
+    messages: int = 50_000  # S1, relay and NATS baselines
+    payload_bytes: int = 256  # size of the payload's JSON text
+    window: int = 1_000  # most unconfirmed publishes in flight
+    prefetch: int = 500
+    ack_batch: int = 100  # most items in one batched ack frame
+    ack_interval_s: float = 0.005  # a partial ack batch is flushed after at most this long
+    confirm_acks: bool = True  # acks carry a ref; "done" means the broker answered the last one
+    fanout_messages: int = 5_000  # S2
+    fanout_groups: int = 8
+    latency_rate: int = 1_000  # S3, messages per second
+    latency_seconds: float = 10.0
+    warmup_messages: int = 1_000  # untimed run through the same path before each timed one (0: none)
+    settle_s: float = 0.3  # after the timed part: keep listening this long to catch late duplicates
+    run_timeout_s: float = 180.0  # hard limit for one timed run of one scenario
+    stall_timeout_s: float = 15.0  # no publish confirmation for this long with a full window: abort
+    connect_timeout_s: float = 10.0
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            messages=5_000,
+            fanout_messages=1_000,
+            latency_seconds=2.0,
+            warmup_messages=200,
+            settle_s=0.1,
+            run_timeout_s=60.0,
+        )
+
+    def with_overrides(self, **values: Any) -> Sizes:
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+@dataclass
+class Metric:
+    key: str  # e.g. "throughput", "p99"
+    value: float
+    unit: str  # e.g. "msg/s", "ms"
+    higher_is_better: bool = True
+    samples: list[float] = field(default_factory=list)  # one per repeat when --repeat > 1
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    status: Status = "ok"
+    metrics: list[Metric] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else worth keeping in the JSON
+    problems: list[str] = field(default_factory=list)  # correctness problems (missing, duplicated, errors)
+    note: str = ""  # skipped/error reason
+
+    def metric(self, key: str) -> Metric | None:
+        return next((m for m in self.metrics if m.key == key), None)
+
+    def add(self, key: str, value: float, unit: str, *, higher_is_better: bool = True) -> None:
+        self.metrics.append(Metric(key, value, unit, higher_is_better))
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        if self.status == "ok":
+            self.status = "fail"
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    broker_url: str = ""  # ws://127.0.0.1:P (set when a selected scenario needs the broker)
+    relay_url: str = ""  # ws://127.0.0.1:P
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_storage: str = "file"
+    nats_consumer: str = "push"
+    log: Callable[[str], None] = print
+
+
+ScenarioFn = Callable[[Context], Awaitable[ScenarioResult]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    fn: ScenarioFn
+    needs: tuple[Need, ...]
+    title: str  # one line for --list and the README
+    default: bool = True  # part of a run without --scenario
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(
+    name: str, *, needs: Sequence[Need] = (), title: str, default: bool = True
+) -> Callable[[ScenarioFn], ScenarioFn]:
+    def register(fn: ScenarioFn) -> ScenarioFn:
+        if name in SCENARIOS:
+            raise ValueError(f"scenario {name!r} registered twice")
+        SCENARIOS[name] = Scenario(name, fn, tuple(needs), title, default)
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue. ``against`` is another scenario (a ratio target) or ``None`` (an absolute bound)."""
+
+    scenario: str
+    metric: str
+    against: str | None = None
+    min_ratio: float | None = None
+    max_value: float | None = None
+
+    @property
+    def text(self) -> str:
+        if self.against is not None:
+            return f">= {self.min_ratio:g}x {self.against}"
+        return f"<= {self.max_value:g}"
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("s1", "throughput", against="relay", min_ratio=0.5),
+    Target("s1", "throughput", against="nats", min_ratio=1.5),
+    Target("s3", "p99", max_value=2.0),
+)
+
+#: Ratio columns of the table: (column title, baseline scenario, metric compared).
+RATIO_COLUMNS: tuple[tuple[str, str], ...] = (("vs relay", "relay"), ("vs NATS", "nats"))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values (q in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def combine(runs: Sequence[ScenarioResult]) -> ScenarioResult:
+    """Fold repeated runs of one scenario: each metric becomes the median of its runs (all runs kept in samples)."""
+    if len(runs) == 1:
+        only = runs[0]
+        for m in only.metrics:
+            m.samples = [m.value]
+        return only
+    first = runs[0]
+    out = ScenarioResult(first.name)
+    worst = {"ok": 0, "skipped": 1, "fail": 2, "error": 3}
+    out.status = max((r.status for r in runs), key=lambda s: worst[s])
+    out.note = "; ".join(dict.fromkeys(r.note for r in runs if r.note))
+    for r in runs:
+        out.problems.extend(r.problems)
+    for m in first.metrics:
+        values = [x.value for r in runs if (x := r.metric(m.key)) is not None and not math.isnan(x.value)]
+        value = statistics.median(values) if values else math.nan
+        out.metrics.append(Metric(m.key, value, m.unit, m.higher_is_better, values))
+    out.extra = {"runs": [r.extra for r in runs]}
+    return out

@@ -1,0 +1,242 @@
+"""Broker scenarios S1-S3. Each is registered in ``bench.registry.SCENARIOS``; add S4, S5... the same way.
+
+Every timed run uses fresh connections and a fresh topic (``bench.<scenario>.<random>``), is bounded in message
+count and in time (``Sizes.run_timeout_s``; a full publish window without a confirmation for
+``Sizes.stall_timeout_s`` aborts), and is preceded by an untimed warm-up run of ``Sizes.warmup_messages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+from . import BenchError
+from .registry import Context, ScenarioResult, percentile, scenario
+from .wsclient import Abort, AckingConsumer, BrokerConn, WindowedPublisher, before, perf, wait_for_event
+
+
+def new_topic(tag: str) -> str:
+    return f"bench.{tag}.{uuid.uuid4().hex[:10]}"
+
+
+def add_latency(res: ScenarioResult, latencies_s: Sequence[float], prefix: str = "") -> None:
+    """p50 / p99 / max in milliseconds as metrics (lower is better)."""
+    xs = sorted(latencies_s)
+    for key, value in (("p50", percentile(xs, 50)), ("p99", percentile(xs, 99)), ("max", xs[-1] if xs else 0.0)):
+        res.add(f"{prefix}{key}", value * 1000, "ms", higher_is_better=False)
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
+    xs = sorted(latencies_s)
+    if not xs:
+        return {}
+    return {
+        "count": len(xs),
+        "p50_ms": percentile(xs, 50) * 1000,
+        "p90_ms": percentile(xs, 90) * 1000,
+        "p99_ms": percentile(xs, 99) * 1000,
+        "p999_ms": percentile(xs, 99.9) * 1000,
+        "max_ms": xs[-1] * 1000,
+    }
+
+
+class BrokerRun:
+    """One timed run: N consumers (one connection each, one group each) and one publisher on one topic."""
+
+    def __init__(self, ctx: Context, tag: str, messages: int, groups: Sequence[str], *, ack_batch: int) -> None:
+        self.ctx = ctx
+        self.sizes = ctx.sizes
+        self.topic = new_topic(tag)
+        self.messages = messages
+        self.groups = list(groups)
+        self.ack_batch = ack_batch
+        self.abort = Abort()
+        self.deadline = perf() + self.sizes.run_timeout_s
+        self.conns: list[BrokerConn] = []
+        self.consumers: list[AckingConsumer] = []
+        self.publisher: WindowedPublisher | None = None
+
+    async def __aenter__(self) -> BrokerRun:
+        try:
+            await self._open()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _open(self) -> None:
+        s = self.sizes
+        for g in self.groups:
+            conn = await BrokerConn.open(self.ctx.broker_url, f"consumer-{g}", self.abort, s.connect_timeout_s)
+            self.conns.append(conn)
+            consumer = AckingConsumer(
+                conn,
+                self.messages,
+                ack_batch=self.ack_batch,
+                ack_interval=s.ack_interval_s,
+                confirm_acks=s.confirm_acks,
+            )
+            self.consumers.append(consumer)
+            await conn.subscribe(self.topic, g, s.prefetch, s.connect_timeout_s)
+            consumer.start()
+        pub = await BrokerConn.open(self.ctx.broker_url, "publisher", self.abort, s.connect_timeout_s)
+        self.conns.append(pub)
+        self.publisher = WindowedPublisher(pub, self.topic, s.window, s.payload_bytes, s.stall_timeout_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for c in self.consumers:
+            await c.stop()
+        for conn in self.conns:
+            await conn.close()
+
+    async def finish(self) -> float:
+        """Wait until every publish is confirmed and every consumer has acked everything; return the last t_done."""
+        assert self.publisher is not None
+        try:
+            await self.publisher.wait_confirmed(self.deadline)
+            for c in self.consumers:
+                await wait_for_event(c.done, self.abort, self.deadline, f"all deliveries acked on {c.conn.name}")
+        except BenchError as e:
+            p = self.publisher
+            state = [f"publisher: {p.confirmed:,}/{p.sent:,} confirmed"] + [c.progress() for c in self.consumers]
+            raise BenchError(f"{e} ({'; '.join(state)})") from None
+        return max(c.t_done or perf() for c in self.consumers)
+
+    async def settle(self) -> None:
+        """Untimed: listen a little longer so late duplicates are counted."""
+        await asyncio.sleep(self.sizes.settle_s)
+
+    def check(self, res: ScenarioResult) -> None:
+        assert self.publisher is not None
+        for err in self.publisher.errors[:5]:
+            res.problem(err)
+        for p in self.publisher.conn.unexpected_problems():
+            res.problem(p)
+        for c in self.consumers:
+            for p in c.problems(c.conn.name):
+                res.problem(p)
+        res.extra["topic"] = self.topic
+        res.extra["publisher"] = self.publisher.summary()
+        res.extra["consumers"] = {c.conn.name: c.summary() for c in self.consumers}
+        res.extra["publish_confirm_latency"] = latency_summary(self.publisher.confirm_latencies)
+
+
+async def _publish_all(run: BrokerRun) -> float:
+    """Publish ``run.messages`` windowed; return the stamp of the first send."""
+    assert run.publisher is not None
+    t0 = perf()
+    async with before(run.deadline, f"publishing {run.messages} messages"):
+        for seq in range(run.messages):
+            if seq % 1_000 == 0:
+                run.abort.check()
+            stamp = await run.publisher.publish(seq)
+            if seq == 0:
+                t0 = stamp
+    return t0
+
+
+async def _warmup(ctx: Context, tag: str, groups: Sequence[str]) -> None:
+    n = ctx.sizes.warmup_messages
+    if n <= 0:
+        return
+    async with BrokerRun(ctx, f"{tag}-warmup", n, groups, ack_batch=ctx.sizes.ack_batch) as run:
+        await _publish_all(run)
+        await run.finish()
+
+
+@scenario(
+    "s1",
+    needs=("broker",),
+    title="S1 throughput: 1 publisher (<=1,000 unconfirmed) -> 1 consumer (group default, prefetch 500, batched acks)",
+)
+async def s1_throughput(ctx: Context) -> ScenarioResult:
+    s = ctx.sizes
+    res = ScenarioResult("s1")
+    await _warmup(ctx, "s1", ["default"])
+    async with BrokerRun(ctx, "s1", s.messages, ["default"], ack_batch=s.ack_batch) as run:
+        t0 = await _publish_all(run)
+        t_end = await run.finish()
+        await run.settle()
+        run.check(res)
+    elapsed = t_end - t0
+    res.add("throughput", s.messages / elapsed, "msg/s")
+    res.extra.update(messages=s.messages, payload_bytes=s.payload_bytes, elapsed_s=elapsed)
+    res.extra["delivery_latency"] = latency_summary(run.consumers[0].tracker.latencies)
+    return res
+
+
+@scenario(
+    "s2",
+    needs=("broker",),
+    title="S2 fan-out: 1 publisher -> 8 groups x 1 consumer each; deliveries/s over all groups",
+)
+async def s2_fanout(ctx: Context) -> ScenarioResult:
+    s = ctx.sizes
+    res = ScenarioResult("s2")
+    groups = [f"g{i}" for i in range(s.fanout_groups)]
+    await _warmup(ctx, "s2", groups)
+    async with BrokerRun(ctx, "s2", s.fanout_messages, groups, ack_batch=s.ack_batch) as run:
+        t0 = await _publish_all(run)
+        t_end = await run.finish()
+        await run.settle()
+        run.check(res)
+    elapsed = t_end - t0
+    deliveries = s.fanout_messages * len(groups)
+    res.add("deliveries", deliveries / elapsed, "deliveries/s")
+    res.extra.update(messages=s.fanout_messages, groups=len(groups), deliveries=deliveries, elapsed_s=elapsed)
+    res.extra["delivery_latency"] = latency_summary([x for c in run.consumers for x in c.tracker.latencies])
+    return res
+
+
+@scenario(
+    "s3",
+    needs=("broker",),
+    title="S3 latency: paced 1,000 msg/s for 10 s, consumer acks each; publish->delivery p50/p99/max",
+)
+async def s3_latency(ctx: Context) -> ScenarioResult:
+    s = ctx.sizes
+    res = ScenarioResult("s3")
+    n = int(s.latency_rate * s.latency_seconds)
+    await _warmup(ctx, "s3", ["default"])
+    async with BrokerRun(ctx, "s3", n, ["default"], ack_batch=1) as run:
+        sent_at, max_lag = await paced_publish(run.abort, run.publisher, n, s.latency_rate, run.deadline)
+        await run.finish()
+        await run.settle()
+        run.check(res)
+    latencies = run.consumers[0].tracker.latencies
+    add_latency(res, latencies)
+    res.extra.update(
+        messages=n,
+        target_rate=s.latency_rate,
+        achieved_rate=n / sent_at if sent_at > 0 else 0.0,
+        max_send_lag_ms=max_lag * 1000,
+        delivery_latency=latency_summary(latencies),
+    )
+    return res
+
+
+async def paced_publish(
+    abort: Abort, publisher: WindowedPublisher | None, n: int, rate: float, deadline: float
+) -> tuple[float, float]:
+    """Send ``n`` messages at ``rate``/s on a fixed schedule (no catch-up bursts beyond what is due).
+
+    Returns (seconds from first to last send, worst lateness against the schedule). The latency itself is stamped
+    per message at the actual send, so generator lag does not inflate it; it is reported so it can be judged."""
+    assert publisher is not None
+    interval = 1.0 / rate
+    t0 = perf()
+    max_lag = 0.0
+    last = t0
+    async with before(deadline, f"publishing {n} paced messages"):
+        for seq in range(n):
+            due = t0 + seq * interval
+            now = perf()
+            if due > now:
+                await asyncio.sleep(due - now)
+            else:
+                max_lag = max(max_lag, now - due)
+            if seq % 100 == 0:
+                abort.check()
+            last = await publisher.publish(seq)
+    return last - t0, max_lag
