@@ -14,8 +14,8 @@ from .batching import Coalescer
 from .config import Settings
 from .dispatch import Dispatch
 from .embedded import EmbeddedRedis
-from .errors import ConfigError
-from .handlers import HandlerRunner, start_handlers
+from .errors import BrokerError, ConfigError
+from .handlers import HandlerRunner, load_target, start_handlers
 from .model import PublishRequest, PublishResult
 from .protocol import Limits
 from .recovery import Recovery
@@ -52,6 +52,8 @@ class Broker:
             on_change=self._breaker_changed,
         )
         metrics.breaker_state.labels("redis").set(0)
+        for h in settings.handlers:  # a bad target is a startup error, before anything runs
+            load_target(h.target)
         self.embedded: EmbeddedRedis | None = None
         self.handlers: list[HandlerRunner] = []
         self.durable = True
@@ -114,7 +116,7 @@ class Broker:
             await asyncio.sleep(60)
             log.critical("redis_nondurable_fallback", message="still running on fakeredis: NOTHING IS DURABLE")
 
-    async def _publish_flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult]:
+    async def _publish_flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
         res = await self.store.publish_many(reqs)
         for topic in {r.topic for r in reqs}:
             self.dispatch.wake(topic)
@@ -133,36 +135,71 @@ class Broker:
         return (not reasons, reasons)
 
     async def stop(self) -> None:
-        """Graceful, in phases with deadlines: stop accepting -> stop claiming -> give back unsent deliveries and
-        wait for in-flight acks -> close connections -> stop loops -> close Redis last."""
+        """Graceful, in phases with deadlines (safe after a partial start):
+        stop accepting -> stop claiming -> wait for in-flight acks -> close connections (unsent deliveries go back
+        as they were, unacked ones are requeued) -> settle -> stop loops -> close Redis last."""
         if self.stopping:
             return
         self.stopping = True
         grace = self.settings.server.shutdown_grace_ms / 1000
         log.info("shutdown_started", grace_s=grace)
-        self.server.stop_accepting()
-        await self.dispatch.stop(grace / 2)
-        for h in self.handlers:
-            await h.stop(grace / 4)
-        if not await self.publisher.drain(grace / 4):
-            log.warning("shutdown_publishes_cut", pending=len(self.publisher))
-        await self.server.close_all(grace / 4)
-        await self.dispatch.stop(grace / 4)  # settle what the closed sessions handed back
-        await self.recovery.stop(2.0)
+        server: WsServer | None = getattr(self, "server", None)
+        dispatch: Dispatch | None = getattr(self, "dispatch", None)
+        if server is not None:
+            server.stop_accepting()
+        if dispatch is not None:
+            await dispatch.stop(grace / 4)  # no new claims from here on
+            for h in self.handlers:
+                await h.stop(grace / 4)
+            cut = await self._wait_inflight(grace / 2)
+            if cut:
+                log.warning("shutdown_inflight_cut", deliveries=cut, note="requeued; they will be delivered again")
+        publisher: Coalescer[PublishRequest, PublishResult] | None = getattr(self, "publisher", None)
+        if publisher is not None and not await publisher.drain(grace / 4):
+            log.warning("shutdown_publishes_cut", pending=len(publisher))
+        if server is not None:
+            await server.close_all(grace / 4)
+        if dispatch is not None:
+            await dispatch.stop(grace / 4)  # settle what the closed sessions handed back
+        recovery: Recovery | None = getattr(self, "recovery", None)
+        if recovery is not None:
+            await recovery.stop(2.0)
         if self._nondurable_nag:
             self._nondurable_nag.cancel()
-        await self.store.close()
+        store: RedisStore | None = getattr(self, "store", None)
+        if store is not None:
+            await store.close()
         if self.embedded:
             self.embedded.stop()
         log.info("shutdown_complete")
         self._stopped.set()
+
+    async def _wait_inflight(self, timeout_s: float) -> int:
+        """Let consumers ack what they hold (up to the deadline). Returns how many deliveries were still held."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def held() -> int:
+            server: WsServer | None = getattr(self, "server", None)
+            if server is None:
+                return 0
+            return sum(len(c.inflight) for s in server.sessions for c in s.consumers)
+
+        while held() and loop.time() < deadline:  # noqa: ASYNC110 (polling a count, bounded)
+            await asyncio.sleep(0.02)
+        return held()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            log.exception("startup_failed")
+            await self.stop()
+            raise
         await stop.wait()
         await self.stop()
 

@@ -1,7 +1,8 @@
 """Coalesce concurrent requests into one Redis round trip, without adding latency when idle.
 
 Requests submitted while a flush is in flight form the next batch; one flush runs at a time per coalescer, so the
-order of submission is the order in Redis (first delivery order = publish order).
+order of submission is the order in Redis (first delivery order = publish order). A flush may answer an exception
+in place of one item's result: only that item's waiter gets it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ Res = TypeVar("Res")
 
 
 class Coalescer(Generic[Req, Res]):
-    def __init__(self, flush: Callable[[Sequence[Req]], Awaitable[Sequence[Res]]], max_batch: int) -> None:
+    def __init__(
+        self, flush: Callable[[Sequence[Req]], Awaitable[Sequence[Res | BaseException]]], max_batch: int
+    ) -> None:
         self._flush = flush
         self._max = max_batch
         self._pending: deque[tuple[Req, asyncio.Future[Res]]] = deque()
@@ -47,7 +50,11 @@ class Coalescer(Generic[Req, Res]):
                         raise
                     continue
                 for (_, fut), res in zip(batch, results, strict=True):
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
                         fut.set_result(res)
         finally:
             self._task = None

@@ -18,7 +18,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import ERROR_CODES, BrokerError, UnavailableError
+from .errors import ERROR_CODES, BrokerError, StaleReceiptError, UnavailableError
 from .resilience import transient_retry
 
 log = structlog.get_logger("broker.client")
@@ -61,9 +61,10 @@ class Message:
     lease_expires_at: int
     key: str | None
     _client: BrokerClient = field(repr=False)
+    _ws: ClientConnection | None = field(default=None, repr=False)  # the connection that delivered it
 
     async def ack(self, *, wait: bool = False) -> None:
-        await self._client._settle({"op": "ack", "id": self.id, "receipt": self.receipt}, wait)
+        await self._client._settle({"op": "ack", "id": self.id, "receipt": self.receipt}, wait, self._ws)
 
     async def nack(
         self, error: str = "", *, delay_ms: int | None = None, dead: bool = False, wait: bool = False
@@ -71,7 +72,7 @@ class Message:
         frame: dict[str, Any] = {"op": "nack", "id": self.id, "receipt": self.receipt, "error": error, "dead": dead}
         if delay_ms is not None:
             frame["delay_ms"] = delay_ms
-        await self._client._settle(frame, wait)
+        await self._client._settle(frame, wait, self._ws)
 
     async def extend(self, lease_ms: int) -> int:
         reply = await self._client.request(
@@ -134,10 +135,16 @@ class BrokerClient:
         await self.close()
 
     async def connect(self) -> None:
+        """(Re)connect and restore subscriptions. One live connection at a time: the previous one is closed and
+        its reader ignored, so a delivery can only be settled on the connection that carried it."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None)
+        old = self._ws
+        ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None)
+        self._ws = ws
+        if old is not None:
+            await old.close()
         self._connected.set()
-        self._reader = asyncio.create_task(self._read(self._ws))
+        self._reader = asyncio.create_task(self._read(ws))
         for frame in self._sub_frames:
             await self.request(frame)
 
@@ -154,17 +161,20 @@ class BrokerClient:
     async def _read(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
-                self._dispatch(orjson.loads(raw))
+                if ws is not self._ws:
+                    break  # superseded by a newer connection
+                self._dispatch(orjson.loads(raw), ws)
         except ConnectionClosed:
             pass
         finally:
-            self._connected.clear()
-            for fut in self._waiting.values():
-                if not fut.done():
-                    fut.set_exception(UnavailableError("connection lost", retry_after_ms=100))
-            self._waiting.clear()
-            if self.reconnect and not self._closing:
-                self._reconnecting = asyncio.create_task(self._reconnect())
+            if ws is self._ws:
+                self._connected.clear()
+                for fut in self._waiting.values():
+                    if not fut.done():
+                        fut.set_exception(UnavailableError("connection lost", retry_after_ms=100))
+                self._waiting.clear()
+                if self.reconnect and not self._closing and (self._reconnecting is None or self._reconnecting.done()):
+                    self._reconnecting = asyncio.create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
         retry_on = (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, UnavailableError, TimeoutError)
@@ -180,7 +190,7 @@ class BrokerClient:
         except Exception as e:
             log.error("client_reconnect_gave_up", url=self.url, error=repr(e))
 
-    def _dispatch(self, f: dict[str, Any]) -> None:
+    def _dispatch(self, f: dict[str, Any], ws: ClientConnection | None = None) -> None:
         op = f.get("op")
         if op == "message":
             sub = self._subs.get((f["topic"], f["group"]))
@@ -190,7 +200,7 @@ class BrokerClient:
             sub.queue.put_nowait(
                 Message(
                     f["id"], f["topic"], f["group"], f["payload"], f.get("headers", {}), f["attempt"], f["receipt"],
-                    f["published_at"], f["lease_expires_at"], f.get("key"), self,
+                    f["published_at"], f["lease_expires_at"], f.get("key"), self, ws,
                 )
             )  # fmt: skip
             return
@@ -226,11 +236,24 @@ class BrokerClient:
         finally:
             self._waiting.pop(ref, None)
 
-    async def _settle(self, frame: dict[str, Any], wait: bool) -> None:
-        if wait:
-            await self.request(frame)
-        else:
-            await self._send(frame)
+    async def _settle(self, frame: dict[str, Any], wait: bool, via: ClientConnection | None) -> None:
+        gone = StaleReceiptError(
+            f"{frame['op']} of {frame['id']} not possible: the connection that delivered it is closed; "
+            "the broker puts it back for redelivery"
+        )
+        if via is not None and via is not self._ws:
+            raise gone
+        try:
+            if wait:
+                await self.request(frame)
+            else:
+                await self._send(frame)
+        except ConnectionClosed:
+            raise gone from None
+        except UnavailableError:
+            if via is not None and (via is not self._ws or not self._connected.is_set()):
+                raise gone from None
+            raise
 
     async def publish(
         self,

@@ -138,7 +138,7 @@ class GroupDispatcher:
         for dv in deliveries:
             c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at)
             c.outlet.send_delivery(c, dv)
-        metrics.delivered.labels(self.topic, self.group).inc(len(deliveries))
+        metrics.child(metrics.delivered, self.topic, self.group).inc(len(deliveries))
 
 
 class Dispatch:
@@ -210,7 +210,7 @@ class Dispatch:
 
     async def _ack_flush(self, key: tuple[str, str], items: Sequence[AckItem]) -> list[bool]:
         res = await self.store.ack_many(key[0], key[1], items)
-        metrics.acked.labels(*key).inc(sum(res))
+        metrics.child(metrics.acked, *key).inc(sum(res))
         return res
 
     def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:
@@ -265,7 +265,11 @@ class Dispatch:
         consumer.inflight.clear()
 
     def release_later(self, topic: str, group: str, deliveries: Sequence[Delivery]) -> None:
-        self._spawn(self._release(topic, group, [AckItem(d.id, d.receipt) for d in deliveries]))
+        self.release_items(topic, group, [AckItem(d.id, d.receipt) for d in deliveries])
+
+    def release_items(self, topic: str, group: str, items: list[AckItem]) -> None:
+        if items:
+            self._spawn(self._release(topic, group, items))
 
     async def _release(self, topic: str, group: str, items: list[AckItem]) -> None:
         try:

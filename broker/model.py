@@ -26,21 +26,23 @@ class State(StrEnum):
     EXPIRED = "expired"  # dead letter whose TTL ran out
 
 
-#: (from, to) -> the script that performs it.
-TRANSITIONS: dict[tuple[State | None, State], str] = {
-    (None, State.READY): "publish",
-    (None, State.RETRY_WAIT): "publish",  # delay_ms > 0
-    (State.READY, State.LEASED): "claim",
-    (State.LEASED, State.ACKED): "ack",
-    (
-        State.LEASED,
-        State.RETRY_WAIT,
-    ): "nack",  # also lease expiry and consumer disconnect (script expire/requeue)
-    (State.LEASED, State.DEAD): "nack",  # attempts exhausted or dead=true
-    (State.LEASED, State.READY): "release",  # handed back unsent: attempt not counted
-    (State.RETRY_WAIT, State.READY): "promote",
-    (State.DEAD, State.READY): "reprocess",
-    (State.DEAD, State.EXPIRED): "prune_dead",
+#: (from, to) -> the scripts that perform it. Strict-order groups park a retry at the head of the ready list with a
+#: ``not_before`` time instead of in the delayed set: still RETRY_WAIT, only its place differs (see docs/design.md).
+TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
+    (None, State.READY): ("publish",),
+    (None, State.RETRY_WAIT): ("publish",),  # delay_ms > 0
+    (State.READY, State.LEASED): ("claim",),
+    (State.LEASED, State.LEASED): ("extend",),  # a later deadline
+    (State.LEASED, State.ACKED): ("ack",),
+    (State.LEASED, State.RETRY_WAIT): ("nack", "expire"),  # nack with a delay; lease expiry; dead node's leases
+    (State.LEASED, State.DEAD): ("nack", "expire"),  # dead=true, or attempts exhausted
+    # release: claimed but unsent; unclaim: a claim whose reply was lost; both without counting the attempt.
+    # nack with delay 0 (and a consumer that disconnects): back at once, attempt counted.
+    (State.LEASED, State.READY): ("release", "unclaim", "nack"),
+    (State.RETRY_WAIT, State.READY): ("promote",),
+    (State.DEAD, State.READY): ("reprocess",),
+    (State.DEAD, State.EXPIRED): ("prune_dead",),  # Redis expires the hash (TTL); the script drops the index entry
+    (State.DEAD, None): ("purge_dead",),  # deleted by an operator
 }
 
 DEFAULT_GROUP = "default"

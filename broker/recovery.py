@@ -68,6 +68,8 @@ class Recovery:
                 await asyncio.wait_for(self._stop.wait(), every_s)
 
     async def sweep_once(self) -> None:
+        if await self.store.reconcile_claims():
+            self.dispatch.wake_all()
         now = time.monotonic()
         if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
             self._pairs = await self.store.all_pairs()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http
 from typing import TYPE_CHECKING
 
@@ -89,18 +91,22 @@ class WsServer:
             metrics.connections.dec()
 
     def stop_accepting(self) -> None:
+        """Close the listening socket only; open connections carry on (they are closed by ``close_all``)."""
         if self.server is not None:
-            self.server.close(close_connections=False)
+            self.server.server.close()
 
     async def close_all(self, timeout_s: float) -> None:
+        """Close every connection with 1001 (going away), bounded; then the server itself."""
+        sessions = list(self.sessions)
+        if sessions:
+            closing = [asyncio.create_task(s.ws.close(1001, "broker shutting down")) for s in sessions]
+            _, pending = await asyncio.wait(closing, timeout=timeout_s)
+            if pending:
+                log.warning("connections_cut", remaining=len(pending))
         if self.server is not None:
             self.server.close(close_connections=True)
-            try:
-                import asyncio
-
-                await asyncio.wait_for(self.server.wait_closed(), timeout_s)
-            except TimeoutError:
-                log.warning("connections_cut", remaining=len(self.sessions))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
 
 
 def _peer(conn: ServerConnection) -> str:

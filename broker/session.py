@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from . import metrics, protocol
 from .dispatch import Consumer
-from .errors import BrokerError, ProtocolError
+from .errors import BrokerError, ProtocolError, UnavailableError
 from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
 from .store import NackOutcome
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("broker.session")
 _conn_seq = itertools.count(1)
+WRITE_BURST = 256  # most frames written per socket write
 
 
 class Session:
@@ -76,18 +77,23 @@ class Session:
         self._out_ready.set()
 
     async def _writer(self) -> None:
+        """Flush the outbox in bursts: every frame queued so far goes out in one socket write (websockets'
+        documented ``send_context`` + ``protocol.send_text``), not one write and one await per frame."""
         ws = self.ws
+        out = self.out
         while True:
             await self._out_ready.wait()
             self._out_ready.clear()
-            while self.out:
-                item = self.out.popleft()
-                if isinstance(item, str):
-                    await ws.send(item)
-                else:
-                    c, dv = item
-                    if c.active and dv.id in c.inflight:
-                        await ws.send(protocol.message(dv))
+            while out:
+                async with ws.send_context():
+                    for _ in range(min(len(out), WRITE_BURST)):
+                        item = out.popleft()
+                        if isinstance(item, str):
+                            ws.protocol.send_text(item.encode())
+                        else:
+                            c, dv = item
+                            if c.active and dv.id in c.inflight:
+                                ws.protocol.send_text(protocol.message_bytes(dv))
             if self._was_congested:
                 self._was_congested = False
                 for c in self.consumers:
@@ -107,11 +113,15 @@ class Session:
             writer.cancel()
             self.log.info("connection_closed", reason=close_reason, code=self.ws.close_code)
 
-    def _give_back(self, reason: str) -> None:
+    def _unsent(self) -> dict[Consumer, set[str]]:
         unsent: dict[Consumer, set[str]] = {}
         for item in self.out:
             if not isinstance(item, str):
                 unsent.setdefault(item[0], set()).add(item[1].id)
+        return unsent
+
+    def _give_back(self, reason: str) -> None:
+        unsent = self._unsent()
         for c in self.consumers:
             self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
@@ -130,7 +140,7 @@ class Session:
             self._error(e)
             return
         op = type(req).__name__.lower()
-        metrics.frames_in.labels(op).inc()
+        metrics.child(metrics.frames_in, op).inc()
         if isinstance(req, protocol.Publish):
             await self._publish(req)
         elif isinstance(req, protocol.Ack):
@@ -160,7 +170,10 @@ class Session:
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
         self._unconfirmed.release()
         if fut.cancelled():
-            self._error(BrokerError("publish cancelled (broker shutting down); not confirmed"), req.ref)
+            self._error(
+                UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000),
+                req.ref,
+            )
             return
         exc = fut.exception()
         if exc is not None:
@@ -182,7 +195,7 @@ class Session:
                 )
             )
             return
-        metrics.published.labels(req.topic).inc()
+        metrics.child(metrics.published, req.topic).inc()
         self.send(protocol.published(req.ref, res.id, res.duplicate))
 
     def _find(self, msg_id: str, receipt: str) -> Consumer | None:
@@ -205,6 +218,7 @@ class Session:
 
     def _ack(self, req: protocol.Ack) -> None:
         futs = []
+        ids = []
         for it in req.items:
             c = self._find(it.id, it.receipt)
             if c is None:
@@ -213,8 +227,9 @@ class Session:
             fut = self.broker.dispatch.ack(c, AckItem(it.id, it.receipt))
             fut.add_done_callback(partial(self._acked, req.ref, it.id))
             futs.append(fut)
+            ids.append(it.id)
         if req.ref is not None and futs:
-            self._spawn(self._ack_reply(req.ref, futs, [it.id for it in req.items]))
+            self._spawn(self._ack_reply(req.ref, futs, ids))
 
     def _acked(self, ref: protocol.Ref, msg_id: str, fut: asyncio.Future[bool]) -> None:
         if fut.cancelled():
@@ -226,9 +241,11 @@ class Session:
             self._stale("ack", ref, msg_id)
 
     async def _ack_reply(self, ref: protocol.Ref, futs: list[asyncio.Future[bool]], ids: list[str]) -> None:
+        """``acked`` names the ids that were acked; each refused one already got its own error frame."""
         done = await asyncio.gather(*futs, return_exceptions=True)
-        if all(x is True for x in done):
-            self.send(protocol.reply("acked", ref, ids=ids))
+        acked = [i for i, ok in zip(ids, done, strict=True) if ok is True]
+        if acked:
+            self.send(protocol.reply("acked", ref, ids=acked))
 
     def _nack(self, req: protocol.Nack) -> None:
         c = self._find(req.id, req.receipt)
@@ -274,8 +291,11 @@ class Session:
         lease_ms = req.lease_ms or d.lease_ms
         added = []
         for topic in req.topics:
-            if any(c.active and c.topic == topic and c.group == req.group for c in self.consumers):
-                continue  # already subscribed: idempotent
+            existing = [c for c in self.consumers if c.active and c.topic == topic and c.group == req.group]
+            if existing:  # already subscribed: idempotent, and the new prefetch/lease apply from the next claim
+                existing[0].prefetch, existing[0].lease_ms = prefetch, lease_ms
+                self.broker.dispatch.wake(topic, req.group)
+                continue
             c = Consumer(self, self.conn_id, topic, req.group, prefetch, lease_ms)
             try:
                 await self.broker.dispatch.add(c)
@@ -295,7 +315,11 @@ class Session:
         n = 0
         for c in self.consumers:
             if c.active and c.topic in req.topics and c.group == req.group:
-                self.broker.dispatch.remove(c)  # held deliveries stay ackable until the connection closes
+                self.broker.dispatch.remove(c)  # deliveries already sent stay ackable until the connection closes
+                unsent = self._unsent().get(c, set())
+                if unsent:  # claimed but not written yet: back to the queue as they were, no attempt counted
+                    back = [AckItem(i, c.inflight.pop(i)[0]) for i in unsent if i in c.inflight]
+                    self.broker.dispatch.release_items(c.topic, c.group, back)
                 n += 1
         self.send(protocol.reply("unsubscribed", req.ref, topics=list(req.topics), group=req.group, removed=n))
 

@@ -52,7 +52,9 @@ async def test_handler_outage_pauses_group_and_fills_no_dlq(redis: RedisServer, 
         assert '"delivery_paused"' in text
         assert redis.cli("ZCARD", "mq:{mail}:g:sender:dead") == "0"
         # and most messages were never even tried (attempt count untouched)
-        waiting = int(redis.cli("LLEN", "mq:{mail}:g:sender:ready")) + int(redis.cli("ZCARD", "mq:{mail}:g:sender:delayed"))
+        waiting = int(redis.cli("LLEN", "mq:{mail}:g:sender:ready")) + int(
+            redis.cli("ZCARD", "mq:{mail}:g:sender:delayed")
+        )
         assert waiting >= N - 10, waiting
         # When: the downstream comes back
         outage.unlink()

@@ -52,7 +52,9 @@ async def test_redis_outage_degrades_loudly_and_recovers(redis: RedisServer) -> 
             async with websockets.connect(broker.url) as raw:
                 # Given: traffic flows
                 for i in range(100):
-                    await raw.send(orjson.dumps({"op": "publish", "ref": i, "topic": "payments", "payload": i}).decode())
+                    await raw.send(
+                        orjson.dumps({"op": "publish", "ref": i, "topic": "payments", "payload": i}).decode()
+                    )
                 replies = [orjson.loads(await asyncio.wait_for(raw.recv(), 5)) for _ in range(100)]
                 confirmed |= {r["id"] for r in replies if r["op"] == "published"}
                 assert len(confirmed) == 100
@@ -61,7 +63,9 @@ async def test_redis_outage_degrades_loudly_and_recovers(redis: RedisServer) -> 
                 proxy.cut()
                 errors = []
                 for i in range(100, 110):
-                    await raw.send(orjson.dumps({"op": "publish", "ref": i, "topic": "payments", "payload": i}).decode())
+                    await raw.send(
+                        orjson.dumps({"op": "publish", "ref": i, "topic": "payments", "payload": i}).decode()
+                    )
                     r = orjson.loads(await asyncio.wait_for(raw.recv(), 10))
                     if r["op"] == "published":
                         confirmed.add(r["id"])

@@ -62,4 +62,6 @@ async def test_nothing_confirmed_is_lost_across_redis_kill_and_aof_restart(redis
         # Then
         assert len(confirmed) == N
         assert not confirmed - set(received)
-        print(f"confirmed={len(confirmed)} received={len(received)} duplicates={sum(received.values()) - len(received)}")
+        print(
+            f"confirmed={len(confirmed)} received={len(received)} duplicates={sum(received.values()) - len(received)}"
+        )

@@ -1,4 +1,5 @@
-"""In-process handlers used by tests (loaded by broker subprocesses via [[handlers]] target = "tests.fixture_handlers:...").
+"""In-process handlers used by tests: broker subprocesses load them through [[handlers]] target = "tests...".
+
 They report through files named by environment variables, so the test process can see what ran inside the broker."""
 
 from __future__ import annotations

@@ -204,4 +204,6 @@ def test_shipped_broker_toml_loads_and_lists_every_setting() -> None:
     listed = {f"{section}.{key}" for section, values in data.items() for key in values}
     # handlers are an array of tables, shown as a commented example in the file
     assert listed == {n for n in setting_names() if not n.startswith("handlers[]")}
-    assert all(f"# {n.split('.')[-1]} = " in BROKER_TOML.read_text() for n in setting_names() if n.startswith("handlers[]"))
+    assert all(
+        f"# {n.split('.')[-1]} = " in BROKER_TOML.read_text() for n in setting_names() if n.startswith("handlers[]")
+    )

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from ..model import now_ms
-from .redis_store import RedisStore, load_script
+from .redis_store import RedisStore, load_script, script_call
 
 BATCH = 500
 
@@ -74,13 +74,6 @@ class DeadLetters:
         self._purge = r.register_script(load_script("purge_dead"))
         self._prune = r.register_script(load_script("prune_dead"))
 
-    @staticmethod
-    def _call(script: Any, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
-        async def go() -> Any:
-            return await script(keys=keys, args=args)
-
-        return go
-
     def _zrem(self, key: str, members: list[str]) -> Callable[[], Awaitable[Any]]:
         async def go() -> Any:
             return await self.store.redis.zrem(key, *members)
@@ -130,7 +123,7 @@ class DeadLetters:
         for i in range(0, len(ids), BATCH):
             chunk = list(ids[i : i + BATCH])
             res = await self.store._run(
-                self._call(self._reprocess, [g.dead, g.ready], [k.base, group, now_ms(), who, *chunk]), "dlq_reprocess"
+                script_call(self._reprocess, [g.dead, g.ready], [k.base, group, now_ms(), who, *chunk]), "dlq_reprocess"
             )
             out += [x == "ok" for x in res]
         return out
@@ -140,7 +133,7 @@ class DeadLetters:
         out: list[bool] = []
         for i in range(0, len(ids), BATCH):
             chunk = list(ids[i : i + BATCH])
-            res = await self.store._run(self._call(self._purge, [g.dead], [g.base, *chunk]), "dlq_purge")
+            res = await self.store._run(script_call(self._purge, [g.dead], [g.base, *chunk]), "dlq_purge")
             out += [bool(int(x)) for x in res]
         return out
 

@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import Settings
@@ -37,6 +38,7 @@ from ..model import (
 )
 from ..resilience import Breaker, BreakerOpenError, backoff_ms, backoff_table
 from .keys import SCHEMA_VERSION, TopicKeys, nodes_key, schema_key, topics_key
+from .packer import connection_class
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")
@@ -53,8 +55,10 @@ class NackOutcome(StrEnum):
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries."""
+    extra: dict[str, Any] = {"connection_class": connection_class()} if url.startswith("redis://") else {}
     return aioredis.Redis.from_url(
         url,
+        **extra,
         decode_responses=True,
         socket_timeout=settings.redis.socket_timeout_ms / 1000,
         socket_connect_timeout=settings.redis.connect_timeout_ms / 1000,
@@ -62,6 +66,15 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
         retry_on_timeout=False,
         health_check_interval=0,
     )
+
+
+def script_call(script: AsyncScript, keys: list[str], args: list[Any]) -> Callable[[], Awaitable[Any]]:
+    """A zero-argument call of ``script`` (what ``RedisStore._run`` takes), bound now rather than at call time."""
+
+    async def go() -> Any:
+        return await script(keys=keys, args=args)
+
+    return go
 
 
 def load_script(name: str) -> str:
@@ -101,7 +114,7 @@ class _Answered:
 
 
 class RedisStore:
-    SCRIPTS = ("publish", "claim", "ack", "nack", "release", "extend", "expire", "promote")
+    SCRIPTS = ("publish", "claim", "ack", "nack", "release", "extend", "expire", "promote", "unclaim")
 
     def __init__(self, client: aioredis.Redis, settings: Settings, breaker: Breaker, node_id: str) -> None:
         self.redis = client
@@ -112,6 +125,7 @@ class RedisStore:
         self._scripts = {name: client.register_script(load_script(name)) for name in self.SCRIPTS}
         self._known_topics: set[str] = set()
         self._strict_groups = frozenset(settings.delivery.strict_order_groups)
+        self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
         self._rng = random.Random()
 
     def _strict(self, topic: str, group: str) -> str:
@@ -184,7 +198,7 @@ class RedisStore:
 
     # ---- publish -------------------------------------------------------------------------------------------
 
-    async def publish_many(self, reqs: Sequence[PublishRequest]) -> list[PublishResult]:
+    async def publish_many(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
         """Store a batch (any topics) in one pipeline, one script call per topic. Order within a topic is kept.
         ``groups == -1`` in a result: the topic has no group and the policy is ``reject`` (nothing stored)."""
         by_topic: dict[str, list[int]] = {}
@@ -196,36 +210,59 @@ class RedisStore:
         policy = self.settings.delivery.publish_without_group
         ids = [new_message_id(now) for _ in reqs]
         script = self._scripts["publish"]
-
-        async def go() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as p:
-                if new_topics:
-                    p.sadd(topics_key(self.prefix), *new_topics)
-                for topic, idxs in by_topic.items():
-                    k = self.keys(topic)
-                    args: list[Any] = [k.base, now, ttl, policy, len(idxs)]
-                    for i in idxs:
-                        r = reqs[i]
-                        args += [
-                            ids[i],
-                            r.payload,
-                            r.headers,
-                            r.idempotency_key or "",
-                            r.delay_ms,
-                            r.key or "",
-                        ]
-                    await script(keys=[k.groups], args=args, client=p)
-                return await p.execute()
-
-        replies = await self._run(go, "publish")
-        self._known_topics.update(new_topics)
-        if new_topics:
-            replies = replies[1:]
-        out: list[PublishResult] = [PublishResult("")] * len(reqs)
-        for (_, idxs), flat in zip(by_topic.items(), replies, strict=True):
+        if new_topics:  # registry first: never a queue nobody can find (idempotent, once per topic per process)
+            await self._run(lambda: self.redis.sadd(topics_key(self.prefix), *new_topics), "register_topics")
+            self._known_topics.update(new_topics)
+        calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
+        for topic, idxs in by_topic.items():
+            k = self.keys(topic)
+            args: list[Any] = [k.base, now, ttl, policy, len(idxs)]
+            for i in idxs:
+                r = reqs[i]
+                args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
+            calls.append((script, [k.groups], args))
+        replies = await self._run(lambda: self._eval_many(calls), "publish")
+        out: list[PublishResult | BrokerError] = [BrokerError("not stored")] * len(reqs)
+        for (topic, idxs), flat in zip(by_topic.items(), replies, strict=True):
+            if isinstance(flat, Exception):  # this topic's script failed; the other topics' did not
+                err = self._translate_reply_error(flat, f"publish to {topic}")
+                for i in idxs:
+                    out[i] = err
+                continue
             for j, i in enumerate(idxs):
                 out[i] = PublishResult(str(flat[3 * j]), bool(int(flat[3 * j + 1])), int(flat[3 * j + 2]))
         return out
+
+    async def _eval_many(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """Run scripts in one pipeline by SHA. redis-py's own script pipelining sends SCRIPT EXISTS first on every
+        execute (a second round trip); instead, only calls answered NOSCRIPT (they did not run) are loaded and
+        re-sent. Error replies come back as exception values, in place."""
+        async with self.redis.pipeline(transaction=False) as p:
+            for script, keys, args in calls:
+                p.evalsha(script.sha, len(keys), *keys, *args)
+            res: list[Any] = list(await p.execute(raise_on_error=False))
+        again = [i for i, r in enumerate(res) if isinstance(r, NoScriptError)]
+        if again:
+            for script in {calls[i][0].sha: calls[i][0] for i in again}.values():
+                await self.redis.script_load(script.script)
+            async with self.redis.pipeline(transaction=False) as p:
+                for i in again:
+                    script, keys, args = calls[i]
+                    p.evalsha(script.sha, len(keys), *keys, *args)
+                for i, r in zip(again, await p.execute(raise_on_error=False), strict=True):
+                    res[i] = r
+        for r in res:  # an outage must still reach the breaker as an exception
+            if isinstance(r, RedisConnectionError | RedisTimeoutError) or (
+                isinstance(r, ResponseError) and is_refusal(r)
+            ):
+                raise r
+        return res
+
+    def _translate_reply_error(self, exc: Exception, what: str) -> BrokerError:
+        log.error("redis_error_reply", op=what, error=str(exc))
+        if isinstance(exc, ResponseError) and is_refusal(exc):
+            return StoreRefusedError(f"redis refused {what}: {exc}", retry_after_ms=1_000)
+        return BrokerError(f"redis error reply during {what}: {exc}")
 
     # ---- deliveries ----------------------------------------------------------------------------------------
 
@@ -233,15 +270,20 @@ class RedisStore:
         k = self.keys(topic)
         g = k.group(group)
         now = now_ms()
-        flat = await self._run(
-            lambda: self._scripts["claim"](
-                keys=[g.ready, g.leased],
-                args=[k.base, group, n, now, lease_ms, consumer, self.node_id, self._strict(topic, group)],
-            ),
-            "claim",
-        )
-        out = []
         deadline = now + lease_ms
+        try:
+            flat = await self._run(
+                lambda: self._scripts["claim"](
+                    keys=[g.ready, g.leased],
+                    args=[k.base, group, n, now, lease_ms, consumer, self.node_id, self._strict(topic, group)],
+                ),
+                "claim",
+            )
+        except UnavailableError:
+            # The script may have run with its reply lost: remember the claim, give its leases back later.
+            self._uncertain_claims.append((topic, group, consumer, f"{now}-", deadline))
+            raise
+        out = []
         for i in range(0, len(flat), 7):
             msg_id, payload = flat[i], flat[i + 1]
             if payload is None or payload is False:
@@ -263,6 +305,24 @@ class RedisStore:
                 )
             )
         return out
+
+    async def reconcile_claims(self) -> int:
+        """Give back deliveries of claims whose reply was lost in an outage (they never reached a consumer), so
+        an outage costs no attempts. Returns how many were given back; claims still unreachable are kept."""
+        given = 0
+        while self._uncertain_claims:
+            topic, group, consumer, prefix, deadline = self._uncertain_claims[0]
+            k = self.keys(topic)
+            g = k.group(group)
+            n = await self._run(
+                script_call(self._scripts["unclaim"], [g.ready, g.leased], [k.base, group, consumer, prefix, deadline]),
+                "unclaim",
+            )
+            self._uncertain_claims.pop(0)
+            if int(n):
+                log.warning("lost_claim_reply_reconciled", topic=topic, group=group, given_back=int(n))
+                given += int(n)
+        return given
 
     async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[bool]:
         k = self.keys(topic)
@@ -336,30 +396,21 @@ class RedisStore:
             r.max_attempts, r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, r.jitter, self._rng
         )
 
+        calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
+        for topic, group in pairs:
+            k = self.keys(topic)
+            g = k.group(group)
+            expire_args = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s, limit]
+            expire_args += [len(dead_nodes), *dead_nodes, self._strict(topic, group), *delays]
+            calls.append((self._scripts["expire"], [g.leased, g.delayed, g.dead, g.ready], expire_args))
+            calls.append((self._scripts["promote"], [g.delayed, g.ready], [now, limit, k.wake]))
+
         async def go() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as p:
-                for topic, group in pairs:
-                    k = self.keys(topic)
-                    g = k.group(group)
-                    await self._scripts["expire"](
-                        keys=[g.leased, g.delayed, g.dead, g.ready],
-                        args=[
-                            k.base,
-                            topic,
-                            group,
-                            now,
-                            r.max_attempts,
-                            self.settings.dlq.ttl_s,
-                            limit,
-                            len(dead_nodes),
-                            *dead_nodes,
-                            self._strict(topic, group),
-                            *delays,
-                        ],
-                        client=p,
-                    )
-                    await self._scripts["promote"](keys=[g.delayed, g.ready], args=[now, limit, k.wake], client=p)
-                return await p.execute()
+            res = await self._eval_many(calls)
+            for x in res:
+                if isinstance(x, Exception):
+                    raise x
+            return res
 
         res = await self._run(go, "sweep")
         for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):

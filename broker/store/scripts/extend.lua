@@ -1,4 +1,4 @@
--- extend.lua: LEASED -> LEASED with a later deadline (lease extension).
+-- extend.lua: transition LEASED -> LEASED with a later deadline (lease extension).
 -- KEYS[1] <gb>leased
 -- ARGV[1] base, ARGV[2] group, ARGV[3] id, ARGV[4] receipt, ARGV[5] new deadline (ms)
 -- Returns 1 (extended) | 0 (stale)

@@ -1,0 +1,70 @@
+"""Shared fixtures: one real redis-server per session; store tests run against fakeredis and that server.
+
+Isolation on the shared server: every test gets its own key prefix, and its keys are deleted at teardown.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from broker.config import Settings
+from broker.store import RedisStore, connect_redis
+
+from .support import RedisServer, make_store
+
+StoreFactory = Callable[..., Awaitable[RedisStore]]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["fake", "real"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """``await store_factory(settings=None)`` -> a store on this test's backend and key prefix.
+
+    Several stores of one test share the data (one FakeServer, or the session's redis-server), like broker nodes.
+    """
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    fake_server = fakeredis.FakeServer(version=(7, 0)) if backend == "fake" else None
+    server: RedisServer | None = request.getfixturevalue("redis_server") if backend == "real" else None
+    made: list[RedisStore] = []
+
+    async def factory(settings: Settings | None = None) -> RedisStore:
+        settings = (settings or Settings()).replace("redis", key_prefix=prefix)
+        client: Any
+        if fake_server is not None:
+            client = fakeredis.FakeAsyncRedis(server=fake_server, decode_responses=True)
+        else:
+            assert server is not None
+            client = connect_redis(server.url, settings)
+        store = make_store(client, settings)
+        made.append(store)
+        return store
+
+    yield factory
+
+    if server is not None and made:
+        r = made[0].redis
+        keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    for s in made:
+        await s.close()
+
+
+@pytest.fixture
+async def store(store_factory: StoreFactory) -> RedisStore:
+    return await store_factory()

@@ -1,0 +1,197 @@
+"""Test helpers shared by ``tests/`` and ``mission_critical/``: throwaway redis-server processes and store builders.
+
+Every wait here is bounded in time; a helper that cannot do its job raises with what it saw (log tail, exit code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from broker.config import Settings
+from broker.resilience import Breaker
+from broker.store import RedisStore
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ping(port: int, timeout_s: float = 0.5) -> bool:
+    """True when a Redis on ``port`` answers PING with PONG (raw RESP, no client library state involved)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a free loopback port, persisting to an AOF (fsync always) in a temp dir.
+
+    ``stop()`` shuts down gracefully, ``kill()`` sends SIGKILL, ``start()`` brings it back on the same port and
+    directory so the AOF is reloaded. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self, port: int | None = None, data_dir: str | Path | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not on PATH")
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="broker-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logfile = self.dir / "redis.log"
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> None:
+        if self.running:
+            return
+        args = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.logfile),
+            *self.extra_args,
+        ]  # fmt: skip
+        self._out = open(self.dir / "redis.stdout", "ab")  # noqa: SIM115 - closed in _reap
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self._reap()
+                out = (self.dir / "redis.stdout").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server on port {self.port} exited with {code}: {out}\n{self._log_tail()}")
+            if _ping(self.port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(
+            f"redis-server on port {self.port} did not answer PING in {START_TIMEOUT_S}s\n{self._log_tail()}"
+        )
+
+    def _wait_exit(self, timeout_s: float) -> bool:
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _reap(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.proc = None
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM: Redis flushes the AOF and exits); SIGKILL if it takes over STOP_TIMEOUT_S."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if not self._wait_exit(STOP_TIMEOUT_S):
+                self.proc.kill()
+                self._wait_exit(STOP_TIMEOUT_S)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown work at all (what survives is what the AOF already holds)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self._wait_exit(STOP_TIMEOUT_S)
+        self._reap()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cli(self, *args: str, timeout_s: float = 10.0) -> str:
+        """Run ``redis-cli -p PORT ARGS...`` and return its stdout (stripped of the trailing newline)."""
+        out = subprocess.run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            capture_output=True,
+            timeout=timeout_s,
+            check=True,
+        )
+        return out.stdout.decode(errors="replace").rstrip("\n")
+
+    def close(self) -> None:
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.running and self.proc is not None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+
+
+def make_breaker(settings: Settings, **overrides: Any) -> Breaker:
+    b = settings.breakers
+    kwargs: dict[str, Any] = {
+        "fail_max": b.redis_fail_max,
+        "reset_timeout_s": b.redis_reset_timeout_s,
+        "success_threshold": b.redis_success_threshold,
+        "call_timeout_s": b.redis_call_timeout_ms / 1000,
+    }
+    kwargs.update(overrides)
+    return Breaker("redis", **kwargs)
+
+
+def make_store(client: Any, settings: Settings | None = None, node_id: str = "test-node") -> RedisStore:
+    """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings."""
+    settings = settings or Settings()
+    return RedisStore(client, settings, make_breaker(settings), node_id)

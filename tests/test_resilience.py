@@ -1,0 +1,310 @@
+"""Backoff (pure) and the asyncio Breaker over pybreaker's state machine (small real timeouts, no mocks of time)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+from collections.abc import Awaitable, Callable
+
+import pybreaker
+import pytest
+
+from broker.resilience import Breaker, BreakerOpenError, BreakerState, backoff_ms, backoff_table
+
+# ---- backoff ------------------------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_geometrically_then_caps() -> None:
+    # Given base 1 s, multiplier 2, cap 60 s and no jitter
+    rng = random.Random(1)
+    # When computing attempts 1..9, Then each doubles until the cap holds
+    got = [backoff_ms(a, 1_000, 2.0, 60_000, 0.0, rng) for a in range(1, 10)]
+    assert got == [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000]
+    # And attempt 0 or below is treated as the first
+    assert backoff_ms(0, 1_000, 2.0, 60_000, 0.0, rng) == 1_000
+    assert backoff_ms(-5, 1_000, 2.0, 60_000, 0.0, rng) == 1_000
+
+
+def test_backoff_huge_attempt_is_capped_not_an_overflow() -> None:
+    # Given a very large attempt number (max_attempts configured high), When the delay is computed
+    # Then it is the cap (2.0 ** 9999 would overflow a float)
+    rng = random.Random(1)
+    assert backoff_ms(10_000, 1_000, 2.0, 60_000, 0.0, rng) == 60_000
+    assert backoff_ms(10_000, 1_000, 1.5, 60_000, 0.1, rng) <= 66_000
+
+
+def test_backoff_multiplier_one_is_constant() -> None:
+    rng = random.Random(1)
+    assert {backoff_ms(a, 250, 1.0, 60_000, 0.0, rng) for a in range(1, 20)} == {250}
+
+
+@pytest.mark.parametrize("attempt", [1, 3, 10])
+def test_backoff_jitter_stays_in_bounds_and_centres_on_the_delay(attempt: int) -> None:
+    # Given jitter 0.2 and a seeded RNG
+    base, mult, cap, j = 1_000, 2.0, 60_000, 0.2
+    d = min(cap, base * mult ** (attempt - 1))
+    rng = random.Random(42)
+    # When 10,000 delays are drawn
+    samples = [backoff_ms(attempt, base, mult, cap, j, rng) for _ in range(10_000)]
+    # Then every one lies in [d*(1-j), d*(1+j)], the mean is close to d, and the spread is really used
+    assert all(d * (1 - j) <= s <= d * (1 + j) for s in samples)
+    assert abs(statistics.fmean(samples) - d) < d * 0.01
+    assert min(samples) < d * 0.82 and max(samples) > d * 1.18
+
+
+def test_backoff_is_never_below_one_ms() -> None:
+    # Given tiny or zero bases with large jitter, When many delays are drawn, Then none is below 1 ms
+    rng = random.Random(7)
+    samples = [backoff_ms(1, b, 2.0, 10, 0.99, rng) for b in (0, 1, 2) for _ in range(3_000)]
+    assert min(samples) == 1
+
+
+def test_backoff_is_reproducible_with_a_seed() -> None:
+    a = [backoff_ms(3, 1_000, 2.0, 60_000, 0.2, random.Random(5)) for _ in range(3)]
+    assert len(set(a)) == 1
+
+
+def test_backoff_table_has_one_delay_per_attempt() -> None:
+    # Given 5 attempts and no jitter, Then the table is the per-attempt delays
+    assert backoff_table(5, 100, 3.0, 2_000, 0.0, random.Random(0)) == [100, 300, 900, 2_000, 2_000]
+    # And with jitter each entry is within its own bounds
+    t = backoff_table(4, 1_000, 2.0, 60_000, 0.5, random.Random(0))
+    assert [500 <= t[0] <= 1_500, 1_000 <= t[1] <= 3_000, 2_000 <= t[2] <= 6_000, 4_000 <= t[3] <= 12_000] == [True] * 4
+
+
+# ---- breaker ------------------------------------------------------------------------------------------------------
+
+
+class Calls:
+    """Async functions that count how often they really ran."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    async def fail(self) -> None:
+        self.n += 1
+        await asyncio.sleep(0)
+        raise RuntimeError("down")
+
+    async def ok(self) -> str:
+        self.n += 1
+        await asyncio.sleep(0)
+        return "ok"
+
+    def slow(self, gate: asyncio.Event, result: str = "ok") -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            self.n += 1
+            await gate.wait()
+            return result
+
+        return run
+
+
+async def trip(b: Breaker, calls: Calls, n: int) -> None:
+    for _ in range(n):
+        with pytest.raises(RuntimeError):
+            await b.call(calls.fail)
+
+
+async def test_plain_pybreaker_decorator_misses_async_failures() -> None:
+    # Given pybreaker's own decorator on an async function (why the adapter exists)
+    cb = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=60)
+    calls = Calls()
+    wrapped = cb(calls.fail)
+    # When the coroutine fails
+    with pytest.raises(RuntimeError):
+        await wrapped()
+    # Then pybreaker saw a success (the coroutine was only created) and stays closed
+    assert cb.current_state == "closed"
+
+
+async def test_breaker_counts_async_failures_and_opens() -> None:
+    # Given a breaker with fail_max=3
+    changes: list[tuple[str, BreakerState, BreakerState]] = []
+    b = Breaker("redis", fail_max=3, reset_timeout_s=30, on_change=lambda *a: changes.append(a))
+    calls = Calls()
+    # When an async function fails twice, Then the failures are counted and it stays closed
+    await trip(b, calls, 2)
+    assert b.fail_counter == 2 and b.state is BreakerState.CLOSED
+    # When it fails a third time, Then the breaker opens (the original error is raised, not a breaker error)
+    await trip(b, calls, 1)
+    assert b.state is BreakerState.OPEN
+    assert changes == [("redis", BreakerState.CLOSED, BreakerState.OPEN)]
+    # And a call while open is refused without running, with a retry hint close to the reset timeout
+    with pytest.raises(BreakerOpenError) as ei:
+        await b.call(calls.ok)
+    assert calls.n == 3
+    assert ei.value.name == "redis" and 28_000 <= ei.value.retry_after_ms <= 30_000
+
+
+async def test_success_resets_the_failure_count() -> None:
+    # Given two failures, When a call succeeds, Then the count restarts and two more failures do not open it
+    b = Breaker("x", fail_max=3, reset_timeout_s=30)
+    calls = Calls()
+    await trip(b, calls, 2)
+    assert await b.call(calls.ok) == "ok"
+    assert b.fail_counter == 0
+    await trip(b, calls, 2)
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_half_open_after_reset_timeout_needs_success_threshold_to_close() -> None:
+    # Given an open breaker (reset 0.2 s, success_threshold 2)
+    changes: list[tuple[str, BreakerState, BreakerState]] = []
+    b = Breaker("h", fail_max=1, reset_timeout_s=0.2, success_threshold=2, on_change=lambda *a: changes.append(a))
+    calls = Calls()
+    await trip(b, calls, 1)
+    with pytest.raises(BreakerOpenError):
+        await b.call(calls.ok)
+    # When the reset timeout has passed, Then a trial call runs and the breaker is half-open
+    await asyncio.sleep(0.25)
+    assert await b.call(calls.ok) == "ok"
+    assert b.state is BreakerState.HALF_OPEN
+    # When a second trial succeeds, Then it closes
+    assert await b.call(calls.ok) == "ok"
+    assert b.state is BreakerState.CLOSED
+    assert changes == [
+        ("h", BreakerState.CLOSED, BreakerState.OPEN),
+        ("h", BreakerState.OPEN, BreakerState.HALF_OPEN),
+        ("h", BreakerState.HALF_OPEN, BreakerState.CLOSED),
+    ]
+
+
+async def test_failed_trial_reopens() -> None:
+    # Given a breaker that half-opens, When the trial fails, Then it is open again for another full timeout
+    b = Breaker("r", fail_max=1, reset_timeout_s=0.2)
+    calls = Calls()
+    await trip(b, calls, 1)
+    await asyncio.sleep(0.25)
+    await trip(b, calls, 1)
+    assert b.state is BreakerState.OPEN
+    with pytest.raises(BreakerOpenError) as ei:
+        await b.call(calls.ok)
+    assert ei.value.retry_after_ms >= 100
+
+
+async def test_call_timeout_counts_as_failure() -> None:
+    # Given a 50 ms call timeout and fail_max=2
+    b = Breaker("t", fail_max=2, reset_timeout_s=30, call_timeout_s=0.05)
+    gate = asyncio.Event()
+    calls = Calls()
+    # When a call hangs past the timeout, Then it raises TimeoutError and counts as a failure
+    with pytest.raises(TimeoutError):
+        await b.call(calls.slow(gate))
+    assert b.fail_counter == 1
+    with pytest.raises(TimeoutError):
+        await b.call(calls.slow(gate))
+    assert b.state is BreakerState.OPEN
+
+
+async def test_cancellation_is_neither_failure_nor_success() -> None:
+    # Given a breaker with one failure counted
+    b = Breaker("c", fail_max=2, reset_timeout_s=30)
+    calls = Calls()
+    await trip(b, calls, 1)
+    # When a call is cancelled by its caller
+    gate = asyncio.Event()
+    task = asyncio.create_task(b.call(calls.slow(gate)))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Then the breaker did not count it as a failure, nor reset the failure count as if it had succeeded
+    assert b.state is BreakerState.CLOSED and b.fail_counter == 1
+    await trip(b, calls, 1)
+    assert b.state is BreakerState.OPEN
+
+
+async def test_cancelled_trial_does_not_close_the_breaker() -> None:
+    # Given a half-open-able breaker
+    b = Breaker("ct", fail_max=1, reset_timeout_s=0.1)
+    calls = Calls()
+    await trip(b, calls, 1)
+    await asyncio.sleep(0.15)
+    # When the trial call is cancelled
+    task = asyncio.create_task(b.call(calls.slow(asyncio.Event())))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Then the breaker is not closed (nothing proved Redis is back), and the next trial may run
+    assert b.state is not BreakerState.CLOSED
+    assert await b.call(calls.ok) == "ok"
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_only_one_trial_call_at_a_time_in_half_open() -> None:
+    # Given an open breaker whose reset timeout has passed
+    b = Breaker("one", fail_max=1, reset_timeout_s=0.1)
+    calls = Calls()
+    await trip(b, calls, 1)
+    await asyncio.sleep(0.15)
+    # When a trial call is in flight
+    gate = asyncio.Event()
+    trial = asyncio.create_task(b.call(calls.slow(gate, "trial")))
+    await asyncio.sleep(0.01)
+    assert b.state is BreakerState.HALF_OPEN
+    # Then a concurrent second call is refused without running
+    before = calls.n
+    with pytest.raises(BreakerOpenError):
+        await b.call(calls.ok)
+    assert calls.n == before
+    # When the trial succeeds, Then the breaker closes and calls flow again
+    gate.set()
+    assert await trial == "trial"
+    assert b.state is BreakerState.CLOSED
+    assert await b.call(calls.ok) == "ok"
+
+
+async def test_excluded_exceptions_do_not_count() -> None:
+    # Given a breaker that excludes KeyError (a caller mistake, not an outage)
+    b = Breaker("e", fail_max=1, reset_timeout_s=30, exclude=[KeyError])
+
+    async def bad() -> None:
+        raise KeyError("k")
+
+    # When the call raises KeyError, Then it propagates and the breaker stays closed
+    with pytest.raises(KeyError):
+        await b.call(bad)
+    assert b.state is BreakerState.CLOSED and b.fail_counter == 0
+
+
+async def test_concurrent_failures_open_once() -> None:
+    # Given fail_max=3 and ten concurrent calls that all fail
+    changes: list[tuple[str, BreakerState, BreakerState]] = []
+    b = Breaker("many", fail_max=3, reset_timeout_s=30, on_change=lambda *a: changes.append(a))
+    gate = asyncio.Event()
+
+    async def fail_later() -> None:
+        await gate.wait()
+        raise RuntimeError("down")
+
+    tasks = [asyncio.create_task(b.call(fail_later)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    # Then each caller sees its own error, and the breaker reported one transition to open
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert b.state is BreakerState.OPEN
+    assert changes == [("many", BreakerState.CLOSED, BreakerState.OPEN)]
+
+
+async def test_admits_tells_how_many_calls_may_start() -> None:
+    # Given a closed breaker, Then calls are unlimited
+    b = Breaker("a", fail_max=1, reset_timeout_s=0.1)
+    calls = Calls()
+    assert b.admits() == -1
+    # When it opens, Then none may start until the reset timeout, then exactly one (the trial)
+    await trip(b, calls, 1)
+    assert b.admits() == 0
+    await asyncio.sleep(0.15)
+    assert b.admits() == 1
+    # When the trial is in flight, Then none; after it succeeds, unlimited again
+    gate = asyncio.Event()
+    trial = asyncio.create_task(b.call(calls.slow(gate)))
+    await asyncio.sleep(0.01)
+    assert b.admits() == 0
+    gate.set()
+    await trial
+    assert b.admits() == -1
