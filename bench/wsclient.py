@@ -206,9 +206,15 @@ class BrokerConn:
                 if not isinstance(d, dict):
                     self._keep({"op": "?", "frame": d})
                     continue
-                if d.get("op") == "message":
+                op = d.get("op")
+                if op == "message":
                     if self.on_message is not None:
                         self.on_message(d, now)
+                    continue
+                if op == "messages":  # batch subscriptions: several deliveries in one frame
+                    if self.on_message is not None:
+                        for item in d.get("items", ()):
+                            self.on_message(item, now)
                     continue
                 if self.on_reply is not None and self.on_reply(d):
                     continue
@@ -255,8 +261,11 @@ class BrokerConn:
         finally:
             self._pending.pop(ref, None)
 
-    async def subscribe(self, topic: str, group: str, prefetch: int, timeout_s: float) -> Frame:
-        reply = await self.request({"op": "subscribe", "topic": topic, "group": group, "prefetch": prefetch}, timeout_s)
+    async def subscribe(self, topic: str, group: str, prefetch: int, timeout_s: float, batch: bool = False) -> Frame:
+        frame: Frame = {"op": "subscribe", "topic": topic, "group": group, "prefetch": prefetch}
+        if batch:
+            frame["batch"] = True
+        reply = await self.request(frame, timeout_s)
         if reply.get("op") != "subscribed":
             raise BenchError(f"subscribe {topic}/{group} failed: {reply}")
         return reply

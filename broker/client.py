@@ -192,6 +192,10 @@ class BrokerClient:
 
     def _dispatch(self, f: dict[str, Any], ws: ClientConnection | None = None) -> None:
         op = f.get("op")
+        if op == "messages":
+            for item in f["items"]:
+                self._dispatch(item, ws)
+            return
         if op == "message":
             sub = self._subs.get((f["topic"], f["group"]))
             if sub is None:  # not ours (any more): say so; the broker redelivers it when the lease runs out
@@ -291,6 +295,34 @@ class BrokerClient:
                     reply = await self.request(frame)
         return Published(reply["id"], bool(reply.get("duplicate", False)))
 
+    async def publish_batch(
+        self, messages: list[dict[str, Any]], *, retry: bool = True
+    ) -> list[Published | BrokerError]:
+        """Publish many messages in one frame (each a dict like ``publish``'s keyword arguments plus ``topic`` and
+        ``payload``). Results come back in order; a message Redis did not take is a ``BrokerError`` in its place.
+        Every message carries an idempotency key, so a retried batch stores nothing twice."""
+        items = []
+        for m in messages:
+            item = dict(m)
+            item.setdefault("idempotency_key", f"{self._tag}-{next(self._seq)}")
+            items.append(item)
+        frame = {"op": "publish", "messages": items}
+        if not retry:
+            reply = await self.request(frame)
+        else:
+            async for attempt in transient_retry(
+                (UnavailableError, ConnectionClosed, TimeoutError),
+                attempts=1_000,
+                max_wait_s=2,
+                deadline_s=self.reconnect_deadline_s,
+            ):
+                with attempt:
+                    reply = await self.request(frame)
+        return [
+            error_from_frame(r["error"]) if "error" in r else Published(r["id"], bool(r.get("duplicate", False)))
+            for r in reply["results"]
+        ]
+
     async def subscribe(
         self,
         topic: str | list[str],
@@ -298,6 +330,7 @@ class BrokerClient:
         *,
         prefetch: int | None = None,
         lease_ms: int | None = None,
+        batch: bool = False,
     ) -> Subscription:
         topics = [topic] if isinstance(topic, str) else list(topic)
         frame: dict[str, Any] = {"op": "subscribe", "topics": topics}
@@ -307,6 +340,8 @@ class BrokerClient:
             frame["prefetch"] = prefetch
         if lease_ms is not None:
             frame["lease_ms"] = lease_ms
+        if batch:
+            frame["batch"] = True
         # Registered before the request: a delivery may arrive right behind the `subscribed` reply.
         sub = Subscription(self, frame)
         keys = [(t, group or "default") for t in topics]

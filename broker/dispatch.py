@@ -37,7 +37,7 @@ _consumer_seq = itertools.count(1)
 
 
 class Consumer:
-    __slots__ = ("active", "group", "id", "inflight", "lease_ms", "outlet", "prefetch", "topic")
+    __slots__ = ("active", "batch", "group", "id", "inflight", "lease_ms", "outlet", "prefetch", "topic")
 
     def __init__(self, outlet: Outlet, conn_id: str, topic: str, group: str, prefetch: int, lease_ms: int) -> None:
         self.id = f"{conn_id}.{next(_consumer_seq)}"
@@ -48,6 +48,7 @@ class Consumer:
         self.lease_ms = lease_ms
         self.inflight: dict[str, tuple[str, int, int]] = {}  # message id -> (receipt, attempt, lease deadline ms)
         self.active = True
+        self.batch = False  # deliveries go out as `messages` frames
 
     def credit(self) -> int:
         if not self.active or self.outlet.congested():

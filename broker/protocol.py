@@ -8,7 +8,6 @@ The final frame reference is ``docs/protocol.md``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +52,7 @@ class Subscribe:
     group: str
     prefetch: int | None
     lease_ms: int | None
+    batch: bool = False  # deliveries arrive as `messages` frames holding several messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,15 @@ class Ping:
     ref: Ref
 
 
-Request = Publish | Subscribe | Unsubscribe | Ack | Nack | Extend | Ping
+@dataclass(frozen=True, slots=True)
+class PublishBatch:
+    """``publish`` with ``messages: [...]``: many messages, one frame, one ``published`` reply (throughput mode)."""
+
+    ref: Ref
+    items: tuple[Publish, ...]
+
+
+Request = Publish | PublishBatch | Subscribe | Unsubscribe | Ack | Nack | Extend | Ping
 
 OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping")
 
@@ -175,8 +183,23 @@ def _read_ref(d: dict[str, Any]) -> Ref:
 
 
 # orjson reads integers outside [-2**63, 2**64) as floats, which would round them: a payload must arrive as sent.
-# A run of 19+ digits is the only way to write such an integer; only then is the frame re-read with exact integers.
-_LONG_DIGITS = re.compile(r"\d{19}")
+# Such an integer always becomes a float of magnitude >= 2**63; only when the decoded frame holds one is the text
+# re-read with exact integers (a genuine float that large re-reads to the same float). Cheaper than scanning the
+# text for long digit runs, which cost more than the JSON parse itself.
+_HUGE = float(2**63)
+
+
+def _has_huge_float(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float) and not -_HUGE < v < _HUGE:
+            return True
+    return False
 
 
 def _loads(data: str) -> Any:
@@ -184,7 +207,7 @@ def _loads(data: str) -> Any:
         d = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
-    if _LONG_DIGITS.search(data):
+    if _has_huge_float(d):
         try:
             d = json.loads(data)  # orjson already validated the text (no NaN/Infinity, depth <= 1024)
         except (ValueError, RecursionError) as e:
@@ -214,7 +237,7 @@ def parse_frame(data: str | bytes, limits: Limits) -> Request:
     f = _Fields(d, ref)
     op = d.get("op")
     if op == "publish":
-        return _publish(f, limits)
+        return _publish_any(f, limits)
     if op == "ack":
         return _ack(f)
     if op == "nack":
@@ -242,6 +265,7 @@ def parse_frame(data: str | bytes, limits: Limits) -> Request:
             group,
             f.int_("prefetch", 1, limits.max_prefetch),
             f.int_("lease_ms", 100, limits.max_lease_ms),
+            f.bool_("batch"),
         )
     if op == "unsubscribe":
         return Unsubscribe(ref, f.topics(), f.name("group", d.get("group", DEFAULT_GROUP)))
@@ -256,6 +280,26 @@ def _s(f: _Fields, name: str) -> str:
     v = f.str_(name)
     assert v is not None
     return v
+
+
+def _publish_any(f: _Fields, limits: Limits) -> Publish | PublishBatch:
+    if "messages" not in f.d:
+        return _publish(f, limits)
+    raw = f.d["messages"]
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_BATCH_ITEMS:
+        raise f.fail(f"field 'messages' must be a list of 1 to {MAX_BATCH_ITEMS} message objects")
+    for key in ("topic", "payload"):
+        if key in f.d:
+            raise f.fail(f"a batch publish carries '{key}' inside each of 'messages', not beside them")
+    items = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise f.fail(f"messages[{i}] must be an object")
+        try:
+            items.append(_publish(_Fields(m, f.ref), limits))
+        except ProtocolError as e:  # the whole frame is refused: a batch is stored all or nothing is promised
+            raise f.fail(f"messages[{i}]: {e.message}", type(e)) from None
+    return PublishBatch(f.ref, tuple(items))
 
 
 def _publish(f: _Fields, limits: Limits) -> Publish:
@@ -330,6 +374,13 @@ def error(ref: Ref, code: str, message: str, *, retry_after_ms: int | None = Non
     return _dump(_with_ref(d, ref))
 
 
+def error_fields(exc: BrokerError) -> dict[str, Any]:
+    d: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.retry_after_ms is not None:
+        d["retry_after_ms"] = exc.retry_after_ms
+    return d
+
+
 def error_from(exc: BrokerError, ref: Ref = None, msg_id: str | None = None) -> str:
     ref = ref if ref is not None else getattr(exc, "ref", None)
     return error(ref, exc.code, exc.message, retry_after_ms=exc.retry_after_ms, msg_id=msg_id)
@@ -341,6 +392,11 @@ def reply(op: str, ref: Ref, **fields: Any) -> str:
 
 def message(d: Delivery) -> str:
     return message_bytes(d).decode()
+
+
+def messages_bytes(parts: list[bytes]) -> bytes:
+    """A ``messages`` frame from ``message_bytes`` outputs (each item is a full message object, ``op`` included)."""
+    return b'{"op":"messages","items":[' + b",".join(parts) + b"]}"
 
 
 def message_bytes(d: Delivery) -> bytes:

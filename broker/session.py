@@ -86,14 +86,27 @@ class Session:
             self._out_ready.clear()
             while out:
                 async with ws.send_context():
+                    batch: list[bytes] = []  # consecutive deliveries for batch subscriptions: one frame
                     for _ in range(min(len(out), WRITE_BURST)):
                         item = out.popleft()
                         if isinstance(item, str):
+                            if batch:
+                                ws.protocol.send_text(protocol.messages_bytes(batch))
+                                batch = []
                             ws.protocol.send_text(item.encode())
+                            continue
+                        c, dv = item
+                        if not (c.active and dv.id in c.inflight):
+                            continue
+                        if c.batch:
+                            batch.append(protocol.message_bytes(dv))
                         else:
-                            c, dv = item
-                            if c.active and dv.id in c.inflight:
-                                ws.protocol.send_text(protocol.message_bytes(dv))
+                            if batch:
+                                ws.protocol.send_text(protocol.messages_bytes(batch))
+                                batch = []
+                            ws.protocol.send_text(protocol.message_bytes(dv))
+                    if batch:
+                        ws.protocol.send_text(protocol.messages_bytes(batch))
             if self._was_congested:
                 self._was_congested = False
                 for c in self.consumers:
@@ -143,6 +156,8 @@ class Session:
         metrics.child(metrics.frames_in, op).inc()
         if isinstance(req, protocol.Publish):
             await self._publish(req)
+        elif isinstance(req, protocol.PublishBatch):
+            await self._publish_batch(req)
         elif isinstance(req, protocol.Ack):
             self._ack(req)
         elif isinstance(req, protocol.Nack):
@@ -166,6 +181,35 @@ class Session:
             PublishRequest(req.topic, req.payload, req.headers, req.idempotency_key, req.delay_ms, req.key)
         )
         fut.add_done_callback(partial(self._published, req))
+
+    async def _publish_batch(self, req: protocol.PublishBatch) -> None:
+        for _ in req.items:
+            await self._unconfirmed.acquire()
+        submit = self.broker.publisher.submit
+        futs = [
+            submit(PublishRequest(p.topic, p.payload, p.headers, p.idempotency_key, p.delay_ms, p.key))
+            for p in req.items
+        ]
+        self._spawn(self._batch_published(req, futs))
+
+    async def _batch_published(self, req: protocol.PublishBatch, futs: list[asyncio.Future[PublishResult]]) -> None:
+        """One ``published`` reply with a result per message, in order: ``{id, duplicate?}`` or ``{error}``."""
+        done = await asyncio.gather(*futs, return_exceptions=True)
+        for _ in futs:
+            self._unconfirmed.release()
+        results: list[dict[str, Any]] = []
+        for p, res in zip(req.items, done, strict=True):
+            if isinstance(res, BaseException):
+                err = res if isinstance(res, BrokerError) else BrokerError(f"internal error: {res!r}; not confirmed")
+                metrics.publish_failed.labels(err.code).inc()
+                results.append({"error": protocol.error_fields(err)})
+            elif res.groups < 0:
+                metrics.publish_failed.labels("not_found").inc()
+                results.append({"error": {"code": "not_found", "message": f"topic {p.topic!r} has no group"}})
+            else:
+                metrics.child(metrics.published, p.topic).inc()
+                results.append({"id": res.id, "duplicate": True} if res.duplicate else {"id": res.id})
+        self.send(protocol.reply("published", req.ref, results=results))
 
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
         self._unconfirmed.release()
@@ -293,10 +337,11 @@ class Session:
         for topic in req.topics:
             existing = [c for c in self.consumers if c.active and c.topic == topic and c.group == req.group]
             if existing:  # already subscribed: idempotent, and the new prefetch/lease apply from the next claim
-                existing[0].prefetch, existing[0].lease_ms = prefetch, lease_ms
+                existing[0].prefetch, existing[0].lease_ms, existing[0].batch = prefetch, lease_ms, req.batch
                 self.broker.dispatch.wake(topic, req.group)
                 continue
             c = Consumer(self, self.conn_id, topic, req.group, prefetch, lease_ms)
+            c.batch = req.batch
             try:
                 await self.broker.dispatch.add(c)
             except BrokerError as e:

@@ -301,3 +301,35 @@ async def test_health_endpoints(broker: BrokerProcess) -> None:
     status, body = broker.get("/metrics")
     assert status == 200 and b"broker_open_connections" in body
     assert broker.get("/nope")[0] == 404
+
+
+async def test_batch_publish_and_batch_delivery(client: BrokerClient, redis: RedisServer) -> None:
+    # Given a batch subscription
+    sub = await client.subscribe("bulk", "g", prefetch=500, batch=True)
+    # When 300 messages are published in 3 batch frames, one of them with a repeated idempotency key
+    results = []
+    for b in range(3):
+        results += await client.publish_batch([{"topic": "bulk", "payload": b * 100 + i} for i in range(100)])
+    again = await client.publish_batch([{"topic": "bulk", "payload": 0, "idempotency_key": "k1"}] * 2)
+    # Then every message got an id in order, the repeated key stored once
+    assert all(not isinstance(r, Exception) for r in results) and len({r.id for r in results}) == 300
+    assert [r.duplicate for r in again] == [False, True] and again[0].id == again[1].id
+    # And the consumer receives all 301 (in publish order) and acks them in one frame
+    got = await take(sub, 301)
+    assert [m.payload for m in got[:300]] == list(range(300))
+    async with websockets.connect(client.url) as raw:  # a bad message inside a batch refuses the whole frame
+        await raw.send(
+            orjson.dumps(
+                {
+                    "op": "publish",
+                    "ref": 1,
+                    "messages": [{"topic": "bulk", "payload": 1}, {"topic": "a b", "payload": 2}],
+                }
+            ).decode()
+        )
+        reply = orjson.loads(await asyncio.wait_for(raw.recv(), 5))
+        assert reply["code"] == "bad_request" and "messages[1]" in reply["message"]
+    for m in got:
+        await m.ack()
+    assert await nothing_more(sub)
+    assert redis.cli("LLEN", "mq:{bulk}:g:g:ready") == "0"
