@@ -259,6 +259,27 @@ async def _dlq_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _diagnose(args: argparse.Namespace) -> int:
+    from .store.diagnose import diagnose
+
+    store = _open_store(args)
+    try:
+        findings = await diagnose(store, repair=args.repair)
+    finally:
+        await store.close()
+    if args.json:
+        print(orjson.dumps([vars(f) for f in findings], option=orjson.OPT_INDENT_2).decode())
+    elif not findings:
+        print("ok: no problems found")
+    for f in findings if not args.json else []:
+        print(f"[{f.severity.upper()}] {f.check}: {f.message}")
+        print(f"    fix: {f.fix}")
+        if f.repaired:
+            print(f"    repaired: {f.repaired}")
+    unrepaired = [f for f in findings if not f.repaired]
+    return EXIT_FAILURE if unrepaired else EXIT_OK
+
+
 def _embedded_url(settings: Settings) -> str | None:
     f = Path(settings.redis.data_dir) / "url"
     return f.read_text().strip() if f.is_file() else None
@@ -303,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
+
+    dg = sub.add_parser("diagnose", help="check the Redis a broker uses; exit 1 when something is wrong")
+    dg.add_argument("--repair", action="store_true", help="fix what is safe to fix, and say what was done")
+    dg.add_argument("--json", action="store_true")
+    dg.add_argument("--redis-url")
+    dg.set_defaults(fn=_diagnose)
 
     dlq = sub.add_parser("dlq", help="inspect and act on dead letters").add_subparsers(dest="cmd_dlq", required=True)
 
