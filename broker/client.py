@@ -282,18 +282,23 @@ class BrokerClient:
             frame["delay_ms"] = delay_ms
         if key is not None:
             frame["key"] = key
-        if not retry:
-            reply = await self.request(frame)
-        else:
-            async for attempt in transient_retry(
-                (UnavailableError, ConnectionClosed, TimeoutError),
-                attempts=1_000,
-                max_wait_s=2,
-                deadline_s=self.reconnect_deadline_s,
-            ):
-                with attempt:
-                    reply = await self.request(frame)
+        reply = await self._publish_request(frame, retry)
         return Published(reply["id"], bool(reply.get("duplicate", False)))
+
+    async def _publish_request(self, frame: dict[str, Any], retry: bool) -> dict[str, Any]:
+        """Send a publish; with ``retry``, resend it (same idempotency keys) across outages and reconnects until
+        confirmed or the reconnect deadline passes, with jittered backoff."""
+        if not retry:
+            return await self.request(frame)
+        async for attempt in transient_retry(
+            (UnavailableError, ConnectionClosed, TimeoutError),
+            attempts=1_000,
+            max_wait_s=2,
+            deadline_s=self.reconnect_deadline_s,
+        ):
+            with attempt:
+                return await self.request(frame)
+        raise AssertionError("unreachable: transient_retry re-raises the last error")
 
     async def publish_batch(
         self, messages: list[dict[str, Any]], *, retry: bool = True
@@ -307,17 +312,7 @@ class BrokerClient:
             item.setdefault("idempotency_key", f"{self._tag}-{next(self._seq)}")
             items.append(item)
         frame = {"op": "publish", "messages": items}
-        if not retry:
-            reply = await self.request(frame)
-        else:
-            async for attempt in transient_retry(
-                (UnavailableError, ConnectionClosed, TimeoutError),
-                attempts=1_000,
-                max_wait_s=2,
-                deadline_s=self.reconnect_deadline_s,
-            ):
-                with attempt:
-                    reply = await self.request(frame)
+        reply = await self._publish_request(frame, retry)
         return [
             error_from_frame(r["error"]) if "error" in r else Published(r["id"], bool(r.get("duplicate", False)))
             for r in reply["results"]
