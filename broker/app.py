@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -132,6 +133,9 @@ class Broker:
         recovery: Recovery | None = getattr(self, "recovery", None)
         if recovery is not None:
             reasons += [f"loop {name} failing: {err}" for name, err in recovery.last_error.items()]
+        store: RedisStore | None = getattr(self, "store", None)
+        if store is not None and store.refused_at is not None and time.monotonic() - store.refused_at < 5.0:
+            reasons.append(f"redis refusing writes: {store.refusal}")
         return (not reasons, reasons)
 
     async def stop(self) -> None:

@@ -213,15 +213,24 @@ async def _dlq_move(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
         letters = await dlq_ops.select(store, f)
+        # Named ids that matched nothing are reported, never skipped silently (and make the exit non-zero).
+        unknown = sorted(f.ids - {d.id for d in letters})
+        if unknown:
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            print(
+                f"no dead letter {', '.join(unknown[:10])}{more} (unknown id, already reprocessed, purged or expired)",
+                file=sys.stderr,
+            )
         if not letters:
             print("no dead letters match: nothing changed", file=sys.stderr)
             return EXIT_FAILURE
         verb = args.cmd_dlq
+        done = {"reprocess": "reprocessed", "purge": "purged"}[verb]
         if args.dry_run:
             for d in letters:
                 print(f"would {verb} {d.id} ({d.topic}/{d.group}, {d.attempts} attempts, {d.reason})")
-            print(f"dry run: {len(letters)} dead letter(s) would be {verb}ed; nothing changed", file=sys.stderr)
-            return EXIT_OK
+            print(f"dry run: {len(letters)} dead letter(s) would be {done}; nothing changed", file=sys.stderr)
+            return EXIT_FAILURE if unknown else EXIT_OK
         if verb == "purge" and not args.yes:
             if not sys.stdin.isatty():
                 raise UsageError(f"purge of {len(letters)} dead letter(s) needs --yes when not interactive")
@@ -236,11 +245,10 @@ async def _dlq_move(args: argparse.Namespace) -> int:
             moved, missing = await dlq_ops.purge(store, letters, progress)
     finally:
         await store.close()
-    print(orjson.dumps({verb + "ed": moved, "missing": missing}).decode())
+    print(orjson.dumps({done: moved, "missing": unknown + missing}).decode())
     if missing:
-        print(f"{len(missing)} dead letter(s) were gone before they could be {verb}ed", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        print(f"{len(missing)} dead letter(s) were gone before they could be {done}", file=sys.stderr)
+    return EXIT_FAILURE if missing or unknown else EXIT_OK
 
 
 async def _dlq_export(args: argparse.Namespace) -> int:

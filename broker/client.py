@@ -245,8 +245,8 @@ class BrokerClient:
             f"{frame['op']} of {frame['id']} not possible: the connection that delivered it is closed; "
             "the broker puts it back for redelivery"
         )
-        if via is not None and via is not self._ws:
-            raise gone
+        if via is not None and (via is not self._ws or not self._connected.is_set()):
+            raise gone  # its connection is down: waiting for a reconnect could only end in a stale receipt
         try:
             if wait:
                 await self.request(frame)

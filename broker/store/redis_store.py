@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from importlib import resources
@@ -126,6 +127,8 @@ class RedisStore:
         self._known_topics: set[str] = set()
         self._strict_groups = frozenset(settings.delivery.strict_order_groups)
         self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
+        self.refused_at: float | None = None  # time.monotonic() of the last write Redis refused (for /readyz)
+        self.refusal = ""
         self._rng = random.Random()
 
     def _strict(self, topic: str, group: str) -> str:
@@ -138,9 +141,7 @@ class RedisStore:
         async def answered() -> T | _Answered:
             try:
                 return await fn()
-            except ResponseError as e:
-                if is_refusal(e):
-                    raise
+            except ResponseError as e:  # refusals too: Redis is up and answering (reads, acks, deletes still work)
                 return _Answered(e)
 
         try:
@@ -149,14 +150,17 @@ class RedisStore:
             raise UnavailableError(
                 f"redis unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
             ) from None
-        except ResponseError as e:  # only refusals get here
-            log.error("redis_write_refused", op=what, error=str(e))
-            raise StoreRefusedError(f"redis refused {what}: {e}", retry_after_ms=1_000) from None
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
             raise UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000) from None
         except RedisError as e:
             raise UnavailableError(f"redis error during {what}: {e}", retry_after_ms=1_000) from None
         if isinstance(res, _Answered):
+            if is_refusal(res.error):
+                # Not a breaker failure: an open breaker would also block the claims and acks that drain a full
+                # Redis (and a publisher's retry as the half-open trial would re-open it: never recovering).
+                self.refused_at, self.refusal = time.monotonic(), str(res.error)
+                log.error("redis_write_refused", op=what, error=str(res.error))
+                raise StoreRefusedError(f"redis refused {what}: {res.error}", retry_after_ms=1_000)
             log.error("redis_error_reply", op=what, error=str(res.error))
             raise BrokerError(f"redis error reply during {what}: {res.error}")
         return res
@@ -179,6 +183,14 @@ class RedisStore:
         k = self.keys(topic)
 
         async def go() -> None:
+            # Check first: SADD is refused while Redis is at maxmemory even when nothing is added, and a consumer
+            # must be able to (re)subscribe to an existing group to drain a full Redis.
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sismember(topics_key(self.prefix), topic)
+                p.sismember(k.groups, group)
+                known = await p.execute()
+            if all(known):
+                return
             async with self.redis.pipeline(transaction=False) as p:
                 p.sadd(topics_key(self.prefix), topic)  # registry first: never a queue nobody can find
                 p.sadd(k.groups, group)
@@ -251,7 +263,7 @@ class RedisStore:
                     p.evalsha(script.sha, len(keys), *keys, *args)
                 for i, r in zip(again, await p.execute(raise_on_error=False), strict=True):
                     res[i] = r
-        for r in res:  # an outage must still reach the breaker as an exception
+        for r in res:  # an outage reaches the breaker as an exception; a refusal fails the call (not the breaker)
             if isinstance(r, RedisConnectionError | RedisTimeoutError) or (
                 isinstance(r, ResponseError) and is_refusal(r)
             ):
