@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Sequence
 
+import orjson
 import structlog
 
 from . import metrics
@@ -98,7 +99,7 @@ class Broker:
             self._nondurable_nag = asyncio.create_task(self._nag())
         self.dispatch = Dispatch(self.store, self.settings)
         self.publisher: Coalescer[PublishRequest, PublishResult] = Coalescer(self._publish_flush, 1000)
-        self.recovery = Recovery(self.store, self.dispatch)
+        self.recovery = Recovery(self.store, self.dispatch, self._status)
         self.recovery.start()
         self.handlers = await start_handlers(self.settings, self.dispatch)
         self.server = WsServer(self)
@@ -122,6 +123,23 @@ class Broker:
         for topic in {r.topic for r in reqs}:
             self.dispatch.wake(topic)
         return res
+
+    def _status(self) -> dict[str, str]:
+        """What this node tells `broker stats` through its heartbeat (a few hundred bytes, once a second)."""
+        consumers: dict[str, int] = {}
+        for (topic, group), gd in self.dispatch.dispatchers.items():
+            if gd.consumers:
+                consumers[f"{topic}/{group}"] = len(gd.consumers)
+        breakers = {self.redis_breaker.name: self.redis_breaker.state.value}
+        breakers.update({h.breaker.name: h.breaker.state.value for h in self.handlers})
+        ready, reasons = self.readiness()
+        return {
+            "consumers": orjson.dumps(consumers).decode(),
+            "breakers": orjson.dumps(breakers).decode(),
+            "ready": "1" if ready else "0",
+            "reasons": orjson.dumps(reasons).decode(),
+            "pid": str(os.getpid()),
+        }
 
     def readiness(self) -> tuple[bool, list[str]]:
         reasons = []

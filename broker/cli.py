@@ -106,26 +106,79 @@ def _open_store(args: argparse.Namespace) -> RedisStore:
     return RedisStore(connect_redis(url, settings), settings, breaker, "cli")
 
 
+async def _stats_rows(store: RedisStore, topic: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    pairs = await store.all_pairs()
+    if topic:
+        pairs = [p for p in pairs if p[0] == topic]
+    depths = await store.depths(pairs)
+    oldest = await store.oldest_ready(pairs)
+    nodes = await store.node_status()
+    consumers: dict[str, int] = {}
+    for n in nodes:
+        for pair, count in orjson.loads(n.get("consumers", "{}")).items():
+            consumers[pair] = consumers.get(pair, 0) + int(count)
+    now = time.time() * 1000
+    rows = [
+        {
+            "topic": d.topic, "group": d.group, "ready": d.ready, "leased": d.leased, "delayed": d.delayed,
+            "dead": d.dead, "consumers": consumers.get(f"{d.topic}/{d.group}", 0),
+            "oldest_ready_age_s": round((now - o) / 1000, 1) if o else None,
+        }
+        for d, o in zip(depths, oldest, strict=True)
+    ]  # fmt: skip
+    node_rows = [
+        {
+            "node": n["node"], "ready": n.get("ready") == "1", "breakers": orjson.loads(n.get("breakers", "{}")),
+            "reasons": orjson.loads(n.get("reasons", "[]")),
+            "heartbeat_age_s": round((now - int(n.get("heartbeat", "0"))) / 1000, 1),
+        }
+        for n in nodes
+    ]  # fmt: skip
+    return rows, node_rows
+
+
 async def _stats(args: argparse.Namespace) -> int:
+    """Depths, consumers, oldest message age per topic/group; node readiness and breaker states. With --watch, the
+    table refreshes and a `rate/s` column shows how fast each group's backlog (ready+delayed) changes."""
     store = _open_store(args)
+    previous: dict[tuple[str, str], tuple[float, int]] = {}
     try:
-        pairs = await store.all_pairs()
-        if args.topic:
-            pairs = [p for p in pairs if p[0] == args.topic]
-        depths = await store.depths(pairs)
+        while True:
+            rows, nodes = await _stats_rows(store, args.topic)
+            if args.json:
+                print(orjson.dumps(rows if not args.nodes else {"groups": rows, "nodes": nodes},
+                                   option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                    t = time.monotonic()
+                    for r in rows:
+                        key, backlog = (r["topic"], r["group"]), r["ready"] + r["delayed"]
+                        if key in previous:
+                            t0, b0 = previous[key]
+                            r["backlog_rate_s"] = round((backlog - b0) / max(1e-3, t - t0), 1)
+                        previous[key] = (t, backlog)
+                cols = ["topic", "group", "ready", "leased", "delayed", "dead", "consumers", "oldest_ready_age_s"]
+                if args.watch:
+                    cols.append("backlog_rate_s")
+                    for r in rows:
+                        r.setdefault("backlog_rate_s", "")
+                if rows:
+                    _print_table([{c: ("" if r[c] is None else r[c]) for c in cols} for r in rows], cols)
+                else:
+                    print("(no topics)")
+                print()
+                for n in nodes:
+                    state = "ready" if n["ready"] else "NOT READY: " + "; ".join(n["reasons"])
+                    breakers = ", ".join(f"{k}={v}" for k, v in n["breakers"].items())
+                    print(f"node {n['node']}: {state}; breakers {breakers}; heartbeat {n['heartbeat_age_s']}s ago")
+                if not nodes:
+                    print("(no broker node is running)")
+            if not args.watch:
+                return EXIT_OK
+            await asyncio.sleep(args.watch)
     finally:
         await store.close()
-    rows = [
-        {"topic": d.topic, "group": d.group, "ready": d.ready, "leased": d.leased, "delayed": d.delayed, "dead": d.dead}
-        for d in depths
-    ]
-    if args.json:
-        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-    elif rows:
-        _print_table(rows, ["topic", "group", "ready", "leased", "delayed", "dead"])
-    else:
-        print("(no topics)")
-    return EXIT_OK
 
 
 def _filter(args: argparse.Namespace) -> Filter:
@@ -330,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="queue depths per topic and group")
     st.add_argument("--topic")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--nodes", action="store_true", help="with --json: also the broker nodes and their breakers")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS (Ctrl-C to stop)")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
 

@@ -23,8 +23,11 @@ FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 
 
 class Recovery:
-    def __init__(self, store: RedisStore, dispatch: Dispatch) -> None:
+    def __init__(
+        self, store: RedisStore, dispatch: Dispatch, status: Callable[[], dict[str, str]] | None = None
+    ) -> None:
         self.store = store
+        self.status = status
         self.dispatch = dispatch
         settings = store.settings
         self.interval = settings.delivery.sweep_interval_ms / 1000
@@ -40,7 +43,7 @@ class Recovery:
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._loop("sweep", self.sweep_once, self.interval), name="sweep"),
-            asyncio.create_task(self._loop("heartbeat", self.store.heartbeat, 1.0), name="heartbeat"),
+            asyncio.create_task(self._loop("heartbeat", self.heartbeat_once, 1.0), name="heartbeat"),
             asyncio.create_task(self._loop("dlq_prune", self.prune_once, self.prune_interval), name="dlq_prune"),
         ]
 
@@ -89,6 +92,9 @@ class Recovery:
         if dead_nodes:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
+
+    async def heartbeat_once(self) -> None:
+        await self.store.heartbeat(self.status() if self.status is not None else None)
 
     async def prune_once(self) -> None:
         pairs = await self.store.all_pairs()

@@ -78,6 +78,11 @@ def schema_key(prefix: str) -> str:
     return f"{prefix}:schema"
 
 
+def node_key(prefix: str, node_id: str) -> str:
+    """HASH: one broker node's status (heartbeat, consumers per topic/group, breaker states); expires by itself."""
+    return f"{prefix}:node:{node_id}"
+
+
 def nodes_key(prefix: str) -> str:
     """ZSET broker node id -> last heartbeat (epoch ms)."""
     return f"{prefix}:nodes"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -38,7 +38,7 @@ from ..model import (
     now_ms,
 )
 from ..resilience import Breaker, BreakerOpenError, backoff_ms, backoff_table
-from .keys import SCHEMA_VERSION, TopicKeys, nodes_key, schema_key, topics_key
+from .keys import SCHEMA_VERSION, TopicKeys, node_key, nodes_key, schema_key, topics_key
 from .packer import connection_class
 
 T = TypeVar("T")
@@ -463,8 +463,51 @@ class RedisStore:
         groups = await self._run(go, "all_pairs")
         return [(t, g) for t, gs in zip(topics, groups, strict=True) for g in sorted(gs)]
 
-    async def heartbeat(self) -> None:
-        await self._run(lambda: self.redis.zadd(nodes_key(self.prefix), {self.node_id: now_ms()}), "heartbeat")
+    async def heartbeat(self, status: dict[str, str] | None = None) -> None:
+        """Record that this node is alive (ZSET used by the orphan sweep) and, with ``status``, what it is doing
+        (a HASH that expires by itself when the node stops: read by ``broker stats``)."""
+        now = now_ms()
+
+        async def go() -> None:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.zadd(nodes_key(self.prefix), {self.node_id: now})
+                if status is not None:
+                    key = node_key(self.prefix, self.node_id)
+                    p.hset(key, mapping=cast(Any, status))
+                    p.hset(key, "heartbeat", str(now))
+                    p.expire(key, max(5, self.settings.delivery.node_timeout_ms * 3 // 1000))
+                await p.execute()
+
+        await self._run(go, "heartbeat")
+
+    async def node_status(self) -> list[dict[str, str]]:
+        """Every live node's status hash (see ``heartbeat``)."""
+
+        async def go() -> list[dict[str, str]]:
+            nodes = [str(n) for n in await self.redis.zrange(nodes_key(self.prefix), 0, -1)]
+            async with self.redis.pipeline(transaction=False) as p:
+                for n in nodes:
+                    p.hgetall(node_key(self.prefix, n))
+                rows = await p.execute()
+            return [{"node": n, **row} for n, row in zip(nodes, rows, strict=True) if row]
+
+        return await self._run(go, "node_status")
+
+    async def oldest_ready(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
+        """``published_at`` of the message at the head of each group's ready list (None when empty)."""
+
+        async def go() -> list[int | None]:
+            async with self.redis.pipeline(transaction=False) as p:
+                for topic, group in pairs:
+                    p.lindex(self.keys(topic).group(group).ready, 0)
+                heads = await p.execute()
+            async with self.redis.pipeline(transaction=False) as p:
+                for (topic, _), head in zip(pairs, heads, strict=True):
+                    p.hget(self.keys(topic).body(head or "-"), "published_at")
+                stamps = await p.execute()
+            return [int(s) if s else None for s in stamps]
+
+        return await self._run(go, "oldest_ready")
 
     # ---- inspection ----------------------------------------------------------------------------------------
 
