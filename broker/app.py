@@ -103,6 +103,12 @@ class Broker:
         self.recovery.start()
         self.handlers = await start_handlers(self.settings, self.dispatch)
         self.server = WsServer(self)
+        if self.settings.auth.mode == "open":
+            log.warning("auth_open_mode", message="authentication is OFF (auth.mode = open): anyone who can reach "
+                        "this port can publish and consume. Configure [[tokens]] and auth.mode = tokens.")  # fmt: skip
+        elif not self.settings.tokens:
+            log.error("auth_no_tokens", message="auth.mode = tokens but no [[tokens]] configured: every connection "
+                      "will be refused")  # fmt: skip
         await self.server.start()
         log.info(
             "broker_started",

@@ -341,6 +341,18 @@ async def _diagnose(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if unrepaired else EXIT_OK
 
 
+async def _token_hash(args: argparse.Namespace) -> int:
+    from .auth import token_hash
+
+    token = args.token if args.token not in (None, "-") else sys.stdin.readline().strip()
+    if not token:
+        raise UsageError("give a token (or - to read it from stdin)")
+    h = token_hash(token)
+    print(h)
+    print(f'[[tokens]]\nname = "<client name>"\nsha256 = "{h}"\npublish = ["*"]\nsubscribe = ["*"]', file=sys.stderr)
+    return EXIT_OK
+
+
 def _embedded_url(settings: Settings) -> str | None:
     f = Path(settings.redis.data_dir) / "url"
     return f.read_text().strip() if f.is_file() else None
@@ -387,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS (Ctrl-C to stop)")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
+
+    th = sub.add_parser("token-hash", help="print the sha256 to put in a [[tokens]] table for a token")
+    th.add_argument("token", nargs="?", help="the token; '-' or omitted reads one line from stdin")
+    th.set_defaults(fn=_token_hash)
 
     dg = sub.add_parser("diagnose", help="check the Redis a broker uses; exit 1 when something is wrong")
     dg.add_argument("--repair", action="store_true", help="fix what is safe to fix, and say what was done")

@@ -71,6 +71,23 @@ class DlqSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    mode: str = "tokens"  # "tokens": every connection needs a configured token; "open": no authentication (loud)
+    allowed_origins: tuple[str, ...] = ()  # browser Origin values allowed; empty: any (non-browser clients send none)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """One credential, stored as the SHA-256 hex of the token (``broker token-hash``), never the token itself."""
+
+    name: str = ""
+    sha256: str = ""
+    publish: tuple[str, ...] = ("*",)  # topic patterns (fnmatch: `orders.*`) this token may publish to
+    subscribe: tuple[str, ...] = ("*",)  # topic patterns it may subscribe to
+    admin: bool = False  # operator commands over WebSocket (none yet)
+
+
+@dataclass(frozen=True)
 class HandlerSettings:
     """One in-process consumer: ``target`` is ``package.module:function``, an ``async def f(message)``."""
 
@@ -107,23 +124,29 @@ class Settings:
     dlq: DlqSettings = field(default_factory=DlqSettings)
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     handlers: tuple[HandlerSettings, ...] = ()  # [[handlers]] tables in TOML (not settable from the environment)
+    tokens: tuple[TokenSettings, ...] = ()  # [[tokens]] tables in TOML (not settable from the environment)
 
     def replace(self, section: str, **values: Any) -> Settings:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
 
 
-SECTIONS: dict[str, type[Any]] = {k: v for k, v in get_type_hints(Settings).items() if k != "handlers"}
+TABLE_ARRAYS = ("handlers", "tokens")
+SECTIONS: dict[str, type[Any]] = {k: v for k, v in get_type_hints(Settings).items() if k not in TABLE_ARRAYS}
 
 
 def setting_names() -> list[str]:
     """Every ``section.key``, in declaration order (docs/config.md lists exactly these), then ``handlers[].key``."""
     names = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-    return names + [f"handlers[].{f.name}" for f in dataclasses.fields(HandlerSettings)]
+    names += [f"handlers[].{f.name}" for f in dataclasses.fields(HandlerSettings)]
+    return names + [f"tokens[].{f.name}" for f in dataclasses.fields(TokenSettings)]
 
 
 def _coerce(where: str, kind: type[Any], value: Any) -> Any:
     try:
+        if kind is bool and not isinstance(value, bool) and not isinstance(value, str):
+            raise ValueError(value)
         if kind is bool:
             if isinstance(value, bool):
                 return value
@@ -154,20 +177,38 @@ def _coerce(where: str, kind: type[Any], value: Any) -> Any:
     raise ConfigError(f"{where}: unsupported type {kind}")
 
 
-def _handlers(raw: Any, source: str) -> tuple[HandlerSettings, ...]:
+_T = typing.TypeVar("_T")
+
+
+def _tables(raw: Any, source: str, name: str, cls: type[_T]) -> list[_T]:
+    """An array of tables (``[[name]]``), each checked against ``cls``: unknown keys are errors."""
     if not isinstance(raw, list) or not all(isinstance(t, Mapping) for t in raw):
-        raise ConfigError(f"{source}: handlers must be an array of tables ([[handlers]])")
-    hints = get_type_hints(HandlerSettings)
+        raise ConfigError(f"{source}: {name} must be an array of tables ([[{name}]])")
+    hints = get_type_hints(cls)
     out = []
     for i, table in enumerate(raw):
         for key in table:
             if key not in hints:
-                raise ConfigError(f"{source}: unknown setting handlers[{i}].{key} (known: {', '.join(hints)})")
-        values = {k: _coerce(f"{source}: handlers[{i}].{k}", hints[k], v) for k, v in table.items()}
-        h = HandlerSettings(**values)
+                raise ConfigError(f"{source}: unknown setting {name}[{i}].{key} (known: {', '.join(hints)})")
+        out.append(cls(**{k: _coerce(f"{source}: {name}[{i}].{k}", hints[k], v) for k, v in table.items()}))
+    return out
+
+
+def _handlers(raw: Any, source: str) -> tuple[HandlerSettings, ...]:
+    out = _tables(raw, source, "handlers", HandlerSettings)
+    for i, h in enumerate(out):
         if not h.topic or ":" not in h.target:
             raise ConfigError(f"{source}: handlers[{i}] needs topic and target = 'package.module:function'")
-        out.append(h)
+    return tuple(out)
+
+
+def _tokens(raw: Any, source: str) -> tuple[TokenSettings, ...]:
+    out = _tables(raw, source, "tokens", TokenSettings)
+    for i, t in enumerate(out):
+        if not t.name or len(t.sha256) != 64 or any(c not in "0123456789abcdef" for c in t.sha256):
+            raise ConfigError(f"{source}: tokens[{i}] needs a name and sha256 = 64 lowercase hex (broker token-hash)")
+    if len({t.sha256 for t in out}) != len(out):
+        raise ConfigError(f"{source}: two [[tokens]] have the same sha256")
     return tuple(out)
 
 
@@ -175,6 +216,9 @@ def _apply(settings: Settings, overrides: Mapping[str, Mapping[str, Any]], sourc
     for section, values in overrides.items():
         if section == "handlers":
             settings = dataclasses.replace(settings, handlers=_handlers(values, source))
+            continue
+        if section == "tokens":
+            settings = dataclasses.replace(settings, tokens=_tokens(values, source))
             continue
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
@@ -268,6 +312,8 @@ def validate(settings: Settings) -> Settings:
         problems.append("delivery.node_timeout_ms must be >= 1000")
     if not settings.dlq.prune_interval_s >= 1:
         problems.append("dlq.prune_interval_s must be >= 1")
+    if settings.auth.mode not in ("tokens", "open"):
+        problems.append("auth.mode must be 'tokens' or 'open'")
     if d.publish_without_group not in ("default", "reject"):
         problems.append("delivery.publish_without_group must be 'default' or 'reject'")
     if not 1 <= d.prefetch <= d.max_prefetch:

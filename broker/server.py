@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import weakref
 from typing import TYPE_CHECKING
 
 import orjson
@@ -14,6 +15,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from . import metrics
+from .auth import ANONYMOUS, Authenticator, Principal, Refusal
 from .session import Session, new_conn_id
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ class WsServer:
         self.broker = broker
         self.server: Server | None = None
         self.sessions: set[Session] = set()
+        self.auth = Authenticator(broker.settings.auth, broker.settings.tokens)
+        self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = weakref.WeakKeyDictionary()
 
     async def start(self) -> None:
         s = self.broker.settings.server
@@ -73,14 +77,24 @@ class WsServer:
             metrics.connections_total.labels("refused_path").inc()
             return _json(http.HTTPStatus.NOT_FOUND, {"error": "not_found", "message": f"no such path {path}"})
         if self.broker.stopping:
+            log.info("connection_refused", peer=_peer(conn), path=path, reason="shutting down")
             metrics.connections_total.labels("refused_shutdown").inc()
             return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": "shutting down"})
+        verdict = self.auth.check(request.path, request.headers.get("Authorization"), request.headers.get("Origin"))
+        if isinstance(verdict, Refusal):
+            # logged before anything else happens on this connection (seed 003: no record of refused callers)
+            log.info("connection_refused", peer=_peer(conn), path=path, reason=verdict.reason, status=verdict.status)
+            metrics.connections_total.labels("refused_auth" if verdict.status == 401 else "refused_origin").inc()
+            code = "unauthorized" if verdict.status == 401 else "forbidden"
+            return _json(http.HTTPStatus(verdict.status), {"error": code, "message": verdict.reason})
+        self._principals[conn] = verdict
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn_id = new_conn_id()
-        session = Session(self.broker, ws, conn_id)
-        log.info("connection_opened", conn_id=conn_id, peer=_peer(ws), path=ws.request.path if ws.request else "")
+        principal = self._principals.pop(ws, ANONYMOUS)
+        session = Session(self.broker, ws, conn_id, principal)
+        log.info("connection_opened", conn_id=conn_id, peer=_peer(ws), path=_path(ws), principal=principal.name)
         metrics.connections_total.labels("accepted").inc()
         metrics.connections.inc()
         self.sessions.add(session)
@@ -113,6 +127,11 @@ class WsServer:
             self.server.close(close_connections=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
+
+
+def _path(ws: ServerConnection) -> str:
+    """The request path without its query string (which may carry a token)."""
+    return ws.request.path.split("?", 1)[0] if ws.request else ""
 
 
 def _peer(conn: ServerConnection) -> str:

@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from . import metrics, protocol
+from .auth import ANONYMOUS, Principal
 from .dispatch import Consumer
 from .errors import BrokerError, ProtocolError, UnavailableError
 from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
@@ -32,8 +33,9 @@ WRITE_BURST = 256  # most frames written per socket write
 
 
 class Session:
-    def __init__(self, broker: Broker, ws: ServerConnection, conn_id: str) -> None:
+    def __init__(self, broker: Broker, ws: ServerConnection, conn_id: str, principal: Principal = ANONYMOUS) -> None:
         self.broker = broker
+        self.principal = principal
         self.ws = ws
         self.conn_id = conn_id
         self.log = log.bind(conn_id=conn_id)
@@ -175,7 +177,15 @@ class Session:
         metrics.frame_errors.labels(e.code).inc()
         self.send(protocol.error_from(e, ref, msg_id))
 
+    def _forbidden(self, verb: str, topic: str, ref: protocol.Ref) -> None:
+        metrics.child(metrics.frame_errors, "forbidden").inc()
+        self.log.info("request_forbidden", verb=verb, topic=topic, principal=self.principal.name)
+        self.send(protocol.error(ref, "forbidden", f"token {self.principal.name!r} may not {verb} topic {topic!r}"))
+
     async def _publish(self, req: protocol.Publish) -> None:
+        if not self.principal.may_publish(req.topic):
+            self._forbidden("publish to", req.topic, req.ref)
+            return
         await self._unconfirmed.acquire()  # backpressure: stop reading this client while too much is in flight
         fut = self.broker.publisher.submit(
             PublishRequest(req.topic, req.payload, req.headers, req.idempotency_key, req.delay_ms, req.key)
@@ -183,6 +193,10 @@ class Session:
         fut.add_done_callback(partial(self._published, req))
 
     async def _publish_batch(self, req: protocol.PublishBatch) -> None:
+        for p in req.items:  # all or nothing: one forbidden topic refuses the frame
+            if not self.principal.may_publish(p.topic):
+                self._forbidden("publish to", p.topic, req.ref)
+                return
         for _ in req.items:
             await self._unconfirmed.acquire()
         submit = self.broker.publisher.submit
@@ -330,6 +344,10 @@ class Session:
             self.send(protocol.reply("extended", req.ref, id=req.id, lease_expires_at=deadline))
 
     async def _subscribe(self, req: protocol.Subscribe) -> None:
+        for topic in req.topics:
+            if not self.principal.may_subscribe(topic):
+                self._forbidden("subscribe to", topic, req.ref)
+                return
         d = self.broker.settings.delivery
         prefetch = req.prefetch or d.prefetch
         lease_ms = req.lease_ms or d.lease_ms

@@ -198,12 +198,13 @@ def test_shipped_broker_toml_loads_and_lists_every_setting() -> None:
     # Given the shipped config file, When loaded without environment, Then it is valid and equals the defaults
     import tomllib
 
-    assert load_settings(BROKER_TOML, environ={}) == Settings()
+    # (except auth.mode, which the file sets to "open" explicitly: open mode must never be a silent default)
+    shipped = load_settings(BROKER_TOML, environ={})
+    assert shipped == Settings().replace("auth", mode="open") and Settings().auth.mode == "tokens"
     # And it spells out every setting, so the file documents them all
     data = tomllib.loads(BROKER_TOML.read_text())
     listed = {f"{section}.{key}" for section, values in data.items() for key in values}
-    # handlers are an array of tables, shown as a commented example in the file
-    assert listed == {n for n in setting_names() if not n.startswith("handlers[]")}
-    assert all(
-        f"# {n.split('.')[-1]} = " in BROKER_TOML.read_text() for n in setting_names() if n.startswith("handlers[]")
-    )
+    # handlers and tokens are arrays of tables, shown as commented examples in the file
+    tables = ("handlers[]", "tokens[]")
+    assert listed == {n for n in setting_names() if not n.startswith(tables)}
+    assert all(f"# {n.split('.')[-1]} = " in BROKER_TOML.read_text() for n in setting_names() if n.startswith(tables))

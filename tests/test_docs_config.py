@@ -12,13 +12,13 @@ from typing import Any, get_type_hints
 
 import pytest
 
-from broker.config import SECTIONS, HandlerSettings, Settings, load_settings, setting_names
+from broker.config import SECTIONS, HandlerSettings, Settings, TokenSettings, load_settings, setting_names
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "config.md"
 BROKER_TOML = REPO / "config" / "broker.toml"
 
-_ROW = re.compile(r"^\|\s*`(?P<name>[a-z_]+(?:\[\])?\.[a-z_]+)`\s*\|(?P<rest>.*)\|\s*$")
+_ROW = re.compile(r"^\|\s*`(?P<name>[a-z_]+(?:\[\])?\.[a-z_0-9]+)`\s*\|(?P<rest>.*)\|\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,8 @@ def actual(name: str) -> tuple[Any, Any]:
     section, key = name.split(".")
     if section == "handlers[]":
         return getattr(HandlerSettings(), key), get_type_hints(HandlerSettings)[key]
+    if section == "tokens[]":
+        return getattr(TokenSettings(), key), get_type_hints(TokenSettings)[key]
     return getattr(getattr(Settings(), section), key), get_type_hints(SECTIONS[section])[key]
 
 
@@ -84,11 +86,11 @@ def test_documented_default_type_and_env_var_are_real(name: str) -> None:
     )
     assert row.type == type_word(kind)
     section, key = name.split(".")
-    if section == "handlers[]":
+    if section in ("handlers[]", "tokens[]"):
         assert row.env.startswith("—"), f"{name} cannot be set from the environment"
     else:
         var = f"BROKER_{section}_{key}".upper()
-        assert row.env == f"`{var}`"
+        assert row.env.split(" ")[0] == f"`{var}`"
         assert getattr(getattr(load_settings(environ={var: _env_text(default)}), section), key) == default
     assert row.meaning, f"{name} has no meaning"
 
@@ -98,11 +100,12 @@ def _env_text(value: Any) -> str:
 
 
 def test_config_file_documents_exactly_the_defaults() -> None:
-    assert load_settings(str(BROKER_TOML), environ={}) == Settings()
+    # but auth.mode: the file sets "open" explicitly (open mode is never a silent default)
+    assert load_settings(str(BROKER_TOML), environ={}) == Settings().replace("auth", mode="open")
 
 
 def test_config_file_lists_every_section_key() -> None:
     # config/broker.toml says it lists every key; the handlers array is shown commented out (no handler by default)
     data = tomllib.loads(BROKER_TOML.read_text())
     listed = {f"{s}.{k}" for s, table in data.items() for k in table}
-    assert listed == {n for n in setting_names() if not n.startswith("handlers[].")}
+    assert listed == {n for n in setting_names() if not n.startswith(("handlers[].", "tokens[]."))}
