@@ -30,6 +30,7 @@ import orjson
 from . import BenchError, SetupError
 from . import baselines as _baselines  # noqa: F401  (registers relay, relay-lat, nats)
 from . import batchmode as _batchmode  # noqa: F401  (registers s1b)
+from . import retry as _retry  # noqa: F401  (registers s4, reprocess)
 from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3)
 from .procs import (
     DEFAULT_BROKER_CMD,
@@ -52,7 +53,7 @@ from .registry import (
     combine,
 )
 
-DEFAULT_ORDER = ("relay", "nats", "s1", "s2", "s3")
+DEFAULT_ORDER = ("relay", "nats", "s1", "s2", "s3", "s4", "reprocess")
 
 
 def log(msg: str) -> None:
@@ -69,7 +70,8 @@ def _env_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Broker benchmarks (S1 throughput, S2 fan-out, S3 latency) with relay and NATS baselines.",
+        description="Broker benchmarks (S1 throughput, S2 fan-out, S3 latency, S4 retries, DLQ reprocess)"
+        " with relay and NATS baselines.",
         epilog="Scenarios: "
         + "; ".join(f"{s.name}{'' if s.default else ' (opt-in)'}" for s in SCENARIOS.values())
         + ". See bench/README.md.",
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--fanout-messages", type=int, help="S2 message count (default 5000)")
     size.add_argument("--latency-seconds", type=float, help="S3 duration (default 10)")
     size.add_argument("--latency-rate", type=int, help="S3 messages per second (default 1000)")
+    size.add_argument("--dead-letters", type=int, help="reprocess: dead letters to create (default 100000)")
     size.add_argument("--warmup", type=int, dest="warmup_messages", help="untimed warm-up messages per run")
     size.add_argument("--run-timeout", type=float, dest="run_timeout_s", help="hard limit per timed run, s")
     size.add_argument(
@@ -265,7 +268,7 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
             m = r.metric(t.metric) if r.status not in ("error", "skipped") else None
             value = None if m is None or math.isnan(m.value) else m.value
             entry["value"] = value
-            ok = None if value is None else value <= (t.max_value if t.max_value is not None else math.inf)
+            ok = None if value is None else t.met_by(value)
         entry["met"] = ok
         out.append(entry)
     return out
@@ -298,7 +301,7 @@ def render_table(results: dict[str, ScenarioResult], evaluations: list[dict[str,
             cells.append(r.status.upper())
             rows.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    right = {2, 4, 5}
+    right = {2, *range(4, 4 + len(RATIO_COLUMNS))}
     lines = []
     for i, row in enumerate([head, *rows]):
         lines.append(
@@ -355,13 +358,23 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
         fanout_messages=args.fanout_messages,
         latency_seconds=args.latency_seconds,
         latency_rate=args.latency_rate,
+        dead_letters=args.dead_letters,
         warmup_messages=args.warmup_messages,
         run_timeout_s=args.run_timeout_s,
         confirm_acks=False if args.no_ack_confirm else None,
     )
     bad = [
         f"{k} must be positive"
-        for k in ("messages", "window", "prefetch", "ack_batch", "fanout_messages", "latency_rate", "payload_bytes")
+        for k in (
+            "messages",
+            "window",
+            "prefetch",
+            "ack_batch",
+            "fanout_messages",
+            "latency_rate",
+            "payload_bytes",
+            "dead_letters",
+        )
         if getattr(sizes, k) <= 0
     ]
     if sizes.payload_bytes < 48:
@@ -406,6 +419,8 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
         ctx = Context(
             sizes=sizes,
             broker_url=res.broker.ws_url if res.broker else "",
+            redis_url=res.redis.url if res.redis else "",
+            broker_env=dict(args.broker_env),
             relay_url=res.relay.ws_url if res.relay else "",
             nats_url=args.nats_url,
             nats_storage=args.nats_storage,

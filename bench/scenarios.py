@@ -44,13 +44,23 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
 class BrokerRun:
     """One timed run: N consumers (one connection each, one group each) and one publisher on one topic."""
 
-    def __init__(self, ctx: Context, tag: str, messages: int, groups: Sequence[str], *, ack_batch: int) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        tag: str,
+        messages: int,
+        groups: Sequence[str],
+        *,
+        ack_batch: int,
+        consumer_cls: type[AckingConsumer] = AckingConsumer,
+    ) -> None:
         self.ctx = ctx
         self.sizes = ctx.sizes
         self.topic = new_topic(tag)
         self.messages = messages
         self.groups = list(groups)
         self.ack_batch = ack_batch
+        self.consumer_cls = consumer_cls  # e.g. a subclass that nacks some deliveries (S4)
         self.abort = Abort()
         self.deadline = perf() + self.sizes.run_timeout_s
         self.conns: list[BrokerConn] = []
@@ -70,7 +80,7 @@ class BrokerRun:
         for g in self.groups:
             conn = await BrokerConn.open(self.ctx.broker_url, f"consumer-{g}", self.abort, s.connect_timeout_s)
             self.conns.append(conn)
-            consumer = AckingConsumer(
+            consumer = self.consumer_cls(
                 conn,
                 self.messages,
                 ack_batch=self.ack_batch,

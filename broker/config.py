@@ -28,6 +28,14 @@ class ServerSettings:
     max_unconfirmed_publishes: int = 10_000  # per connection; beyond it the reader waits (backpressure)
     outbox_high_water: int = 1_000  # frames queued to one client before deliveries to it pause
     shutdown_grace_ms: int = 5_000
+    max_connections: int = 10_000  # in total on this node; beyond it the handshake gets HTTP 503
+    max_connections_per_token: int = 1_000  # per token name (auth.mode = tokens); beyond it HTTP 429
+    max_subscriptions_per_connection: int = 100  # (topic, group) pairs one connection may consume
+    publish_rate_per_s: float = 50_000.0  # per connection, token bucket; 0 = unlimited. Excess: rate_limited
+    publish_burst: int = 100_000  # tokens a connection may save up
+    max_bad_frames: int = 1_000  # invalid frames one connection may send; then it is closed with 1008
+    handshake_timeout_s: float = 10.0  # opening handshake must complete within this
+    idle_timeout_s: float = 0.0  # close a connection that sent nothing for this long (0: off; pings find dead peers)
 
 
 @dataclass(frozen=True)
@@ -277,6 +285,14 @@ def validate(settings: Settings) -> Settings:
         ("server.max_unconfirmed_publishes", sv.max_unconfirmed_publishes, 1),
         ("server.outbox_high_water", sv.outbox_high_water, 1),
         ("server.shutdown_grace_ms", sv.shutdown_grace_ms, 0),
+        ("server.max_connections", sv.max_connections, 1),
+        ("server.max_connections_per_token", sv.max_connections_per_token, 1),
+        ("server.max_subscriptions_per_connection", sv.max_subscriptions_per_connection, 1),
+        ("server.publish_rate_per_s", sv.publish_rate_per_s, 0),
+        ("server.publish_burst", sv.publish_burst, 1),
+        ("server.max_bad_frames", sv.max_bad_frames, 1),
+        ("server.handshake_timeout_s", sv.handshake_timeout_s, 0.1),
+        ("server.idle_timeout_s", sv.idle_timeout_s, 0),
         ("redis.socket_timeout_ms", rd.socket_timeout_ms, 1),
         ("redis.connect_timeout_ms", rd.connect_timeout_ms, 1),
         ("delivery.lease_ms", d.lease_ms, 100),

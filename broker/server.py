@@ -42,6 +42,7 @@ class WsServer:
         self.sessions: set[Session] = set()
         self.auth = Authenticator(broker.settings.auth, broker.settings.tokens)
         self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = weakref.WeakKeyDictionary()
+        self._per_token: dict[str, int] = {}
 
     async def start(self) -> None:
         s = self.broker.settings.server
@@ -54,6 +55,7 @@ class WsServer:
             max_queue=64,
             ping_interval=20,
             ping_timeout=20,
+            open_timeout=s.handshake_timeout_s,
             compression=None,
         )
 
@@ -87,6 +89,17 @@ class WsServer:
             metrics.connections_total.labels("refused_auth" if verdict.status == 401 else "refused_origin").inc()
             code = "unauthorized" if verdict.status == 401 else "forbidden"
             return _json(http.HTTPStatus(verdict.status), {"error": code, "message": verdict.reason})
+        s = self.broker.settings.server
+        busy = None
+        if len(self.sessions) >= s.max_connections:
+            busy = (http.HTTPStatus.SERVICE_UNAVAILABLE, f"node at server.max_connections ({s.max_connections})")
+        elif verdict.name != ANONYMOUS.name and self._per_token.get(verdict.name, 0) >= s.max_connections_per_token:
+            busy = (http.HTTPStatus.TOO_MANY_REQUESTS, f"token at server.max_connections_per_token "
+                    f"({s.max_connections_per_token})")  # fmt: skip
+        if busy is not None:
+            log.warning("connection_refused", peer=_peer(conn), path=path, reason=busy[1], principal=verdict.name)
+            metrics.connections_total.labels("refused_limit").inc()
+            return _json(busy[0], {"error": "rate_limited", "message": busy[1], "retry_after_ms": 1000})
         self._principals[conn] = verdict
         return None
 
@@ -98,10 +111,12 @@ class WsServer:
         metrics.connections_total.labels("accepted").inc()
         metrics.connections.inc()
         self.sessions.add(session)
+        self._per_token[principal.name] = self._per_token.get(principal.name, 0) + 1
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self._per_token[principal.name] -= 1
             metrics.connections.dec()
 
     def stop_accepting(self) -> None:

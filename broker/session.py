@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from . import metrics, protocol
 from .auth import ANONYMOUS, Principal
 from .dispatch import Consumer
 from .errors import BrokerError, ProtocolError, UnavailableError
+from .limits import TokenBucket
 from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
 from .store import NackOutcome
 
@@ -49,6 +51,8 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._was_congested = False
+        self._bad_frames = 0
+        self._bucket = TokenBucket(s.server.publish_rate_per_s, s.server.publish_burst, time.monotonic())
 
     # ---- Outlet --------------------------------------------------------------------------------------------
 
@@ -117,9 +121,23 @@ class Session:
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}")
         close_reason = "client closed"
+        idle = self.broker.settings.server.idle_timeout_s
         try:
-            async for frame in self.ws:
-                await self.handle(frame)
+            if idle <= 0:
+                async for frame in self.ws:
+                    await self.handle(frame)
+            else:
+                while True:
+                    try:
+                        async with asyncio.timeout(idle):
+                            frame = await self.ws.recv()
+                    except TimeoutError:
+                        close_reason = f"idle for {idle:g}s (server.idle_timeout_s)"
+                        await self.ws.close(1000, "idle timeout")
+                        break
+                    await self.handle(frame)
+        except ConnectionClosedOK:
+            pass
         except ConnectionClosed as e:
             close_reason = f"connection lost: {e}"
         finally:
@@ -153,6 +171,10 @@ class Session:
         except ProtocolError as e:
             metrics.frames_in.labels("invalid").inc()
             self._error(e)
+            self._bad_frames += 1
+            if self._bad_frames > self.broker.settings.server.max_bad_frames:  # abuse, not a mistake: 1008
+                self.log.warning("connection_closed_abuse", bad_frames=self._bad_frames)
+                self._spawn(self.ws.close(1008, "too many invalid frames"))
             return
         op = type(req).__name__.lower()
         metrics.child(metrics.frames_in, op).inc()
@@ -182,9 +204,26 @@ class Session:
         self.log.info("request_forbidden", verb=verb, topic=topic, principal=self.principal.name)
         self.send(protocol.error(ref, "forbidden", f"token {self.principal.name!r} may not {verb} topic {topic!r}"))
 
+    def _rate_limited(self, n: int, ref: protocol.Ref) -> bool:
+        wait_ms = self._bucket.take(n, time.monotonic())
+        if wait_ms:
+            metrics.child(metrics.frame_errors, "rate_limited").inc()
+            limit = self.broker.settings.server.publish_rate_per_s
+            self.send(
+                protocol.error(
+                    ref,
+                    "rate_limited",
+                    f"over {limit:g} publishes/s on this connection; nothing stored",
+                    retry_after_ms=wait_ms,
+                )
+            )
+        return wait_ms > 0
+
     async def _publish(self, req: protocol.Publish) -> None:
         if not self.principal.may_publish(req.topic):
             self._forbidden("publish to", req.topic, req.ref)
+            return
+        if self._rate_limited(1, req.ref):
             return
         await self._unconfirmed.acquire()  # backpressure: stop reading this client while too much is in flight
         fut = self.broker.publisher.submit(
@@ -197,6 +236,8 @@ class Session:
             if not self.principal.may_publish(p.topic):
                 self._forbidden("publish to", p.topic, req.ref)
                 return
+        if self._rate_limited(len(req.items), req.ref):
+            return
         for _ in req.items:
             await self._unconfirmed.acquire()
         submit = self.broker.publisher.submit
@@ -348,6 +389,12 @@ class Session:
             if not self.principal.may_subscribe(topic):
                 self._forbidden("subscribe to", topic, req.ref)
                 return
+        cap = self.broker.settings.server.max_subscriptions_per_connection
+        active = {(c.topic, c.group) for c in self.consumers if c.active}
+        if len(active | {(t, req.group) for t in req.topics}) > cap:
+            self._error(ProtocolError(f"more than server.max_subscriptions_per_connection ({cap}) on one connection"),
+                        req.ref)  # fmt: skip
+            return
         d = self.broker.settings.delivery
         prefetch = req.prefetch or d.prefetch
         lease_ms = req.lease_ms or d.lease_ms

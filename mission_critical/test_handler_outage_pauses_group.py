@@ -38,8 +38,10 @@ async def test_handler_outage_pauses_group_and_fills_no_dlq(redis: RedisServer, 
     outage, log = tmp_path / "outage", tmp_path / "handled.jsonl"
     outage.touch()  # downstream is down
     cfg = tmp_path / "broker.toml"
-    cfg.write_text('[auth]\nmode = "open"\n[[handlers]]\ntopic = "mail"\ngroup = "sender"\ntarget = "tests.fixture_handlers:flaky"\n'
-                   "concurrency = 5\ntimeout_ms = 1000\n")  # fmt: skip
+    cfg.write_text(
+        '[auth]\nmode = "open"\n[[handlers]]\ntopic = "mail"\ngroup = "sender"\n'
+        'target = "tests.fixture_handlers:flaky"\nconcurrency = 5\ntimeout_ms = 1000\n'
+    )
     env = {**ENV, "HANDLER_OUTAGE": str(outage), "HANDLER_LOG": str(log)}
     with BrokerProcess(redis.url, env=env, config=cfg) as broker:
         async with BrokerClient(broker.url) as c:

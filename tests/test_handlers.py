@@ -32,7 +32,9 @@ def redis() -> Iterator[RedisServer]:
 
 def handler_config(tmp_path: Path, target: str, topic: str) -> Path:
     cfg = tmp_path / "broker.toml"
-    cfg.write_text(f'[auth]\nmode = "open"\n[[handlers]]\ntopic = "{topic}"\ngroup = "h"\ntarget = "{target}"\ntimeout_ms = 2000\n')
+    cfg.write_text(
+        f'[auth]\nmode = "open"\n[[handlers]]\ntopic = "{topic}"\ngroup = "h"\ntarget = "{target}"\ntimeout_ms = 2000\n'
+    )
     return cfg
 
 
