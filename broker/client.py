@@ -11,6 +11,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 import orjson
@@ -108,8 +109,10 @@ class BrokerClient:
         reconnect: bool = True,
         request_timeout_s: float = 30.0,
         reconnect_deadline_s: float = 300.0,
+        ssl: SSLContext | None = None,  # for wss:// with a private CA (default: the system's trust store)
     ) -> None:
         self.url = url
+        self.ssl = ssl
         self.token = token
         self.reconnect = reconnect
         self.request_timeout_s = request_timeout_s
@@ -139,7 +142,8 @@ class BrokerClient:
         its reader ignored, so a delivery can only be settled on the connection that carried it."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         old = self._ws
-        ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None)
+        extra: dict[str, Any] = {"ssl": self.ssl} if self.ssl is not None else {}
+        ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None, **extra)
         self._ws = ws
         if old is not None:
             await old.close()

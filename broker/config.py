@@ -35,6 +35,8 @@ class ServerSettings:
     publish_burst: int = 100_000  # tokens a connection may save up
     max_bad_frames: int = 1_000  # invalid frames one connection may send; then it is closed with 1008
     handshake_timeout_s: float = 10.0  # opening handshake must complete within this
+    tls_cert_file: str = ""  # PEM certificate (chain); with tls_key_file: serve wss:// and https:// only
+    tls_key_file: str = ""
     idle_timeout_s: float = 0.0  # close a connection that sent nothing for this long (0: off; pings find dead peers)
 
 
@@ -328,6 +330,8 @@ def validate(settings: Settings) -> Settings:
         problems.append("delivery.node_timeout_ms must be >= 1000")
     if not settings.dlq.prune_interval_s >= 1:
         problems.append("dlq.prune_interval_s must be >= 1")
+    if bool(sv.tls_cert_file) != bool(sv.tls_key_file):
+        problems.append("server.tls_cert_file and server.tls_key_file go together")
     if settings.auth.mode not in ("tokens", "open"):
         problems.append("auth.mode must be 'tokens' or 'open'")
     if d.publish_without_group not in ("default", "reject"):

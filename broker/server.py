@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ssl
 import weakref
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from websockets.http11 import Request, Response
 
 from . import metrics
 from .auth import ANONYMOUS, Authenticator, Principal, Refusal
+from .errors import ConfigError
 from .session import Session, new_conn_id
 
 if TYPE_CHECKING:
@@ -46,6 +48,14 @@ class WsServer:
 
     async def start(self) -> None:
         s = self.broker.settings.server
+        tls = None
+        if s.tls_cert_file:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                tls.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"cannot load TLS certificate/key: {e}") from None
         self.server = await serve(
             self._handle,
             s.host,
@@ -56,6 +66,7 @@ class WsServer:
             ping_interval=20,
             ping_timeout=20,
             open_timeout=s.handshake_timeout_s,
+            ssl=tls,
             compression=None,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,14 @@ class BrokerProcess:
     """``python -m broker serve`` on a free loopback port against ``redis_url``; env adds BROKER_* settings."""
 
     def __init__(
-        self, redis_url: str, env: dict[str, str] | None = None, port: int | None = None, config: Path | None = None
+        self,
+        redis_url: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        config: Path | None = None,
+        tls: ssl.SSLContext | None = None,  # the broker serves TLS: talk https/wss, trusting this context
     ) -> None:
+        self.tls = tls
         self.redis_url = redis_url
         self.config = config or ROOT / "config/broker.toml"
         self.port = port or free_port()
@@ -37,11 +44,11 @@ class BrokerProcess:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
+        return f"wss://localhost:{self.port}/" if self.tls else f"ws://127.0.0.1:{self.port}/"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
 
     def start(self) -> BrokerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
@@ -65,7 +72,7 @@ class BrokerProcess:
 
     def get(self, path: str, timeout_s: float = 2.0) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(self.http + path, timeout=timeout_s) as r:
+            with urllib.request.urlopen(self.http + path, timeout=timeout_s, context=self.tls) as r:
                 return int(r.status), bytes(r.read())
         except urllib.error.HTTPError as e:
             return int(e.code), bytes(e.read())
