@@ -46,7 +46,8 @@ class Consumer:
         self.group = group
         self.prefetch = prefetch
         self.lease_ms = lease_ms
-        self.inflight: dict[str, tuple[str, int, int]] = {}  # message id -> (receipt, attempt, lease deadline ms)
+        # message id -> (receipt, attempt, lease deadline ms, published_at ms)
+        self.inflight: dict[str, tuple[str, int, int, int]] = {}
         self.active = True
         self.batch = False  # deliveries go out as `messages` frames
 
@@ -57,7 +58,7 @@ class Consumer:
         if free <= 0:
             # Leases that ran out are no longer this consumer's: Redis reschedules them, the credit comes back.
             now = now_ms()
-            for msg_id in [i for i, (_, _, deadline) in self.inflight.items() if deadline < now]:
+            for msg_id in [i for i, (_, _, deadline, _) in self.inflight.items() if deadline < now]:
                 del self.inflight[msg_id]
             free = self.prefetch - len(self.inflight)
         return free
@@ -137,7 +138,7 @@ class GroupDispatcher:
             self.dispatch.release_later(self.topic, self.group, deliveries)
             return
         for dv in deliveries:
-            c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at)
+            c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at, dv.published_at)
             c.outlet.send_delivery(c, dv)
         metrics.child(metrics.delivered, self.topic, self.group).inc(len(deliveries))
 
@@ -201,7 +202,9 @@ class Dispatch:
     # ---- settlement ----------------------------------------------------------------------------------------
 
     def ack(self, consumer: Consumer, item: AckItem) -> asyncio.Future[bool]:
-        consumer.inflight.pop(item.id, None)
+        held = consumer.inflight.pop(item.id, None)
+        if held is not None:
+            metrics.publish_to_ack.observe(max(0.0, (now_ms() - held[3]) / 1000))
         key = (consumer.topic, consumer.group)
         co = self._acks.get(key)
         if co is None:
@@ -240,7 +243,7 @@ class Dispatch:
         deadline = await self.store.extend(consumer.topic, consumer.group, msg_id, receipt, lease_ms)
         held = consumer.inflight.get(msg_id)
         if deadline is not None and held is not None:
-            consumer.inflight[msg_id] = (held[0], held[1], deadline)
+            consumer.inflight[msg_id] = (held[0], held[1], deadline, held[3])
         return deadline
 
     def _wake_key(self, key: tuple[str, str]) -> None:
@@ -254,10 +257,10 @@ class Dispatch:
         self.remove(consumer)
         if not consumer.inflight:
             return
-        back = [AckItem(i, r) for i, (r, _, _) in consumer.inflight.items() if i in unsent]
+        back = [AckItem(i, held[0]) for i, held in consumer.inflight.items() if i in unsent]
         if back:
             self._spawn(self._release(consumer.topic, consumer.group, back))
-        for msg_id, (receipt, attempt, _) in list(consumer.inflight.items()):
+        for msg_id, (receipt, attempt, *_) in list(consumer.inflight.items()):
             if msg_id in unsent:
                 continue
             fut = self._nack(consumer.topic, consumer.group, NackItem(msg_id, receipt, reason, 0), attempt, consumer.id)

@@ -12,6 +12,17 @@ connections = Gauge("broker_open_connections", "Open WebSocket connections", reg
 connections_total = Counter(
     "broker_connections_total", "WebSocket connections by outcome", ["outcome"], registry=REGISTRY
 )
+frames_out = Counter("broker_frames_out_total", "Frames written to clients", registry=REGISTRY)
+queue_depth = Gauge(
+    "broker_queue_depth", "Messages per topic, group and state (refreshed every few seconds)",
+    ["topic", "group", "state"], registry=REGISTRY,
+)  # fmt: skip
+publish_to_ack = Histogram(
+    "broker_publish_to_ack_seconds",
+    "From publish (stored) to the consumer's ack reaching this broker",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+    registry=REGISTRY,
+)
 frames_in = Counter("broker_frames_in_total", "Frames received by op", ["op"], registry=REGISTRY)
 frame_errors = Counter("broker_frame_errors_total", "Error frames sent, by code", ["code"], registry=REGISTRY)
 published = Counter("broker_published_total", "Messages confirmed to publishers", ["topic"], registry=REGISTRY)
@@ -55,7 +66,7 @@ redis_latency = Histogram(
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
-def child(metric: Counter, *labels: str) -> Any:
+def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
     """``metric.labels(*labels)``, cached: the lookup costs more than the increment on per-frame paths."""
     key = (id(metric), labels)
     c = _children.get(key)

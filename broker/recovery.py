@@ -20,6 +20,7 @@ log = structlog.get_logger("broker.recovery")
 
 PAIRS_REFRESH_S = 2.0
 FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
+GAUGE_INTERVAL_S = 5.0  # queue-depth gauges in /metrics are this fresh
 
 
 class Recovery:
@@ -45,6 +46,7 @@ class Recovery:
             asyncio.create_task(self._loop("sweep", self.sweep_once, self.interval), name="sweep"),
             asyncio.create_task(self._loop("heartbeat", self.heartbeat_once, 1.0), name="heartbeat"),
             asyncio.create_task(self._loop("dlq_prune", self.prune_once, self.prune_interval), name="dlq_prune"),
+            asyncio.create_task(self._loop("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S), name="depth_gauges"),
         ]
 
     async def _loop(self, name: str, step: Callable[[], Awaitable[object]], every_s: float) -> None:
@@ -92,6 +94,13 @@ class Recovery:
         if dead_nodes:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
+
+    async def gauges_once(self) -> None:
+        pairs = await self.store.all_pairs()
+        for i in range(0, len(pairs), 200):
+            for d in await self.store.depths(pairs[i : i + 200]):
+                for state, n in (("ready", d.ready), ("leased", d.leased), ("delayed", d.delayed), ("dead", d.dead)):
+                    metrics.child(metrics.queue_depth, d.topic, d.group, state).set(n)
 
     async def heartbeat_once(self) -> None:
         await self.store.heartbeat(self.status() if self.status is not None else None)

@@ -84,35 +84,40 @@ class Session:
 
     async def _writer(self) -> None:
         """Flush the outbox in bursts: every frame queued so far goes out in one socket write (websockets'
-        documented ``send_context`` + ``protocol.send_text``), not one write and one await per frame."""
+        documented ``send_context`` + ``protocol.send_text``), not one write and one await per frame. Consecutive
+        deliveries of batch subscriptions share one ``messages`` frame."""
         ws = self.ws
         out = self.out
+        send_text = ws.protocol.send_text
         while True:
             await self._out_ready.wait()
             self._out_ready.clear()
             while out:
+                frames = 0
                 async with ws.send_context():
-                    batch: list[bytes] = []  # consecutive deliveries for batch subscriptions: one frame
+                    batch: list[bytes] = []
                     for _ in range(min(len(out), WRITE_BURST)):
                         item = out.popleft()
                         if isinstance(item, str):
-                            if batch:
-                                ws.protocol.send_text(protocol.messages_bytes(batch))
-                                batch = []
-                            ws.protocol.send_text(item.encode())
-                            continue
-                        c, dv = item
-                        if not (c.active and dv.id in c.inflight):
-                            continue
-                        if c.batch:
-                            batch.append(protocol.message_bytes(dv))
+                            data = item.encode()
                         else:
-                            if batch:
-                                ws.protocol.send_text(protocol.messages_bytes(batch))
-                                batch = []
-                            ws.protocol.send_text(protocol.message_bytes(dv))
+                            c, dv = item
+                            if not (c.active and dv.id in c.inflight):
+                                continue
+                            if c.batch:
+                                batch.append(protocol.message_bytes(dv))
+                                continue
+                            data = protocol.message_bytes(dv)
+                        if batch:
+                            send_text(protocol.messages_bytes(batch))
+                            frames += 1
+                            batch = []
+                        send_text(data)
+                        frames += 1
                     if batch:
-                        ws.protocol.send_text(protocol.messages_bytes(batch))
+                        send_text(protocol.messages_bytes(batch))
+                        frames += 1
+                metrics.frames_out.inc(frames)
             if self._was_congested:
                 self._was_congested = False
                 for c in self.consumers:

@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .. import metrics
 from ..config import Settings
 from ..errors import BrokerError, StoreRefusedError, UnavailableError
 from ..model import (
@@ -139,10 +140,13 @@ class RedisStore:
 
     async def _run(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
         async def answered() -> T | _Answered:
+            t0 = time.perf_counter()
             try:
                 return await fn()
             except ResponseError as e:  # refusals too: Redis is up and answering (reads, acks, deletes still work)
                 return _Answered(e)
+            finally:
+                metrics.child(metrics.redis_latency, what).observe(time.perf_counter() - t0)
 
         try:
             res = await self.breaker.call(answered)
