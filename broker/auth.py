@@ -8,7 +8,9 @@ stored or logged. Each token carries publish/subscribe topic patterns (``fnmatch
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,6 +27,7 @@ class Principal:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     admin: bool = False
+    expires_at: float | None = None  # epoch seconds
 
     def may_publish(self, topic: str) -> bool:
         return any(fnmatchcase(topic, p) for p in self.publish)
@@ -46,9 +49,14 @@ class Authenticator:
     def __init__(self, auth: AuthSettings, tokens: tuple[TokenSettings, ...]) -> None:
         self.open = auth.mode == "open"
         self.origins = frozenset(auth.allowed_origins)
-        self.by_hash = {t.sha256: Principal(t.name, t.publish, t.subscribe, t.admin) for t in tokens}
+        self.by_hash = {
+            t.sha256: Principal(t.name, t.publish, t.subscribe, t.admin, _epoch(t.expires) if t.expires else None)
+            for t in tokens
+        }
 
-    def check(self, path: str, authorization: str | None, origin: str | None) -> Principal | Refusal:
+    def check(
+        self, path: str, authorization: str | None, origin: str | None, now: float | None = None
+    ) -> Principal | Refusal:
         if self.origins and origin is not None and origin not in self.origins:
             return Refusal(403, f"origin {origin!r} is not allowed")
         if self.open:
@@ -67,4 +75,11 @@ class Authenticator:
         principal = self.by_hash.get(token_hash(token))
         if principal is None:
             return Refusal(401, "invalid token")
+        if principal.expires_at is not None and (now if now is not None else time.time()) >= principal.expires_at:
+            return Refusal(401, f"token {principal.name!r} expired")
         return principal
+
+
+def _epoch(iso: str) -> float:
+    dt = datetime.fromisoformat(iso)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()

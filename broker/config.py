@@ -12,6 +12,7 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -84,6 +85,7 @@ class DlqSettings:
 class AuthSettings:
     mode: str = "tokens"  # "tokens": every connection needs a configured token; "open": no authentication (loud)
     allowed_origins: tuple[str, ...] = ()  # browser Origin values allowed; empty: any (non-browser clients send none)
+    tokens_file: str = ""  # TOML file of [[tokens]] tables (e.g. a mounted secret), added to those in the config
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class TokenSettings:
     publish: tuple[str, ...] = ("*",)  # topic patterns (fnmatch: `orders.*`) this token may publish to
     subscribe: tuple[str, ...] = ("*",)  # topic patterns it may subscribe to
     admin: bool = False  # operator commands over WebSocket (none yet)
+    expires: str = ""  # ISO 8601 date or time (UTC if no zone); empty: never. After it, the token is refused
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,21 @@ def _handlers(raw: Any, source: str) -> tuple[HandlerSettings, ...]:
     return tuple(out)
 
 
+def _as_dict(t: TokenSettings) -> dict[str, Any]:
+    return {f.name: list(v) if isinstance(v := getattr(t, f.name), tuple) else v for f in dataclasses.fields(t)}
+
+
 def _tokens(raw: Any, source: str) -> tuple[TokenSettings, ...]:
     out = _tables(raw, source, "tokens", TokenSettings)
     for i, t in enumerate(out):
         if not t.name or len(t.sha256) != 64 or any(c not in "0123456789abcdef" for c in t.sha256):
             raise ConfigError(f"{source}: tokens[{i}] needs a name and sha256 = 64 lowercase hex (broker token-hash)")
+    for i, t in enumerate(out):
+        if t.expires:
+            try:
+                datetime.fromisoformat(t.expires)
+            except ValueError:
+                raise ConfigError(f"{source}: tokens[{i}].expires must be an ISO 8601 date/time") from None
     if len({t.sha256 for t in out}) != len(out):
         raise ConfigError(f"{source}: two [[tokens]] have the same sha256")
     return tuple(out)
@@ -373,4 +386,16 @@ def load_settings(
     settings = _apply(settings, env_overrides(environ), "environment")
     if cli:
         settings = _apply(settings, cli, "command line")
+    if settings.auth.tokens_file:
+        p = Path(settings.auth.tokens_file)
+        try:
+            extra = tomllib.loads(p.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"auth.tokens_file {p}: {e}") from None
+        unknown = set(extra) - {"tokens"}
+        if unknown:
+            raise ConfigError(f"auth.tokens_file {p}: only [[tokens]] tables belong there, not {sorted(unknown)}")
+        settings = dataclasses.replace(
+            settings, tokens=_tokens([*map(_as_dict, settings.tokens), *extra.get("tokens", [])], str(p))
+        )
     return validate(settings)

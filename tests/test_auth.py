@@ -37,6 +37,11 @@ name = "ops"
 sha256 = "{token_hash(ADMIN)}"
 
 [[tokens]]
+name = "old"
+sha256 = "{token_hash("expired-token")}"
+expires = "2020-01-01T00:00:00"
+
+[[tokens]]
 name = "billing"
 sha256 = "{token_hash(BILLING)}"
 publish = ["orders.*"]
@@ -60,13 +65,15 @@ async def test_missing_and_wrong_tokens_are_refused_and_logged(broker: tuple[Bro
     assert await refused(b.url, additional_headers={"Authorization": "Bearer nope"}) == 401
     assert await refused(b.url, additional_headers={"Authorization": "Basic abc"}) == 401
     assert await refused(b.url + "?token=nope") == 401
+    assert await refused(b.url, additional_headers={"Authorization": "Bearer expired-token"}) == 401
     # Then each refusal is logged with its reason (and never the token) and counted
     await asyncio.sleep(0.2)
     log = b.log_text()
     assert '"reason":"missing token' in log and '"reason":"invalid token"' in log
+    assert "token 'old' expired" in log
     assert "nope" not in log.replace('"reason":"invalid token"', "")
     _, metrics = b.get("/metrics")
-    assert b'broker_connections_total{outcome="refused_auth"} 4.0' in metrics
+    assert b'broker_connections_total{outcome="refused_auth"} 5.0' in metrics
 
 
 async def test_header_and_query_tokens_are_accepted(broker: tuple[BrokerProcess, RedisServer]) -> None:
@@ -103,3 +110,15 @@ async def test_origin_check(broker: tuple[BrokerProcess, RedisServer]) -> None:
     async with websockets.connect(b.url, additional_headers=headers, origin="https://app.example.com"):  # type: ignore[arg-type]
         pass
     assert "is not allowed" in b.log_text()
+
+
+def test_tokens_file_adds_tokens(tmp_path: Path) -> None:
+    from broker.config import ConfigError, load_settings
+
+    f = tmp_path / "secret.toml"
+    f.write_text(f'[[tokens]]\nname = "from-file"\nsha256 = "{token_hash("t")}"\n')
+    s = load_settings(environ={"BROKER_AUTH_TOKENS_FILE": str(f)})
+    assert [t.name for t in s.tokens] == ["from-file"]
+    f.write_text("[server]\nport = 1\n")
+    with pytest.raises(ConfigError, match="only \\[\\[tokens\\]\\]"):
+        load_settings(environ={"BROKER_AUTH_TOKENS_FILE": str(f)})
