@@ -19,7 +19,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import ERROR_CODES, BrokerError, StaleReceiptError, UnavailableError
+from .errors import ERROR_CODES, BrokerError, RateLimitedError, StaleReceiptError, UnavailableError
 from .resilience import transient_retry
 
 log = structlog.get_logger("broker.client")
@@ -295,7 +295,7 @@ class BrokerClient:
         if not retry:
             return await self.request(frame)
         async for attempt in transient_retry(
-            (UnavailableError, ConnectionClosed, TimeoutError),
+            (UnavailableError, RateLimitedError, ConnectionClosed, TimeoutError),
             attempts=1_000,
             max_wait_s=2,
             deadline_s=self.reconnect_deadline_s,

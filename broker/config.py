@@ -304,7 +304,7 @@ def validate(settings: Settings) -> Settings:
         ("server.max_connections_per_token", sv.max_connections_per_token, 1),
         ("server.max_subscriptions_per_connection", sv.max_subscriptions_per_connection, 1),
         ("server.publish_rate_per_s", sv.publish_rate_per_s, 0),
-        ("server.publish_burst", sv.publish_burst, 1),
+        ("server.publish_burst", sv.publish_burst, 1_000),  # >= the largest batch, or a batch could never pass
         ("server.max_bad_frames", sv.max_bad_frames, 1),
         ("server.handshake_timeout_s", sv.handshake_timeout_s, 0.1),
         ("server.idle_timeout_s", sv.idle_timeout_s, 0),

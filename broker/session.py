@@ -52,6 +52,7 @@ class Session:
         self._closed = False
         self._was_congested = False
         self._bad_frames = 0
+        self._abusive = False
         self._bucket = TokenBucket(s.server.publish_rate_per_s, s.server.publish_burst, time.monotonic())
 
     # ---- Outlet --------------------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ class Session:
     # ---- frames --------------------------------------------------------------------------------------------
 
     async def handle(self, frame: str | bytes) -> None:
+        if self._abusive:
+            return  # closing with 1008: nothing more from this client is served
         try:
             req = protocol.parse_frame(frame, self.limits)
         except ProtocolError as e:
@@ -178,6 +181,7 @@ class Session:
             self._error(e)
             self._bad_frames += 1
             if self._bad_frames > self.broker.settings.server.max_bad_frames:  # abuse, not a mistake: 1008
+                self._abusive = True
                 self.log.warning("connection_closed_abuse", bad_frames=self._bad_frames)
                 self._spawn(self.ws.close(1008, "too many invalid frames"))
             return

@@ -16,8 +16,8 @@ from .brokers import BrokerProcess
 from .support import RedisServer
 
 ENV = {
-    "BROKER_SERVER_PUBLISH_RATE_PER_S": "50",
-    "BROKER_SERVER_PUBLISH_BURST": "20",
+    "BROKER_SERVER_PUBLISH_RATE_PER_S": "500",
+    "BROKER_SERVER_PUBLISH_BURST": "1000",
     "BROKER_SERVER_MAX_SUBSCRIPTIONS_PER_CONNECTION": "3",
     "BROKER_SERVER_MAX_BAD_FRAMES": "5",
     "BROKER_SERVER_MAX_CONNECTIONS": "4",
@@ -48,15 +48,19 @@ def test_token_bucket_is_exact() -> None:
 async def test_publish_rate_limit(broker: tuple[BrokerProcess, RedisServer]) -> None:
     b, redis = broker
     async with websockets.connect(b.url) as ws:
-        # Given a burst of 20 and 50/s: 30 publishes at once
+        # Given a burst of 1,000 and 500/s: a batch of 990, then 30 single publishes at once
+        batch = [{"topic": "rl", "payload": i} for i in range(990)]
+        await ws.send(orjson.dumps({"op": "publish", "ref": "b", "messages": batch}).decode())
         for i in range(30):
             await ws.send(orjson.dumps({"op": "publish", "ref": i, "topic": "rl", "payload": i}).decode())
-        replies = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(30)]
-        # Then the first ~20 are stored, the rest get rate_limited with a retry hint, nothing stored for them
-        limited = [r for r in replies if r["op"] == "error"]
+        replies = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(31)]
+        # Then the batch and the first ~10 singles are stored; the rest get rate_limited with a retry hint
+        assert next(r for r in replies if r.get("ref") == "b")["op"] == "published"
+        singles = [r for r in replies if r.get("ref") != "b"]
+        limited = [r for r in singles if r["op"] == "error"]
         assert {r["code"] for r in limited} == {"rate_limited"} and all(r["retry_after_ms"] > 0 for r in limited)
-        stored = [r for r in replies if r["op"] == "published"]
-        assert 19 <= len(stored) <= 22 and len(stored) + len(limited) == 30
+        stored = [r for r in singles if r["op"] == "published"] + [{}] * 990
+        assert 999 <= len(stored) <= 1005 and len(stored) + len(limited) == 1020
         assert int(redis.cli("LLEN", "mq:{rl}:g:default:ready")) == len(stored)
         # And the connection stays usable: after waiting, publishing works again
         await asyncio.sleep(max(r["retry_after_ms"] for r in limited) / 1000)
