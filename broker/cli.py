@@ -463,6 +463,10 @@ def _run(coro: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd != "serve":  # operator commands: stdout is their data (JSON lines, tables); log lines go to stderr
+        from .logging import configure
+
+        configure("warning", "console")
     try:
         code: int = _run(args.fn(args))
         return code

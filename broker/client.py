@@ -224,8 +224,10 @@ class BrokerClient:
             log.warning("broker_error", code=f.get("code"), message=f.get("message"), id=f.get("id"))
             if not self.errors.full():
                 self.errors.put_nowait(err)
-        elif op in ("paused", "resumed"):
-            log.warning(f"delivery_{op}", topic=f.get("topic"), group=f.get("group"), reason=f.get("reason"))
+        elif op == "paused":
+            log.warning("delivery_paused", topic=f.get("topic"), group=f.get("group"), reason=f.get("reason"))
+        elif op == "resumed":
+            log.info("delivery_resumed", topic=f.get("topic"), group=f.get("group"))
 
     async def _send(self, frame: dict[str, Any]) -> None:
         if not self._connected.is_set():

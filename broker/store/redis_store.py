@@ -304,6 +304,7 @@ class RedisStore:
             msg_id, payload = flat[i], flat[i + 1]
             if payload is None or payload is False:
                 log.error("queue_entry_without_body", topic=topic, group=group, message_id=msg_id)
+                metrics.orphans.inc()
                 continue
             key = flat[i + 4] or None
             out.append(
