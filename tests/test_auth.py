@@ -28,6 +28,9 @@ ADMIN, BILLING = "s3cret-admin-token", "billing-token-123"
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, RedisServer]]:
     cfg: Path = tmp_path_factory.mktemp("auth") / "broker.toml"
     cfg.write_text(f"""
+[server]
+max_connections_per_token = 2
+
 [auth]
 mode = "tokens"
 allowed_origins = ["https://app.example.com"]
@@ -122,3 +125,20 @@ def test_tokens_file_adds_tokens(tmp_path: Path) -> None:
     f.write_text("[server]\nport = 1\n")
     with pytest.raises(ConfigError, match="only \\[\\[tokens\\]\\]"):
         load_settings(environ={"BROKER_AUTH_TOKENS_FILE": str(f)})
+
+
+async def test_connections_per_token_cap(broker: tuple[BrokerProcess, RedisServer]) -> None:
+    b, _ = broker
+    headers = {"Authorization": f"Bearer {BILLING}"}
+    # Given two open connections for one token (its cap), When a third comes, Then it is refused with 429
+    async with (
+        websockets.connect(b.url, additional_headers=headers),
+        websockets.connect(b.url, additional_headers=headers),
+    ):
+        assert await refused(b.url, additional_headers=headers) == 429
+        async with BrokerClient(b.url, ADMIN) as other:  # another token is not affected
+            await other.ping()
+    # And once one closes, the token may connect again
+    async with websockets.connect(b.url, additional_headers=headers):
+        pass
+    assert "max_connections_per_token (2)" in b.log_text()
