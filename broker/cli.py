@@ -181,13 +181,39 @@ async def _stats(args: argparse.Namespace) -> int:
         await store.close()
 
 
+def _ids_from_export(path: str) -> frozenset[str]:
+    """Dead-letter ids named in a `dlq export` file. The whole file is checked first: a malformed line is an error
+    naming its line number, and nothing is changed."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    ids = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not JSON ({e}); nothing changed") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+            raise UsageError(f"{path}:{n}: expected a dead letter object with an 'id'; nothing changed")
+        ids.add(row["id"])
+    if not ids:
+        raise UsageError(f"{path}: no dead letters in the file; nothing changed")
+    return frozenset(ids)
+
+
 def _filter(args: argparse.Namespace) -> Filter:
     try:
         older = parse_duration_ms(args.older_than) if args.older_than else None
         newer = parse_duration_ms(args.newer_than) if args.newer_than else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return Filter(args.topic, args.group, args.error, older, newer, frozenset(getattr(args, "ids", None) or ()))
+    ids = frozenset(getattr(args, "ids", None) or ())
+    if getattr(args, "from_file", None):
+        ids |= _ids_from_export(args.from_file)
+    return Filter(args.topic, args.group, args.error, older, newer, ids)
 
 
 class UsageError(Exception):
@@ -438,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         mv.add_argument("ids", nargs="*", help="dead-letter ids (or use filters / --all)")
         filters(mv)
         mv.add_argument("--all", action="store_true", help="every dead letter (with the other filters, if any)")
+        mv.add_argument("--from-file", help="the dead letters listed in a `dlq export` JSON Lines file")
         mv.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
         if name == "reprocess":
             mv.add_argument("--rate", type=float, help="at most this many messages per second")

@@ -375,3 +375,35 @@ async def test_expired_dead_letters_leave_no_index_entries(redis: RedisServer) -
             p = await cli("dlq", "reprocess", *ids)
             assert p.returncode == 1 and "nothing changed" in p.stderr
             assert await nothing_more(sub)
+
+
+async def test_reprocess_from_export_file_and_malformed_file(
+    client: BrokerClient, redis: RedisServer, cli: Cli, tmp_path: Path
+) -> None:
+    # Given two dead letters exported to a file, and one more that is not in the file
+    sub = await client.subscribe("orders", prefetch=1)
+    first = await reject(client, sub, "orders", 1, "timeout")
+    second = await reject(client, sub, "orders", 2, "timeout")
+    out = tmp_path / "dlq.jsonl"
+    assert (await cli("dlq", "export", "--out", str(out))).returncode == 0
+    third = await reject(client, sub, "orders", 3, "timeout")
+
+    # When a malformed export file is given, Then the line is named, the exit is non-zero, and nothing changed
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(out.read_text() + '{"id": "x"\n')
+    before = snapshot(redis)
+    p = await cli("dlq", "reprocess", "--from-file", str(bad))
+    assert p.returncode == 2 and f"{bad}:3: not JSON" in p.stderr
+    assert snapshot(redis) == before
+
+    # When the good file is given, Then exactly the two listed dead letters are reprocessed
+    p = await cli("dlq", "reprocess", "--from-file", str(out))
+    assert p.returncode == 0, p.stderr
+    assert orjson.loads(p.stdout)["reprocessed"] == 2
+    got = set()
+    for _ in range(2):
+        m = await get(sub)
+        got.add(m.id)
+        await m.ack(wait=True)
+    assert got == {first, second}
+    assert redis.cli("EXISTS", f"mq:{{orders}}:g:default:dead:{third}") == "1"
