@@ -128,6 +128,9 @@ class Broker:
         res = await self.store.publish_many(reqs)
         for topic in {r.topic for r in reqs}:
             self.dispatch.wake(topic)
+        for r, out in zip(reqs, res, strict=True):
+            if isinstance(out, PublishResult) and out.groups > 0 and not out.duplicate:
+                self.dispatch.count(r.topic, "published")
         return res
 
     def _status(self) -> dict[str, str]:
@@ -141,6 +144,7 @@ class Broker:
         ready, reasons = self.readiness()
         return {
             "consumers": orjson.dumps(consumers).decode(),
+            "counts": orjson.dumps(self.dispatch.counts).decode(),
             "breakers": orjson.dumps(breakers).decode(),
             "ready": "1" if ready else "0",
             "reasons": orjson.dumps(reasons).decode(),

@@ -114,15 +114,21 @@ async def _stats_rows(store: RedisStore, topic: str | None) -> tuple[list[dict[s
     oldest = await store.oldest_ready(pairs)
     nodes = await store.node_status()
     consumers: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     for n in nodes:
         for pair, count in orjson.loads(n.get("consumers", "{}")).items():
             consumers[pair] = consumers.get(pair, 0) + int(count)
+        for key, values in orjson.loads(n.get("counts", "{}")).items():
+            for what, v in values.items():
+                counts.setdefault(key, {})[what] = counts.get(key, {}).get(what, 0) + int(v)
     now = time.time() * 1000
     rows = [
         {
             "topic": d.topic, "group": d.group, "ready": d.ready, "leased": d.leased, "delayed": d.delayed,
             "dead": d.dead, "consumers": consumers.get(f"{d.topic}/{d.group}", 0),
             "oldest_ready_age_s": round((now - o) / 1000, 1) if o else None,
+            "published": counts.get(d.topic, {}).get("published", 0),
+            **{w: counts.get(f"{d.topic}/{d.group}", {}).get(w, 0) for w in ("delivered", "acked", "nacked")},
         }
         for d, o in zip(depths, oldest, strict=True)
     ]  # fmt: skip
@@ -137,34 +143,44 @@ async def _stats_rows(store: RedisStore, topic: str | None) -> tuple[list[dict[s
     return rows, node_rows
 
 
+RATED = ("published", "delivered", "acked", "nacked")  # totals since each node started, summed over live nodes
+
+
+def _add_rates(rows: list[dict[str, Any]], before: dict[tuple[str, str], dict[str, Any]], dt: float) -> None:
+    for r in rows:
+        prev = before.get((r["topic"], r["group"]))
+        for w in RATED:
+            r[f"{w}_per_s"] = round(max(0, r[w] - prev[w]) / dt, 1) if prev else None
+
+
 async def _stats(args: argparse.Namespace) -> int:
-    """Depths, consumers, oldest message age per topic/group; node readiness and breaker states. With --watch, the
-    table refreshes and a `rate/s` column shows how fast each group's backlog (ready+delayed) changes."""
+    """Depths, consumers, oldest message age per topic/group; node readiness and breaker states. Rates (publish,
+    deliver, ack, nack per second) come from two snapshots: every refresh with --watch, or 2 s apart with --rates."""
     store = _open_store(args)
-    previous: dict[tuple[str, str], tuple[float, int]] = {}
+    previous: dict[tuple[str, str], dict[str, Any]] = {}
+    t_prev = 0.0
     try:
+        if args.rates and not args.watch:
+            rows, _ = await _stats_rows(store, args.topic)
+            previous, t_prev = {(r["topic"], r["group"]): r for r in rows}, time.monotonic()
+            await asyncio.sleep(2.0)
         while True:
             rows, nodes = await _stats_rows(store, args.topic)
+            t = time.monotonic()
+            if previous:
+                _add_rates(rows, previous, t - t_prev)
+            previous, t_prev = {(r["topic"], r["group"]): dict(r) for r in rows}, t
             if args.json:
                 print(orjson.dumps(rows if not args.nodes else {"groups": rows, "nodes": nodes},
                                    option=orjson.OPT_INDENT_2).decode())  # fmt: skip
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
-                    t = time.monotonic()
-                    for r in rows:
-                        key, backlog = (r["topic"], r["group"]), r["ready"] + r["delayed"]
-                        if key in previous:
-                            t0, b0 = previous[key]
-                            r["backlog_rate_s"] = round((backlog - b0) / max(1e-3, t - t0), 1)
-                        previous[key] = (t, backlog)
                 cols = ["topic", "group", "ready", "leased", "delayed", "dead", "consumers", "oldest_ready_age_s"]
-                if args.watch:
-                    cols.append("backlog_rate_s")
-                    for r in rows:
-                        r.setdefault("backlog_rate_s", "")
+                if any("acked_per_s" in r for r in rows):
+                    cols += [f"{w}_per_s" for w in RATED]
                 if rows:
-                    _print_table([{c: ("" if r[c] is None else r[c]) for c in cols} for r in rows], cols)
+                    _print_table([{c: ("" if r.get(c) is None else r[c]) for c in cols} for r in rows], cols)
                 else:
                     print("(no topics)")
                 print()
@@ -423,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--nodes", action="store_true", help="with --json: also the broker nodes and their breakers")
     st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS (Ctrl-C to stop)")
+    st.add_argument("--rates", action="store_true", help="sample twice, 2 s apart, to show per-second rates")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
 

@@ -141,6 +141,7 @@ class GroupDispatcher:
             c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at, dv.published_at)
             c.outlet.send_delivery(c, dv)
         metrics.child(metrics.delivered, self.topic, self.group).inc(len(deliveries))
+        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", len(deliveries))
 
 
 class Dispatch:
@@ -155,6 +156,14 @@ class Dispatch:
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
         self.pause_listeners: list[Outlet] = []
+        # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def count(self, pair: str, what: str, n: int = 1) -> None:
+        c = self.counts.get(pair)
+        if c is None:
+            c = self.counts[pair] = {}
+        c[what] = c.get(what, 0) + n
 
     # ---- membership ----------------------------------------------------------------------------------------
 
@@ -215,6 +224,7 @@ class Dispatch:
     async def _ack_flush(self, key: tuple[str, str], items: Sequence[AckItem]) -> list[bool]:
         res = await self.store.ack_many(key[0], key[1], items)
         metrics.child(metrics.acked, *key).inc(sum(res))
+        self.count(f"{key[0]}/{key[1]}", "acked", sum(res))
         return res
 
     def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:
@@ -235,6 +245,7 @@ class Dispatch:
         res = await self.store.nack_many(key[0], key[1], items)
         for outcome in res:
             metrics.nacked.labels(key[0], key[1], outcome.value).inc()
+        self.count(f"{key[0]}/{key[1]}", "nacked", len(res))
         if any(o is NackOutcome.READY for o in res):
             self._wake_key(key)
         return res
