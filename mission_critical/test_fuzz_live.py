@@ -37,6 +37,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from broker.client import BrokerClient, Subscription
+from broker.errors import ERROR_CODES
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 
@@ -50,17 +51,7 @@ PUBLISH_WINDOW = 8  # confirmed publishes in flight: the good traffic lasts abou
 GOOD_TOPIC, GOOD_GROUP = "good", "good"
 SINK = "fuzz-sink"  # where the hostile connections' valid publishes go (never consumed)
 MAX_FRAME = 1_048_576  # server.max_frame_bytes
-CODES = {
-    "bad_request",
-    "unauthorized",
-    "forbidden",
-    "payload_too_large",
-    "rate_limited",
-    "unavailable",
-    "not_found",
-    "stale_receipt",
-    "internal",
-}
+CODES = ERROR_CODES  # the documented closed set
 CLOSE_CODES = {1008, 1009}
 ENV = {"BROKER_DELIVERY_POLL_INTERVAL_MS": "50", "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200"}
 BIG = 2**70
