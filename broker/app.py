@@ -54,6 +54,8 @@ class Broker:
             on_change=self._breaker_changed,
         )
         metrics.breaker_state.labels("redis").set(0)
+        if not settings.server.metrics_enabled:
+            metrics.disable()
         for h in settings.handlers:  # a bad target is a startup error, before anything runs
             load_target(h.target)
         self.embedded: EmbeddedRedis | None = None
@@ -87,6 +89,7 @@ class Broker:
         return fake_client()
 
     async def start(self) -> None:
+        structlog.contextvars.bind_contextvars(node=self.node_id)  # every log line of this process names its node
         client = await self._redis_client()
         self.store = RedisStore(client, self.settings, self.redis_breaker, self.node_id)
         old = await self.store.init_schema()

@@ -38,6 +38,7 @@ class ServerSettings:
     handshake_timeout_s: float = 10.0  # opening handshake must complete within this
     tls_cert_file: str = ""  # PEM certificate (chain); with tls_key_file: serve wss:// and https:// only
     tls_key_file: str = ""
+    metrics_enabled: bool = True  # false: every metric is a no-op and /metrics answers 404 (to measure their cost)
     idle_timeout_s: float = 0.0  # close a connection that sent nothing for this long (0: off; pings find dead peers)
 
 

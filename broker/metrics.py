@@ -68,6 +68,8 @@ _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
     """``metric.labels(*labels)``, cached: the lookup costs more than the increment on per-frame paths."""
+    if not enabled:
+        return _Noop()
     key = (id(metric), labels)
     c = _children.get(key)
     if c is None:
@@ -77,3 +79,37 @@ def child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
+
+
+class _Noop:
+    """Stands in for every metric when metrics are disabled (server.metrics_enabled = false)."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Noop:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+enabled = True
+
+
+def disable() -> None:
+    """Make every metric a no-op (for measuring what metrics cost; /metrics then answers 404)."""
+    global enabled
+    enabled = False
+    noop = _Noop()
+    module = globals()
+    for name, value in list(module.items()):
+        if isinstance(value, Counter | Gauge | Histogram):
+            module[name] = noop
+    _children.clear()

@@ -83,7 +83,7 @@ class WsServer:
             ready, reasons = self.broker.readiness()
             status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
             return _json(status, {"ready": ready, "reasons": reasons, "node": self.broker.node_id})
-        if path == "/metrics":
+        if path == "/metrics" and metrics.enabled:
             return _response(http.HTTPStatus.OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path not in WS_PATHS:
             log.info("connection_refused", peer=_peer(conn), path=path, reason="unknown path")

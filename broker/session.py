@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections import deque
 from functools import partial
@@ -443,5 +444,8 @@ class Session:
         self.send(protocol.reply("unsubscribed", req.ref, topics=list(req.topics), group=req.group, removed=n))
 
 
+_NODE_PREFIX = os.urandom(2).hex()  # conn ids are unique across nodes and restarts (logs from many nodes merge)
+
+
 def new_conn_id() -> str:
-    return f"c{next(_conn_seq)}"
+    return f"{_NODE_PREFIX}-c{next(_conn_seq)}"

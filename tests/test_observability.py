@@ -200,7 +200,7 @@ async def test_connection_opened_and_closed_carry_the_same_conn_id(broker: Broke
     peer = f"{host}:{port}"
     opened = await wait_for_event(broker, lambda e: e["event"] == "connection_opened" and e["peer"] == peer)
     conn_id = opened["conn_id"]
-    assert re.fullmatch(r"c\d+", conn_id) and opened["path"] == "/", opened
+    assert re.fullmatch(r"[0-9a-f]{4}-c\d+", conn_id) and opened["path"] == "/", opened  # unique across nodes
     closed = await wait_for_event(broker, lambda e: e["event"] == "connection_closed" and e["conn_id"] == conn_id)
     assert closed["reason"] == "client closed" and closed["code"] == 1000, closed
     subscribed = [e for e in log_events(broker) if e["event"] == "subscribed"]
@@ -267,3 +267,10 @@ async def test_broker_stats_json_matches_the_state_made() -> None:
             keys = ("topic", "group", "ready", "leased", "delayed", "dead")
             got = sorted(tuple(r[k] for k in keys) for r in rows)
             assert got == [("stats", "g", 4, 2, 2, 1), ("stats.other", "default", 1, 0, 0, 0)], got
+
+
+def test_metrics_can_be_disabled() -> None:
+    # Given a broker with server.metrics_enabled = false, Then /metrics is gone and it still serves
+    with RedisServer() as redis, BrokerProcess(redis.url, env={"BROKER_SERVER_METRICS_ENABLED": "false"}) as b:
+        assert b.get("/metrics")[0] == 404
+        assert b.get("/readyz")[0] == 200

@@ -128,6 +128,7 @@ class RedisStore:
         self._known_topics: set[str] = set()
         self._strict_groups = frozenset(settings.delivery.strict_order_groups)
         self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
+        self._error_counts: dict[str, int] = {}
         self.refused_at: float | None = None  # time.monotonic() of the last write Redis refused (for /readyz)
         self.refusal = ""
         self._rng = random.Random()
@@ -163,9 +164,9 @@ class RedisStore:
                 # Not a breaker failure: an open breaker would also block the claims and acks that drain a full
                 # Redis (and a publisher's retry as the half-open trial would re-open it: never recovering).
                 self.refused_at, self.refusal = time.monotonic(), str(res.error)
-                log.error("redis_write_refused", op=what, error=str(res.error))
+                self._log_bounded("redis_write_refused", what, res.error)
                 raise StoreRefusedError(f"redis refused {what}: {res.error}", retry_after_ms=1_000)
-            log.error("redis_error_reply", op=what, error=str(res.error))
+            self._log_bounded("redis_error_reply", what, res.error)
             raise BrokerError(f"redis error reply during {what}: {res.error}")
         return res
 
@@ -274,8 +275,19 @@ class RedisStore:
                 raise r
         return res
 
+    def _log_bounded(self, event: str, what: str, error: Exception) -> None:
+        """Loud but bounded: the first of a kind, then every 100th (with the running count). The metrics count all."""
+        n = self._error_counts[event] = self._error_counts.get(event, 0) + 1
+        metrics.child(metrics.store_errors, what, event).inc()
+        if n != 1 and n % 100:
+            return
+        if event == "redis_write_refused":
+            log.error("redis_write_refused", op=what, error=str(error), count=n)
+        else:
+            log.error("redis_error_reply", op=what, error=str(error), count=n)
+
     def _translate_reply_error(self, exc: Exception, what: str) -> BrokerError:
-        log.error("redis_error_reply", op=what, error=str(exc))
+        self._log_bounded("redis_error_reply", what, exc)
         if isinstance(exc, ResponseError) and is_refusal(exc):
             return StoreRefusedError(f"redis refused {what}: {exc}", retry_after_ms=1_000)
         return BrokerError(f"redis error reply during {what}: {exc}")
