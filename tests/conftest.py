@@ -12,9 +12,11 @@ from typing import Any
 import fakeredis
 import pytest
 
+from broker.client import BrokerClient
 from broker.config import Settings
 from broker.store import RedisStore, connect_redis
 
+from .brokers import BrokerProcess
 from .support import RedisServer, make_store
 
 StoreFactory = Callable[..., Awaitable[RedisStore]]
@@ -68,3 +70,27 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
 @pytest.fixture
 async def store(store_factory: StoreFactory) -> RedisStore:
     return await store_factory()
+
+
+# ---- real broker processes (integration tests) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    """A throwaway redis-server per test module (modules that need another shape define their own)."""
+    with RedisServer() as r:
+        yield r
+
+
+@pytest.fixture
+def broker(redis: RedisServer, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A fresh broker process on an empty Redis, configured with the test module's ``FAST`` settings (if any)."""
+    redis.cli("FLUSHALL")
+    with BrokerProcess(redis.url, env=getattr(request.module, "FAST", {})) as b:
+        yield b
+
+
+@pytest.fixture
+async def client(broker: BrokerProcess) -> AsyncIterator[BrokerClient]:
+    async with BrokerClient(broker.url) as c:
+        yield c

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +35,6 @@ FAST = {
     "BROKER_RETRY_BACKOFF_BASE_MS": "20",
 }
 SEVEN_DAYS_S = 604_800
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def broker(redis: RedisServer) -> Iterator[BrokerProcess]:
-    redis.cli("FLUSHALL")
-    with BrokerProcess(redis.url, env=FAST) as b:
-        yield b
-
-
-@pytest.fixture
-async def client(broker: BrokerProcess) -> AsyncIterator[BrokerClient]:
-    async with BrokerClient(broker.url) as c:
-        yield c
 
 
 class Cli:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -20,25 +19,6 @@ from .brokers import BrokerProcess
 from .support import RedisServer
 
 FAST = {"BROKER_DELIVERY_SWEEP_INTERVAL_MS": "100", "BROKER_DELIVERY_POLL_INTERVAL_MS": "100"}
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def broker(redis: RedisServer) -> Iterator[BrokerProcess]:
-    redis.cli("FLUSHALL")
-    with BrokerProcess(redis.url, env=FAST) as b:
-        yield b
-
-
-@pytest.fixture
-async def client(broker: BrokerProcess) -> AsyncIterator[BrokerClient]:
-    async with BrokerClient(broker.url) as c:
-        yield c
 
 
 async def take(sub: Subscription, n: int, timeout: float = 10.0) -> list[Message]:

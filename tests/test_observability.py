@@ -14,7 +14,7 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,6 @@ OUTAGE = {
 }
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as r:
-        yield r
-
-
-@pytest.fixture
-def broker(redis: RedisServer) -> Iterator[BrokerProcess]:
-    redis.cli("FLUSHALL")
-    with BrokerProcess(redis.url, env=FAST) as b:
-        yield b
 
 
 def scrape(broker: BrokerProcess) -> Samples:
