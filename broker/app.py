@@ -177,28 +177,36 @@ class Broker:
             return
         self.stopping = True
         grace = self.settings.server.shutdown_grace_ms / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def budget(share: float, floor: float = 0.05) -> float:
+            """A phase gets its share of the grace, never past the overall deadline (but at least ``floor``)."""
+            return max(floor, min(share * grace, deadline - loop.time()))
+
         log.info("shutdown_started", grace_s=grace)
         server: WsServer | None = getattr(self, "server", None)
         dispatch: Dispatch | None = getattr(self, "dispatch", None)
         if server is not None:
             server.stop_accepting()
         if dispatch is not None:
-            await dispatch.stop(grace / 4)  # no new claims from here on
+            await dispatch.stop(budget(0.25))  # no new claims from here on
             for h in self.handlers:
-                await h.stop(grace / 4)
-            cut = await self._wait_inflight(grace / 2)
+                await h.stop(budget(0.25))
+            cut = await self._wait_inflight(budget(0.5))
             if cut:
                 log.warning("shutdown_inflight_cut", deliveries=cut, note="requeued; they will be delivered again")
         publisher: Coalescer[PublishRequest, PublishResult] | None = getattr(self, "publisher", None)
-        if publisher is not None and not await publisher.drain(grace / 4):
+        if publisher is not None and not await publisher.drain(budget(0.25)):
             log.warning("shutdown_publishes_cut", pending=len(publisher))
         if server is not None:
-            await server.close_all(grace / 4)
+            await server.close_all(budget(0.25))
         if dispatch is not None:
-            await dispatch.stop(grace / 4)  # settle what the closed sessions handed back
+            # settle what the closed sessions handed back: worth a short overrun (else their attempts are burned)
+            await dispatch.stop(budget(0.25, floor=1.0))
         recovery: Recovery | None = getattr(self, "recovery", None)
         if recovery is not None:
-            await recovery.stop(2.0)
+            await recovery.stop(budget(0.1, floor=0.5))
         if self._nondurable_nag:
             self._nondurable_nag.cancel()
         store: RedisStore | None = getattr(self, "store", None)
@@ -215,10 +223,15 @@ class Broker:
         deadline = loop.time() + timeout_s
 
         def held() -> int:
+            """Deliveries written to consumers and not settled (claimed-but-unsent ones can never be acked)."""
             server: WsServer | None = getattr(self, "server", None)
             if server is None:
                 return 0
-            return sum(len(c.inflight) for s in server.sessions for c in s.consumers)
+            total = 0
+            for s in server.sessions:
+                unsent = s.unsent()
+                total += sum(len(c.inflight) - len(unsent.get(c, ())) for c in s.consumers)
+            return total
 
         while held() and loop.time() < deadline:  # noqa: ASYNC110 (polling a count, bounded)
             await asyncio.sleep(0.02)

@@ -153,7 +153,7 @@ class Session:
             writer.cancel()
             self.log.info("connection_closed", reason=close_reason, code=self.ws.close_code)
 
-    def _unsent(self) -> dict[Consumer, set[str]]:
+    def unsent(self) -> dict[Consumer, set[str]]:
         unsent: dict[Consumer, set[str]] = {}
         for item in self.out:
             if not isinstance(item, str):
@@ -161,7 +161,7 @@ class Session:
         return unsent
 
     def _give_back(self, reason: str) -> None:
-        unsent = self._unsent()
+        unsent = self.unsent()
         for c in self.consumers:
             self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
@@ -436,7 +436,7 @@ class Session:
         for c in self.consumers:
             if c.active and c.topic in req.topics and c.group == req.group:
                 self.broker.dispatch.remove(c)  # deliveries already sent stay ackable until the connection closes
-                unsent = self._unsent().get(c, set())
+                unsent = self.unsent().get(c, set())
                 if unsent:  # claimed but not written yet: back to the queue as they were, no attempt counted
                     back = [AckItem(i, c.inflight.pop(i)[0]) for i in unsent if i in c.inflight]
                     self.broker.dispatch.release_items(c.topic, c.group, back)
