@@ -383,6 +383,26 @@ async def _diagnose(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if unrepaired else EXIT_OK
 
 
+async def _message(args: argparse.Namespace) -> int:
+    from .store.status import message_status
+
+    store = _open_store(args)
+    try:
+        rows = await message_status(store, args.id, args.topic)
+    finally:
+        await store.close()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    elif rows:
+        cols = sorted({k for r in rows for k in r} - {"topic", "group", "state"})
+        _print_table([{c: r.get(c, "") for c in ["topic", "group", "state", *cols]} for r in rows],
+                     ["topic", "group", "state", *cols])  # fmt: skip
+    if not rows:
+        print(f"message {args.id!r} is not in Redis: acked by every group (or never published)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 async def _token_hash(args: argparse.Namespace) -> int:
     from .auth import token_hash
 
@@ -442,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rates", action="store_true", help="sample twice, 2 s apart, to show per-second rates")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
+
+    mg = sub.add_parser("message", help="where one message is now, per group (ready, leased, retry, dead, done)")
+    mg.add_argument("id")
+    mg.add_argument("--topic")
+    mg.add_argument("--json", action="store_true")
+    mg.add_argument("--redis-url")
+    mg.set_defaults(fn=_message)
 
     th = sub.add_parser("token-hash", help="print the sha256 to put in a [[tokens]] table for a token")
     th.add_argument("token", nargs="?", help="the token; '-' or omitted reads one line from stdin")

@@ -1,0 +1,70 @@
+"""`broker message ID` on a real redis-server: the state of one message in each group (issue 8's status lookup)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from broker.config import Settings
+from broker.model import AckItem, NackItem, PublishRequest
+from broker.store import connect_redis
+
+from .brokers import ROOT
+from .support import RedisServer, make_store
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as r:
+        yield r
+
+
+def status(redis: RedisServer, msg_id: str) -> tuple[int, list[dict[str, object]]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")} | {"BROKER_REDIS_URL": redis.url}
+    p = subprocess.run([sys.executable, "-m", "broker", "message", msg_id, "--json"],
+                       cwd=ROOT, env=env, capture_output=True, timeout=60)  # fmt: skip
+    return p.returncode, orjson.loads(p.stdout)
+
+
+async def test_message_state_in_each_group(redis: RedisServer) -> None:
+    settings = Settings()
+    store = make_store(connect_redis(redis.url, settings), settings)
+    try:
+        # Given one message in five groups: waiting, leased, waiting for a retry, dead, and acked
+        for g in ("waiting", "held", "retrying", "dead", "done"):
+            await store.ensure_group("orders", g)
+        (res,) = await store.publish_many([PublishRequest("orders", '{"n":1}')])
+        msg = res.id
+        (h,) = await store.claim("orders", "held", 1, 60_000, "c7.1")
+        (r,) = await store.claim("orders", "retrying", 1, 60_000, "c7.2")
+        await store.nack_many(
+            "orders", "retrying", [(NackItem(r.id, r.receipt, "timeout", delay_ms=60_000), 1, "c7.2")]
+        )
+        (d,) = await store.claim("orders", "dead", 1, 60_000, "c7.3")
+        await store.nack_many("orders", "dead", [(NackItem(d.id, d.receipt, "poison", dead=True), 1, "c7.3")])
+        (a,) = await store.claim("orders", "done", 1, 60_000, "c7.4")
+        await store.ack_many("orders", "done", [AckItem(a.id, a.receipt)])
+    finally:
+        await store.close()
+
+    # When the operator looks it up
+    code, rows = status(redis, msg)
+    by_group = {row["group"]: row for row in rows}
+    # Then each group's state is right, with the details that matter
+    assert code == 0
+    assert by_group["waiting"]["state"] == "ready" and by_group["waiting"]["position"] == 0
+    assert by_group["held"]["state"] == "leased" and by_group["held"]["consumer"] == "c7.1"
+    assert by_group["retrying"]["state"] == "retry_wait" and by_group["retrying"]["last_error"] == "timeout"
+    assert by_group["dead"]["state"] == "dead" and by_group["dead"]["reason"] == "rejected"
+    assert int(str(by_group["dead"]["ttl_s"])) > 600_000
+    assert by_group["done"]["state"] == "done"
+    assert h.id == msg
+
+    # And an unknown id says so with a non-zero exit
+    code, rows = status(redis, "nope")
+    assert code == 1 and rows == []
