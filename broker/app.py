@@ -62,7 +62,6 @@ class Broker:
         self.handlers: list[HandlerRunner] = []
         self.durable = True
         self.stopping = False
-        self._stopped = asyncio.Event()
         self._nondurable_nag: asyncio.Task[None] | None = None
 
     def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState) -> None:
@@ -215,7 +214,6 @@ class Broker:
         if self.embedded:
             self.embedded.stop()
         log.info("shutdown_complete")
-        self._stopped.set()
 
     async def _wait_inflight(self, timeout_s: float) -> int:
         """Let consumers ack what they hold (up to the deadline). Returns how many deliveries were still held."""

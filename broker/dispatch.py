@@ -155,7 +155,6 @@ class Dispatch:
         self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
-        self.pause_listeners: list[Outlet] = []
         # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
         self.counts: dict[str, dict[str, int]] = {}
 

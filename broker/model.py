@@ -10,9 +10,8 @@ import itertools
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from .errors import InvalidNameError
 
@@ -141,4 +140,3 @@ class GroupDepth:
     leased: int = 0
     delayed: int = 0
     dead: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -186,7 +186,3 @@ def transient_retry(
         stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
         reraise=True,
     )
-
-
-def wait_random_exponential(multiplier: float, max_s: float) -> Any:
-    return _wait_random_exponential(multiplier=multiplier, max=max_s)
