@@ -43,6 +43,9 @@ class Broker:
             max_headers_bytes=s.server.max_headers_bytes,
             max_prefetch=s.delivery.max_prefetch,
             max_delay_ms=s.delivery.max_delay_ms,
+            max_attempts_limit=s.retry.max_attempts_limit,
+            backoff_base_min_ms=s.retry.backoff_base_min_ms,
+            backoff_base_max_ms=s.retry.backoff_base_max_ms,
         )
         b = s.breakers
         self.redis_breaker = Breaker(

@@ -69,7 +69,15 @@ async def _publish(args: argparse.Namespace) -> int:
                 payload = orjson.loads(line)
             except orjson.JSONDecodeError:
                 payload = line  # not JSON: publish it as a string
-            res = await c.publish(args.topic, payload, idempotency_key=args.idempotency_key, delay_ms=args.delay_ms)
+            res = await c.publish(
+                args.topic,
+                payload,
+                idempotency_key=args.idempotency_key,
+                delay_ms=args.delay_ms,
+                key=args.key,
+                max_attempts=args.max_attempts,
+                backoff_base_ms=args.backoff_base_ms,
+            )
             print(orjson.dumps({"id": res.id, "duplicate": res.duplicate}).decode())
     return EXIT_OK
 
@@ -441,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--lines", action="store_true", help="publish each stdin line as one message")
     pub.add_argument("--idempotency-key")
     pub.add_argument("--delay-ms", type=int, default=0)
+    pub.add_argument("--key", help="ordering key: one message per key in flight per group, in publish order")
+    pub.add_argument("--max-attempts", type=int, help="this message's own attempt limit")
+    pub.add_argument("--backoff-base-ms", type=int, help="this message's own retry backoff base")
     client_args(pub)
     pub.set_defaults(fn=_publish)
 

@@ -274,8 +274,12 @@ class BrokerClient:
         idempotency_key: str | None = None,
         delay_ms: int = 0,
         key: str | None = None,
+        max_attempts: int | None = None,
+        backoff_base_ms: int | None = None,
         retry: bool = True,
     ) -> Published:
+        """Publish and wait for the broker's confirmation. ``key``: ordering key (one message per key in flight per
+        group, in publish order); ``max_attempts`` / ``backoff_base_ms``: this message's own retry policy."""
         frame: dict[str, Any] = {
             "op": "publish",
             "topic": topic,
@@ -286,8 +290,9 @@ class BrokerClient:
             frame["headers"] = headers
         if delay_ms:
             frame["delay_ms"] = delay_ms
-        if key is not None:
-            frame["key"] = key
+        for name, value in (("key", key), ("max_attempts", max_attempts), ("backoff_base_ms", backoff_base_ms)):
+            if value is not None:
+                frame[name] = value
         reply = await self._publish_request(frame, retry)
         return Published(reply["id"], bool(reply.get("duplicate", False)))
 

@@ -74,6 +74,10 @@ class RetrySettings:
     backoff_multiplier: float = 2.0
     backoff_cap_ms: int = 60_000
     jitter: float = 0.2  # +/- fraction of the computed delay
+    # bounds on a message's own retry policy (publish fields max_attempts, backoff_base_ms)
+    max_attempts_limit: int = 100
+    backoff_base_min_ms: int = 10
+    backoff_base_max_ms: int = 3_600_000
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,10 @@ def validate(settings: Settings) -> Settings:
         problems.append("delivery.prefetch must be between 1 and delivery.max_prefetch")
     if r.backoff_cap_ms < r.backoff_base_ms:
         problems.append("retry.backoff_cap_ms must be >= retry.backoff_base_ms")
+    if not 1 <= r.max_attempts <= r.max_attempts_limit:
+        problems.append("retry.max_attempts must be between 1 and retry.max_attempts_limit")
+    if not 1 <= r.backoff_base_min_ms <= r.backoff_base_ms <= r.backoff_base_max_ms:
+        problems.append("retry.backoff_base_ms must lie within retry.backoff_base_min_ms (>= 1)..backoff_base_max_ms")
     if not 0 <= r.jitter < 1:
         problems.append("retry.jitter must be in [0, 1)")
     if settings.log.level.lower() not in LOG_LEVELS:

@@ -20,6 +20,7 @@ class State(StrEnum):
     READY = "ready"  # in the group's ready list, waiting for a consumer
     LEASED = "leased"  # held by one consumer until its lease deadline
     RETRY_WAIT = "retry_wait"  # in the group's delayed set until its due time (retry or delayed publish)
+    KEY_WAIT = "key_wait"  # behind an earlier message of its ordering key, in the group's line for that key
     DEAD = "dead"  # parked in the group's dead-letter queue until its TTL
     ACKED = "acked"  # done for this group (nothing left in Redis for it)
     EXPIRED = "expired"  # dead letter whose TTL ran out
@@ -40,6 +41,11 @@ TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
     (State.LEASED, State.READY): ("release", "unclaim", "nack"),
     (State.RETRY_WAIT, State.READY): ("promote",),
     (State.DEAD, State.READY): ("reprocess",),
+    # per-key ordering: a keyed message waits behind the earlier ones of its key; it goes live when the one ahead
+    # is acked or dead-lettered (ready, or retry_wait while its publish delay runs)
+    (None, State.KEY_WAIT): ("publish",),
+    (State.KEY_WAIT, State.READY): ("ack", "nack", "expire"),
+    (State.DEAD, State.KEY_WAIT): ("reprocess",),
     (State.DEAD, State.EXPIRED): ("prune_dead",),  # Redis expires the hash (TTL); the script drops the index entry
     (State.DEAD, None): ("purge_dead",),  # deleted by an operator
 }
@@ -91,7 +97,9 @@ class PublishRequest:
     headers: str = "{}"  # JSON text of a str->str object
     idempotency_key: str | None = None
     delay_ms: int = 0
-    key: str | None = None
+    key: str | None = None  # ordering key: one message per key in flight per group, in publish order
+    max_attempts: int | None = None  # the message's own retry policy (None: the configured one)
+    backoff_base_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

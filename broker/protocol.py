@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from .errors import BrokerError, PayloadTooLargeError, ProtocolError
-from .model import DEFAULT_GROUP, Delivery, validate_name
+from .model import DEFAULT_GROUP, Delivery, PublishRequest, validate_name
 
 Ref = str | int | None
 
@@ -32,6 +32,9 @@ class Limits:
     max_prefetch: int = 1_000
     max_delay_ms: int = 7 * 86_400_000
     max_lease_ms: int = 3_600_000
+    max_attempts_limit: int = 100  # bounds of a message's own retry policy
+    backoff_base_min_ms: int = 10
+    backoff_base_max_ms: int = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,20 @@ class Publish:
     idempotency_key: str | None
     delay_ms: int
     key: str | None
+    max_attempts: int | None = None  # the message's own retry policy, within Limits
+    backoff_base_ms: int | None = None
+
+    def to_request(self) -> PublishRequest:
+        return PublishRequest(
+            self.topic,
+            self.payload,
+            self.headers,
+            self.idempotency_key,
+            self.delay_ms,
+            self.key,
+            self.max_attempts,
+            self.backoff_base_ms,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +344,9 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
     idem = f.str_("idempotency_key", required=False, max_len=200)
     key = f.str_("key", required=False, max_len=200)
     delay = f.int_("delay_ms", 0, limits.max_delay_ms) or 0
-    return Publish(f.ref, topic, payload, headers, idem, delay, key)
+    max_attempts = f.int_("max_attempts", 1, limits.max_attempts_limit)
+    backoff_base = f.int_("backoff_base_ms", limits.backoff_base_min_ms, limits.backoff_base_max_ms)
+    return Publish(f.ref, topic, payload, headers, idem, delay, key, max_attempts, backoff_base)
 
 
 def _ack(f: _Fields) -> Ack:

@@ -13,6 +13,7 @@ would let a cancelled half-open trial close the breaker. In half-open only one t
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,23 +44,26 @@ class BreakerOpenError(Exception):
         self.retry_after_ms = retry_after_ms
 
 
-def backoff_ms(attempt: int, base_ms: int, multiplier: float, cap_ms: int, jitter: float, rng: random.Random) -> int:
-    """Delay before retry number ``attempt`` (1-based): ``min(cap, base * multiplier**(attempt-1))`` then
-    +/- ``jitter`` (uniform, so the result lies in ``[d*(1-jitter), d*(1+jitter)]``), never below 1 ms.
-    Proportional jitter (not full jitter) keeps retries spread without ever retrying at once."""
+def backoff_delay(attempt: int, base_ms: int, multiplier: float, cap_ms: int, factor: float) -> int:
+    """Delay before retry number ``attempt`` (1-based): ``min(cap, base * multiplier**(attempt-1))`` times a jitter
+    ``factor``, never below 1 ms. The Lua scripts compute the same (``backoff`` in ``store/scripts/_lib.lua``) so a
+    message's own backoff base applies in Redis; a test holds the two to each other."""
     try:
         raw = min(float(cap_ms), base_ms * multiplier ** max(0, attempt - 1))
     except OverflowError:  # a huge attempt number: far past the cap
         raw = float(cap_ms)
-    spread = raw * jitter
-    return max(1, round(raw + rng.uniform(-spread, spread)))
+    return max(1, math.floor(raw * factor + 0.5))
 
 
-def backoff_table(
-    max_attempts: int, base_ms: int, multiplier: float, cap_ms: int, jitter: float, rng: random.Random
-) -> list[int]:
-    """Delays for attempts 1..max_attempts, one jitter draw each (passed to Lua scripts that reschedule)."""
-    return [backoff_ms(a, base_ms, multiplier, cap_ms, jitter, rng) for a in range(1, max_attempts + 1)]
+def jitter_factor(jitter: float, rng: random.Random) -> float:
+    """A uniform draw from ``[1 - jitter, 1 + jitter]``: proportional jitter (not full jitter) keeps retries spread
+    without ever retrying at once."""
+    return rng.uniform(1.0 - jitter, 1.0 + jitter)
+
+
+def backoff_ms(attempt: int, base_ms: int, multiplier: float, cap_ms: int, jitter: float, rng: random.Random) -> int:
+    """``backoff_delay`` with a fresh jitter draw: the result lies in ``[d*(1-jitter), d*(1+jitter)]``."""
+    return backoff_delay(attempt, base_ms, multiplier, cap_ms, jitter_factor(jitter, rng))
 
 
 StateListener = Callable[[str, BreakerState, BreakerState], None]

@@ -24,7 +24,7 @@ from .auth import ANONYMOUS, Principal
 from .dispatch import Consumer
 from .errors import BrokerError, ProtocolError, UnavailableError
 from .limits import TokenBucket
-from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
+from .model import AckItem, Delivery, NackItem, PublishResult
 from .store import NackOutcome
 
 if TYPE_CHECKING:
@@ -236,9 +236,7 @@ class Session:
         if self._rate_limited(1, req.ref):
             return
         await self._unconfirmed.acquire()  # backpressure: stop reading this client while too much is in flight
-        fut = self.broker.publisher.submit(
-            PublishRequest(req.topic, req.payload, req.headers, req.idempotency_key, req.delay_ms, req.key)
-        )
+        fut = self.broker.publisher.submit(req.to_request())
         fut.add_done_callback(partial(self._published, req))
 
     async def _publish_batch(self, req: protocol.PublishBatch) -> None:
@@ -251,10 +249,7 @@ class Session:
         for _ in req.items:
             await self._unconfirmed.acquire()
         submit = self.broker.publisher.submit
-        futs = [
-            submit(PublishRequest(p.topic, p.payload, p.headers, p.idempotency_key, p.delay_ms, p.key))
-            for p in req.items
-        ]
+        futs = [submit(p.to_request()) for p in req.items]
         self._spawn(self._batch_published(req, futs))
 
     async def _batch_published(self, req: protocol.PublishBatch, futs: list[asyncio.Future[PublishResult]]) -> None:

@@ -68,3 +68,23 @@ async def test_message_state_in_each_group(redis: RedisServer) -> None:
     # And an unknown id says so with a non-zero exit
     code, rows = status(redis, "nope")
     assert code == 1 and rows == []
+
+
+async def test_keyed_message_waiting_behind_its_key(redis: RedisServer) -> None:
+    settings = Settings()
+    store = make_store(connect_redis(redis.url, settings), settings)
+    try:
+        # Given two messages of ordering key "acct-1"; the first is leased
+        await store.ensure_group("orders", "g")
+        first, second = await store.publish_many(
+            [PublishRequest("orders", "1", key="acct-1"), PublishRequest("orders", "2", key="acct-1")]
+        )
+        (held,) = await store.claim("orders", "g", 10, 60_000, "c1.1")
+    finally:
+        await store.close()
+    # When the operator looks up the second, Then it waits behind the first of its key
+    code, rows = status(redis, second.id)
+    assert code == 0
+    assert [(r["state"], r["key"], r["position"]) for r in rows] == [("key_wait", "acct-1", 1)]
+    code, rows = status(redis, first.id)
+    assert [r["state"] for r in rows] == ["leased"] and held.id == first.id

@@ -67,11 +67,46 @@ def test_publish_full() -> None:
             "idempotency_key": "order-42",
             "delay_ms": 1500,
             "key": "customer-7",
+            "max_attempts": 3,
+            "backoff_base_ms": 250,
         }
     )
     assert got == Publish(
-        "r-1", "orders.eu_1-x", '[1,"two",null,true,2.5]', '{"trace":"abc","n":"1"}', "order-42", 1500, "customer-7"
+        "r-1",
+        "orders.eu_1-x",
+        '[1,"two",null,true,2.5]',
+        '{"trace":"abc","n":"1"}',
+        "order-42",
+        1500,
+        "customer-7",
+        3,
+        250,
     )
+    # And the request the store gets carries the message's own retry policy
+    assert (got.to_request().max_attempts, got.to_request().backoff_base_ms, got.to_request().key) == (
+        3,
+        250,
+        "customer-7",
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_attempts", 0),
+        ("max_attempts", LIMITS.max_attempts_limit + 1),
+        ("max_attempts", "3"),
+        ("backoff_base_ms", LIMITS.backoff_base_min_ms - 1),
+        ("backoff_base_ms", LIMITS.backoff_base_max_ms + 1),
+        ("backoff_base_ms", 1.5),
+        ("key", ""),
+        ("key", "k" * 201),
+    ],
+)
+def test_publish_policy_and_key_out_of_bounds_is_bad_request(field: str, value: object) -> None:
+    with pytest.raises(ProtocolError) as e:
+        parse({"op": "publish", "ref": 9, "topic": "t", "payload": 1, field: value})
+    assert e.value.code == "bad_request" and f"'{field}'" in e.value.message and e.value.ref == 9
 
 
 @pytest.mark.parametrize("payload", [None, 0, -1.5, "text", [], {}, True])
@@ -307,7 +342,7 @@ json_values = st.recursive(
 
 FIELDS = [
     "op", "ref", "topic", "topics", "group", "payload", "headers", "idempotency_key", "delay_ms", "key", "prefetch",
-    "lease_ms", "id", "receipt", "items", "error", "dead",
+    "lease_ms", "id", "receipt", "items", "error", "dead", "max_attempts", "backoff_base_ms",
 ]  # fmt: skip
 field_values = json_values | st.sampled_from(["t", "orders", "default", "a b", "", "r-1"]) | st.integers(-5, 10**6)
 frames = st.fixed_dictionaries({"op": st.sampled_from([*OPS, "nope"])}) | st.just({})

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pybreaker
 import pytest
 
-from broker.resilience import Breaker, BreakerOpenError, BreakerState, backoff_ms, backoff_table
+from broker.resilience import Breaker, BreakerOpenError, BreakerState, backoff_delay, backoff_ms, jitter_factor
 
 # ---- backoff ------------------------------------------------------------------------------------------------------
 
@@ -65,12 +65,29 @@ def test_backoff_is_reproducible_with_a_seed() -> None:
     assert len(set(a)) == 1
 
 
-def test_backoff_table_has_one_delay_per_attempt() -> None:
-    # Given 5 attempts and no jitter, Then the table is the per-attempt delays
-    assert backoff_table(5, 100, 3.0, 2_000, 0.0, random.Random(0)) == [100, 300, 900, 2_000, 2_000]
-    # And with jitter each entry is within its own bounds
-    t = backoff_table(4, 1_000, 2.0, 60_000, 0.5, random.Random(0))
-    assert [500 <= t[0] <= 1_500, 1_000 <= t[1] <= 3_000, 2_000 <= t[2] <= 6_000, 4_000 <= t[3] <= 12_000] == [True] * 4
+def test_lua_backoff_matches_the_python_formula() -> None:
+    # Given the backoff function the Lua scripts use (it lets a message's own backoff base apply inside Redis)
+    import fakeredis
+
+    from broker.store.redis_store import load_script
+
+    lib = load_script("promote").split("-- promote.lua", 1)[0]
+    r = fakeredis.FakeStrictRedis()
+    cases = [
+        (a, base, mult, cap, u)
+        for a in (1, 2, 3, 7, 40)
+        for base, mult, cap in ((1_000, 2.0, 60_000), (10, 3.0, 500), (250, 1.0, 250))
+        for u in (0.5, 0.8, 1.0, 1.2, 1.999)
+    ]
+    args = ", ".join(f"tonumber(ARGV[{i}])" for i in range(1, 6))
+    script = f"{lib}\nreturn backoff({args})"
+    # When both compute the same cases, Then they agree to the millisecond
+    for case in cases:
+        assert r.eval(script, 0, *case) == backoff_delay(*case), case
+    # And the jitter factors a caller draws stay within [1 - jitter, 1 + jitter]
+    rng = random.Random(1)
+    draws = [jitter_factor(0.2, rng) for _ in range(10_000)]
+    assert 0.8 <= min(draws) < 0.82 and 1.18 < max(draws) <= 1.2
 
 
 # ---- breaker ------------------------------------------------------------------------------------------------------

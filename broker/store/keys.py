@@ -68,6 +68,10 @@ class GroupKeys:
     def dead_letter(self, msg_id: str) -> str:
         return f"{self.base}dead:{msg_id}"
 
+    def key_line(self, key: str) -> str:
+        """LIST: the group's unfinished ids with ordering key ``key``, in publish order; only the head is live."""
+        return f"{self.base}key:{key}"
+
 
 def topics_key(prefix: str) -> str:
     """SET of every topic name (outside any topic's slot; written before a topic's first message)."""

@@ -38,7 +38,7 @@ from ..model import (
     new_message_id,
     now_ms,
 )
-from ..resilience import Breaker, BreakerOpenError, backoff_ms, backoff_table
+from ..resilience import Breaker, BreakerOpenError, jitter_factor
 from .keys import SCHEMA_VERSION, TopicKeys, node_key, nodes_key, schema_key, topics_key
 from .packer import connection_class
 
@@ -237,6 +237,7 @@ class RedisStore:
             for i in idxs:
                 r = reqs[i]
                 args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
+                args += [r.max_attempts or "", r.backoff_base_ms or ""]
             calls.append((script, [k.groups], args))
         replies = await self._run(lambda: self._eval_many(calls), "publish")
         out: list[PublishResult | BrokerError] = [BrokerError("not stored")] * len(reqs)
@@ -355,35 +356,25 @@ class RedisStore:
 
     async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[bool]:
         k = self.keys(topic)
-        args: list[Any] = [k.base, group]
+        args: list[Any] = [k.base, group, now_ms()]
         for it in items:
             args += [it.id, it.receipt]
         res = await self._run(lambda: self._scripts["ack"](keys=[k.group(group).leased], args=args), "ack")
         return [bool(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
-        """items: (nack, attempt it was delivered as, consumer). Delay None -> backoff for that attempt."""
+        """items: (nack, attempt it was delivered as, consumer). Delay None -> jittered backoff for that attempt,
+        computed in the script (a message may carry its own backoff base and max attempts)."""
         k = self.keys(topic)
         g = k.group(group)
         r = self.settings.retry
         now = now_ms()
-        args: list[Any] = [
-            k.base,
-            topic,
-            group,
-            now,
-            r.max_attempts,
-            self.settings.dlq.ttl_s,
-            self._strict(topic, group),
-        ]
+        args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s]
+        args += [self._strict(topic, group), r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms]
         for it, attempt, consumer in items:
-            delay = it.delay_ms
-            if delay is None:
-                delay = backoff_ms(
-                    attempt, r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, r.jitter, self._rng
-                )
+            delay = -1 if it.delay_ms is None else it.delay_ms
             entry = _error_entry(attempt, it.error, now, consumer)
-            args += [it.id, it.receipt, entry, delay, "1" if it.dead else "0"]
+            args += [it.id, it.receipt, entry, delay, "1" if it.dead else "0", jitter_factor(r.jitter, self._rng)]
         res = await self._run(
             lambda: self._scripts["nack"](keys=[g.ready, g.leased, g.delayed, g.dead], args=args), "nack"
         )
@@ -421,16 +412,15 @@ class RedisStore:
             return []
         r = self.settings.retry
         now = now_ms()
-        delays = backoff_table(
-            r.max_attempts, r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, r.jitter, self._rng
-        )
+        jitters = [jitter_factor(r.jitter, self._rng) for _ in range(8)]
 
         calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
         for topic, group in pairs:
             k = self.keys(topic)
             g = k.group(group)
             expire_args = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s, limit]
-            expire_args += [len(dead_nodes), *dead_nodes, self._strict(topic, group), *delays]
+            expire_args += [len(dead_nodes), *dead_nodes, self._strict(topic, group)]
+            expire_args += [r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, *jitters]
             calls.append((self._scripts["expire"], [g.leased, g.delayed, g.dead, g.ready], expire_args))
             calls.append((self._scripts["promote"], [g.delayed, g.ready], [now, limit, k.wake]))
 

@@ -8,15 +8,16 @@ from .redis_store import RedisStore
 
 
 async def message_status(store: RedisStore, msg_id: str, topic: str | None = None) -> list[dict[str, Any]]:
-    """One row per (topic, group) that knows the message. ``state``: ready | leased | retry_wait | dead |
-    done (acked by this group, or published before the group existed: Redis keeps nothing for it)."""
+    """One row per (topic, group) that knows the message. ``state``: ready | leased | retry_wait | key_wait (behind
+    an earlier message of its ordering key) | dead | done (acked by this group, or published before the group
+    existed: Redis keeps nothing for it)."""
     r = store.redis
     pairs = [p for p in await store.all_pairs() if topic is None or p[0] == topic]
     topics = sorted({t for t, _ in pairs})
     async with r.pipeline(transaction=False) as p:
         for t in topics:
-            p.exists(store.keys(t).body(msg_id))
-        has_body = dict(zip(topics, await p.execute(), strict=True))
+            p.hmget(store.keys(t).body(msg_id), "published_at", "key")
+        bodies = dict(zip(topics, await p.execute(), strict=True))
     rows: list[dict[str, Any]] = []
     for t, g in pairs:
         gk = store.keys(t).group(g)
@@ -27,7 +28,9 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
             p.hgetall(gk.delivery(msg_id))
             p.hmget(gk.dead_letter(msg_id), "reason", "died_at", "attempts")
             p.ttl(gk.dead_letter(msg_id))
-            leased, due, pos, dlv, dead, ttl = await p.execute()
+            okey = bodies[t][1]
+            p.lpos(gk.key_line(okey) if okey else gk.ready, msg_id)
+            leased, due, pos, dlv, dead, ttl, line_pos = await p.execute()
         row: dict[str, Any] = {"topic": t, "group": g, "attempts": int(dlv.get("attempts", 0)) if dlv else 0}
         if leased is not None:
             row.update(state="leased", consumer=dlv.get("consumer"), node=dlv.get("node"), until=int(leased))
@@ -38,7 +41,9 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
             row.update(state="retry_wait" if nb else "ready", position=int(pos), **({"due": int(nb)} if nb else {}))
         elif dead[0] is not None:
             row.update(state="dead", reason=dead[0], died_at=int(dead[1]), attempts=int(dead[2]), ttl_s=int(ttl))
-        elif has_body.get(t):
+        elif okey and line_pos is not None:
+            row.update(state="key_wait", key=okey, position=int(line_pos))
+        elif bodies[t][0] is not None:
             row.update(state="done")
         else:
             continue  # this topic never had it (or it is finished everywhere)

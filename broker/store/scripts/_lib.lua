@@ -1,7 +1,8 @@
 -- _lib.lua: helpers prepended to every script at load time (not a transition of its own).
 -- Key schema (docs/keys.md): base = "<prefix>:{<topic>}:"; group base gb = base .. "g:<group>:"
 --   base.."groups" SET, base.."msg:"..id HASH body, gb.."ready" LIST, gb.."leased" ZSET, gb.."delayed" ZSET,
---   gb.."dlv:"..id HASH delivery state, gb.."dead" ZSET index, gb.."dead:"..id HASH dead letter (with TTL).
+--   gb.."dlv:"..id HASH delivery state, gb.."dead" ZSET index, gb.."dead:"..id HASH dead letter (with TTL),
+--   gb.."key:"..K LIST the group's unfinished ids of ordering key K, in publish order (only its head is live).
 
 -- redis.call(cmd, key, ...list) in chunks: unpack() of more than ~8000 values fails ("too many results to unpack").
 local function call_chunked(cmd, key, list)
@@ -24,10 +25,58 @@ local function add_error(dkey, entry)
   redis.call('HSET', dkey, 'errors', errs)
 end
 
+-- Retry delay (ms) before attempt+1: min(cap, base * mult^(attempt-1)) times a jitter factor u that the caller
+-- drew from [1 - jitter, 1 + jitter]; at least 1 ms. The same formula as broker.resilience.backoff_delay.
+local function backoff(attempt, base, mult, cap, u)
+  local raw = math.min(cap, base * mult ^ math.max(0, attempt - 1))
+  return math.max(1, math.floor(raw * u + 0.5))
+end
+
+-- A message's own retry policy (publish fields max_attempts / backoff_base_ms on its body), else the defaults.
+local function policy(base, id, max_attempts, backoff_base)
+  local p = redis.call('HMGET', base .. 'msg:' .. id, 'max_attempts', 'backoff_base_ms')
+  return tonumber(p[1]) or max_attempts, tonumber(p[2]) or backoff_base
+end
+
+-- Per-key ordering. A message with ordering key K joins the end of K's line in the group (gb.."key:"..K); only the
+-- head of the line is live (ready, leased or waiting for a retry), so one message per key is in flight and the
+-- rest follow in publish order. Returns true when id is the head (the caller makes it live).
+local function key_join(gb, key, id)
+  return redis.call('RPUSH', gb .. 'key:' .. key, id) == 1
+end
+
+-- Make a message live in a group: the ready tail, or the delayed set while its publish delay (body field
+-- deliver_at) has not passed.
+local function make_live(base, gb, id, now)
+  local due = tonumber(redis.call('HGET', base .. 'msg:' .. id, 'deliver_at') or '0')
+  if due > now then
+    redis.call('ZADD', gb .. 'delayed', due, id)
+  else
+    redis.call('RPUSH', gb .. 'ready', id)
+  end
+end
+
+-- The head of key K's line is finished in this group (acked or dead): the next message of K goes live.
+-- Returns true when one did.
+local function key_done(base, gb, key, id, now)
+  local line = gb .. 'key:' .. key
+  if redis.call('LINDEX', line, 0) ~= id then  -- not the head (should not happen): just leave the line
+    redis.call('LREM', line, 1, id)
+    return false
+  end
+  redis.call('LPOP', line)
+  local nxt = redis.call('LINDEX', line, 0)
+  if not nxt then return false end
+  make_live(base, gb, nxt, now)
+  return true
+end
+
 -- LEASED/any -> DEAD: build a self-contained dead letter hash with a TTL, index it, free the body.
+-- Returns true when this let the next message of the same ordering key go live.
 local function dead_letter(base, gb, deadidx, topic, group, id, reason, now, ttl)
   local dkey = gb .. 'dlv:' .. id
-  local b = redis.call('HMGET', base .. 'msg:' .. id, 'payload', 'headers', 'published_at', 'key')
+  local b = redis.call('HMGET', base .. 'msg:' .. id, 'payload', 'headers', 'published_at', 'key', 'max_attempts',
+    'backoff_base_ms')
   local d = redis.call('HMGET', dkey, 'attempts', 'errors', 'consumer')
   local xkey = gb .. 'dead:' .. id
   redis.call('HSET', xkey,
@@ -36,10 +85,14 @@ local function dead_letter(base, gb, deadidx, topic, group, id, reason, now, ttl
     'attempts', d[1] or '0', 'errors', '[' .. (d[2] or '') .. ']',
     'last_consumer', d[3] or '', 'reason', reason, 'died_at', now)
   if b[4] then redis.call('HSET', xkey, 'key', b[4]) end
+  if b[5] then redis.call('HSET', xkey, 'max_attempts', b[5]) end
+  if b[6] then redis.call('HSET', xkey, 'backoff_base_ms', b[6]) end
   redis.call('EXPIRE', xkey, ttl)
   redis.call('ZADD', deadidx, now, id)
   redis.call('DEL', dkey)
+  local woke = b[4] and key_done(base, gb, b[4], id, now)
   if b[1] then release_body(base, id) end
+  return woke
 end
 
 -- LEASED -> RETRY_WAIT. Concurrent groups: the delayed set, promoted when due. Strict-order groups: back to the

@@ -1,16 +1,20 @@
 -- expire.lua: transition LEASED -> RETRY_WAIT | DEAD for leases whose deadline has passed, and for leases
 -- held by broker nodes that stopped heartbeating (orphan sweep: no need to wait for the deadline).
+-- A dead message with an ordering key lets the next one of its key go live (KEY_WAIT -> READY).
 -- Safe on N nodes at once: each id is removed from the lease set in the same step that reschedules it, so a
 -- message gets exactly one retry schedule however many nodes sweep together.
 -- KEYS[1] <gb>leased, KEYS[2] <gb>delayed, KEYS[3] <gb>dead, KEYS[4] <gb>ready
 -- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
 -- ARGV[7] limit, ARGV[8] K = number of dead node ids, ARGV[9..8+K] dead node ids, ARGV[9+K] strict order (1|0),
--- ARGV[10+K..] retry delay (ms) for attempt 1, 2, ... (jittered by the caller)
+-- ARGV[10+K] backoff base (ms), ARGV[11+K] backoff multiplier, ARGV[12+K] backoff cap (ms),
+-- ARGV[13+K..] jitter factors (drawn by the caller from [1 - jitter, 1 + jitter]), used in turn so that leases
+-- expiring together do not all retry together. A message with its own retry policy (body fields) uses it.
 -- Returns {expired_to_retry, expired_to_dead, of which orphaned by a dead node}
-local base, topic, group, now, maxa, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local base, topic, group, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
 local limit, k = tonumber(ARGV[7]), tonumber(ARGV[8])
 local strict = ARGV[9 + k]
-local delay0 = 9 + k
+local bbase0, mult, cap = tonumber(ARGV[10 + k]), tonumber(ARGV[11 + k]), tonumber(ARGV[12 + k])
+local u0, nu = 12 + k, #ARGV - 12 - k
 local gb = base .. 'g:' .. group .. ':'
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local why = {}
@@ -31,20 +35,23 @@ if k > 0 then
   end
 end
 local retried, dead = 0, 0
-for _, id in ipairs(ids) do
+local woke = false
+for n, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local dkey = gb .. 'dlv:' .. id
   local d = redis.call('HMGET', dkey, 'attempts', 'consumer')
   local attempts = tonumber(d[1] or '0')
   add_error(dkey, '{"attempt":' .. attempts .. ',"error":' .. cjson.encode(why[id]) .. ',"at":' .. now ..
     ',"consumer":' .. cjson.encode(d[2] or '') .. '}')
+  local maxa, bbase = policy(base, id, tonumber(ARGV[5]), bbase0)
   if attempts >= maxa then
-    dead_letter(base, gb, KEYS[3], topic, group, id, 'max_attempts', now, ttl)
+    if dead_letter(base, gb, KEYS[3], topic, group, id, 'max_attempts', now, ttl) then woke = true end
     dead = dead + 1
   else
-    local delay = tonumber(ARGV[delay0 + attempts] or ARGV[#ARGV])
+    local delay = backoff(attempts, bbase, mult, cap, tonumber(ARGV[u0 + 1 + (n - 1) % nu]))
     schedule_retry(KEYS[4], KEYS[2], dkey, id, now + delay, strict)
     retried = retried + 1
   end
 end
+if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
 return {retried, dead, orphaned}

@@ -1,29 +1,35 @@
--- publish.lua: transition (none) -> READY, or (none) -> RETRY_WAIT when delay_ms > 0.
+-- publish.lua: transition (none) -> READY, or (none) -> RETRY_WAIT when delay_ms > 0, or (none) -> KEY_WAIT when
+-- the message has an ordering key whose line in a group is not empty (it goes live when the line reaches it).
 -- Stores N messages of one topic in every group's queue in one atomic step.
 -- KEYS[1]  <base>groups            SET of the topic's groups
 -- ARGV[1]  base "<prefix>:{<topic>}:"
 -- ARGV[2]  now (epoch ms)
 -- ARGV[3]  idempotency TTL (s)
 -- ARGV[4]  policy when the topic has no group: "default" (create group default) | "reject"
--- ARGV[5]  N, then N x 6 args: id, payload, headers, idempotency_key|"", delay_ms, key|""
+-- ARGV[5]  N, then N x 8 args: id, payload, headers, idempotency_key|"", delay_ms, key|"", max_attempts|"",
+--          backoff_base_ms|""   (the last two: the message's own retry policy, validated by the caller)
 -- Returns  flat array, 3 per message: id, duplicate (0|1), groups stored in (-1: rejected, no group)
-local base, now, ttl, policy, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local base, now, ttl, policy_, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local W = 8
 local groups = redis.call('SMEMBERS', KEYS[1])
 local out = {}
 if #groups == 0 then
-  if policy == 'default' then
+  if policy_ == 'default' then
     redis.call('SADD', KEYS[1], 'default')
     groups = {'default'}
   else
     for i = 0, n - 1 do
-      out[#out + 1] = ARGV[6 + i * 6]; out[#out + 1] = 0; out[#out + 1] = -1
+      out[#out + 1] = ARGV[6 + i * W]; out[#out + 1] = 0; out[#out + 1] = -1
     end
     return out
   end
 end
-local ready = {}
+local ready = {}          -- unkeyed, undelayed ids: the same for every group
+local keyed = {}          -- group -> ids made live (ready) through their key line, in order
+for _, g in ipairs(groups) do keyed[g] = {} end
+local any_keyed = false
 for i = 0, n - 1 do
-  local o = 6 + i * 6
+  local o = 6 + i * W
   local id, payload, headers, idem, delay, key = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3], tonumber(ARGV[o+4]), ARGV[o+5]
   local existing = false
   if idem ~= '' then
@@ -36,8 +42,22 @@ for i = 0, n - 1 do
   else
     local bkey = base .. 'msg:' .. id
     redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', now, 'refs', #groups)
-    if key ~= '' then redis.call('HSET', bkey, 'key', key) end
-    if delay > 0 then
+    if ARGV[o+6] ~= '' then redis.call('HSET', bkey, 'max_attempts', ARGV[o+6]) end
+    if ARGV[o+7] ~= '' then redis.call('HSET', bkey, 'backoff_base_ms', ARGV[o+7]) end
+    if key ~= '' then
+      redis.call('HSET', bkey, 'key', key)
+      if delay > 0 then redis.call('HSET', bkey, 'deliver_at', now + delay) end
+      for _, g in ipairs(groups) do
+        local gb = base .. 'g:' .. g .. ':'
+        if key_join(gb, key, id) then
+          if delay > 0 then
+            redis.call('ZADD', gb .. 'delayed', now + delay, id)
+          else
+            local l = keyed[g]; l[#l + 1] = id; any_keyed = true
+          end
+        end
+      end
+    elseif delay > 0 then
       for _, g in ipairs(groups) do redis.call('ZADD', base .. 'g:' .. g .. ':delayed', now + delay, id) end
     else
       ready[#ready + 1] = id
@@ -45,8 +65,19 @@ for i = 0, n - 1 do
     out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = #groups
   end
 end
-if #ready > 0 then
+if #ready > 0 and not any_keyed then
   for _, g in ipairs(groups) do call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', ready) end
-  redis.call('PUBLISH', base .. 'wake', 'p')
+elseif #ready > 0 or any_keyed then
+  -- keyed and unkeyed messages mixed in one batch: keep publish order per group
+  local pos = {}
+  for i = 0, n - 1 do pos[ARGV[6 + i * W]] = i end
+  for _, g in ipairs(groups) do
+    local live = {}
+    for _, id in ipairs(ready) do live[#live + 1] = id end
+    for _, id in ipairs(keyed[g]) do live[#live + 1] = id end
+    table.sort(live, function(a, b) return pos[a] < pos[b] end)
+    call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', live)
+  end
 end
+if #ready > 0 or any_keyed then redis.call('PUBLISH', base .. 'wake', 'p') end
 return out
