@@ -30,6 +30,7 @@ import orjson
 from . import BenchError, SetupError
 from . import baselines as _baselines  # noqa: F401  (registers relay, relay-lat, nats)
 from . import batchmode as _batchmode  # noqa: F401  (registers s1b)
+from . import keyed as _keyed  # noqa: F401  (registers keyed)
 from . import retry as _retry  # noqa: F401  (registers s4, reprocess)
 from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3)
 from .procs import (

@@ -158,6 +158,7 @@ TARGETS: tuple[Target, ...] = (
     Target("s1", "throughput", against="nats", min_ratio=1.5),
     Target("s3", "p99", max_value=2.0),
     Target("s4", "throughput", against="s1", min_ratio=0.8),
+    Target("keyed", "throughput", against="s1", min_ratio=0.7),
     Target("reprocess", "throughput", min_value=20_000),
 )
 

@@ -53,6 +53,8 @@ class BrokerRun:
         *,
         ack_batch: int,
         consumer_cls: type[AckingConsumer] = AckingConsumer,
+        per_group: int = 1,
+        keys: int = 0,
     ) -> None:
         self.ctx = ctx
         self.sizes = ctx.sizes
@@ -61,6 +63,9 @@ class BrokerRun:
         self.groups = list(groups)
         self.ack_batch = ack_batch
         self.consumer_cls = consumer_cls  # e.g. a subclass that nacks some deliveries (S4)
+        self.per_group = per_group  # competing consumers per group; they share one delivery tracker
+        self.keys = keys  # > 0: messages carry ordering keys k0..k<keys-1> (round robin)
+        self._waiters: list[asyncio.Task[None]] = []
         self.abort = Abort()
         self.deadline = perf() + self.sizes.run_timeout_s
         self.conns: list[BrokerConn] = []
@@ -78,23 +83,37 @@ class BrokerRun:
     async def _open(self) -> None:
         s = self.sizes
         for g in self.groups:
-            conn = await BrokerConn.open(self.ctx.broker_url, f"consumer-{g}", self.abort, s.connect_timeout_s)
-            self.conns.append(conn)
-            consumer = self.consumer_cls(
-                conn,
-                self.messages,
-                ack_batch=self.ack_batch,
-                ack_interval=s.ack_interval_s,
-                confirm_acks=s.confirm_acks,
-            )
-            self.consumers.append(consumer)
-            await conn.subscribe(self.topic, g, s.prefetch, s.connect_timeout_s)
-            consumer.start()
+            shared: AckingConsumer | None = None
+            for i in range(self.per_group):
+                name = f"consumer-{g}" if self.per_group == 1 else f"consumer-{g}-{i}"
+                conn = await BrokerConn.open(self.ctx.broker_url, name, self.abort, s.connect_timeout_s)
+                self.conns.append(conn)
+                consumer = self.consumer_cls(
+                    conn,
+                    self.messages,
+                    ack_batch=self.ack_batch,
+                    ack_interval=s.ack_interval_s,
+                    confirm_acks=s.confirm_acks,
+                )
+                if shared is None:
+                    shared = consumer
+                else:  # competing consumers: the group as a whole must see every message once
+                    consumer.tracker = shared.tracker
+                    self._waiters.append(asyncio.create_task(_done_when_complete(consumer)))
+                self.consumers.append(consumer)
+                await conn.subscribe(self.topic, g, s.prefetch, s.connect_timeout_s)
+                consumer.start()
+            if shared is not None and self.per_group > 1:
+                self._waiters.append(asyncio.create_task(_done_when_complete(shared)))
         pub = await BrokerConn.open(self.ctx.broker_url, "publisher", self.abort, s.connect_timeout_s)
         self.conns.append(pub)
-        self.publisher = WindowedPublisher(pub, self.topic, s.window, s.payload_bytes, s.stall_timeout_s)
+        self.publisher = WindowedPublisher(
+            pub, self.topic, s.window, s.payload_bytes, s.stall_timeout_s, keys=self.keys
+        )
 
     async def __aexit__(self, *exc: object) -> None:
+        for w in self._waiters:
+            w.cancel()
         for c in self.consumers:
             await c.stop()
         for conn in self.conns:
@@ -130,6 +149,13 @@ class BrokerRun:
         res.extra["publisher"] = self.publisher.summary()
         res.extra["consumers"] = {c.conn.name: c.summary() for c in self.consumers}
         res.extra["publish_confirm_latency"] = latency_summary(self.publisher.confirm_latencies)
+
+
+async def _done_when_complete(consumer: AckingConsumer) -> None:
+    """A consumer sharing its tracker may have nothing left to receive when the group's last message arrives at
+    another consumer: check it once then (its pending acks check again when answered)."""
+    await consumer.tracker.complete.wait()
+    consumer._check_done()
 
 
 async def _publish_all(run: BrokerRun) -> float:

@@ -56,9 +56,10 @@ def payload_text(seq: int, stamp: float, size: int) -> str:
     return head + "x" * max(0, size - len(head) - 2) + '"}'
 
 
-def publish_frame(seq: int, topic: str, size: int) -> str:
-    """A publish frame with ``ref = seq``, stamped now."""
-    return f'{{"op":"publish","ref":{seq},"topic":"{topic}","payload":{payload_text(seq, perf(), size)}}}'
+def publish_frame(seq: int, topic: str, size: int, keys: int = 0) -> str:
+    """A publish frame with ``ref = seq``, stamped now; with ``keys``, ordering key ``k<seq % keys>``."""
+    key = f',"key":"k{seq % keys}"' if keys else ""
+    return f'{{"op":"publish","ref":{seq},"topic":"{topic}"{key},"payload":{payload_text(seq, perf(), size)}}}'
 
 
 class Abort:
@@ -297,8 +298,11 @@ class WindowedPublisher:
     """Publishes ``ref = seq`` frames with at most ``window`` unconfirmed at once (a semaphore released by each
     ``published`` or final ``error`` reply). Retryable errors are resent after ``retry_after_ms`` (same slot)."""
 
-    def __init__(self, conn: BrokerConn, topic: str, window: int, payload_bytes: int, stall_timeout: float) -> None:
+    def __init__(
+        self, conn: BrokerConn, topic: str, window: int, payload_bytes: int, stall_timeout: float, keys: int = 0
+    ) -> None:
         self.conn = conn
+        self.keys = keys  # > 0: every message carries ordering key k<seq % keys>
         self.topic = topic
         self.payload_bytes = payload_bytes
         self.window = window
@@ -322,7 +326,7 @@ class WindowedPublisher:
             await self._acquire_slow()
         else:
             await self.sem.acquire()
-        frame = publish_frame(seq, self.topic, self.payload_bytes)
+        frame = publish_frame(seq, self.topic, self.payload_bytes, self.keys)
         now = perf()
         self.inflight[seq] = _Inflight(frame, now)
         self.idle.clear()
