@@ -87,6 +87,14 @@ class DlqSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    # "recently acked" audit record per group (ZSET id -> acked_at): off at 0; else at most this many entries,
+    # none older than acked_audit_ttl_s. Acked messages otherwise leave nothing behind in Redis.
+    acked_audit_max: int = 0
+    acked_audit_ttl_s: int = 3_600
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     mode: str = "tokens"  # "tokens": every connection needs a configured token; "open": no authentication (loud)
     allowed_origins: tuple[str, ...] = ()  # browser Origin values allowed; empty: any (non-browser clients send none)
@@ -140,6 +148,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     dlq: DlqSettings = field(default_factory=DlqSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
     log: LogSettings = field(default_factory=LogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -326,6 +335,8 @@ def validate(settings: Settings) -> Settings:
         ("retry.backoff_base_ms", r.backoff_base_ms, 1),
         ("retry.backoff_multiplier", r.backoff_multiplier, 1),
         ("dlq.ttl_s", settings.dlq.ttl_s, 1),
+        ("retention.acked_audit_max", settings.retention.acked_audit_max, 0),
+        ("retention.acked_audit_ttl_s", settings.retention.acked_audit_ttl_s, 1),
         ("breakers.redis_fail_max", b.redis_fail_max, 1),
         ("breakers.redis_success_threshold", b.redis_success_threshold, 1),
         ("breakers.redis_call_timeout_ms", b.redis_call_timeout_ms, 1),

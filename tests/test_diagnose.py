@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from broker.config import Settings
-from broker.model import NackItem, PublishRequest, now_ms
+from broker.model import AckItem, NackItem, PublishRequest, now_ms
 from broker.store import connect_redis
 from broker.store.keys import nodes_key
 
@@ -84,3 +84,32 @@ async def test_planted_problems_are_found_and_safe_ones_repaired(redis: RedisSer
     code, findings = run(redis)
     assert {f["check"] for f in findings} == {"orphan_bodies", "persistence"}
     assert redis.cli("HGET", f"mq:{{t}}:g:g:dlv:{d0.id}", "attempts") == "1"  # swept to retry, history kept
+
+
+async def test_waiting_keyed_messages_are_not_orphans_and_a_stuck_key_is_repaired(redis: RedisServer) -> None:
+    settings = Settings()
+    store = make_store(connect_redis(redis.url, settings), settings)
+    try:
+        # Given key "a" with 3 messages: a1 leased, a2 and a3 waiting in the key line (healthy)
+        await store.ensure_group("orders", "g")
+        await store.publish_many([PublishRequest("orders", str(i), key="a") for i in range(3)])
+        (a1,) = await store.claim("orders", "g", 10, 60_000, "c1")
+        code, findings = run(redis)
+        # Then nothing is reported (waiting messages are referenced by their key line)
+        assert (code, findings) == (0, [])
+        # When the head's lease entry is lost (a corrupted store: a1 is neither ready, leased nor delayed)
+        g = store.keys("orders").group("g")
+        await store.redis.zrem(g.leased, a1.id)
+        code, findings = run(redis)
+        assert code == 1 and [f["check"] for f in findings] == ["stuck_key_lines"]
+        # Then --repair makes the head ready again, and the key flows: a1, then a2 after a1's ack
+        code, findings = run(redis, "--repair")
+        assert findings[0]["repaired"] == "made 1 key line head(s) ready again"
+        (again,) = await store.claim("orders", "g", 10, 60_000, "c1")
+        assert again.id == a1.id
+        await store.ack_many("orders", "g", [AckItem(again.id, again.receipt)])
+        (nxt,) = await store.claim("orders", "g", 10, 60_000, "c1")
+        assert nxt.payload == "1"
+        assert run(redis) == (0, [])
+    finally:
+        await store.close()

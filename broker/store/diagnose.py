@@ -2,7 +2,8 @@
 repairs that are safe to make (seeds 000 and 003: the failures nobody could see).
 
 Safe repairs: sweep leases past their deadline or held by dead nodes (the normal expiry script), drop queue entries
-whose body is gone (nothing can ever be delivered for them), drop dead-letter index entries whose hash expired.
+whose body is gone (nothing can ever be delivered for them), drop dead-letter index entries whose hash expired,
+make the head of a stuck ordering-key line live again.
 Not repaired, only reported: bodies no queue refers to (they may be data someone needs), persistence and eviction
 settings (operator decisions), an unknown schema version.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from redis.exceptions import WatchError
 
 from ..model import now_ms
 from .dlq import DeadLetters
@@ -107,6 +110,8 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
         delayed = [str(x) for x in await r.zrange(g.delayed, 0, SCAN_LIMIT - 1)]
         ids = ready + delayed + [m for m, _ in leased]
         referenced.update((topic, i) for i in ids)
+        waiting = await _check_key_lines(store, topic, group, set(ids), repair, out)
+        referenced.update((topic, i) for i in waiting)
         async with r.pipeline(transaction=False) as p:
             for i in ids:
                 p.exists(k.body(i))
@@ -181,3 +186,48 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
             if f.check in ("stale_leases", "dead_node_leases"):
                 f.repaired = f"swept: {moved} lease(s) rescheduled or dead-lettered by the expiry script"
     return out
+
+
+async def _check_key_lines(
+    store: RedisStore, topic: str, group: str, live: set[str], repair: bool, out: list[Finding]
+) -> list[str]:
+    """Per-key ordering lines of one group: their head must be live (ready, delayed or leased), else the key is
+    stuck forever. Returns every id waiting in a line (they are referenced, not orphans)."""
+    r = store.redis
+    g = store.keys(topic).group(group)
+    prefix = g.key_line("")
+    waiting: list[str] = []
+    stuck: list[tuple[str, str]] = []  # (line key, head id)
+    async for line in r.scan_iter(match=prefix + "*", count=1000):
+        members = [str(x) for x in await r.lrange(line, 0, SCAN_LIMIT - 1)]
+        waiting += members
+        if members and members[0] not in live:
+            stuck.append((str(line), members[0]))
+        if len(waiting) >= SCAN_LIMIT:
+            break
+    if stuck:
+        f = Finding(
+            "error",
+            "stuck_key_lines",
+            f"{topic}/{group}: {len(stuck)} ordering key(s) whose first message is neither ready, leased nor "
+            "waiting for a retry: nothing of these keys will be delivered again",
+            "--repair puts each first message back at the tail of the ready queue",
+            details={"keys": [line[len(prefix) :] for line, _ in stuck[:20]]},
+        )
+        if repair:
+            fixed = 0
+            for line, head in stuck:
+                async with r.pipeline(transaction=True) as p:
+                    await p.watch(line)  # optimistic: a broker that moves the line meanwhile wins, we skip it
+                    if await p.lindex(line, 0) != head:
+                        continue  # leaving the block resets the pipeline (and the WATCH)
+                    p.multi()  # type: ignore[no-untyped-call]
+                    p.rpush(g.ready, head)
+                    try:
+                        await p.execute()
+                        fixed += 1
+                    except WatchError:
+                        continue
+            f.repaired = f"made {fixed} key line head(s) ready again"
+        out.append(f)
+    return waiting

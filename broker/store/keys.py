@@ -62,6 +62,11 @@ class GroupKeys:
     def dead(self) -> str:
         return self.base + "dead"
 
+    @property
+    def acked(self) -> str:
+        """ZSET id -> acked_at (epoch ms): the optional, bounded "recently acked" audit record."""
+        return self.base + "acked"
+
     def delivery(self, msg_id: str) -> str:
         return f"{self.base}dlv:{msg_id}"
 

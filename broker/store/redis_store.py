@@ -356,10 +356,12 @@ class RedisStore:
 
     async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[bool]:
         k = self.keys(topic)
-        args: list[Any] = [k.base, group, now_ms()]
+        rt = self.settings.retention
+        g = k.group(group)
+        args: list[Any] = [k.base, group, now_ms(), rt.acked_audit_max, rt.acked_audit_ttl_s]
         for it in items:
             args += [it.id, it.receipt]
-        res = await self._run(lambda: self._scripts["ack"](keys=[k.group(group).leased], args=args), "ack")
+        res = await self._run(lambda: self._scripts["ack"](keys=[g.leased, g.acked], args=args), "ack")
         return [bool(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:

@@ -30,7 +30,8 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
             p.ttl(gk.dead_letter(msg_id))
             okey = bodies[t][1]
             p.lpos(gk.key_line(okey) if okey else gk.ready, msg_id)
-            leased, due, pos, dlv, dead, ttl, line_pos = await p.execute()
+            p.zscore(gk.acked, msg_id)
+            leased, due, pos, dlv, dead, ttl, line_pos, acked_at = await p.execute()
         row: dict[str, Any] = {"topic": t, "group": g, "attempts": int(dlv.get("attempts", 0)) if dlv else 0}
         if leased is not None:
             row.update(state="leased", consumer=dlv.get("consumer"), node=dlv.get("node"), until=int(leased))
@@ -43,6 +44,8 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
             row.update(state="dead", reason=dead[0], died_at=int(dead[1]), attempts=int(dead[2]), ttl_s=int(ttl))
         elif okey and line_pos is not None:
             row.update(state="key_wait", key=okey, position=int(line_pos))
+        elif acked_at is not None:
+            row.update(state="done", acked_at=int(acked_at))
         elif bodies[t][0] is not None:
             row.update(state="done")
         else:

@@ -1,13 +1,18 @@
 -- ack.lua: transition LEASED -> ACKED for N deliveries of one group. An acked message with an ordering key lets
 -- the next message of its key go live (KEY_WAIT -> READY).
--- KEYS[1]  <gb>leased ZSET
--- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), then pairs: id, receipt
+-- With the audit record on (retention.acked_audit_max > 0), each ack is also noted in <gb>acked (id -> acked_at),
+-- trimmed to the newest max entries and to the last ttl seconds.
+-- KEYS[1]  <gb>leased ZSET, KEYS[2] <gb>acked ZSET (audit record)
+-- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), ARGV[4] audit max (0: off), ARGV[5] audit ttl (s),
+--          then pairs: id, receipt
 -- Returns  array of 1 (acked) | 0 (stale: not leased, or leased under another receipt)
 local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local gb = base .. 'g:' .. group .. ':'
 local out = {}
 local woke = false
-for i = 4, #ARGV, 2 do
+local acked = 0
+for i = 6, #ARGV, 2 do
   local id, receipt = ARGV[i], ARGV[i + 1]
   local dkey = gb .. 'dlv:' .. id
   if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
@@ -15,10 +20,17 @@ for i = 4, #ARGV, 2 do
     local key = redis.call('HGET', base .. 'msg:' .. id, 'key')
     if key and key_done(base, gb, key, id, now) then woke = true end
     release_body(base, id)
+    if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
+    acked = acked + 1
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
   end
 end
 if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
+if audit > 0 and acked > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - audit_ttl * 1000)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -audit - 1)
+  redis.call('EXPIRE', KEYS[2], audit_ttl)
+end
 return out
