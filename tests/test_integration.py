@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from broker.client import BrokerClient, Message, Subscription
-from broker.errors import StaleReceiptError
+from broker.errors import BrokerError, StaleReceiptError
 
 from .brokers import BrokerProcess
 from .support import RedisServer
@@ -204,6 +204,30 @@ async def test_delayed_publish(client: BrokerClient) -> None:
     # Then it is not delivered before its due time
     assert loop.time() - t0 >= 0.65
     await m.ack()
+
+
+async def test_per_message_retry_policy_and_ordering_key(client: BrokerClient, redis: RedisServer) -> None:
+    # Given a subscriber, and a message allowed 2 attempts with a 50 ms backoff, followed by one of the same key
+    sub = await client.subscribe("policy", "g", prefetch=10)
+    first = await client.publish("policy", "once", key="acct-1", max_attempts=2, backoff_base_ms=50)
+    await client.publish("policy", "next", key="acct-1")
+    # When the first fails twice (the second message of its key waits meanwhile)
+    m = (await take(sub, 1))[0]
+    assert (m.id, m.attempt, m.key) == (first.id, 1, "acct-1")
+    await m.nack("boom", wait=True)
+    again = (await take(sub, 1))[0]
+    assert (again.id, again.attempt) == (first.id, 2)  # its retry came before the next message of its key
+    await again.nack("boom again", wait=True)
+    # Then it is dead-lettered after its own 2 attempts (not the default 5), and its key moves on
+    nxt = (await take(sub, 1))[0]
+    assert nxt.payload == "next"
+    await nxt.ack(wait=True)
+    assert redis.cli("HGET", f"mq:{{policy}}:g:g:dead:{first.id}", "attempts") == "2"
+    # And a policy outside the configured bounds is refused, storing nothing
+    with pytest.raises(BrokerError) as e:
+        await client.publish("policy", "x", max_attempts=1_000, retry=False)
+    assert e.value.code == "bad_request"
+    assert await nothing_more(sub)
 
 
 async def test_publish_without_group_is_kept_for_default(client: BrokerClient) -> None:
