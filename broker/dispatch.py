@@ -20,7 +20,7 @@ from .batching import Coalescer
 from .config import Settings
 from .errors import BrokerError, UnavailableError
 from .model import AckItem, Delivery, NackItem, now_ms
-from .store import NackOutcome, RedisStore
+from .store import AckOutcome, NackOutcome, RedisStore
 
 log = structlog.get_logger("broker.dispatch")
 
@@ -209,7 +209,13 @@ class Dispatch:
 
     # ---- settlement ----------------------------------------------------------------------------------------
 
+    # Wake-ups on settlement: when a consumer that had used all its credit gets some back (at once: the credit is
+    # local), and after each ack/nack flush that finished something (the next message of an ordering key may have
+    # gone live). Not on every settle: a claim round per ack would mostly come back empty and delay the claim a
+    # publish needs.
+
     def ack(self, consumer: Consumer, item: AckItem) -> asyncio.Future[bool]:
+        was_full = len(consumer.inflight) >= consumer.prefetch
         held = consumer.inflight.pop(item.id, None)
         if held is not None:
             metrics.publish_to_ack.observe(max(0.0, (now_ms() - held[3]) / 1000))
@@ -217,25 +223,33 @@ class Dispatch:
         co = self._acks.get(key)
         if co is None:
             co = self._acks[key] = Coalescer(lambda items: self._ack_flush(key, items), 1000)
-        self._wake_key(key)
+        if was_full:
+            self._wake_key(key)
         return co.submit(item)
 
     async def _ack_flush(self, key: tuple[str, str], items: Sequence[AckItem]) -> list[bool]:
         res = await self.store.ack_many(key[0], key[1], items)
-        metrics.child(metrics.acked, *key).inc(sum(res))
-        self.count(f"{key[0]}/{key[1]}", "acked", sum(res))
-        return res
+        n = sum(1 for r in res if r)
+        metrics.child(metrics.acked, *key).inc(n)
+        self.count(f"{key[0]}/{key[1]}", "acked", n)
+        if AckOutcome.ACKED_NEXT_LIVE in res:
+            self._wake_key(key)
+        return [bool(r) for r in res]
 
     def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:
+        was_full = len(consumer.inflight) >= consumer.prefetch
         consumer.inflight.pop(item.id, None)
-        return self._nack(consumer.topic, consumer.group, item, attempt, consumer.id)
+        return self._nack(consumer.topic, consumer.group, item, attempt, consumer.id, was_full)
 
-    def _nack(self, topic: str, group: str, item: NackItem, attempt: int, who: str) -> asyncio.Future[NackOutcome]:
+    def _nack(
+        self, topic: str, group: str, item: NackItem, attempt: int, who: str, wake: bool = False
+    ) -> asyncio.Future[NackOutcome]:
         key = (topic, group)
         co = self._nacks.get(key)
         if co is None:
             co = self._nacks[key] = Coalescer(lambda items: self._nack_flush(key, items), 500)
-        self._wake_key(key)
+        if wake:
+            self._wake_key(key)
         return co.submit((item, attempt, who))
 
     async def _nack_flush(
@@ -245,7 +259,7 @@ class Dispatch:
         for outcome in res:
             metrics.nacked.labels(key[0], key[1], outcome.value).inc()
         self.count(f"{key[0]}/{key[1]}", "nacked", len(res))
-        if any(o is NackOutcome.READY for o in res):
+        if any(o is NackOutcome.READY or o is NackOutcome.DEAD for o in res):
             self._wake_key(key)
         return res
 

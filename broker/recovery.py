@@ -90,6 +90,7 @@ class Recovery:
                     log.warning("leases_expired", topic=topic, group=group, to_retry=retry, to_dlq=dead)
                 if promoted:
                     metrics.promoted.labels(topic, group).inc(promoted)
+                if promoted or dead:  # a dead-lettered message may let the next one of its ordering key go live
                     self.dispatch.wake(topic, group)
         if dead_nodes:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more

@@ -2,6 +2,6 @@
 
 from redis.asyncio import Redis
 
-from .redis_store import NackOutcome, RedisStore, connect_redis
+from .redis_store import AckOutcome, NackOutcome, RedisStore, connect_redis
 
-__all__ = ["NackOutcome", "Redis", "RedisStore", "connect_redis"]
+__all__ = ["AckOutcome", "NackOutcome", "Redis", "RedisStore", "connect_redis"]

@@ -11,7 +11,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from importlib import resources
 from typing import Any, TypeVar, cast
 
@@ -46,6 +46,12 @@ T = TypeVar("T")
 log = structlog.get_logger("broker.store")
 
 _REFUSALS = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "BUSY")
+
+
+class AckOutcome(IntEnum):
+    STALE = 0  # not leased, or leased under another receipt
+    ACKED = 1
+    ACKED_NEXT_LIVE = 2  # acked, and the next message of its ordering key went live (worth a claim)
 
 
 class NackOutcome(StrEnum):
@@ -354,7 +360,9 @@ class RedisStore:
                 given += int(n)
         return given
 
-    async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[bool]:
+    async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[AckOutcome]:
+        """Per item: ACKED (truthy), ACKED_NEXT_LIVE (truthy: and its ordering key's next message went live), or
+        STALE (0: the receipt no longer holds the lease)."""
         k = self.keys(topic)
         rt = self.settings.retention
         g = k.group(group)
@@ -362,7 +370,7 @@ class RedisStore:
         for it in items:
             args += [it.id, it.receipt]
         res = await self._run(lambda: self._scripts["ack"](keys=[g.leased, g.acked], args=args), "ack")
-        return [bool(int(x)) for x in res]
+        return [AckOutcome(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
         """items: (nack, attempt it was delivered as, consumer). Delay None -> jittered backoff for that attempt,

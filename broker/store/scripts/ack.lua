@@ -5,7 +5,8 @@
 -- KEYS[1]  <gb>leased ZSET, KEYS[2] <gb>acked ZSET (audit record)
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), ARGV[4] audit max (0: off), ARGV[5] audit ttl (s),
 --          then pairs: id, receipt
--- Returns  array of 1 (acked) | 0 (stale: not leased, or leased under another receipt)
+-- Returns  array of 1 (acked) | 2 (acked, and the next message of its ordering key went live) | 0 (stale: not
+--          leased, or leased under another receipt)
 local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local gb = base .. 'g:' .. group .. ':'
@@ -18,11 +19,16 @@ for i = 6, #ARGV, 2 do
   if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
     redis.call('DEL', dkey)
     local key = redis.call('HGET', base .. 'msg:' .. id, 'key')
-    if key and key_done(base, gb, key, id, now) then woke = true end
+    local next_live = key and key_done(base, gb, key, id, now)
     release_body(base, id)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
-    out[#out + 1] = 1
+    if next_live then
+      woke = true
+      out[#out + 1] = 2
+    else
+      out[#out + 1] = 1
+    end
   else
     out[#out + 1] = 0
   end
