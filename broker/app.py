@@ -133,9 +133,14 @@ class Broker:
         res = await self.store.publish_many(reqs)
         for topic in {r.topic for r in reqs}:
             self.dispatch.wake(topic)
+        confirmed: dict[str, int] = {}  # per topic: confirmed publishes (duplicates included), one metric step each
         for r, out in zip(reqs, res, strict=True):
-            if isinstance(out, PublishResult) and out.groups > 0 and not out.duplicate:
-                self.dispatch.count(r.topic, "published")
+            if isinstance(out, PublishResult) and out.groups >= 0:
+                confirmed[r.topic] = confirmed.get(r.topic, 0) + 1
+                if out.groups > 0 and not out.duplicate:
+                    self.dispatch.count(r.topic, "published")
+        for topic, n in confirmed.items():
+            metrics.child(metrics.published, topic).inc(n)
         return res
 
     def _status(self) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from urllib.parse import parse_qs, urlsplit
@@ -29,11 +29,29 @@ class Principal:
     admin: bool = False
     expires_at: float | None = None  # epoch seconds
 
+    # topic -> (may publish, may subscribe): every publish checks its topic, and pattern matching costs more than
+    # the rest of the permission path. Bounded: cleared when it reaches _CACHE_MAX topics.
+    _cache: dict[str, tuple[bool, bool]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _allowed(self, topic: str) -> tuple[bool, bool]:
+        got = self._cache.get(topic)
+        if got is None:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            got = self._cache[topic] = (
+                any(fnmatchcase(topic, p) for p in self.publish),
+                any(fnmatchcase(topic, p) for p in self.subscribe),
+            )
+        return got
+
     def may_publish(self, topic: str) -> bool:
-        return any(fnmatchcase(topic, p) for p in self.publish)
+        return self._allowed(topic)[0]
 
     def may_subscribe(self, topic: str) -> bool:
-        return any(fnmatchcase(topic, p) for p in self.subscribe)
+        return self._allowed(topic)[1]
+
+
+_CACHE_MAX = 10_000
 
 
 ANONYMOUS = Principal("anonymous", ("*",), ("*",), admin=False)

@@ -267,7 +267,6 @@ class Session:
                 metrics.publish_failed.labels("not_found").inc()
                 results.append({"error": {"code": "not_found", "message": f"topic {p.topic!r} has no group"}})
             else:
-                metrics.child(metrics.published, p.topic).inc()
                 results.append({"id": res.id, "duplicate": True} if res.duplicate else {"id": res.id})
         self.send(protocol.reply("published", req.ref, results=results))
 
@@ -299,7 +298,6 @@ class Session:
                 )
             )
             return
-        metrics.child(metrics.published, req.topic).inc()
         self.send(protocol.published(req.ref, res.id, res.duplicate))
 
     def _find(self, msg_id: str, receipt: str) -> Consumer | None:
