@@ -33,6 +33,11 @@ class TopicKeys:
     def idem(self, key: str) -> str:
         return f"{self.base}idem:{key}"
 
+    @property
+    def imported(self) -> str:
+        """ZSET import ledger: what ``broker import`` wrote (member -> import time, ms), so a re-import skips it."""
+        return self.base + "imported"
+
     def group(self, group: str) -> GroupKeys:
         return GroupKeys(self, group)
 
@@ -67,6 +72,10 @@ class GroupKeys:
 
     def dead_letter(self, msg_id: str) -> str:
         return f"{self.base}dead:{msg_id}"
+
+    def key_list(self, key: str) -> str:
+        """LIST (per-key ordering): the group's unfinished ids of message key ``key``, in publish order."""
+        return f"{self.base}key:{key}"
 
 
 def topics_key(prefix: str) -> str:
