@@ -1,4 +1,5 @@
-"""Command line: ``broker serve | publish | consume | stats``. Thin: each sub-command is a small function."""
+"""Command line: ``broker serve | publish | consume | stats | dlq | export | import | ...``. Thin: each sub-command is
+a small function over library code."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Any
 
 import orjson
 
-from . import dlq_ops
+from . import dlq_ops, export_format, transfer
 from .config import Settings, load_settings
 from .dlq_ops import Filter, parse_duration_ms
 from .errors import BrokerError, ConfigError
+from .jsonl import LineError, parse_lines
 from .store import RedisStore
 
 EXIT_OK = 0
@@ -205,24 +207,36 @@ async def _stats(args: argparse.Namespace) -> int:
         await store.close()
 
 
+def _read_input(path: str) -> bytes:
+    """A whole input file ('-': stdin): files are checked whole before anything acts on them."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+async def _write_output(out: str | None, data: bytes) -> None:
+    """To the file ``out``, or stdout when it is None or '-'."""
+    if out and out != "-":
+        await asyncio.to_thread(Path(out).write_bytes, data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
 def _ids_from_export(path: str) -> frozenset[str]:
     """Dead-letter ids named in a `dlq export` file. The whole file is checked first: a malformed line is an error
     naming its line number, and nothing is changed."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
     ids = set()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not JSON ({e}); nothing changed") from None
-        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
-            raise UsageError(f"{path}:{n}: expected a dead letter object with an 'id'; nothing changed")
-        ids.add(row["id"])
+    try:
+        for n, row in parse_lines(_read_input(path)):
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+                raise LineError(n, "expected a dead letter object with an 'id'")
+            ids.add(row["id"])
+    except LineError as e:
+        raise UsageError(f"{path}:{e.line}: {e.message}; nothing changed") from None
     if not ids:
         raise UsageError(f"{path}: no dead letters in the file; nothing changed")
     return frozenset(ids)
@@ -360,13 +374,53 @@ async def _dlq_export(args: argparse.Namespace) -> int:
         letters = await dlq_ops.select(store, _filter(args))
     finally:
         await store.close()
-    data = b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters)
-    if args.out and args.out != "-":
-        await asyncio.to_thread(Path(args.out).write_bytes, data)
-    else:
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
+    await _write_output(args.out, b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters))
     print(f"exported {len(letters)} dead letter(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _export(args: argparse.Namespace) -> int:
+    """Pending messages, dead letters and idempotency keys of the chosen topics as JSON Lines (docs/export.md)."""
+    store = _open_store(args)
+    try:
+        f, missing = await transfer.export(store, args.topic or ())
+    finally:
+        await store.close()
+    await _write_output(args.out, export_format.encode(f))
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        print(f"left out {len(missing)} queue entr(y/ies) whose body was gone (acked meanwhile, or see `broker "
+              f"diagnose`): {', '.join(missing[:10])}{more}", file=sys.stderr)  # fmt: skip
+    c = f.counts()
+    print(f"exported {c['message']} message(s), {c['dead']} dead letter(s), {c['idempotency']} idempotency key(s) "
+          f"of {c['topic']} topic(s)", file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
+async def _import(args: argparse.Namespace) -> int:
+    """Load an export, idempotently. The whole file is checked first: a bad line is named and nothing is written."""
+    try:
+        ledger_ttl_ms = parse_duration_ms(args.ledger_ttl)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        f = export_format.parse(await asyncio.to_thread(_read_input, args.file))
+    except LineError as e:
+        raise UsageError(f"{args.file}:{e.line}: {e.message}; nothing imported") from None
+    store = _open_store(args)
+    try:
+        if f.header.prefix != store.prefix:
+            print(f"note: exported under key prefix {f.header.prefix!r}, importing under {store.prefix!r}",
+                  file=sys.stderr)  # fmt: skip
+        progress = _progress("import") if len(f.messages) + len(f.dead) > 1000 else None
+        summary = await transfer.import_file(store, f, dry_run=args.dry_run, ledger_ttl_ms=ledger_ttl_ms,
+                                             progress=progress)  # fmt: skip
+    except LineError as e:
+        raise UsageError(f"{args.file}:{e.line}: {e.message}; nothing imported") from None
+    finally:
+        await store.close()
+    print(orjson.dumps(summary.to_json()).decode())
+    print(summary.text(), file=sys.stderr)
     return EXIT_OK
 
 
@@ -531,6 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     filters(ex)
     ex.add_argument("--out", help="file (default stdout)")
     ex.set_defaults(fn=_dlq_export)
+
+    xp = sub.add_parser("export", help="write pending messages and dead letters as JSON Lines (backup, migration)")
+    xp.add_argument("--topic", action="append", help="only this topic (repeat for more; default: every topic)")
+    xp.add_argument("--out", help="file, or - for stdout (the default)")
+    xp.add_argument("--redis-url")
+    xp.set_defaults(fn=_export)
+
+    im = sub.add_parser("import", help="load a `broker export` file; importing it again changes nothing")
+    im.add_argument("file", help="the export file ('-': stdin)")
+    im.add_argument("--dry-run", action="store_true", help="say what would be imported, change nothing")
+    im.add_argument("--ledger-ttl", default="7d", help="how long the import ledger remembers what it wrote (7d)")
+    im.add_argument("--redis-url")
+    im.set_defaults(fn=_import)
     return p
 
 

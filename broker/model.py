@@ -29,8 +29,9 @@ class State(StrEnum):
 #: (from, to) -> the scripts that perform it. Strict-order groups park a retry at the head of the ready list with a
 #: ``not_before`` time instead of in the delayed set: still RETRY_WAIT, only its place differs (see docs/design.md).
 TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
-    (None, State.READY): ("publish",),
-    (None, State.RETRY_WAIT): ("publish",),  # delay_ms > 0
+    (None, State.READY): ("publish", "import"),  # import: `broker import` of an export (a leased one comes back ready)
+    (None, State.RETRY_WAIT): ("publish", "import"),  # delay_ms > 0; an exported retry or delayed publish
+    (None, State.DEAD): ("import",),  # an exported dead letter
     (State.READY, State.LEASED): ("claim",),
     (State.LEASED, State.LEASED): ("extend",),  # a later deadline
     (State.LEASED, State.ACKED): ("ack",),

@@ -1,16 +1,19 @@
-"""Test helpers shared by ``tests/`` and ``mission_critical/``: throwaway redis-server processes and store builders.
+"""Test helpers shared by ``tests/`` and ``mission_critical/``: throwaway redis-server processes, store builders and
+the ``broker`` command line in a subprocess.
 
 Every wait here is bounded in time; a helper that cannot do its job raises with what it saw (log tail, exit code).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -18,10 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import orjson
+
 from broker.config import Settings
 from broker.resilience import Breaker
 from broker.store import RedisStore
 
+ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
@@ -177,6 +183,34 @@ class RedisServer:
         with contextlib.suppress(Exception):
             if self.running and self.proc is not None:
                 os.kill(self.proc.pid, signal.SIGKILL)
+
+
+class Cli:
+    """``python -m broker ARGS`` in a subprocess: stdin is not a TTY, env names only this test's Redis."""
+
+    def __init__(self, redis: RedisServer, env: dict[str, str] | None = None) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        self.env["BROKER_REDIS_URL"] = redis.url
+        self.env.update(env or {})
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    async def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(self.run, *args)
+
+    async def json(self, *args: str) -> Any:
+        p = await self(*args)
+        assert p.returncode == 0, (args, p.returncode, p.stderr)
+        return orjson.loads(p.stdout)
 
 
 def make_breaker(settings: Settings, **overrides: Any) -> Breaker:

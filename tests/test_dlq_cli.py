@@ -13,9 +13,6 @@ Given/When/Then comments; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,43 +23,14 @@ import pytest
 from broker.client import BrokerClient, Message, Subscription
 
 from .brokers import BrokerProcess
-from .support import RedisServer
+from .support import Cli, RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {
     "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "50",
     "BROKER_DELIVERY_POLL_INTERVAL_MS": "50",
     "BROKER_RETRY_BACKOFF_BASE_MS": "20",
 }
 SEVEN_DAYS_S = 604_800
-
-
-class Cli:
-    """``python -m broker ARGS`` in a subprocess: stdin is not a TTY, env names only this test's Redis."""
-
-    def __init__(self, redis: RedisServer, env: dict[str, str] | None = None) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-        self.env["BROKER_REDIS_URL"] = redis.url
-        self.env.update(env or {})
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "broker", *args],
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    async def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(self.run, *args)
-
-    async def json(self, *args: str) -> Any:
-        p = await self(*args)
-        assert p.returncode == 0, (args, p.returncode, p.stderr)
-        return orjson.loads(p.stdout)
 
 
 @pytest.fixture

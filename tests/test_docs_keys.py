@@ -315,12 +315,14 @@ def test_every_key_of_the_schema_is_documented() -> None:
         k.wake,
         k.body("<id>"),
         k.idem("<key>"),
+        k.imported,
         g.ready,
         g.leased,
         g.delayed,
         g.dead,
         g.delivery("<id>"),
         g.dead_letter("<id>"),
+        g.key_line("<okey>"),
     ]
     undocumented = [t for t in templates if f"`{t}`" not in text]
     assert not undocumented, f"keys built by broker/store/keys.py but not documented in docs/keys.md: {undocumented}"

@@ -92,8 +92,14 @@ class DeadLetters:
 
     async def get_many(self, topic: str, group: str, ids: Sequence[str]) -> list[DeadLetter]:
         """Present dead letters among ``ids``; index entries whose hash expired are dropped from the index."""
+        # Rounded like Redis TTL does; -1 (no TTL) and -2 stay as they are.
+        return [_parse(h, (ms + 500) // 1000 if ms > 0 else ms) for _, h, ms in await self.raw_many(topic, group, ids)]
+
+    async def raw_many(self, topic: str, group: str, ids: Sequence[str]) -> list[tuple[str, dict[str, str], int]]:
+        """(id, hash as Redis holds it, PTTL in ms or -1) of the present dead letters among ``ids``; index entries
+        whose hash expired are dropped from the index."""
         g = self.store.keys(topic).group(group)
-        out: list[DeadLetter] = []
+        out: list[tuple[str, dict[str, str], int]] = []
         for i in range(0, len(ids), BATCH):
             chunk = ids[i : i + BATCH]
 
@@ -101,7 +107,7 @@ class DeadLetters:
                 async with self.store.redis.pipeline(transaction=False) as p:
                     for msg_id in chunk:
                         p.hgetall(g.dead_letter(msg_id))
-                        p.ttl(g.dead_letter(msg_id))
+                        p.pttl(g.dead_letter(msg_id))
                     return list(await p.execute())
 
             res = await self.store._run(go, "dlq_get")
@@ -109,7 +115,7 @@ class DeadLetters:
             for j, msg_id in enumerate(chunk):
                 h, ttl = res[2 * j], res[2 * j + 1]
                 if h:
-                    out.append(_parse(h, int(ttl)))
+                    out.append((msg_id, h, int(ttl)))
                 else:
                     gone.append(msg_id)
             if gone:

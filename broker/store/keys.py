@@ -33,6 +33,11 @@ class TopicKeys:
     def idem(self, key: str) -> str:
         return f"{self.base}idem:{key}"
 
+    @property
+    def imported(self) -> str:
+        """ZSET import ledger: what ``broker import`` wrote (member -> import time, ms), so a re-import skips it."""
+        return self.base + "imported"
+
     def group(self, group: str) -> GroupKeys:
         return GroupKeys(self, group)
 

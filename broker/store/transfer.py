@@ -1,0 +1,232 @@
+"""Redis side of ``broker export`` / ``broker import``: read one topic's pending messages, dead letters and
+idempotency keys as export records; write records back with ``import.lua`` in batches (docs/export.md).
+
+Reading is a snapshot per group: one MULTI/EXEC reads the group's ready list, lease, delay and dead-letter indexes and
+its per-key lists together, so a message moving between them while brokers run is seen once. Bodies, delivery
+hashes and dead letters are read after that, in pipelines; one acked in between is left out (it is done).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..export_format import DeadRecord, IdempotencyRecord, MessageRecord, Pending, TopicRecord
+from .dlq import DeadLetters
+from .keys import GroupKeys, topics_key
+from .redis_store import RedisStore, load_script
+
+READ_CHUNK = 500  # hashes per pipeline when reading
+OPS_PER_CALL = 200  # import ops per script call (one atomic step)
+BYTES_PER_CALL = 512 * 1024  # and at most about this many argument bytes, so one call never blocks Redis long
+CALLS_PER_PIPELINE = 16
+
+
+@dataclass
+class TopicDump:
+    topic: TopicRecord
+    messages: list[MessageRecord] = field(default_factory=list)
+    dead: list[DeadRecord] = field(default_factory=list)
+    idempotency: list[IdempotencyRecord] = field(default_factory=list)
+    missing_bodies: list[str] = field(default_factory=list)  # "<group>/<id>" queued but without a body: skipped
+
+
+@dataclass
+class _GroupSnapshot:
+    pending: list[tuple[str, str, int | None]]  # (id, state, due or lease deadline), in import order
+    dead: list[tuple[str, int]]  # (id, died_at)
+
+
+async def _snapshot(store: RedisStore, g: GroupKeys) -> _GroupSnapshot:
+    r = store.redis
+
+    async def go() -> list[Any]:
+        key_lists = sorted([str(k) async for k in r.scan_iter(match=g.key_line("*"), count=1000)])
+        async with r.pipeline(transaction=True) as p:
+            p.zrange(g.leased, 0, -1, withscores=True)
+            p.lrange(g.ready, 0, -1)
+            p.zrange(g.delayed, 0, -1, withscores=True)
+            p.zrange(g.dead, 0, -1, withscores=True)
+            for k in key_lists:
+                p.lrange(k, 0, -1)
+            return list(await p.execute())
+
+    leased, ready, delayed, dead, *lists = await store._run(go, "export_snapshot")
+    seen: set[str] = set()
+    pending: list[tuple[str, str, int | None]] = []
+
+    def add(msg_id: Any, state: str, when: int | None) -> None:
+        if str(msg_id) not in seen:
+            seen.add(str(msg_id))
+            pending.append((str(msg_id), state, when))
+
+    # Leases were taken from the head of the queue: they go back before it, oldest (smallest id) first.
+    for msg_id, deadline in sorted(leased, key=lambda row: str(row[0])):
+        add(msg_id, "leased", int(deadline))
+    for msg_id in ready:
+        add(msg_id, "ready", None)
+    for msg_id, due in delayed:
+        add(msg_id, "delayed", int(due))
+    for ids in lists:  # the heads are queued above; the rest wait behind them, in key order
+        for msg_id in ids:
+            add(msg_id, "waiting", None)
+    return _GroupSnapshot(pending, [(str(m), int(s)) for m, s in dead])
+
+
+def _ttl_s(pttl_ms: int) -> int | None:
+    """Whole seconds left, rounded down so an import never lengthens a TTL (None: no TTL)."""
+    return pttl_ms // 1000 if pttl_ms > 0 else None  # 0: it runs out before any import
+
+
+async def _hgetall_many(store: RedisStore, keys: Sequence[str]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for i in range(0, len(keys), READ_CHUNK):
+        chunk = keys[i : i + READ_CHUNK]
+
+        async def go(chunk: Sequence[str] = chunk) -> list[Any]:
+            async with store.redis.pipeline(transaction=False) as p:
+                for k in chunk:
+                    p.hgetall(k)
+                return list(await p.execute())
+
+        out += [{str(f): str(v) for f, v in h.items()} for h in await store._run(go, "export_read")]
+    return out
+
+
+async def _idempotency(store: RedisStore, topic: str) -> list[IdempotencyRecord]:
+    k = store.keys(topic)
+    prefix = k.idem("")
+
+    async def go() -> list[tuple[str, Any, Any]]:
+        names = sorted([str(x) async for x in store.redis.scan_iter(match=k.idem("*"), count=1000)])
+        rows: list[tuple[str, Any, Any]] = []
+        for i in range(0, len(names), READ_CHUNK):
+            async with store.redis.pipeline(transaction=False) as p:
+                for name in names[i : i + READ_CHUNK]:
+                    p.get(name)
+                    p.pttl(name)
+                res = await p.execute()
+            rows += [(n, res[2 * j], res[2 * j + 1]) for j, n in enumerate(names[i : i + READ_CHUNK])]
+        return rows
+
+    rows = await store._run(go, "export_idempotency")
+    return [
+        IdempotencyRecord(topic, name[len(prefix) :], str(value), _ttl_s(int(ms)))
+        for name, value, ms in rows
+        if value is not None  # expired between SCAN and GET
+    ]
+
+
+async def read_topic(store: RedisStore, topic: str) -> TopicDump:
+    """One topic's groups, pending messages (with each group's delivery state), dead letters and idempotency keys."""
+    k = store.keys(topic)
+    groups = await store.groups(topic)
+    dump = TopicDump(TopicRecord(topic, tuple(groups)))
+    per_group: dict[str, dict[str, Pending]] = {}  # id -> group -> pending, ids in first-seen order
+    for group in groups:
+        g = k.group(group)
+        snap = await _snapshot(store, g)
+        deliveries = await _hgetall_many(store, [g.delivery(m) for m, _, _ in snap.pending])
+        for pos, ((msg_id, state, when), dlv) in enumerate(zip(snap.pending, deliveries, strict=True)):
+            p = Pending(
+                state,
+                pos,
+                due=when if state == "delayed" else None,
+                leased_until=when if state == "leased" else None,
+                delivery=dlv,
+            )
+            per_group.setdefault(msg_id, {})[group] = p
+        raw = await DeadLetters(store).raw_many(topic, group, [m for m, _ in snap.dead])
+        died = dict(snap.dead)
+        for msg_id, h, ms in raw:
+            dump.dead.append(DeadRecord(topic, group, msg_id, died[msg_id], _ttl_s(ms), h))
+    ids = sorted(per_group)  # ids begin with the publish time: publish order
+    bodies = await _hgetall_many(store, [k.body(m) for m in ids])
+    for msg_id, body in zip(ids, bodies, strict=True):
+        if not body:  # acked by every group since the snapshot, or a queue entry without a body (diagnose)
+            dump.missing_bodies += [f"{g}/{msg_id}" for g in per_group[msg_id]]
+            continue
+        body.pop("refs", None)
+        dump.messages.append(MessageRecord(topic, msg_id, body, per_group[msg_id]))
+    dump.idempotency = await _idempotency(store, topic)
+    return dump
+
+
+# ---- import ------------------------------------------------------------------------------------------------------
+
+
+def group_op(group: str) -> list[Any]:
+    return ["G", group]
+
+
+def message_op(
+    group: str, msg_id: str, due: int | None, note: str, body: Mapping[str, str], dlv: Mapping[str, str]
+) -> list[Any]:
+    op: list[Any] = ["M", group, msg_id, "" if due is None else due, note, len(body)]
+    for f, v in body.items():
+        op += [f, v]
+    op.append(len(dlv))
+    for f, v in dlv.items():
+        op += [f, v]
+    return op
+
+
+def dead_op(d: DeadRecord, ttl_s: int | None) -> list[Any]:
+    op: list[Any] = ["D", d.group, d.id, d.died_at, "" if ttl_s is None else ttl_s, len(d.fields)]
+    for f, v in d.fields.items():
+        op += [f, v]
+    return op
+
+
+def idempotency_op(i: IdempotencyRecord, ttl_s: int | None) -> list[Any]:
+    return ["I", i.key, i.id, "" if ttl_s is None else ttl_s]
+
+
+def _size(op: list[Any]) -> int:
+    return sum(len(x) if isinstance(x, str) else 8 for x in op)
+
+
+def batches(ops: Sequence[list[Any]]) -> list[list[list[Any]]]:
+    """Ops cut into script calls of at most OPS_PER_CALL ops and about BYTES_PER_CALL bytes, order kept."""
+    out: list[list[list[Any]]] = []
+    size = 0
+    for op in ops:
+        s = _size(op)
+        if not out or len(out[-1]) >= OPS_PER_CALL or (size + s > BYTES_PER_CALL and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(op)
+        size += s
+    return out
+
+
+class Importer:
+    """Runs ``import.lua`` for one topic at a time: many ops per call, many calls per pipeline (``_eval_many``)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._script = store.redis.register_script(load_script("import"))
+
+    async def register_topic(self, topic: str) -> None:
+        """The topic registry first (outside the topic's slot): never a queue nobody can find."""
+        store, key = self.store, topics_key(self.store.prefix)
+        await store._run(lambda: store.redis.sadd(key, topic), "import_register_topic")
+
+    async def run(
+        self, topic: str, calls: Sequence[list[list[Any]]], now: int, ledger_ttl_ms: int, dry_run: bool
+    ) -> list[str]:
+        """One verdict per op of ``calls`` (see import.lua), in order."""
+        k = self.store.keys(topic)
+        head: list[Any] = [k.base, now, ledger_ttl_ms, "1" if dry_run else "0"]
+        evals = [(self._script, [k.groups, k.imported], head + [x for op in call for x in op]) for call in calls]
+
+        async def go() -> list[Any]:
+            res = await self.store._eval_many(evals)
+            for x in res:
+                if isinstance(x, Exception):
+                    raise x
+            return res
+
+        replies = await self.store._run(go, "import")
+        return [str(v) for reply in replies for v in reply]
