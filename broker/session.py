@@ -26,6 +26,7 @@ from .errors import BrokerError, ProtocolError, UnavailableError
 from .limits import TokenBucket
 from .model import AckItem, Delivery, NackItem, PublishRequest, PublishResult
 from .store import NackOutcome
+from .supervisor import watch_task
 
 if TYPE_CHECKING:
     from .app import Broker
@@ -126,7 +127,7 @@ class Session:
                     self.broker.dispatch.wake(c.topic, c.group)
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}")
+        writer = watch_task(asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}"))
         close_reason = "client closed"
         idle = self.broker.settings.server.idle_timeout_s
         try:
@@ -166,7 +167,7 @@ class Session:
             self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
     def _spawn(self, coro: Any) -> None:
-        t = asyncio.create_task(coro)
+        t = watch_task(asyncio.create_task(coro))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
