@@ -33,6 +33,10 @@ class Outlet(Protocol):
 
     def congested(self) -> bool: ...
 
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        """True while one of this outlet's consumers holds a delivery under (msg_id, receipt)."""
+        ...
+
 
 _consumer_seq = itertools.count(1)
 
@@ -155,11 +159,21 @@ class GroupDispatcher:
         if not c.active:
             self.dispatch.release_later(self.topic, self.group, deliveries)
             return
+        back = []
         for dv in deliveries:
+            if c.outlet.holds(dv.id, dv.receipt):
+                # A connection settles by (id, receipt) alone. Another group of this topic claimed the same message
+                # in the same millisecond for this connection, so the receipts are equal: an ack could not say which
+                # group it settles. Give this one back (attempt not counted); it is claimed again, new receipt.
+                back.append(dv)
+                continue
             c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at, dv.published_at)
             c.outlet.send_delivery(c, dv)
-        metrics.child(metrics.delivered, self.topic, self.group).inc(len(deliveries))
-        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", len(deliveries))
+        if back:
+            self.dispatch.release_later(self.topic, self.group, back)
+        sent = len(deliveries) - len(back)
+        metrics.child(metrics.delivered, self.topic, self.group).inc(sent)
+        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
 
 
 class Dispatch:

@@ -97,6 +97,9 @@ class HandlerRunner:
             return True
         return admits == 1 and self._running >= 1  # half-open: one trial at a time
 
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        return False  # one consumer per runner: two groups never share it
+
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
         task = watch_task(asyncio.create_task(self._run(delivery), name=f"{self.name}:{delivery.id}"))
         self._tasks.add(task)

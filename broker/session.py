@@ -63,6 +63,9 @@ class Session:
         self.out.append((consumer, delivery))
         self._out_ready.set()
 
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        return self._find(msg_id, receipt) is not None
+
     def congested(self) -> bool:
         if len(self.out) >= self.high_water or self._closed:
             self._was_congested = True
