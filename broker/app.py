@@ -27,6 +27,7 @@ from .store import Redis, RedisStore, connect_redis
 from .store.fake import fake_client
 from .store.inspect import persistence_warnings
 from .store.keys import SCHEMA_VERSION
+from .supervisor import Supervisor, watch_task
 
 log = structlog.get_logger("broker.app")
 
@@ -101,10 +102,12 @@ class Broker:
             for w in await persistence_warnings(client):
                 log.warning("redis_persistence_risk", problem=w)
         else:
-            self._nondurable_nag = asyncio.create_task(self._nag())
-        self.dispatch = Dispatch(self.store, self.settings)
+            self._nondurable_nag = watch_task(asyncio.create_task(self._nag(), name="nondurable_nag"))
+        self.supervisor = Supervisor(self.settings.loops)
+        self.supervisor.start()
+        self.dispatch = Dispatch(self.store, self.settings, self.supervisor)
         self.publisher: Coalescer[PublishRequest, PublishResult] = Coalescer(self._publish_flush, 1000)
-        self.recovery = Recovery(self.store, self.dispatch, self._status)
+        self.recovery = Recovery(self.store, self.dispatch, self._status, self.supervisor)
         self.recovery.start()
         self.handlers = await start_handlers(self.settings, self.dispatch)
         self.server = WsServer(self)
@@ -152,12 +155,15 @@ class Broker:
         breakers = {self.redis_breaker.name: self.redis_breaker.state.value}
         breakers.update({h.breaker.name: h.breaker.state.value for h in self.handlers})
         ready, reasons = self.readiness()
+        supervisor: Supervisor | None = getattr(self, "supervisor", None)
+        loops = supervisor.problems() if supervisor is not None else {}
         return {
             "consumers": orjson.dumps(consumers).decode(),
             "counts": orjson.dumps(self.dispatch.counts).decode(),
             "breakers": orjson.dumps(breakers).decode(),
             "ready": "1" if ready else "0",
             "reasons": orjson.dumps(reasons).decode(),
+            "loops": orjson.dumps(loops).decode(),
             "pid": str(os.getpid()),
         }
 
@@ -168,9 +174,9 @@ class Broker:
         state = self.redis_breaker.state
         if state is not BreakerState.CLOSED:
             reasons.append(f"redis breaker {state.value}")
-        recovery: Recovery | None = getattr(self, "recovery", None)
-        if recovery is not None:
-            reasons += [f"loop {name} failing: {err}" for name, err in recovery.last_error.items()]
+        supervisor: Supervisor | None = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            reasons += supervisor.reasons()
         store: RedisStore | None = getattr(self, "store", None)
         if store is not None and store.refused_at is not None and time.monotonic() - store.refused_at < 5.0:
             reasons.append(f"redis refusing writes: {store.refusal}")
@@ -211,9 +217,9 @@ class Broker:
         if dispatch is not None:
             # settle what the closed sessions handed back: worth a short overrun (else their attempts are burned)
             await dispatch.stop(budget(0.25, floor=1.0))
-        recovery: Recovery | None = getattr(self, "recovery", None)
-        if recovery is not None:
-            await recovery.stop(budget(0.1, floor=0.5))
+        supervisor: Supervisor | None = getattr(self, "supervisor", None)
+        if supervisor is not None:  # the background loops (recovery's, the watchdog; delivery loops ended above)
+            await supervisor.stop(budget(0.1, floor=0.5))
         if self._nondurable_nag:
             self._nondurable_nag.cancel()
         store: RedisStore | None = getattr(self, "store", None)

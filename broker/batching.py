@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from .supervisor import watch_task
+
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
@@ -32,7 +34,7 @@ class Coalescer(Generic[Req, Res]):
         fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._pending.append((req, fut))
         if self._task is None:
-            self._task = asyncio.create_task(self._run())
+            self._task = watch_task(asyncio.create_task(self._run(), name="coalescer"))
         return fut
 
     async def _run(self) -> None:

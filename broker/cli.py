@@ -116,10 +116,19 @@ def _open_store(args: argparse.Namespace) -> RedisStore:
     return RedisStore(connect_redis(url, settings), settings, breaker, "cli")
 
 
-async def _stats_rows(store: RedisStore, topic: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+async def _stats_rows(
+    store: RedisStore, topic: str | None, memory: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows per topic/group, rows per live node, rows per topic with its memory; empty unless ``memory``)."""
+    from .store.memory import topic_memory
+
     pairs = await store.all_pairs()
     if topic:
         pairs = [p for p in pairs if p[0] == topic]
+    mem_rows: list[dict[str, Any]] = []
+    if memory:
+        topics = [t for t in await store.topics() if not topic or t == topic]
+        mem_rows = [m.to_json() for m in await topic_memory(store, topics)]
     depths = await store.depths(pairs)
     oldest = await store.oldest_ready(pairs)
     nodes = await store.node_status()
@@ -142,15 +151,20 @@ async def _stats_rows(store: RedisStore, topic: str | None) -> tuple[list[dict[s
         }
         for d, o in zip(depths, oldest, strict=True)
     ]  # fmt: skip
+    by_topic = {m["topic"]: m for m in mem_rows}
+    for r in rows:  # the topic's memory on each of its rows (bodies and idempotency keys are shared by its groups)
+        m = by_topic.get(r["topic"])
+        if m is not None:
+            r.update(topic_keys=m["keys"], topic_memory_bytes=m["memory_bytes"], topic_memory_estimated=m["estimated"])
     node_rows = [
         {
             "node": n["node"], "ready": n.get("ready") == "1", "breakers": orjson.loads(n.get("breakers", "{}")),
-            "reasons": orjson.loads(n.get("reasons", "[]")),
+            "reasons": orjson.loads(n.get("reasons", "[]")), "loops": orjson.loads(n.get("loops", "{}")),
             "heartbeat_age_s": round((now - int(n.get("heartbeat", "0"))) / 1000, 1),
         }
         for n in nodes
     ]  # fmt: skip
-    return rows, node_rows
+    return rows, node_rows, mem_rows
 
 
 RATED = ("published", "delivered", "acked", "nacked")  # totals since each node started, summed over live nodes
@@ -171,18 +185,18 @@ async def _stats(args: argparse.Namespace) -> int:
     t_prev = 0.0
     try:
         if args.rates and not args.watch:
-            rows, _ = await _stats_rows(store, args.topic)
+            rows, _, _ = await _stats_rows(store, args.topic)
             previous, t_prev = {(r["topic"], r["group"]): r for r in rows}, time.monotonic()
             await asyncio.sleep(2.0)
         while True:
-            rows, nodes = await _stats_rows(store, args.topic)
+            rows, nodes, mem = await _stats_rows(store, args.topic, memory=not args.no_memory)
             t = time.monotonic()
             if previous:
                 _add_rates(rows, previous, t - t_prev)
             previous, t_prev = {(r["topic"], r["group"]): dict(r) for r in rows}, t
             if args.json:
-                print(orjson.dumps(rows if not args.nodes else {"groups": rows, "nodes": nodes},
-                                   option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+                doc: Any = rows if not args.nodes else {"groups": rows, "nodes": nodes, "topics": mem}
+                print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
@@ -193,11 +207,16 @@ async def _stats(args: argparse.Namespace) -> int:
                     _print_table([{c: ("" if r.get(c) is None else r[c]) for c in cols} for r in rows], cols)
                 else:
                     print("(no topics)")
+                if mem:
+                    print()
+                    _print_table([_memory_cells(m) for m in mem], ["topic", "keys", "memory"])
                 print()
                 for n in nodes:
                     state = "ready" if n["ready"] else "NOT READY: " + "; ".join(n["reasons"])
                     breakers = ", ".join(f"{k}={v}" for k, v in n["breakers"].items())
                     print(f"node {n['node']}: {state}; breakers {breakers}; heartbeat {n['heartbeat_age_s']}s ago")
+                    for name, problem in n["loops"].items():
+                        print(f"  unhealthy loop {name}: {problem}")
                 if not nodes:
                     print("(no broker node is running)")
             if not args.watch:
@@ -224,6 +243,21 @@ async def _write_output(out: str | None, data: bytes) -> None:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+
+
+def _memory_cells(m: dict[str, Any]) -> dict[str, Any]:
+    size = _human_bytes(int(m["memory_bytes"]))
+    how = f"~{size} (estimate from {m['sampled_keys']} sampled keys)" if m["estimated"] else size
+    return {"topic": m["topic"], "keys": m["keys"], "memory": how}
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def _ids_from_export(path: str) -> frozenset[str]:
@@ -522,9 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="queue depths per topic and group")
     st.add_argument("--topic")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--nodes", action="store_true", help="with --json: also the broker nodes and their breakers")
+    st.add_argument("--nodes", action="store_true",
+                    help="with --json: an object with the groups, the broker nodes (breakers, unhealthy loops) and "
+                    "the memory per topic")  # fmt: skip
     st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS (Ctrl-C to stop)")
     st.add_argument("--rates", action="store_true", help="sample twice, 2 s apart, to show per-second rates")
+    st.add_argument("--no-memory", action="store_true", help="skip the memory per topic (a SCAN of the keyspace)")
     st.add_argument("--redis-url")
     st.set_defaults(fn=_stats)
 

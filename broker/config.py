@@ -136,6 +136,15 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True)
+class LoopSettings:
+    """Supervision of the node's background loops (broker/supervisor.py)."""
+
+    fail_threshold: int = 3  # consecutive failed steps before a loop makes /readyz 503
+    backoff_cap_s: float = 10.0  # longest wait before a failed loop tries again (exponential with jitter below it)
+    stall_timeout_s: float = 10.0  # a loop silent for max(this, 5 x its interval) past its planned wait is stalled
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"  # auto (JSON unless a TTY) | json | console
@@ -150,6 +159,7 @@ class Settings:
     dlq: DlqSettings = field(default_factory=DlqSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
+    loops: LoopSettings = field(default_factory=LoopSettings)
     log: LogSettings = field(default_factory=LogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     handlers: tuple[HandlerSettings, ...] = ()  # [[handlers]] tables in TOML (not settable from the environment)
@@ -342,11 +352,14 @@ def validate(settings: Settings) -> Settings:
         ("breakers.redis_call_timeout_ms", b.redis_call_timeout_ms, 1),
         ("breakers.handler_fail_max", b.handler_fail_max, 1),
         ("breakers.handler_success_threshold", b.handler_success_threshold, 1),
+        ("loops.fail_threshold", settings.loops.fail_threshold, 1),
+        ("loops.stall_timeout_s", settings.loops.stall_timeout_s, 1),
     ):
         at_least(name, value, low)
     for name, fvalue in (
         ("breakers.redis_reset_timeout_s", b.redis_reset_timeout_s),
         ("breakers.handler_reset_timeout_s", b.handler_reset_timeout_s),
+        ("loops.backoff_cap_s", settings.loops.backoff_cap_s),
     ):
         if not fvalue > 0:
             problems.append(f"{name} must be > 0")

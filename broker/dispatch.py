@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Protocol
 
 import structlog
@@ -21,6 +21,7 @@ from .config import Settings
 from .errors import BrokerError, UnavailableError
 from .model import AckItem, Delivery, NackItem, now_ms
 from .store import AckOutcome, NackOutcome, RedisStore
+from .supervisor import Loop, Supervisor, watch_task
 
 log = structlog.get_logger("broker.dispatch")
 
@@ -31,6 +32,10 @@ class Outlet(Protocol):
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None: ...
 
     def congested(self) -> bool: ...
+
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        """True while one of this outlet's consumers holds a delivery under (msg_id, receipt)."""
+        ...
 
 
 _consumer_seq = itertools.count(1)
@@ -76,41 +81,58 @@ class GroupDispatcher:
         self._rr = 0
 
     def start(self) -> None:
-        if self.task is None:
-            self.task = asyncio.create_task(self._run(), name=f"dispatch:{self.topic}/{self.group}")
+        if self.task is None or self.task.done():
+            sup = self.dispatch.supervisor
+            poll_s = self.dispatch.settings.delivery.poll_interval_ms / 1000
+            loop = sup.loop(f"dispatch:{self.topic}/{self.group}", poll_s)
+            self.task = sup.run(loop, lambda: self._run(loop), self._should_run)
+            self.task.add_done_callback(self._ended)
 
-    async def _run(self) -> None:
+    def _should_run(self) -> bool:
+        return not self.dispatch.stopping and bool(self.consumers)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self.task is task:
+            self.task = None
+
+    async def _run(self, loop: Loop) -> None:
+        """Claim rounds while this node has consumers for the group. Redis unavailable: consumers get ``paused``
+        once, the loop waits (the breaker's retry hint, at most 5 s) and sends ``resumed`` after the next good
+        claim. Any other failure goes to the supervisor (logged, counted, backoff; /readyz after repeated ones)."""
         d = self.dispatch
-        poll = d.settings.delivery.poll_interval_ms / 1000
+        poll = loop.interval_s
         batch = d.settings.delivery.claim_batch
         while not d.stopping and self.consumers:
-            got_all = False
+            loop.beat()
             try:
                 got_all = await self._claim_round(batch)
-                if self.paused_reason is not None:
-                    log.info("delivery_resumed", topic=self.topic, group=self.group)
-                    self.paused_reason = None
-                    d.notify_resumed(self)
             except UnavailableError as e:
                 if self.paused_reason is None:
                     log.warning("delivery_paused", topic=self.topic, group=self.group, reason=e.message)
                     self.paused_reason = e.message
                     d.notify_paused(self, e)
                 metrics.store_errors.labels("claim", "unavailable").inc()
-                await asyncio.sleep(min(5.0, (e.retry_after_ms or 1000) / 1000))
+                wait = min(5.0, (e.retry_after_ms or 1000) / 1000)
+                loop.beat(wait)
+                await d.pause(wait)
                 continue
-            except Exception:
-                metrics.loop_errors.labels("dispatch").inc()
-                log.exception("dispatch_loop_error", topic=self.topic, group=self.group)
-                await asyncio.sleep(1.0)
+            except Exception as e:
+                wait = loop.failed(e)
+                loop.beat(wait)
+                await d.pause(wait)
                 continue
+            loop.succeeded()
+            if self.paused_reason is not None:
+                log.info("delivery_resumed", topic=self.topic, group=self.group)
+                self.paused_reason = None
+                d.notify_resumed(self)
             if got_all:
                 await asyncio.sleep(0)  # let acks and publishes in
                 continue
             self.wake.clear()
+            loop.beat(poll)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
-        self.task = None
 
     async def _claim_round(self, batch: int) -> bool:
         """One claim per consumer with credit, round robin. True when every claim came back full."""
@@ -137,21 +159,33 @@ class GroupDispatcher:
         if not c.active:
             self.dispatch.release_later(self.topic, self.group, deliveries)
             return
+        back = []
         for dv in deliveries:
+            if c.outlet.holds(dv.id, dv.receipt):
+                # A connection settles by (id, receipt) alone. Another group of this topic claimed the same message
+                # in the same millisecond for this connection, so the receipts are equal: an ack could not say which
+                # group it settles. Give this one back (attempt not counted); it is claimed again, new receipt.
+                back.append(dv)
+                continue
             c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at, dv.published_at)
             c.outlet.send_delivery(c, dv)
-        metrics.child(metrics.delivered, self.topic, self.group).inc(len(deliveries))
-        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", len(deliveries))
+        if back:
+            self.dispatch.release_later(self.topic, self.group, back)
+        sent = len(deliveries) - len(back)
+        metrics.child(metrics.delivered, self.topic, self.group).inc(sent)
+        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
 
 
 class Dispatch:
     """All dispatchers of this node, plus the coalesced ack/nack paths."""
 
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
+    def __init__(self, store: RedisStore, settings: Settings, supervisor: Supervisor | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.supervisor = supervisor if supervisor is not None else Supervisor(settings.loops)
         self.dispatchers: dict[tuple[str, str], GroupDispatcher] = {}
         self.stopping = False
+        self._stopped = asyncio.Event()  # cuts the waits of delivery loops short at shutdown
         self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
@@ -183,7 +217,7 @@ class Dispatch:
             gd.consumers.remove(consumer)
             if not gd.consumers:
                 gd.wake.set()  # lets the loop see it has no consumers and end
-                if gd.task is None:
+                if gd.task is None or gd.task.done():
                     del self.dispatchers[(consumer.topic, consumer.group)]
 
     def wake(self, topic: str, group: str | None = None) -> None:
@@ -314,13 +348,20 @@ class Dispatch:
                 note="the leases will expire and the messages will be redelivered",
             )
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = watch_task(asyncio.create_task(coro))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep, unless the node stops meanwhile."""
+        if not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), seconds)
+
     async def stop(self, timeout_s: float) -> None:
         self.stopping = True
+        self._stopped.set()
         self.wake_all()
         tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
         if tasks:

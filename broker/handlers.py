@@ -24,6 +24,7 @@ from .dispatch import Consumer, Dispatch
 from .errors import BrokerError, ConfigError
 from .model import AckItem, Delivery, NackItem
 from .resilience import Breaker, BreakerOpenError, BreakerState
+from .supervisor import watch_task
 
 log = structlog.get_logger("broker.handlers")
 
@@ -96,8 +97,11 @@ class HandlerRunner:
             return True
         return admits == 1 and self._running >= 1  # half-open: one trial at a time
 
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        return False  # one consumer per runner: two groups never share it
+
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
-        task = asyncio.create_task(self._run(delivery), name=f"{self.name}:{delivery.id}")
+        task = watch_task(asyncio.create_task(self._run(delivery), name=f"{self.name}:{delivery.id}"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

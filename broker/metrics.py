@@ -48,6 +48,17 @@ promoted = Counter(
 orphans = Counter("broker_queue_entries_without_body_total", "Queue ids whose body was missing", registry=REGISTRY)
 store_errors = Counter("broker_store_errors_total", "Redis operations that failed", ["op", "kind"], registry=REGISTRY)
 loop_errors = Counter("broker_loop_errors_total", "Background loop failures", ["loop"], registry=REGISTRY)
+loop_restarts = Counter(
+    "broker_loop_restarts_total", "Background loop tasks restarted after ending unexpectedly", ["loop"],
+    registry=REGISTRY,
+)  # fmt: skip
+loops_unhealthy = Gauge(
+    "broker_loops_unhealthy", "Background loops failing or stalled (they make /readyz 503)", ["loop"],
+    registry=REGISTRY,
+)  # fmt: skip
+task_errors = Counter(
+    "broker_task_errors_total", "Fire-and-forget tasks that ended with an exception", registry=REGISTRY
+)
 breaker_state = Gauge(
     "broker_breaker_state", "Breaker state (0 closed, 1 half-open, 2 open)", ["breaker"], registry=REGISTRY
 )

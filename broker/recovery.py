@@ -1,35 +1,40 @@
 """Background upkeep, safe on N nodes (every step is one idempotent script): lease expiry, due-retry promotion,
-node heartbeats. Each loop logs and counts its failures and keeps going; none ends silently."""
+orphan sweep, node heartbeats, DLQ index pruning, queue-depth gauges. The steps are plain coroutines; the loops
+around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
 from . import metrics
 from .dispatch import Dispatch
-from .errors import BrokerError
 from .store import RedisStore
 from .store.dlq import DeadLetters
+from .supervisor import Supervisor
 
 log = structlog.get_logger("broker.recovery")
 
 PAIRS_REFRESH_S = 2.0
 FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 GAUGE_INTERVAL_S = 5.0  # queue-depth gauges in /metrics are this fresh
+HEARTBEAT_S = 1.0
 
 
 class Recovery:
     def __init__(
-        self, store: RedisStore, dispatch: Dispatch, status: Callable[[], dict[str, str]] | None = None
+        self,
+        store: RedisStore,
+        dispatch: Dispatch,
+        status: Callable[[], dict[str, str]] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.store = store
         self.status = status
         self.dispatch = dispatch
+        self.supervisor = supervisor if supervisor is not None else dispatch.supervisor
         settings = store.settings
         self.interval = settings.delivery.sweep_interval_ms / 1000
         self.node_timeout_ms = settings.delivery.node_timeout_ms
@@ -37,40 +42,16 @@ class Recovery:
         self.dead_letters = DeadLetters(store)
         self._pairs: list[tuple[str, str]] = []
         self._pairs_at = 0.0
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self.last_error: dict[str, str] = {}
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._loop("sweep", self.sweep_once, self.interval), name="sweep"),
-            asyncio.create_task(self._loop("heartbeat", self.heartbeat_once, 1.0), name="heartbeat"),
-            asyncio.create_task(self._loop("dlq_prune", self.prune_once, self.prune_interval), name="dlq_prune"),
-            asyncio.create_task(self._loop("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S), name="depth_gauges"),
-        ]
-
-    async def _loop(self, name: str, step: Callable[[], Awaitable[object]], every_s: float) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                await step()
-                if failures:
-                    log.info("loop_recovered", loop=name, after_failures=failures)
-                failures = 0
-                self.last_error.pop(name, None)
-            except BrokerError as e:
-                failures += 1
-                metrics.loop_errors.labels(name).inc()
-                self.last_error[name] = e.message
-                if failures == 1 or failures % 20 == 0:
-                    log.warning("loop_step_failed", loop=name, error=e.message, failures=failures)
-            except Exception as e:
-                failures += 1
-                metrics.loop_errors.labels(name).inc()
-                self.last_error[name] = repr(e)
-                log.exception("loop_step_crashed", loop=name, failures=failures)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), every_s)
+        """Each loop runs under the supervisor (logged, counted, backoff, /readyz; see broker/supervisor.py). The
+        heartbeat backs off at most a quarter of the node timeout: a Redis blip must not get this node taken for
+        dead by the others (they would expire every lease it holds)."""
+        sup = self.supervisor
+        sup.periodic("sweep", self.sweep_once, self.interval)
+        sup.periodic("heartbeat", self.heartbeat_once, HEARTBEAT_S, backoff_cap_s=self.node_timeout_ms / 4000)
+        sup.periodic("dlq_prune", self.prune_once, self.prune_interval)
+        sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():
@@ -112,8 +93,3 @@ class Recovery:
             n = await self.dead_letters.prune(pairs[i : i + 100])
             if n:
                 log.info("dead_letters_expired", count=n)
-
-    async def stop(self, timeout_s: float) -> None:
-        self._stop.set()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout_s)

@@ -1,7 +1,7 @@
 """Circuit breakers (pybreaker under an asyncio adapter) and retry policies (tenacity).
 
 The only module that imports pybreaker or tenacity. The rest of the code sees ``Breaker``, ``BreakerState``,
-``BreakerOpenError`` and pure functions such as ``backoff_ms``.
+``BreakerOpenError``, ``LoopBackoff`` and pure functions such as ``backoff_ms``.
 
 Why an adapter: pybreaker 1.4's decorator records success when an ``async def`` is *called* (the coroutine is only
 created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-call timeout, so a hung call counts as
@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import pybreaker
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import wait_exponential_jitter as _wait_exponential_jitter
 from tenacity import wait_random_exponential as _wait_random_exponential
 
 T = TypeVar("T")
@@ -190,3 +191,19 @@ def transient_retry(
         stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
         reraise=True,
     )
+
+
+class LoopBackoff:
+    """How long a failed background loop waits before its next try: tenacity's ``wait_exponential_jitter``, i.e.
+    ``min(cap_s, base_s * 2**(failures-1) + uniform(0, base_s))`` and never less than ``base_s`` (the loop's own
+    interval: a failing loop never runs faster than a healthy one)."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self.base_s = base_s
+        self.cap_s = max(cap_s, base_s)
+        self._wait = _wait_exponential_jitter(multiplier=base_s, max=self.cap_s, jitter=base_s, min=base_s)
+        self._state = RetryCallState(AsyncRetrying(), None, (), {})
+
+    def __call__(self, failures: int) -> float:
+        self._state.attempt_number = max(1, failures)
+        return float(self._wait(self._state))

@@ -26,6 +26,7 @@ from .errors import BrokerError, ProtocolError, UnavailableError
 from .limits import TokenBucket
 from .model import AckItem, Delivery, NackItem, PublishResult
 from .store import NackOutcome
+from .supervisor import watch_task
 
 if TYPE_CHECKING:
     from .app import Broker
@@ -61,6 +62,9 @@ class Session:
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
         self.out.append((consumer, delivery))
         self._out_ready.set()
+
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        return self._find(msg_id, receipt) is not None
 
     def congested(self) -> bool:
         if len(self.out) >= self.high_water or self._closed:
@@ -126,7 +130,7 @@ class Session:
                     self.broker.dispatch.wake(c.topic, c.group)
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}")
+        writer = watch_task(asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}"))
         close_reason = "client closed"
         idle = self.broker.settings.server.idle_timeout_s
         try:
@@ -166,7 +170,7 @@ class Session:
             self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
     def _spawn(self, coro: Any) -> None:
-        t = asyncio.create_task(coro)
+        t = watch_task(asyncio.create_task(coro))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 

@@ -84,6 +84,8 @@ def source_events() -> dict[str, dict[str, Event]]:
                 names = DYNAMIC[text]
             assert all(kw.arg for kw in node.keywords), f"{where}: **kwargs hide the fields of a log event"
             fields = {kw.arg for kw in node.keywords if kw.arg}
+            if "exc_info" in fields:  # rendered as the formatted traceback, `exception`
+                fields = (fields - {"exc_info"}) | {"exception"}
             if receiver == "self.log":
                 fields |= bound
             if method == "exception":

@@ -1,0 +1,134 @@
+"""Memory per topic, for ``broker stats``: Redis ``MEMORY USAGE`` summed over the topic's keys (read-only).
+
+The keys are found with ``SCAN MATCH <prefix>:{<topic>}:*`` (one pass over the keyspace for all topics, matching
+``<prefix>:{*``, when more than one topic is asked for). Bounded cost:
+
+- a topic with at most ``exact_keys`` keys is measured key by key: ``estimated`` is False;
+- a bigger topic is measured on a uniform random sample of ``sample_keys`` of its keys (reservoir sampling during
+  the scan), scaled by its key count: ``estimated`` is True, and ``sampled`` says how many keys were measured.
+
+Either way each key's own figure is Redis's: ``MEMORY USAGE`` looks at up to 5 elements of a large list, hash or
+sorted set and extrapolates (its default ``SAMPLES``). A key removed between the scan and the measurement counts 0.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .redis_store import RedisStore
+
+EXACT_KEYS = 1_000
+SAMPLE_KEYS = 200
+SCAN_COUNT = 1_000
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True)
+class TopicMemory:
+    topic: str
+    keys: int
+    bytes: int
+    estimated: bool
+    sampled: int  # keys measured with MEMORY USAGE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"topic": self.topic, "keys": self.keys, "memory_bytes": self.bytes, "estimated": self.estimated,
+                "sampled_keys": self.sampled}  # fmt: skip
+
+
+@dataclass
+class _Tally:
+    """Keys of one topic seen by the scan: all names up to the exact limit, and a reservoir sample throughout."""
+
+    exact_keys: int
+    sample_keys: int
+    rng: random.Random
+    count: int = 0
+    names: set[str] = field(default_factory=set)
+    sample: list[str] = field(default_factory=list)
+
+    def add(self, key: str) -> None:
+        if self.count <= self.exact_keys:
+            if key in self.names:
+                return  # SCAN may return a key twice
+            self.names.add(key)
+        self.count += 1
+        if len(self.sample) < self.sample_keys:
+            self.sample.append(key)
+        else:
+            j = self.rng.randrange(self.count)
+            if j < self.sample_keys:
+                self.sample[j] = key
+
+    @property
+    def exact(self) -> bool:
+        return self.count <= self.exact_keys
+
+
+def _escape(text: str) -> str:
+    return _GLOB.sub(r"\\\1", text)
+
+
+def _topic_of(key: str, head: int) -> str | None:
+    end = key.find("}:", head)
+    return key[head:end] if end > head else None
+
+
+async def topic_memory(
+    store: RedisStore,
+    topics: list[str],
+    exact_keys: int = EXACT_KEYS,
+    sample_keys: int = SAMPLE_KEYS,
+    rng: random.Random | None = None,
+) -> list[TopicMemory]:
+    """One ``TopicMemory`` per topic in ``topics`` (in that order)."""
+    if not topics:
+        return []
+    rng = rng or random.Random()
+    tallies = {t: _Tally(exact_keys, sample_keys, rng) for t in topics}
+    head = len(store.prefix) + 2  # after "<prefix>:{"
+    pattern = f"{_escape(store.prefix)}:{{{_escape(topics[0])}}}:*" if len(topics) == 1 else f"{store.prefix}:{{*"
+    cursor: int = 0
+    while True:
+        cursor, keys = await store._run(_scan_page(store, cursor, pattern), "scan")
+        for key in keys:
+            tally = tallies.get(_topic_of(str(key), head) or "")
+            if tally is not None:
+                tally.add(str(key))
+        if int(cursor) == 0:
+            break
+    out = []
+    for topic, tally in tallies.items():
+        measure = sorted(tally.names) if tally.exact else tally.sample
+        sizes = await _memory_usage(store, measure)
+        if tally.exact:
+            out.append(TopicMemory(topic, tally.count, sum(sizes), False, len(measure)))
+        else:
+            mean = sum(sizes) / max(1, len(sizes))
+            out.append(TopicMemory(topic, tally.count, round(mean * tally.count), True, len(measure)))
+    return out
+
+
+def _scan_page(store: RedisStore, cursor: int, pattern: str) -> Any:
+    async def go() -> Any:
+        return await store.redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+
+    return go
+
+
+async def _memory_usage(store: RedisStore, keys: list[str]) -> list[int]:
+    sizes: list[int] = []
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+
+        async def go(chunk: list[str] = chunk) -> list[Any]:
+            async with store.redis.pipeline(transaction=False) as p:
+                for k in chunk:
+                    p.memory_usage(k)
+                return list(await p.execute())
+
+        sizes += [int(n) if n is not None else 0 for n in await store._run(go, "memory_usage")]
+    return sizes
