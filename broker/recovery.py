@@ -13,7 +13,7 @@ from . import metrics
 from .dispatch import Dispatch
 from .store import RedisStore
 from .store.dlq import DeadLetters
-from .supervisor import Supervisor
+from .supervisor import DegradedError, Supervisor
 
 log = structlog.get_logger("broker.recovery")
 
@@ -41,6 +41,7 @@ class Recovery:
         self.prune_interval = float(settings.dlq.prune_interval_s)
         self.dead_letters = DeadLetters(store)
         self._pairs: list[tuple[str, str]] = []
+        self._broken: list[str] = []  # "topic: error" for topics whose group set could not be read
         self._pairs_at = 0.0
 
     def start(self) -> None:
@@ -58,7 +59,8 @@ class Recovery:
             self.dispatch.wake_all()
         now = time.monotonic()
         if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
-            self._pairs = await self.store.all_pairs()
+            self._broken = []
+            self._pairs = await self.store.all_pairs(self._broken)
             self._pairs_at = now
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
         for i in range(0, len(self._pairs), 100):
@@ -73,9 +75,11 @@ class Recovery:
                     metrics.promoted.labels(topic, group).inc(promoted)
                 if promoted or dead:  # a dead-lettered message may let the next one of its ordering key go live
                     self.dispatch.wake(topic, group)
-        if dead_nodes:
+        if dead_nodes and not self._broken:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
+        if self._broken:  # the other topics were swept; these cannot be until someone repairs them: say so
+            raise DegradedError(f"{len(self._broken)} topic(s) unreadable, not swept: {'; '.join(self._broken[:3])}")
 
     async def gauges_once(self) -> None:
         pairs = await self.store.all_pairs()

@@ -42,6 +42,12 @@ MAX_ERROR_CHARS = 300
 Clock = Callable[[], float]
 
 
+class DegradedError(BrokerError):
+    """A step did its work except for a part it could not do (e.g. the sweep skipped an unreadable topic and swept
+    every other one). The loop counts as failing (logged, counted, /readyz after the threshold) but keeps its normal
+    pace: backing off would starve the healthy part of its work."""
+
+
 def describe(exc: BaseException) -> str:
     text = exc.message if isinstance(exc, BrokerError) else f"{type(exc).__name__}: {exc}"
     return text[:MAX_ERROR_CHARS]
@@ -90,12 +96,14 @@ class Loop:
     def failed(self, exc: BaseException) -> float:
         """A step raised ``exc``: log, count, and answer the backoff (seconds) before the next try."""
         self._count(exc)
+        bounded = self.failures == 1 or self.failures % LOG_EVERY == 0
         if isinstance(exc, UnavailableError):  # expected while Redis is away: loud once, then bounded
-            if self.failures == 1 or self.failures % LOG_EVERY == 0:
+            if bounded:
                 log.warning("loop_step_failed", loop=self.name, error=self.last_error, failures=self.failures)
-        else:
+        elif bounded or not isinstance(exc, DegradedError):  # a degraded step repeats at full pace: bounded too
             log.exception("loop_failed", loop=self.name, failures=self.failures, exc_info=exc)
-        return self._after_failure()
+        wait = self._after_failure()
+        return self.interval_s if isinstance(exc, DegradedError) else wait
 
     def ended(self, exc: BaseException | None, restarting: bool = True) -> float:
         """The loop's task ended unexpectedly: log, count, answer the wait before its restart."""

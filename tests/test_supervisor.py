@@ -119,6 +119,29 @@ async def test_failed_steps_are_logged_counted_and_retried_after_backoff(
     assert recovered["after_failures"] == 4 and recovered["was"] == "failing"
 
 
+async def test_a_degraded_step_keeps_its_pace_and_is_logged_bounded(logs: list[dict[str, Any]]) -> None:
+    # Given a loop whose step does its work but for one damaged part, 45 times in a row
+    sup = RecordingSupervisor(LoopSettings(fail_threshold=3, backoff_cap_s=10.0))
+    calls = 0
+
+    async def step() -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 45:
+            raise supervisor.DegradedError("1 topic(s) unreadable, not swept: t: WRONGTYPE")
+
+    sup.periodic("unit_degraded", step, 0.5)
+    await until(lambda: calls >= 47)
+    await sup.stop(1.0)
+    # Then it kept its normal interval (no backoff starving the healthy part of the work)
+    assert set(sup.waits[:46]) == {0.5}
+    # And it was unhealthy from the 3rd failure, logged with its traceback at failures 1, 20, 40 only
+    assert [e["failures"] for e in events(logs, "loop_failed", "unit_degraded")] == [1, 20, 40]
+    assert [e["failures"] for e in events(logs, "loop_unhealthy", "unit_degraded")] == [3]
+    (recovered,) = events(logs, "loop_recovered", "unit_degraded")
+    assert recovered["after_failures"] == 45
+
+
 def test_threshold_makes_the_loop_a_readiness_reason_until_it_succeeds(logs: list[dict[str, Any]]) -> None:
     sup = Supervisor(LoopSettings(fail_threshold=3))
     loop = sup.loop("unit_sweep", 0.5)

@@ -466,7 +466,10 @@ class RedisStore:
         if nodes:
             await self._run(lambda: self.redis.zrem(nodes_key(self.prefix), *nodes), "forget_nodes")
 
-    async def all_pairs(self) -> list[tuple[str, str]]:
+    async def all_pairs(self, broken: list[str] | None = None) -> list[tuple[str, str]]:
+        """Every (topic, group). A topic whose group set cannot be read (an error reply such as WRONGTYPE) fails the
+        call, unless ``broken`` is given: then it is skipped and its "topic: error" appended there, so one damaged
+        key does not stop the work on every other topic (the caller still reports it)."""
         topics = await self.topics()
         if not topics:
             return []
@@ -475,10 +478,22 @@ class RedisStore:
             async with self.redis.pipeline(transaction=False) as p:
                 for t in topics:
                     p.smembers(self.keys(t).groups)
-                return await p.execute()
+                res: list[Any] = await p.execute(raise_on_error=broken is None)
+            for r in res:  # an outage is still an outage (the breaker must see it)
+                if isinstance(r, RedisConnectionError | RedisTimeoutError):
+                    raise r
+            return res
 
         groups = await self._run(go, "all_pairs")
-        return [(t, g) for t, gs in zip(topics, groups, strict=True) for g in sorted(gs)]
+        out: list[tuple[str, str]] = []
+        for t, gs in zip(topics, groups, strict=True):
+            if isinstance(gs, Exception):
+                assert broken is not None
+                self._log_bounded("redis_error_reply", "all_pairs", gs)
+                broken.append(f"{t}: {gs}")
+                continue
+            out += [(t, g) for g in sorted(gs)]
+        return out
 
     async def heartbeat(self, status: dict[str, str] | None = None) -> None:
         """Record that this node is alive (ZSET used by the orphan sweep) and, with ``status``, what it is doing
