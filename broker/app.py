@@ -133,9 +133,16 @@ class Broker:
             log.critical("redis_nondurable_fallback", message="still running on fakeredis: NOTHING IS DURABLE")
 
     async def _publish_flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
-        res = await self.store.publish_many(reqs)
-        for topic in {r.topic for r in reqs}:
-            self.dispatch.wake(topic)
+        topics = {r.topic for r in reqs}
+        claims = self.dispatch.eager_claims(topics)  # idle local consumers get the news in this round trip
+        try:
+            res = await self.store.publish_many(reqs, [c for _, _, c in claims])
+        finally:
+            self.dispatch.eager_done(claims)
+        eager = {(gd.topic, gd.group) for gd, _, _ in claims}
+        for (topic, group), gd in self.dispatch.dispatchers.items():
+            if topic in topics and (topic, group) not in eager:
+                gd.wake.set()
         confirmed: dict[str, int] = {}  # per topic: confirmed publishes (duplicates included), one metric step each
         for r, out in zip(reqs, res, strict=True):
             if isinstance(out, PublishResult) and out.groups >= 0:

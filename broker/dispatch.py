@@ -20,7 +20,7 @@ from .batching import Coalescer
 from .config import Settings
 from .errors import BrokerError, UnavailableError
 from .model import AckItem, Delivery, NackItem, now_ms
-from .store import AckOutcome, NackOutcome, RedisStore
+from .store import AckOutcome, ClaimRequest, NackOutcome, RedisStore
 from .supervisor import Loop, Supervisor, watch_task
 
 log = structlog.get_logger("broker.dispatch")
@@ -79,6 +79,8 @@ class GroupDispatcher:
         self.task: asyncio.Task[None] | None = None
         self.paused_reason: str | None = None
         self._rr = 0
+        self.claiming = False  # a claim round of this loop is in flight
+        self.eager: ClaimRequest | None = None  # a claim riding on a publish round trip (Dispatch.eager_claims)
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -104,7 +106,14 @@ class GroupDispatcher:
         batch = d.settings.delivery.claim_batch
         while not d.stopping and self.consumers:
             loop.beat()
+            if self.eager is not None:  # a publish is claiming for this group: one claim at a time keeps order
+                self.wake.clear()
+                loop.beat(poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), poll)
+                continue
             try:
+                self.claiming = True
                 got_all = await self._claim_round(batch)
             except UnavailableError as e:
                 if self.paused_reason is None:
@@ -121,6 +130,8 @@ class GroupDispatcher:
                 loop.beat(wait)
                 await d.pause(wait)
                 continue
+            finally:
+                self.claiming = False
             loop.succeeded()
             if self.paused_reason is not None:
                 log.info("delivery_resumed", topic=self.topic, group=self.group)
@@ -219,6 +230,41 @@ class Dispatch:
                 gd.wake.set()  # lets the loop see it has no consumers and end
                 if gd.task is None or gd.task.done():
                     del self.dispatchers[(consumer.topic, consumer.group)]
+
+    # ---- claims riding on publishes ------------------------------------------------------------------------
+
+    def eager_claims(self, topics: set[str]) -> list[tuple[GroupDispatcher, Consumer, ClaimRequest]]:
+        """Claims to send with a publish batch: for each idle group of these topics on this node (no claim in
+        flight, not paused), one for the next consumer with credit. The new messages then reach a waiting consumer
+        in the publish's round trip instead of a second one. The group's loop holds off until ``eager_done``."""
+        out = []
+        batch = self.settings.delivery.claim_batch
+        for (topic, _), gd in self.dispatchers.items():
+            if topic not in topics or gd.claiming or gd.eager is not None or gd.paused_reason or gd.task is None:
+                continue
+            n = len(gd.consumers)
+            for i in range(n):
+                c = gd.consumers[(gd._rr + i) % n]
+                want = min(c.credit(), batch)
+                if want > 0:
+                    gd._rr = (gd._rr + i + 1) % n
+                    gd.eager = ClaimRequest(gd.topic, gd.group, want, c.lease_ms, c.id)
+                    out.append((gd, c, gd.eager))
+                    break
+        return out
+
+    def eager_done(self, claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
+        """Hand over what the claims riding on a publish got, and let their groups' loops claim again (at once
+        when a claim came back full or failed: there may be more, or the loop must see the error)."""
+        for gd, c, req in claims:
+            gd.eager = None
+            res = req.result
+            if isinstance(res, list):
+                if res:
+                    gd._hand_over(c, res)
+                if len(res) < req.n:
+                    continue
+            gd.wake.set()
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():

@@ -15,7 +15,7 @@ import pytest
 from broker.config import Settings
 from broker.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.model import AckItem, NackItem, PublishRequest, PublishResult, now_ms
-from broker.store import NackOutcome, RedisStore, connect_redis
+from broker.store import ClaimRequest, NackOutcome, RedisStore, connect_redis
 from broker.store.keys import topics_key
 
 from .conftest import StoreFactory
@@ -664,3 +664,47 @@ def test_message_ids_are_unique_and_sortable_across_a_fork() -> None:
     # Then the child's ids differ from the parent's next ones (a new process tag)
     assert status == 0 and len(child) == 3
     assert not set(child) & {*mine, *(new_message_id(ms) for _ in range(3))}
+
+
+async def test_claims_ride_on_a_publish_round_trip(store: RedisStore) -> None:
+    # Given two groups, and a backlog of one message in g1
+    await store.ensure_group(T, "g1")
+    await store.ensure_group(T, "g2")
+    (old,) = await publish(store, '"old"')
+    (g2_old,) = await store.claim(T, "g2", 10, 30_000, "c2")
+    await store.ack_many(T, "g2", [AckItem(g2_old.id, g2_old.receipt)])
+    # When a publish carries a claim for each group
+    claims = [ClaimRequest(T, "g1", 10, 30_000, "c1"), ClaimRequest(T, "g2", 1, 30_000, "c2")]
+    (res,) = await store.publish_many([req('"new"')], claims)
+    # Then each claim ran after the publish, oldest first, within its own limit
+    g1, g2 = claims
+    assert isinstance(g1.result, list) and [d.payload for d in g1.result] == ['"old"', '"new"']
+    assert isinstance(g2.result, list) and [(d.id, d.attempt) for d in g2.result] == [(res.id, 1)]
+    assert g1.result[0].id == old
+    assert await depth(store, "g1") == (0, 2, 0, 0)
+
+
+async def test_claims_on_a_failed_publish_are_reconciled(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    await store.ensure_group(T, "g1")
+    await publish(store, '"waiting"')
+    claim = ClaimRequest(T, "g1", 10, 30_000, "c1")
+
+    # Given a publish round trip whose reply is lost after Redis ran it
+    real = store._eval_many
+
+    async def lost(calls: object) -> list[object]:
+        await real(calls)  # type: ignore[arg-type]
+        raise UnavailableError("connection lost after the pipeline ran")
+
+    store._eval_many = lost  # type: ignore[method-assign]
+    with pytest.raises(UnavailableError):
+        await store.publish_many([req('"new"')], [claim])
+    store._eval_many = real  # type: ignore[method-assign]
+    assert claim.result is None
+    # Then the claim is given back when Redis answers again: nothing stays leased by a consumer that got nothing
+    assert await depth(store, "g1") == (0, 2, 0, 0)
+    assert await store.reconcile_claims() == 2
+    assert await depth(store, "g1") == (2, 0, 0, 0)
+    again = await store.claim(T, "g1", 10, 30_000, "c1")
+    assert [d.attempt for d in again] == [1, 1]  # the lost claim did not count an attempt

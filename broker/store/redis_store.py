@@ -11,6 +11,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from importlib import resources
 from typing import Any, TypeVar, cast
@@ -52,6 +53,18 @@ class AckOutcome(IntEnum):
     STALE = 0  # not leased, or leased under another receipt
     ACKED = 1
     ACKED_NEXT_LIVE = 2  # acked, and the next message of its ordering key went live (worth a claim)
+
+
+@dataclass(slots=True)
+class ClaimRequest:
+    """A claim to run in another call's round trip (``publish_many``); ``result`` is set when it ran."""
+
+    topic: str
+    group: str
+    n: int
+    lease_ms: int
+    consumer: str
+    result: list[Delivery] | BrokerError | None = None
 
 
 class NackOutcome(StrEnum):
@@ -221,9 +234,15 @@ class RedisStore:
 
     # ---- publish -------------------------------------------------------------------------------------------
 
-    async def publish_many(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
+    async def publish_many(
+        self, reqs: Sequence[PublishRequest], claims: Sequence[ClaimRequest] = ()
+    ) -> list[PublishResult | BrokerError]:
         """Store a batch (any topics) in one pipeline, one script call per topic. Order within a topic is kept.
-        ``groups == -1`` in a result: the topic has no group and the policy is ``reject`` (nothing stored)."""
+        ``groups == -1`` in a result: the topic has no group and the policy is ``reject`` (nothing stored).
+
+        ``claims`` ride in the same round trip, after the publishes (Redis runs a pipeline in order): a consumer
+        waiting for work gets the new messages without a second round trip. Each one's deliveries (or the error
+        of its claim alone) are set on it as ``result``; a lost reply makes them uncertain, as in ``claim``."""
         by_topic: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             by_topic.setdefault(r.topic, []).append(i)
@@ -245,9 +264,20 @@ class RedisStore:
                 args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
                 args += [r.max_attempts or "", r.backoff_base_ms or ""]
             calls.append((script, [k.groups], args))
-        replies = await self._run(lambda: self._eval_many(calls), "publish")
+        calls += [self._claim_call(c, now) for c in claims]
+        try:
+            replies = await self._run(lambda: self._eval_many(calls), "publish")
+        except BrokerError:  # unreachable, or refused: a claim may have run with its reply lost
+            for c in claims:
+                self._uncertain_claims.append((c.topic, c.group, c.consumer, f"{now}-", now + c.lease_ms))
+            raise
+        for c, flat in zip(claims, replies[len(by_topic) :], strict=True):
+            if isinstance(flat, Exception):
+                c.result = self._translate_reply_error(flat, f"claim from {c.topic}/{c.group}")
+            else:
+                c.result = self._deliveries(c.topic, c.group, flat, now + c.lease_ms)
         out: list[PublishResult | BrokerError] = [BrokerError("not stored")] * len(reqs)
-        for (topic, idxs), flat in zip(by_topic.items(), replies, strict=True):
+        for (topic, idxs), flat in zip(by_topic.items(), replies, strict=False):
             if isinstance(flat, Exception):  # this topic's script failed; the other topics' did not
                 err = self._translate_reply_error(flat, f"publish to {topic}")
                 for i in idxs:
@@ -261,6 +291,8 @@ class RedisStore:
         """Run scripts in one pipeline by SHA. redis-py's own script pipelining sends SCRIPT EXISTS first on every
         execute (a second round trip); instead, only calls answered NOSCRIPT (they did not run) are loaded and
         re-sent. Error replies come back as exception values, in place."""
+        if len(calls) == 1:  # one call: a plain EVALSHA costs a fraction of a pipeline's client-side work
+            return [await self._eval_one(*calls[0])]
         async with self.redis.pipeline(transaction=False) as p:
             for script, keys, args in calls:
                 p.evalsha(script.sha, len(keys), *keys, *args)
@@ -282,6 +314,19 @@ class RedisStore:
                 raise r
         return res
 
+    async def _eval_one(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """``_eval_many`` for one call: an error reply comes back as a value, an outage or refusal raises."""
+        try:
+            try:
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self.redis.script_load(script.script)
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except ResponseError as e:
+            if is_refusal(e):
+                raise
+            return e
+
     def _log_bounded(self, event: str, what: str, error: Exception) -> None:
         """Loud but bounded: the first of a kind, then every 100th (with the running count). The metrics count all."""
         n = self._error_counts[event] = self._error_counts.get(event, 0) + 1
@@ -302,22 +347,24 @@ class RedisStore:
     # ---- deliveries ----------------------------------------------------------------------------------------
 
     async def claim(self, topic: str, group: str, n: int, lease_ms: int, consumer: str) -> list[Delivery]:
-        k = self.keys(topic)
-        g = k.group(group)
         now = now_ms()
-        deadline = now + lease_ms
+        script, keys, args = self._claim_call(ClaimRequest(topic, group, n, lease_ms, consumer), now)
         try:
-            flat = await self._run(
-                lambda: self._scripts["claim"](
-                    keys=[g.ready, g.leased],
-                    args=[k.base, group, n, now, lease_ms, consumer, self.node_id, self._strict(topic, group)],
-                ),
-                "claim",
-            )
+            flat = await self._run(script_call(script, keys, args), "claim")
         except UnavailableError:
             # The script may have run with its reply lost: remember the claim, give its leases back later.
-            self._uncertain_claims.append((topic, group, consumer, f"{now}-", deadline))
+            self._uncertain_claims.append((topic, group, consumer, f"{now}-", now + lease_ms))
             raise
+        return self._deliveries(topic, group, flat, now + lease_ms)
+
+    def _claim_call(self, c: ClaimRequest, now: int) -> tuple[AsyncScript, list[str], list[Any]]:
+        k = self.keys(c.topic)
+        g = k.group(c.group)
+        args = [k.base, c.group, c.n, now, c.lease_ms, c.consumer, self.node_id, self._strict(c.topic, c.group)]
+        return self._scripts["claim"], [g.ready, g.leased], args
+
+    def _deliveries(self, topic: str, group: str, flat: list[Any], deadline: int) -> list[Delivery]:
+        """claim.lua's flat reply (7 fields per message) as deliveries; an id whose body is gone is reported."""
         out = []
         for i in range(0, len(flat), 7):
             msg_id, payload = flat[i], flat[i + 1]
