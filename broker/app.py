@@ -43,6 +43,7 @@ class Broker:
             max_headers_bytes=s.server.max_headers_bytes,
             max_prefetch=s.delivery.max_prefetch,
             max_delay_ms=s.delivery.max_delay_ms,
+            max_pull_wait_ms=s.delivery.max_pull_wait_ms,
         )
         b = s.breakers
         self.redis_breaker = Breaker(
