@@ -47,6 +47,7 @@ class Broker:
             max_attempts_limit=s.retry.max_attempts_limit,
             backoff_base_min_ms=s.retry.backoff_base_min_ms,
             backoff_base_max_ms=s.retry.backoff_base_max_ms,
+            max_pull_wait_ms=s.delivery.max_pull_wait_ms,
         )
         b = s.breakers
         self.redis_breaker = Breaker(

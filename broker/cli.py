@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -20,6 +21,9 @@ from .dlq_ops import Filter, parse_duration_ms
 from .errors import BrokerError, ConfigError
 from .jsonl import LineError, parse_lines
 from .store import RedisStore
+
+if TYPE_CHECKING:
+    from .client import BrokerClient, Message, Subscription
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -88,19 +92,48 @@ async def _consume(args: argparse.Namespace) -> int:
     from .client import BrokerClient
 
     got = 0
+    if args.count is not None and args.count <= 0:
+        return EXIT_OK
     async with BrokerClient(_ws_url(args), args.token) as c:
-        sub = await c.subscribe(args.topic, args.group, prefetch=args.prefetch)
-        while args.count is None or got < args.count:
-            try:
-                m = await sub.get(timeout=args.timeout)
-            except TimeoutError:
-                break
-            out = {"id": m.id, "topic": m.topic, "group": m.group, "attempt": m.attempt, "payload": m.payload}
-            print(orjson.dumps(out).decode(), flush=True)
-            if not args.no_ack:
-                await m.ack(wait=True)
-            got += 1
+        if args.pull:
+            batches = _pulled(c, args)
+        else:
+            sub = await c.subscribe(args.topic, args.group, prefetch=args.prefetch)
+            batches = _pushed(sub, args.timeout)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for m in batch:
+                    out = {"id": m.id, "topic": m.topic, "group": m.group, "attempt": m.attempt, "payload": m.payload}
+                    print(orjson.dumps(out).decode(), flush=True)
+                    if not args.no_ack:
+                        await m.ack(wait=True)
+                    got += 1
+                if args.count is not None and got >= args.count:
+                    break
     return EXIT_OK if args.count is None or got >= args.count else EXIT_FAILURE
+
+
+async def _pushed(sub: Subscription, idle_s: float | None) -> AsyncGenerator[list[Message], None]:
+    while True:
+        try:
+            yield [await sub.get(timeout=idle_s)]
+        except TimeoutError:
+            return
+
+
+async def _pulled(c: BrokerClient, args: argparse.Namespace) -> AsyncGenerator[list[Message], None]:
+    """One pull at a time, for what is still wanted (at most --prefetch); --timeout ends it at the first empty one."""
+    wait_ms = int(args.timeout * 1000) if args.timeout is not None else 30_000
+    got = 0
+    while True:
+        want = args.prefetch or 10
+        if args.count is not None:
+            want = min(want, args.count - got)
+        batch = await c.pull(args.topic, args.group, max=want, wait_ms=wait_ms)
+        if not batch and args.timeout is not None:
+            return
+        got += len(batch)
+        yield batch
 
 
 def _open_store(args: argparse.Namespace) -> RedisStore:
@@ -550,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--prefetch", type=int)
     con.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
     con.add_argument("--no-ack", action="store_true", help="print without acking (messages come back after the lease)")
+    con.add_argument(
+        "--pull", action="store_true", help="pull (up to --prefetch per request, each waiting --timeout or 30 s)"
+    )
     client_args(con)
     con.set_defaults(fn=_consume)
 

@@ -205,20 +205,19 @@ class BrokerClient:
             if sub is None:  # not ours (any more): say so; the broker redelivers it when the lease runs out
                 log.warning("delivery_without_subscription", topic=f["topic"], group=f["group"], id=f["id"])
                 return
-            sub.queue.put_nowait(
-                Message(
-                    f["id"], f["topic"], f["group"], f["payload"], f.get("headers", {}), f["attempt"], f["receipt"],
-                    f["published_at"], f["lease_expires_at"], f.get("key"), self, ws,
-                )
-            )  # fmt: skip
+            sub.queue.put_nowait(self._message(f, ws))
             return
         ref = f.get("ref")
         fut = self._waiting.pop(ref, None) if isinstance(ref, int) else None
         if fut is not None and not fut.done():
             if op == "error":
                 fut.set_exception(error_from_frame(f))
+            elif op == "pulled":
+                fut.set_result({**f, "items": [self._message(m, ws) for m in f["items"]]})
             else:
                 fut.set_result(f)
+        elif op == "pulled" and f.get("items"):  # its pull timed out here: the leases run out, then redelivery
+            log.warning("pulled_without_request", topic=f.get("topic"), group=f.get("group"), count=len(f["items"]))
         elif op == "error":
             err = error_from_frame(f)
             log.warning("broker_error", code=f.get("code"), message=f.get("message"), id=f.get("id"))
@@ -229,20 +228,28 @@ class BrokerClient:
         elif op == "resumed":
             log.info("delivery_resumed", topic=f.get("topic"), group=f.get("group"))
 
+    def _message(self, f: dict[str, Any], ws: ClientConnection | None) -> Message:
+        return Message(
+            f["id"], f["topic"], f["group"], f["payload"], f.get("headers", {}), f["attempt"], f["receipt"],
+            f["published_at"], f["lease_expires_at"], f.get("key"), self, ws,
+        )  # fmt: skip
+
     async def _send(self, frame: dict[str, Any]) -> None:
         if not self._connected.is_set():
             await asyncio.wait_for(self._connected.wait(), self.request_timeout_s)
         assert self._ws is not None
         await self._ws.send(orjson.dumps(frame).decode())
 
-    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, frame: dict[str, Any], *, extra_wait_s: float = 0.0) -> dict[str, Any]:
         """Send a frame with a fresh ref and wait for its reply; an error reply raises the matching BrokerError."""
         ref = next(self._refs)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ref] = fut
         try:
             await self._send({**frame, "ref": ref})
-            return await asyncio.wait_for(fut, self.request_timeout_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races with the reply
+            async with asyncio.timeout(self.request_timeout_s + extra_wait_s):
+                return await fut
         finally:
             self._waiting.pop(ref, None)
 
@@ -361,6 +368,34 @@ class BrokerClient:
             raise
         self._sub_frames.append(frame)
         return sub
+
+    async def pull(
+        self,
+        topic: str,
+        group: str | None = None,
+        max: int = 1,  # the frame field's name (shadows the builtin here only)
+        wait_ms: int = 0,
+        *,
+        lease_ms: int | None = None,
+    ) -> list[Message]:
+        """Up to ``max`` deliveries of (topic, group), waiting up to ``wait_ms`` for the first; [] when none came.
+        They are settled like pushed ones (``ack``, ``nack``, ``extend``) on the connection that pulled them."""
+        frame: dict[str, Any] = {"op": "pull", "topic": topic, "max": max, "wait_ms": wait_ms}
+        if group is not None:
+            frame["group"] = group
+        if lease_ms is not None:
+            frame["lease_ms"] = lease_ms
+        reply = await self.request(frame, extra_wait_s=wait_ms / 1000)
+        items: list[Message] = reply["items"]
+        return items
+
+    async def message_status(self, message_id: str, topic: str) -> list[dict[str, Any]]:
+        """Where a message of ``topic`` is now: one row per group that still knows it (``state`` ready, leased,
+        retry_wait, dead or done, ``attempts``, and the state's details); [] once every group acked it. Needs a
+        token that may subscribe or publish to ``topic`` (else ``ForbiddenError``)."""
+        reply = await self.request({"op": "status", "topic": topic, "id": message_id})
+        rows: list[dict[str, Any]] = reply["groups"]
+        return rows
 
     async def ping(self) -> None:
         await self.request({"op": "ping"})

@@ -31,7 +31,8 @@ class ServerSettings:
     shutdown_grace_ms: int = 5_000
     max_connections: int = 10_000  # in total on this node; beyond it the handshake gets HTTP 503
     max_connections_per_token: int = 1_000  # per token name (auth.mode = tokens); beyond it HTTP 429
-    max_subscriptions_per_connection: int = 100  # (topic, group) pairs one connection may consume
+    max_subscriptions_per_connection: int = 100  # (topic, group) pairs one connection may consume (push or pull)
+    max_pulls_per_connection: int = 100  # pull requests one connection may have waiting at once
     publish_rate_per_s: float = 50_000.0  # per connection, token bucket; 0 = unlimited. Excess: rate_limited
     publish_burst: int = 100_000  # tokens a connection may save up
     max_bad_frames: int = 1_000  # invalid frames one connection may send; then it is closed with 1008
@@ -65,6 +66,7 @@ class DeliverySettings:
     max_delay_ms: int = 7 * 86_400_000
     node_timeout_ms: int = 10_000  # a node without heartbeat this long is dead: its leases are swept at once
     strict_order_groups: tuple[str, ...] = ()  # "topic/group" entries: one in flight, a retry holds the head
+    max_pull_wait_ms: int = 60_000  # longest wait_ms a pull may ask for
 
 
 @dataclass(frozen=True)
@@ -327,6 +329,7 @@ def validate(settings: Settings) -> Settings:
         ("server.max_connections", sv.max_connections, 1),
         ("server.max_connections_per_token", sv.max_connections_per_token, 1),
         ("server.max_subscriptions_per_connection", sv.max_subscriptions_per_connection, 1),
+        ("server.max_pulls_per_connection", sv.max_pulls_per_connection, 1),
         ("server.publish_rate_per_s", sv.publish_rate_per_s, 0),
         ("server.publish_burst", sv.publish_burst, 1_000),  # >= the largest batch, or a batch could never pass
         ("server.max_bad_frames", sv.max_bad_frames, 1),
@@ -341,6 +344,7 @@ def validate(settings: Settings) -> Settings:
         # SET EX 0 is an error inside the publish script (after some writes); EXPIRE 0 deletes a dead letter at once
         ("delivery.idempotency_ttl_s", d.idempotency_ttl_s, 1),
         ("delivery.max_delay_ms", d.max_delay_ms, 0),
+        ("delivery.max_pull_wait_ms", d.max_pull_wait_ms, 0),
         ("retry.max_attempts", r.max_attempts, 1),
         ("retry.backoff_base_ms", r.backoff_base_ms, 1),
         ("retry.backoff_multiplier", r.backoff_multiplier, 1),

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Coroutine, Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import structlog
 
@@ -43,6 +43,7 @@ _consumer_seq = itertools.count(1)
 
 class Consumer:
     __slots__ = ("active", "batch", "group", "id", "inflight", "lease_ms", "outlet", "prefetch", "topic")
+    pull: ClassVar[bool] = False  # a pull consumer (broker/pull.py) is told the outcome of each claim made for it
 
     def __init__(self, outlet: Outlet, conn_id: str, topic: str, group: str, prefetch: int, lease_ms: int) -> None:
         self.id = f"{conn_id}.{next(_consumer_seq)}"
@@ -67,6 +68,9 @@ class Consumer:
                 del self.inflight[msg_id]
             free = self.prefetch - len(self.inflight)
         return free
+
+    def claimed(self, got: int) -> None:
+        """After a claim made for this consumer (its deliveries already handed over); only pull consumers care."""
 
 
 class GroupDispatcher:
@@ -161,6 +165,8 @@ class GroupDispatcher:
                 full = False
             if deliveries:
                 self._hand_over(c, deliveries)
+            if c.pull:
+                c.claimed(len(deliveries))
             if not full:
                 break
         self._rr = (self._rr + 1) % max(1, n)
@@ -262,6 +268,8 @@ class Dispatch:
             if isinstance(res, list):
                 if res:
                     gd._hand_over(c, res)
+                if c.pull:
+                    c.claimed(len(res))
                 if len(res) < req.n:
                     continue
             gd.wake.set()

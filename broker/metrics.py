@@ -33,6 +33,7 @@ stale = Counter("broker_stale_receipts_total", "Acks/nacks/extends refused as st
 nacked = Counter(
     "broker_nacked_total", "Deliveries nacked, by outcome", ["topic", "group", "outcome"], registry=REGISTRY
 )
+pulls = Counter("broker_pulls_total", "Pull requests answered, by outcome", ["outcome"], registry=REGISTRY)
 released = Counter(
     "broker_released_total", "Claimed deliveries given back unsent", ["topic", "group"], registry=REGISTRY
 )

@@ -35,6 +35,7 @@ class Limits:
     max_attempts_limit: int = 100  # bounds of a message's own retry policy
     backoff_base_min_ms: int = 10
     backoff_base_max_ms: int = 3_600_000
+    max_pull_wait_ms: int = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +123,30 @@ class PublishBatch:
     items: tuple[Publish, ...]
 
 
-Request = Publish | PublishBatch | Subscribe | Unsubscribe | Ack | Nack | Extend | Ping
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """Ask for up to ``max`` deliveries of (topic, group), waiting up to ``wait_ms`` for the first (0: no wait)."""
 
-OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping")
+    ref: Ref
+    topic: str
+    group: str
+    max: int
+    wait_ms: int
+    lease_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Where message ``id`` of ``topic`` is now, per group (the rows of ``broker message ID``)."""
+
+    ref: Ref
+    topic: str
+    id: str
+
+
+Request = Publish | PublishBatch | Subscribe | Unsubscribe | Ack | Nack | Extend | Ping | Pull | Status
+
+OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping", "pull", "status")
 
 
 class _Fields:
@@ -288,6 +310,10 @@ def parse_frame(data: str | bytes, limits: Limits) -> Request:
         return Unsubscribe(ref, f.topics(), f.name("group", d.get("group", DEFAULT_GROUP)))
     if op == "ping":
         return Ping(ref)
+    if op == "pull":
+        return _pull(f, limits)
+    if op == "status":
+        return Status(ref, _topic(f), _s(f, "id"))
     if op is None:
         raise f.fail("missing field 'op'")
     raise f.fail(f"unknown op {str(op)[:40]!r} (known: {', '.join(OPS)})")
@@ -347,6 +373,26 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
     max_attempts = f.int_("max_attempts", 1, limits.max_attempts_limit)
     backoff_base = f.int_("backoff_base_ms", limits.backoff_base_min_ms, limits.backoff_base_max_ms)
     return Publish(f.ref, topic, payload, headers, idem, delay, key, max_attempts, backoff_base)
+
+
+def _topic(f: _Fields) -> str:
+    if f.d.get("topic") is None:
+        raise f.fail("missing field 'topic'")
+    return f.name("topic", f.d["topic"])
+
+
+def _pull(f: _Fields, limits: Limits) -> Pull:
+    n = f.int_("max", 1, limits.max_prefetch)
+    if n is None:
+        raise f.fail("missing field 'max'")
+    return Pull(
+        f.ref,
+        _topic(f),
+        f.name("group", f.d.get("group", DEFAULT_GROUP)),
+        n,
+        f.int_("wait_ms", 0, limits.max_pull_wait_ms) or 0,
+        f.int_("lease_ms", 100, limits.max_lease_ms),
+    )
 
 
 def _ack(f: _Fields) -> Ack:
@@ -416,6 +462,12 @@ def message(d: Delivery) -> str:
 def messages_bytes(parts: list[bytes]) -> bytes:
     """A ``messages`` frame from ``message_bytes`` outputs (each item is a full message object, ``op`` included)."""
     return b'{"op":"messages","items":[' + b",".join(parts) + b"]}"
+
+
+def pulled(ref: Ref, topic: str, group: str, parts: list[bytes]) -> str:
+    """The answer to a ``pull``: ``items`` are ``message_bytes`` outputs (possibly none: the wait ran out)."""
+    head = orjson.dumps(_with_ref({"op": "pulled", "topic": topic, "group": group}, ref))
+    return (head[:-1] + b',"items":[' + b",".join(parts) + b"]}").decode()
 
 
 def message_bytes(d: Delivery) -> bytes:

@@ -25,6 +25,8 @@ from .dispatch import Consumer
 from .errors import BrokerError, ProtocolError, UnavailableError
 from .limits import TokenBucket
 from .model import AckItem, Delivery, NackItem, PublishResult
+from .pull import PullConsumer, PullFrame, handle_pull
+from .queries import handle_status
 from .store import NackOutcome
 from .supervisor import watch_task
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("broker.session")
 _conn_seq = itertools.count(1)
 WRITE_BURST = 256  # most frames written per socket write
+LOOKUPS_IN_FLIGHT = 8  # status requests of one connection reading Redis at once; beyond it the reader waits
 
 
 class Session:
@@ -49,6 +52,7 @@ class Session:
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
         self._out_ready = asyncio.Event()
         self._unconfirmed = asyncio.Semaphore(s.server.max_unconfirmed_publishes)
+        self.lookups = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
         self.consumers: list[Consumer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -162,11 +166,15 @@ class Session:
         for item in self.out:
             if not isinstance(item, str):
                 unsent.setdefault(item[0], set()).add(item[1].id)
+            elif isinstance(item, PullFrame):
+                unsent.setdefault(item.consumer, set()).update(item.ids)
         return unsent
 
     def _give_back(self, reason: str) -> None:
         unsent = self.unsent()
         for c in self.consumers:
+            if isinstance(c, PullConsumer):
+                c.close()
             self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
     def _spawn(self, coro: Any) -> None:
@@ -206,6 +214,11 @@ class Session:
             await self._subscribe(req)
         elif isinstance(req, protocol.Unsubscribe):
             self._unsubscribe(req)
+        elif isinstance(req, protocol.Pull):
+            await handle_pull(self, req)
+        elif isinstance(req, protocol.Status):
+            await self.lookups.acquire()  # backpressure, as for publishes: a flood of lookups stops the reader
+            self._spawn(handle_status(self, req))
         else:
             self.send(protocol.reply("pong", req.ref))
 
@@ -407,7 +420,9 @@ class Session:
         lease_ms = req.lease_ms or d.lease_ms
         added = []
         for topic in req.topics:
-            existing = [c for c in self.consumers if c.active and c.topic == topic and c.group == req.group]
+            existing = [
+                c for c in self.consumers if c.active and not c.pull and c.topic == topic and c.group == req.group
+            ]
             if existing:  # already subscribed: idempotent, and the new prefetch/lease apply from the next claim
                 existing[0].prefetch, existing[0].lease_ms, existing[0].batch = prefetch, lease_ms, req.batch
                 self.broker.dispatch.wake(topic, req.group)
@@ -431,7 +446,7 @@ class Session:
     def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
         n = 0
         for c in self.consumers:
-            if c.active and c.topic in req.topics and c.group == req.group:
+            if c.active and not c.pull and c.topic in req.topics and c.group == req.group:
                 self.broker.dispatch.remove(c)  # deliveries already sent stay ackable until the connection closes
                 unsent = self.unsent().get(c, set())
                 if unsent:  # claimed but not written yet: back to the queue as they were, no attempt counted

@@ -295,6 +295,19 @@ class Generator:
             {"op": "subscribe"},
             {"op": "unsubscribe", "topics": {}},
             {"op": "unsubscribe", "topic": SINK, "group": None},
+            {"op": "pull", "topic": SINK},
+            {"op": "pull", "topic": SINK, "max": 0},
+            {"op": "pull", "topic": SINK, "max": 1001},
+            {"op": "pull", "topic": SINK, "max": "1"},
+            {"op": "pull", "topic": SINK, "max": 1, "wait_ms": -1},
+            {"op": "pull", "topic": SINK, "max": 1, "wait_ms": 10**9},
+            {"op": "pull", "topic": SINK, "max": 1, "lease_ms": 10},
+            {"op": "pull", "topic": SINK, "max": 1, "group": None},
+            {"op": "pull", "topics": [SINK], "max": 1},
+            {"op": "status", "topic": SINK},
+            {"op": "status", "id": good},
+            {"op": "status", "topic": SINK, "id": 5},
+            {"op": "status", "topic": "a b", "id": good},
         ]
         frame = dict(r.choice(frames))
         if r.random() < 0.15:  # and sometimes the ref itself is wrong: the error then carries none
@@ -352,7 +365,13 @@ class Generator:
         """Valid frames at the edges: they must be served, not refused."""
         r = self.rng
         ref = self.ref()
-        choice = r.randrange(6)
+        choice = r.randrange(8)
+        if choice == 6:  # a pull that does not wait, on a topic nobody publishes to: answered with no items
+            frame = {"op": "pull", "ref": ref, "topic": f"quiet-{self.conn}-{r.randrange(300)}", "max": 1000}
+            return Fuzz("valid:pull_quiet", _j(frame), ref, True, "pulled", allowed=frozenset({"bad_request"}))
+        if choice == 7:  # any id, even one that was never a message id: answered with the rows (here none)
+            frame = {"op": "status", "ref": ref, "topic": SINK, "id": _random_text(r, r.randint(1, 20))[:64] or "x"}
+            return Fuzz("valid:status_unknown_id", _j(frame), ref, True, "message_status")
         if choice == 5:  # topics nobody publishes to; over server.max_subscriptions_per_connection: bad_request
             topics = [f"quiet-{self.conn}-{r.randrange(300)}" for _ in range(r.randint(1, 30))]
             frame = {"op": "subscribe", "ref": ref, "topics": topics, "group": "hostile", "prefetch": 1000}

@@ -25,6 +25,8 @@ import websockets
 from jsonschema import Draft7Validator, Draft202012Validator
 from referencing import Registry, Resource
 
+from broker.protocol import OPS
+
 from .brokers import BrokerProcess
 from .proxy import TcpProxy
 from .support import RedisServer
@@ -189,6 +191,19 @@ def test_examples_match_their_own_message_only() -> None:
             assert check_frame(ex["payload"], side) == name, ex
 
 
+def test_protocol_md_links_the_schema_files_and_documents_every_op() -> None:
+    """docs/protocol.md links both schema files (one copy of each: the files), has a section per client op and a
+    table row per broker op."""
+    text = (DOCS / "protocol.md").read_text()
+    for side in ("client", "broker"):
+        assert f"](schema/{SCHEMA_FILES[side].name})" in text, side
+    assert set(SCHEMAS["client"]["properties"]["op"]["enum"]) == set(OPS)
+    for op in OPS:
+        assert f"### `{op}`" in text, op
+    for op in SCHEMAS["broker"]["properties"]["op"]["enum"]:
+        assert f"\n| `{op}` " in text, op
+
+
 # ---- real frames -----------------------------------------------------------------------------------------------
 
 
@@ -293,6 +308,20 @@ async def test_real_frames_each_match_exactly_one_message(redis: RedisServer) ->
             await c.send({"op": "ack", "ref": "a2", "items": [{"id": m["id"], "receipt": m["receipt"]} for m in bulk]})
             assert sorted((await c.reply("a2"))["ids"]) == sorted(m["id"] for m in bulk)
 
+            # pull: one delivery waiting, its status while leased, then a pull whose wait runs out
+            await c.send({"op": "publish", "ref": 6, "topic": "pulls", "payload": {"p": 1}})
+            pub6 = await c.reply(6)
+            await c.send({"op": "pull", "ref": "pl1", "topic": "pulls", "max": 5, "wait_ms": 5_000})
+            pulled = await c.reply("pl1")
+            assert [m["id"] for m in pulled["items"]] == [pub6["id"]]
+            await c.send({"op": "status", "ref": "st1", "topic": "pulls", "id": pub6["id"]})
+            status = await c.reply("st1")
+            assert [(r["group"], r["state"]) for r in status["groups"]] == [("default", "leased")]
+            await c.send({"op": "ack", "ref": "a4", "id": pub6["id"], "receipt": pulled["items"][0]["receipt"]})
+            assert (await c.reply("a4"))["ids"] == [pub6["id"]]
+            await c.send({"op": "pull", "ref": "pl2", "topic": "pulls", "group": "default", "max": 1, "wait_ms": 100})
+            assert (await c.reply("pl2"))["items"] == []
+
             # ping / pong, with and without ref
             await c.send({"op": "ping", "ref": "p1"})
             assert (await c.reply("p1")) == {"op": "pong", "ref": "p1"}
@@ -315,6 +344,9 @@ async def test_real_frames_each_match_exactly_one_message(redis: RedisServer) ->
                 {"op": "subscribe", "ref": "bad5", "topic": "orders", "prefetch": 0},
                 {"op": "extend", "ref": "bad6", "id": m1["id"], "receipt": m1["receipt"], "lease_ms": 50},
                 {"op": "nack", "ref": "bad7", "id": m1["id"], "receipt": m1["receipt"], "dead": None},
+                {"op": "pull", "ref": "bad8", "topic": "orders", "max": 0},
+                {"op": "pull", "ref": "bad9", "topic": "orders", "max": 1, "wait_ms": -1},
+                {"op": "status", "ref": "bad10", "id": m1["id"]},
             ]
             for frame in invalid:
                 assert not WHOLE["client"].ok(frame), frame
@@ -331,10 +363,10 @@ async def test_real_frames_each_match_exactly_one_message(redis: RedisServer) ->
 
         sent = {check_frame(f, "client") for f in c.sent}
         received = {check_frame(f, "broker") for f in c.received}
-    assert sent == {"publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping"}
+    assert sent == {"publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping", "pull", "status"}
     assert received == {
         "published", "publishedBatch", "subscribed", "unsubscribed", "message", "messages",
-        "acked", "nacked", "extended", "pong", "error",
+        "acked", "nacked", "extended", "pong", "error", "pulled", "message_status",
     }  # fmt: skip
 
 

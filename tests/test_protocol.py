@@ -25,13 +25,15 @@ from broker.protocol import (
     Nack,
     Ping,
     Publish,
+    Pull,
+    Status,
     Subscribe,
     Unsubscribe,
     parse_frame,
 )
 
 LIMITS = Limits()
-REQUEST_TYPES = (Publish, Subscribe, Unsubscribe, Ack, Nack, Extend, Ping)
+REQUEST_TYPES = (Publish, Subscribe, Unsubscribe, Ack, Nack, Extend, Ping, Pull, Status)
 
 
 def parse(obj: Any, limits: Limits = LIMITS) -> protocol.Request:
@@ -175,6 +177,33 @@ def test_ping() -> None:
     assert parse({"op": "ping", "ref": "x" * 128}) == Ping("x" * 128)
 
 
+def test_pull_minimal_and_full() -> None:
+    # Given a pull with only topic and max, When parsed, Then group default, no wait, the subscription's lease default
+    assert parse({"op": "pull", "topic": "jobs", "max": 1}) == Pull(None, "jobs", "default", 1, 0, None)
+    got = parse({"op": "pull", "ref": "p1", "topic": "jobs", "group": "w", "max": 50, "wait_ms": 2500, "lease_ms": 900})
+    assert got == Pull("p1", "jobs", "w", 50, 2500, 900)
+    # And the upper limits are inclusive
+    top = {"op": "pull", "topic": "t", "max": LIMITS.max_prefetch, "wait_ms": LIMITS.max_pull_wait_ms}
+    assert parse(top) == Pull(None, "t", "default", LIMITS.max_prefetch, LIMITS.max_pull_wait_ms, None)
+    assert parse({**top, "wait_ms": None, "lease_ms": None}) == Pull(None, "t", "default", LIMITS.max_prefetch, 0, None)
+
+
+def test_pull_limits_come_from_the_settings() -> None:
+    # Given a smaller prefetch ceiling and pull wait, When a pull asks for more, Then it is refused with the limit
+    limits = Limits(max_prefetch=5, max_pull_wait_ms=1_000)
+    assert parse({"op": "pull", "topic": "t", "max": 5, "wait_ms": 1_000}, limits) == Pull(
+        None, "t", "default", 5, 1_000, None
+    )
+    with pytest.raises(ProtocolError, match="'max' must be between 1 and 5"):
+        parse({"op": "pull", "topic": "t", "max": 6}, limits)
+    with pytest.raises(ProtocolError, match="'wait_ms' must be between 0 and 1000"):
+        parse({"op": "pull", "topic": "t", "max": 1, "wait_ms": 1_001}, limits)
+
+
+def test_status() -> None:
+    assert parse({"op": "status", "ref": 3, "topic": "orders", "id": "m1"}) == Status(3, "orders", "m1")
+
+
 # ---- error paths --------------------------------------------------------------------------------------------------
 
 
@@ -216,6 +245,12 @@ def test_unknown_and_missing_op() -> None:
         ({"op": "extend", "receipt": "r", "lease_ms": 1000}, "missing field 'id'"),
         ({"op": "subscribe"}, "missing field 'topic'"),
         ({"op": "unsubscribe", "group": "g"}, "missing field 'topic'"),
+        ({"op": "pull", "max": 1}, "missing field 'topic'"),
+        ({"op": "pull", "topic": "t"}, "missing field 'max'"),
+        ({"op": "pull", "topic": "t", "max": None}, "missing field 'max'"),
+        ({"op": "status", "id": "m"}, "missing field 'topic'"),
+        ({"op": "status", "topic": None, "id": "m"}, "missing field 'topic'"),
+        ({"op": "status", "topic": "t"}, "missing field 'id'"),
     ],
 )
 def test_missing_fields(frame: dict[str, Any], match: str) -> None:
@@ -263,6 +298,25 @@ def test_missing_fields(frame: dict[str, Any], match: str) -> None:
         ({"op": "nack", "id": "m", "receipt": "r", "delay_ms": -5}, "'delay_ms'"),
         ({"op": "extend", "id": "m", "receipt": "r", "lease_ms": "1000"}, "'lease_ms'"),
         ({"op": "extend", "id": "m", "receipt": "r", "lease_ms": 10}, "'lease_ms'"),
+        ({"op": "pull", "topic": "t", "max": 0}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": -1}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": LIMITS.max_prefetch + 1}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": "5"}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": 2.0}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": True}, "'max'"),
+        ({"op": "pull", "topic": "t", "max": 1, "wait_ms": -1}, "'wait_ms'"),
+        ({"op": "pull", "topic": "t", "max": 1, "wait_ms": LIMITS.max_pull_wait_ms + 1}, "'wait_ms'"),
+        ({"op": "pull", "topic": "t", "max": 1, "wait_ms": "1s"}, "'wait_ms'"),
+        ({"op": "pull", "topic": "t", "max": 1, "lease_ms": 99}, "'lease_ms'"),
+        ({"op": "pull", "topic": "t", "max": 1, "lease_ms": LIMITS.max_lease_ms + 1}, "'lease_ms'"),
+        ({"op": "pull", "topic": "a b", "max": 1}, "invalid topic"),
+        ({"op": "pull", "topic": ["t"], "max": 1}, "invalid topic"),
+        ({"op": "pull", "topic": "t", "group": None, "max": 1}, "invalid group"),
+        ({"op": "pull", "topic": "t", "group": "{g}", "max": 1}, "invalid group"),
+        ({"op": "status", "topic": "t", "id": 5}, "'id'"),
+        ({"op": "status", "topic": "t", "id": ""}, "'id'"),
+        ({"op": "status", "topic": "t", "id": "m" * 65}, "'id'"),
+        ({"op": "status", "topic": "a:b", "id": "m"}, "invalid topic"),
     ],
 )
 def test_wrong_types_and_ranges(frame: dict[str, Any], match: str) -> None:
@@ -342,7 +396,7 @@ json_values = st.recursive(
 
 FIELDS = [
     "op", "ref", "topic", "topics", "group", "payload", "headers", "idempotency_key", "delay_ms", "key", "prefetch",
-    "lease_ms", "id", "receipt", "items", "error", "dead", "max_attempts", "backoff_base_ms",
+    "lease_ms", "id", "receipt", "items", "error", "dead", "max_attempts", "backoff_base_ms", "max", "wait_ms",
 ]  # fmt: skip
 field_values = json_values | st.sampled_from(["t", "orders", "default", "a b", "", "r-1"]) | st.integers(-5, 10**6)
 frames = st.fixed_dictionaries({"op": st.sampled_from([*OPS, "nope"])}) | st.just({})
@@ -429,6 +483,18 @@ def test_message_embeds_payload_verbatim() -> None:
     }
     assert "key" not in frame
     assert json.loads(protocol.message(delivery(key="k1")))["key"] == "k1"
+
+
+def test_pulled_frame() -> None:
+    # Given two deliveries, When the pull answer is built, Then it holds them as message objects, payload verbatim
+    a, b = delivery(), delivery(id="m2", key="k")
+    text = protocol.pulled("r", "t", "g", [protocol.message_bytes(a), protocol.message_bytes(b)])
+    assert a.payload in text
+    frame = json.loads(text)
+    assert (frame["op"], frame["ref"], frame["topic"], frame["group"]) == ("pulled", "r", "t", "g")
+    assert frame["items"] == [json.loads(protocol.message(a)), json.loads(protocol.message(b))]
+    # And an empty answer (the wait ran out) has no items; without a ref there is no ref field
+    assert json.loads(protocol.pulled(None, "t", "g", [])) == {"op": "pulled", "topic": "t", "group": "g", "items": []}
 
 
 def test_published_frame() -> None:

@@ -1,4 +1,5 @@
-"""Where one message is now, per group (``broker message ID``): read-only, a few pipelined calls per topic."""
+"""Where one message is now, per group (``broker message ID``, and the ``status`` request): read-only, one pipeline
+per topic, behind the Redis breaker like every store call."""
 
 from __future__ import annotations
 
@@ -6,33 +7,52 @@ from typing import Any
 
 from .redis_store import RedisStore
 
+_PER_GROUP = 8  # replies per group in the pipeline below
+
 
 async def message_status(store: RedisStore, msg_id: str, topic: str | None = None) -> list[dict[str, Any]]:
     """One row per (topic, group) that knows the message. ``state``: ready | leased | retry_wait | key_wait (behind
     an earlier message of its ordering key) | dead | done (acked by this group, or published before the group
-    existed: Redis keeps nothing for it)."""
-    r = store.redis
-    pairs = [p for p in await store.all_pairs() if topic is None or p[0] == topic]
-    topics = sorted({t for t, _ in pairs})
-    async with r.pipeline(transaction=False) as p:
-        for t in topics:
-            p.hmget(store.keys(t).body(msg_id), "published_at", "key")
-        bodies = dict(zip(topics, await p.execute(), strict=True))
-    rows: list[dict[str, Any]] = []
+    existed: Redis keeps nothing for it). With ``topic``, only that topic's groups are read."""
+    if topic is None:
+        pairs = await store.all_pairs()
+    else:
+        pairs = [(topic, g) for g in await store.groups(topic)]
+    by_topic: dict[str, list[str]] = {}
     for t, g in pairs:
-        gk = store.keys(t).group(g)
-        async with r.pipeline(transaction=False) as p:
-            p.zscore(gk.leased, msg_id)
-            p.zscore(gk.delayed, msg_id)
-            p.lpos(gk.ready, msg_id)
-            p.hgetall(gk.delivery(msg_id))
-            p.hmget(gk.dead_letter(msg_id), "reason", "died_at", "attempts")
-            p.ttl(gk.dead_letter(msg_id))
-            okey = bodies[t][1]
-            p.lpos(gk.key_line(okey) if okey else gk.ready, msg_id)
-            p.zscore(gk.acked, msg_id)
-            leased, due, pos, dlv, dead, ttl, line_pos, acked_at = await p.execute()
-        row: dict[str, Any] = {"topic": t, "group": g, "attempts": int(dlv.get("attempts", 0)) if dlv else 0}
+        by_topic.setdefault(t, []).append(g)
+    rows: list[dict[str, Any]] = []
+    for t, groups in by_topic.items():
+        rows += await _topic_rows(store, t, groups, msg_id)
+    return rows
+
+
+async def _topic_rows(store: RedisStore, topic: str, groups: list[str], msg_id: str) -> list[dict[str, Any]]:
+    k = store.keys(topic)
+
+    async def go() -> list[Any]:
+        body = await store.redis.hmget(k.body(msg_id), "published_at", "key")
+        okey = None if body[1] is None else str(body[1])
+        async with store.redis.pipeline(transaction=False) as p:
+            for g in groups:
+                gk = k.group(g)
+                p.zscore(gk.leased, msg_id)
+                p.zscore(gk.delayed, msg_id)
+                p.lpos(gk.ready, msg_id)  # O(queue length): an operator's and a client's lookup, not a hot path
+                p.hgetall(gk.delivery(msg_id))
+                p.hmget(gk.dead_letter(msg_id), "reason", "died_at", "attempts")
+                p.ttl(gk.dead_letter(msg_id))
+                p.lpos(gk.key_line(okey) if okey else gk.ready, msg_id)
+                p.zscore(gk.acked, msg_id)
+            return [body, *await p.execute()]
+
+    res = await store._run(go, "message_status")
+    published_at, okey = (None if v is None else str(v) for v in res[0])
+    replies = res[1:]
+    rows: list[dict[str, Any]] = []
+    for i, g in enumerate(groups):
+        leased, due, pos, dlv, dead, ttl, line_pos, acked_at = replies[_PER_GROUP * i : _PER_GROUP * (i + 1)]
+        row: dict[str, Any] = {"topic": topic, "group": g, "attempts": int(dlv.get("attempts", 0)) if dlv else 0}
         if leased is not None:
             row.update(state="leased", consumer=dlv.get("consumer"), node=dlv.get("node"), until=int(leased))
         elif due is not None:
@@ -46,7 +66,7 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
             row.update(state="key_wait", key=okey, position=int(line_pos))
         elif acked_at is not None:
             row.update(state="done", acked_at=int(acked_at))
-        elif bodies[t][0] is not None:
+        elif published_at is not None:
             row.update(state="done")
         else:
             continue  # this topic never had it (or it is finished everywhere)
