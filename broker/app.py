@@ -34,6 +34,9 @@ log = structlog.get_logger("broker.app")
 _STATE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
+EAGER_CLAIM_MAX_BATCH = 8  # publish flushes up to this size carry claims for idle groups (see _publish_flush)
+
+
 class Broker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -135,7 +138,9 @@ class Broker:
 
     async def _publish_flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
         topics = {r.topic for r in reqs}
-        claims = self.dispatch.eager_claims(topics)  # idle local consumers get the news in this round trip
+        # Idle local consumers get a small batch's messages in its own round trip (latency). A big batch means load:
+        # then the groups' own loops claim in parallel with the publishes, which keeps throughput higher.
+        claims = self.dispatch.eager_claims(topics) if len(reqs) <= EAGER_CLAIM_MAX_BATCH else []
         try:
             res = await self.store.publish_many(reqs, [c for _, _, c in claims])
         finally:
