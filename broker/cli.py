@@ -150,12 +150,13 @@ def _open_store(args: argparse.Namespace) -> RedisStore:
 
 
 async def _stats_rows(
-    store: RedisStore, topic: str | None, memory: bool = False
+    store: RedisStore, topic: str | None, memory: bool = False, broken: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(rows per topic/group, rows per live node, rows per topic with its memory; empty unless ``memory``)."""
+    """(rows per topic/group, rows per live node, rows per topic with its memory; empty unless ``memory``).
+    Topics whose group set cannot be read are left out and named in ``broken`` (the caller reports them)."""
     from .store.memory import topic_memory
 
-    pairs = await store.all_pairs()
+    pairs = await store.all_pairs(broken if broken is not None else [])
     if topic:
         pairs = [p for p in pairs if p[0] == topic]
     mem_rows: list[dict[str, Any]] = []
@@ -222,7 +223,10 @@ async def _stats(args: argparse.Namespace) -> int:
             previous, t_prev = {(r["topic"], r["group"]): r for r in rows}, time.monotonic()
             await asyncio.sleep(2.0)
         while True:
-            rows, nodes, mem = await _stats_rows(store, args.topic, memory=not args.no_memory)
+            broken: list[str] = []
+            rows, nodes, mem = await _stats_rows(store, args.topic, memory=not args.no_memory, broken=broken)
+            for problem in broken:  # the rest is still shown; the exit status says something is wrong
+                print(f"unreadable topic (run `broker diagnose`): {problem}", file=sys.stderr)
             t = time.monotonic()
             if previous:
                 _add_rates(rows, previous, t - t_prev)
@@ -253,7 +257,7 @@ async def _stats(args: argparse.Namespace) -> int:
                 if not nodes:
                     print("(no broker node is running)")
             if not args.watch:
-                return EXIT_OK
+                return EXIT_FAILURE if broken else EXIT_OK
             await asyncio.sleep(args.watch)
     finally:
         await store.close()

@@ -113,3 +113,14 @@ async def test_waiting_keyed_messages_are_not_orphans_and_a_stuck_key_is_repaire
         assert run(redis) == (0, [])
     finally:
         await store.close()
+
+
+async def test_an_unreadable_topic_is_a_finding_not_a_crash(redis: RedisServer) -> None:
+    # Given a damaged registry entry next to a healthy topic
+    redis.cli("SADD", "mq:topics", "broken", "orders")
+    redis.cli("SET", "mq:{broken}:groups", "not a set")
+    redis.cli("SADD", "mq:{orders}:groups", "g")
+    # When diagnosed, Then it is one error finding and the rest is still checked
+    code, findings = run(redis)
+    assert code == 1 and [f["check"] for f in findings] == ["unreadable_topic"]
+    assert "broken" in str(findings[0]["message"])

@@ -87,15 +87,15 @@ async def test_unknown_or_empty_topics() -> None:
 # ---- the command -------------------------------------------------------------------------------------------------
 
 
-async def broker_stats(redis: RedisServer, *args: str) -> tuple[int, str]:
+async def broker_stats(redis: RedisServer, *args: str, expect: int = 0) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")} | {"BROKER_REDIS_URL": redis.url}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "stats", *args,
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return proc.returncode, out.decode()
+    assert proc.returncode == expect, err.decode()
+    return proc.returncode, out.decode() + err.decode()
 
 
 async def test_stats_shows_memory_per_topic_and_unhealthy_loops(store: RedisStore, redis: RedisServer) -> None:
@@ -137,3 +137,13 @@ async def test_stats_shows_memory_per_topic_and_unhealthy_loops(store: RedisStor
     # And --no-memory skips the scan
     _, out = await broker_stats(redis, "--json", "--no-memory")
     assert all("topic_memory_bytes" not in r for r in orjson.loads(out))
+
+
+async def test_stats_shows_the_healthy_topics_and_names_an_unreadable_one(store: RedisStore, redis: RedisServer) -> None:
+    # Given a healthy topic, and a damaged registry entry (a string where a topic's group set belongs)
+    await fill(store, "orders", 2)
+    redis.cli("SET", "mq:{broken}:groups", "not a set")
+    redis.cli("SADD", "mq:topics", "broken")
+    # When `broker stats` runs, Then the healthy topic is shown, the damaged one named, and the exit status is 1
+    _, out = await broker_stats(redis, "--no-memory", expect=1)
+    assert "orders" in out and "unreadable topic (run `broker diagnose`): broken: WRONGTYPE" in out, out

@@ -64,7 +64,17 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
         )
 
     now = now_ms()
-    pairs = await store.all_pairs()
+    broken: list[str] = []
+    pairs = await store.all_pairs(broken)
+    for problem in broken:
+        out.append(
+            Finding(
+                "error",
+                "unreadable_topic",
+                f"the group set of topic {problem} (not a set?): no broker can sweep or deliver this topic",
+                "inspect with TYPE/DUMP, then fix or DEL the key and re-create the groups by subscribing",
+            )
+        )
     heartbeats = {str(row[0]): int(row[1]) for row in await r.zrange(nodes_key(store.prefix), 0, -1, withscores=True)}
     timeout = store.settings.delivery.node_timeout_ms
     dead_nodes = sorted(n for n, beat in heartbeats.items() if now - beat > timeout)
