@@ -85,6 +85,7 @@ class GroupDispatcher:
         self._rr = 0
         self.claiming = False  # a claim round of this loop is in flight
         self.eager: ClaimRequest | None = None  # a claim riding on a publish round trip (Dispatch.eager_claims)
+        self.eager_over = asyncio.Event()  # set when that claim's answer has been handed over
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -111,11 +112,15 @@ class GroupDispatcher:
         while not d.stopping and self.consumers:
             loop.beat()
             if self.eager is not None:  # a publish is claiming for this group: one claim at a time keeps order
-                self.wake.clear()
                 loop.beat(poll)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), poll)
+                    await asyncio.wait_for(self.eager_over.wait(), poll)
+                if self.eager is None and not self.wake.is_set():  # nothing new meanwhile: back to waiting
+                    loop.beat(poll)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), poll)
                 continue
+            self.wake.clear()  # before the round: a wake-up that arrives during it starts the next round
             try:
                 self.claiming = True
                 got_all = await self._claim_round(batch)
@@ -144,7 +149,6 @@ class GroupDispatcher:
             if got_all:
                 await asyncio.sleep(0)  # let acks and publishes in
                 continue
-            self.wake.clear()
             loop.beat(poll)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
@@ -206,6 +210,7 @@ class Dispatch:
         self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
+        self._strict = frozenset(settings.delivery.strict_order_groups)
         # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
         self.counts: dict[str, dict[str, int]] = {}
 
@@ -243,36 +248,48 @@ class Dispatch:
         """Claims to send with a publish batch: for each idle group of these topics on this node (no claim in
         flight, not paused), one for the next consumer with credit. The new messages then reach a waiting consumer
         in the publish's round trip instead of a second one. The group's loop holds off until ``eager_done``."""
-        out = []
+        out: list[tuple[GroupDispatcher, Consumer, ClaimRequest]] = []
         batch = self.settings.delivery.claim_batch
-        for (topic, _), gd in self.dispatchers.items():
-            if topic not in topics or gd.claiming or gd.eager is not None or gd.paused_reason or gd.task is None:
-                continue
-            n = len(gd.consumers)
-            for i in range(n):
-                c = gd.consumers[(gd._rr + i) % n]
-                want = min(c.credit(), batch)
-                if want > 0:
-                    gd._rr = (gd._rr + i + 1) % n
-                    gd.eager = ClaimRequest(gd.topic, gd.group, want, c.lease_ms, c.id)
-                    out.append((gd, c, gd.eager))
-                    break
+        try:
+            for (topic, _), gd in self.dispatchers.items():
+                if topic not in topics or gd.claiming or gd.eager is not None or gd.paused_reason or gd.task is None:
+                    continue
+                n = len(gd.consumers)
+                for i in range(n):
+                    c = gd.consumers[(gd._rr + i) % n]
+                    want = min(c.credit(), batch)
+                    if want > 0:
+                        gd._rr = (gd._rr + i + 1) % n
+                        gd.eager = ClaimRequest(gd.topic, gd.group, want, c.lease_ms, c.id)
+                        gd.eager_over.clear()
+                        out.append((gd, c, gd.eager))
+                        break
+        except BaseException:
+            self.eager_done(out)  # never leave a group waiting for a claim that will not be made
+            raise
         return out
 
     def eager_done(self, claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
         """Hand over what the claims riding on a publish got, and let their groups' loops claim again (at once
         when a claim came back full or failed: there may be more, or the loop must see the error)."""
+        failed: Exception | None = None
         for gd, c, req in claims:
-            gd.eager = None
             res = req.result
-            if isinstance(res, list):
-                if res:
-                    gd._hand_over(c, res)
-                if c.pull:
-                    c.claimed(len(res))
-                if len(res) < req.n:
-                    continue
-            gd.wake.set()
+            try:
+                if isinstance(res, list):
+                    if res:
+                        gd._hand_over(c, res)
+                    if c.pull:
+                        c.claimed(len(res))
+            except Exception as e:  # the other groups are still handed over and released
+                failed = failed or e
+            finally:  # whatever happened, the group's own loop takes over again
+                gd.eager = None
+                gd.eager_over.set()
+                if not isinstance(res, list) or len(res) >= req.n:
+                    gd.wake.set()
+        if failed is not None:
+            raise failed
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():
@@ -320,8 +337,8 @@ class Dispatch:
         n = sum(1 for r in res if r)
         metrics.child(metrics.acked, *key).inc(n)
         self.count(f"{key[0]}/{key[1]}", "acked", n)
-        if AckOutcome.ACKED_NEXT_LIVE in res:
-            self._wake_key(key)
+        if AckOutcome.ACKED_NEXT_LIVE in res or (n and f"{key[0]}/{key[1]}" in self._strict):
+            self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
         return [bool(r) for r in res]
 
     def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:

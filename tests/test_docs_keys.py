@@ -155,7 +155,7 @@ def check_delivery(out: str, st: State) -> None:
     assert set(h) == {"attempts", "claims", "receipt", "consumer", "node", "leased_until"}
     assert (h["attempts"], h["claims"], h["consumer"], h["node"]) == ("1", "1", CONSUMER, NODE)
     assert h["receipt"] == st.receipt
-    assert re.fullmatch(r"\d+-1", h["receipt"]) and within(h["receipt"].split("-")[0], st.claimed)
+    assert re.fullmatch(r"\d+\.\d+-1", h["receipt"]) and within(h["receipt"].split(".")[0], st.claimed)
     assert within(h["leased_until"], st.claimed, LEASE_MS)
 
 

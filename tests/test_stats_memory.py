@@ -139,7 +139,9 @@ async def test_stats_shows_memory_per_topic_and_unhealthy_loops(store: RedisStor
     assert all("topic_memory_bytes" not in r for r in orjson.loads(out))
 
 
-async def test_stats_shows_the_healthy_topics_and_names_an_unreadable_one(store: RedisStore, redis: RedisServer) -> None:
+async def test_stats_shows_the_healthy_topics_and_names_an_unreadable_one(
+    store: RedisStore, redis: RedisServer
+) -> None:
     # Given a healthy topic, and a damaged registry entry (a string where a topic's group set belongs)
     await fill(store, "orders", 2)
     redis.cli("SET", "mq:{broken}:groups", "not a set")

@@ -7,6 +7,7 @@ WRONGTYPE or a script error; it does not count against the breaker). Every call 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import time
@@ -65,6 +66,7 @@ class ClaimRequest:
     lease_ms: int
     consumer: str
     result: list[Delivery] | BrokerError | None = None
+    tag: str = ""  # set when the call is built: the receipt prefix of this claim
 
 
 class NackOutcome(StrEnum):
@@ -147,6 +149,7 @@ class RedisStore:
         self._known_topics: set[str] = set()
         self._strict_groups = frozenset(settings.delivery.strict_order_groups)
         self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
+        self._claim_seq = itertools.count()
         self._error_counts: dict[str, int] = {}
         self.refused_at: float | None = None  # time.monotonic() of the last write Redis refused (for /readyz)
         self.refusal = ""
@@ -266,10 +269,12 @@ class RedisStore:
             calls.append((script, [k.groups], args))
         calls += [self._claim_call(c, now) for c in claims]
         try:
-            replies = await self._run(lambda: self._eval_many(calls), "publish")
-        except BrokerError:  # unreachable, or refused: a claim may have run with its reply lost
+            # with claims, a refusal (a full Redis refusing the publish) must not discard the replies of claims
+            # that did run: each reply is handled on its own below
+            replies = await self._run(lambda: self._eval_many(calls, keep_refusals=bool(claims)), "publish")
+        except UnavailableError:  # the claims may have run with their replies lost
             for c in claims:
-                self._uncertain_claims.append((c.topic, c.group, c.consumer, f"{now}-", now + c.lease_ms))
+                self._uncertain(c, now)
             raise
         for c, flat in zip(claims, replies[len(by_topic) :], strict=True):
             if isinstance(flat, Exception):
@@ -287,11 +292,14 @@ class RedisStore:
                 out[i] = PublishResult(str(flat[3 * j]), bool(int(flat[3 * j + 1])), int(flat[3 * j + 2]))
         return out
 
-    async def _eval_many(self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+    async def _eval_many(
+        self, calls: Sequence[tuple[AsyncScript, list[str], list[Any]]], keep_refusals: bool = False
+    ) -> list[Any]:
         """Run scripts in one pipeline by SHA. redis-py's own script pipelining sends SCRIPT EXISTS first on every
         execute (a second round trip); instead, only calls answered NOSCRIPT (they did not run) are loaded and
-        re-sent. Error replies come back as exception values, in place."""
-        if len(calls) == 1:  # one call: a plain EVALSHA costs a fraction of a pipeline's client-side work
+        re-sent. Error replies come back as exception values, in place; a refusal (OOM, READONLY...) fails the
+        whole call unless ``keep_refusals`` (the caller then handles each reply, e.g. claims that did run)."""
+        if len(calls) == 1 and not keep_refusals:  # a plain EVALSHA costs a fraction of a pipeline's client work
             return [await self._eval_one(*calls[0])]
         async with self.redis.pipeline(transaction=False) as p:
             for script, keys, args in calls:
@@ -309,7 +317,7 @@ class RedisStore:
                     res[i] = r
         for r in res:  # an outage reaches the breaker as an exception; a refusal fails the call (not the breaker)
             if isinstance(r, RedisConnectionError | RedisTimeoutError) or (
-                isinstance(r, ResponseError) and is_refusal(r)
+                not keep_refusals and isinstance(r, ResponseError) and is_refusal(r)
             ):
                 raise r
         return res
@@ -339,29 +347,38 @@ class RedisStore:
             log.error("redis_error_reply", op=what, error=str(error), count=n)
 
     def _translate_reply_error(self, exc: Exception, what: str) -> BrokerError:
-        self._log_bounded("redis_error_reply", what, exc)
         if isinstance(exc, ResponseError) and is_refusal(exc):
+            self.refused_at, self.refusal = time.monotonic(), str(exc)  # for /readyz, as in _run
+            self._log_bounded("redis_write_refused", what, exc)
             return StoreRefusedError(f"redis refused {what}: {exc}", retry_after_ms=1_000)
+        self._log_bounded("redis_error_reply", what, exc)
         return BrokerError(f"redis error reply during {what}: {exc}")
 
     # ---- deliveries ----------------------------------------------------------------------------------------
 
     async def claim(self, topic: str, group: str, n: int, lease_ms: int, consumer: str) -> list[Delivery]:
         now = now_ms()
-        script, keys, args = self._claim_call(ClaimRequest(topic, group, n, lease_ms, consumer), now)
+        req = ClaimRequest(topic, group, n, lease_ms, consumer)
+        script, keys, args = self._claim_call(req, now)
         try:
             flat = await self._run(script_call(script, keys, args), "claim")
         except UnavailableError:
             # The script may have run with its reply lost: remember the claim, give its leases back later.
-            self._uncertain_claims.append((topic, group, consumer, f"{now}-", now + lease_ms))
+            self._uncertain(req, now)
             raise
         return self._deliveries(topic, group, flat, now + lease_ms)
 
     def _claim_call(self, c: ClaimRequest, now: int) -> tuple[AsyncScript, list[str], list[Any]]:
         k = self.keys(c.topic)
         g = k.group(c.group)
-        args = [k.base, c.group, c.n, now, c.lease_ms, c.consumer, self.node_id, self._strict(c.topic, c.group)]
+        c.tag = f"{now}.{next(self._claim_seq)}"
+        args = [k.base, c.group, c.n, now, c.lease_ms, c.consumer, self.node_id, self._strict(c.topic, c.group), c.tag]
         return self._scripts["claim"], [g.ready, g.leased], args
+
+    def _uncertain(self, c: ClaimRequest, now: int) -> None:
+        """A claim whose reply was lost: ``reconcile_claims`` gives its leases back (found by consumer, claim tag
+        and deadline: only that claim's deliveries match)."""
+        self._uncertain_claims.append((c.topic, c.group, c.consumer, f"{c.tag}-", now + c.lease_ms))
 
     def _deliveries(self, topic: str, group: str, flat: list[Any], deadline: int) -> list[Delivery]:
         """claim.lua's flat reply (7 fields per message) as deliveries; an id whose body is gone is reported."""

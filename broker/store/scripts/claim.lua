@@ -4,6 +4,8 @@
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease_ms, ARGV[6] consumer, ARGV[7] node,
 -- ARGV[8]  strict order (1|0): at most one lease in the whole group, and a head whose retry is not due yet
 --          (delivery field not_before) holds the queue
+-- ARGV[9]  claim tag "<now>.<n>", unique per claim call of a node: receipts are "<tag>-<claim seq>", so the
+--          deliveries of one claim can be found again (unclaim.lua) and no two claims share a receipt prefix
 -- Returns  flat array, 7 per message: id, payload|false, headers, published_at, key, attempt, receipt
 --          (payload false: the queue held an id whose body is gone; it is dropped and reported by the caller)
 local base, group, n, now, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -26,7 +28,7 @@ for _, id in ipairs(ids) do
     local dkey = gb .. 'dlv:' .. id
     local attempt = redis.call('HINCRBY', dkey, 'attempts', 1)
     local seq = redis.call('HINCRBY', dkey, 'claims', 1)
-    local receipt = ARGV[4] .. '-' .. seq
+    local receipt = ARGV[9] .. '-' .. seq
     redis.call('HSET', dkey, 'receipt', receipt, 'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline)
     redis.call('HDEL', dkey, 'not_before')
     redis.call('ZADD', KEYS[2], deadline, id)

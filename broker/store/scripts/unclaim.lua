@@ -2,7 +2,7 @@
 -- to Redis broke after the script ran). They were never handed to a consumer: back to the head of the queue with
 -- the attempt not counted, so a Redis outage burns no attempts. Idempotent: a second run finds nothing.
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased
--- ARGV[1] base, ARGV[2] group, ARGV[3] consumer, ARGV[4] receipt prefix ("<claim now>-"), ARGV[5] lease deadline
+-- ARGV[1] base, ARGV[2] group, ARGV[3] consumer, ARGV[4] receipt prefix ("<claim tag>-"), ARGV[5] lease deadline
 -- Returns number of deliveries given back
 local gb = ARGV[1] .. 'g:' .. ARGV[2] .. ':'
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[5], ARGV[5])
