@@ -31,7 +31,7 @@ class Principal:
 
     # topic -> (may publish, may subscribe): every publish checks its topic, and pattern matching costs more than
     # the rest of the permission path. Bounded: cleared when it reaches _CACHE_MAX topics.
-    _cache: dict[str, tuple[bool, bool]] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[str, tuple[bool, bool]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def _allowed(self, topic: str) -> tuple[bool, bool]:
         got = self._cache.get(topic)

@@ -45,7 +45,7 @@ TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
     # per-key ordering: a keyed message waits behind the earlier ones of its key; it goes live when the one ahead
     # is acked or dead-lettered (ready, or retry_wait while its publish delay runs)
     (None, State.KEY_WAIT): ("publish",),
-    (State.KEY_WAIT, State.READY): ("ack", "nack", "expire"),
+    (State.KEY_WAIT, State.READY): ("ack", "nack", "expire", "repair_key"),  # repair_key: diagnose --repair
     (State.DEAD, State.KEY_WAIT): ("reprocess",),
     (State.DEAD, State.EXPIRED): ("prune_dead",),  # Redis expires the hash (TTL); the script drops the index entry
     (State.DEAD, None): ("purge_dead",),  # deleted by an operator

@@ -63,9 +63,10 @@ class Recovery:
             self._pairs = await self.store.all_pairs(self._broken)
             self._pairs_at = now
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
+        failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
         for i in range(0, len(self._pairs), 100):
             chunk = self._pairs[i : i + 100]
-            results = await self.store.sweep(chunk, dead_nodes=dead_nodes)
+            results = await self.store.sweep(chunk, dead_nodes=dead_nodes, failed=failed)
             for (topic, group), (retry, dead, promoted) in zip(chunk, results, strict=True):
                 if retry or dead:
                     metrics.lease_expired.labels(topic, group, "retry").inc(retry)
@@ -75,14 +76,15 @@ class Recovery:
                     metrics.promoted.labels(topic, group).inc(promoted)
                 if promoted or dead:  # a dead-lettered message may let the next one of its ordering key go live
                     self.dispatch.wake(topic, group)
-        if dead_nodes and not self._broken:
+        if dead_nodes and not self._broken and not failed:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))
-        if self._broken:  # the other topics were swept; these cannot be until someone repairs them: say so
-            raise DegradedError(f"{len(self._broken)} topic(s) unreadable, not swept: {'; '.join(self._broken[:3])}")
+        problems = self._broken + failed
+        if problems:  # everything else was swept; these cannot be until someone repairs them: say so
+            raise DegradedError(f"{len(problems)} topic(s)/group(s) not swept: {'; '.join(problems[:3])}")
 
     async def gauges_once(self) -> None:
-        pairs = await self.store.all_pairs()
+        pairs = await self.store.all_pairs([])  # an unreadable topic is the sweep's to report
         for i in range(0, len(pairs), 200):
             for d in await self.store.depths(pairs[i : i + 200]):
                 for state, n in (("ready", d.ready), ("leased", d.leased), ("delayed", d.delayed), ("dead", d.dead)):
@@ -92,7 +94,7 @@ class Recovery:
         await self.store.heartbeat(self.status() if self.status is not None else None)
 
     async def prune_once(self) -> None:
-        pairs = await self.store.all_pairs()
+        pairs = await self.store.all_pairs([])  # an unreadable topic is the sweep's to report
         for i in range(0, len(pairs), 100):
             n = await self.dead_letters.prune(pairs[i : i + 100])
             if n:

@@ -206,3 +206,27 @@ async def test_lease_expiry_uses_the_message_policy(store_factory: StoreFactory)
     await asyncio.sleep(0.05)
     # When its only lease expires, Then it is dead-lettered at once (not retried up to the default 5)
     assert await store.sweep([(T, "g")]) == [(0, 1, 0)]
+
+
+async def test_key_repair_never_queues_a_live_head_twice(store: RedisStore) -> None:
+    from broker.store.redis_store import load_script
+
+    await store.ensure_group(T, "g")
+    await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"')])
+    k = store.keys(T)
+    g = k.group("g")
+    repair = store.redis.register_script(load_script("repair_key"))
+
+    async def run(mode: str) -> int:
+        return int(await repair(keys=[g.key_line("a"), g.ready, g.leased, g.delayed], args=[k.base, "g", 0, mode]))
+
+    # Given a healthy line (its head a1 is ready, then leased): the repair finds nothing and changes nothing
+    assert await run("repair") == 0
+    (a1,) = await claim(store)
+    assert await run("repair") == 0
+    assert await store.redis.llen(g.ready) == 0
+    # When the head's lease entry is lost (damage), Then check reports it without changing anything, repair fixes it
+    await store.redis.zrem(g.leased, a1.id)
+    assert await run("check") == 1 and await store.redis.llen(g.ready) == 0
+    assert await run("repair") == 1 and await store.redis.lrange(g.ready, 0, -1) == [a1.id]
+    assert await run("repair") == 0  # and a second run does not queue it again

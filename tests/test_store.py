@@ -753,3 +753,21 @@ async def test_a_refused_publish_keeps_the_deliveries_of_claims_that_ran(store_f
     assert isinstance(claim.result, list) and [d.payload for d in claim.result] == ['"waiting"']
     assert store.refused_at is not None
     assert await store.reconcile_claims() == 0  # nothing was uncertain
+
+
+async def test_a_damaged_group_does_not_stop_the_sweep_of_the_others(store: RedisStore) -> None:
+    # Given two groups with an expired lease each, and one group's delayed set damaged (a string: WRONGTYPE)
+    await store.ensure_group(T, "g1")
+    await store.ensure_group(T, "g2")
+    await publish(store, '"a"')
+    await store.claim(T, "g1", 1, 1, "c1")
+    await store.claim(T, "g2", 1, 1, "c2")
+    await store.redis.set(store.keys(T).group("g1").delayed, "damaged")
+    await asyncio.sleep(0.01)
+    # When swept with a list for failures, Then g2 is swept and g1 is named with its error
+    failed: list[str] = []
+    assert await store.sweep([(T, "g1"), (T, "g2")], failed=failed) == [(0, 0, 0), (1, 0, 0)]
+    assert len(failed) == 1 and failed[0].startswith(f"{T}/g1: ") and "WRONGTYPE" in failed[0]
+    # And without the list the call fails as before (the caller asked for all or nothing)
+    with pytest.raises(BrokerError):
+        await store.sweep([(T, "g1")])

@@ -64,3 +64,19 @@ async def test_concurrent_groups_are_unaffected(store_factory: StoreFactory) -> 
     await store.publish_many([PublishRequest(T, str(i)) for i in range(5)])
     # A group not listed as strict still takes a batch
     assert len(await store.claim(T, "other", 10, 30_000, "c1")) == 5
+
+
+async def test_ordering_keys_do_not_reorder_a_strict_group(store_factory: StoreFactory) -> None:
+    # Given a strict-order group, two messages of key A and then an unkeyed one
+    store = await store_factory(strict_settings())
+    await store.ensure_group(T, "g")
+    await store.publish_many([PublishRequest(T, "k1", key="A"), PublishRequest(T, "k2", key="A")])
+    await store.publish_many([PublishRequest(T, "m3")])
+    # When each is acked in turn, Then they come in publish order (the key does not send k2 behind m3)
+    seen = []
+    for _ in range(3):
+        (d,) = await store.claim(T, "g", 10, 30_000, "c1")
+        seen.append(d.payload)
+        assert await store.ack_many(T, "g", [AckItem(d.id, d.receipt)]) == [True]
+    assert seen == ["k1", "k2", "m3"]
+    assert not [k async for k in store.redis.scan_iter(match=f"{store.prefix}:*key:*")]

@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import WatchError
-
 from ..model import now_ms
 from .dlq import DeadLetters
 from .inspect import persistence_warnings
 from .keys import SCHEMA_VERSION, nodes_key, schema_key
-from .redis_store import RedisStore
+from .redis_store import RedisStore, load_script
 
 SCAN_LIMIT = 100_000  # most ids looked at per queue; bounded so diagnose never stalls a big Redis
 STALE_GRACE_MS = 5_000  # a lease this far past its deadline means no broker is sweeping
@@ -202,19 +200,28 @@ async def _check_key_lines(
     store: RedisStore, topic: str, group: str, live: set[str], repair: bool, out: list[Finding]
 ) -> list[str]:
     """Per-key ordering lines of one group: their head must be live (ready, delayed or leased), else the key is
-    stuck forever. Returns every id waiting in a line (they are referenced, not orphans)."""
+    stuck forever. The scan here only finds candidates (its reads are not one snapshot, and ``live`` is capped);
+    each candidate is checked, and with ``repair`` repaired, by one atomic script (``repair_key.lua``). Returns
+    every id waiting in a line (they are referenced, not orphans)."""
     r = store.redis
-    g = store.keys(topic).group(group)
+    k = store.keys(topic)
+    g = k.group(group)
     prefix = g.key_line("")
     waiting: list[str] = []
-    stuck: list[tuple[str, str]] = []  # (line key, head id)
+    candidates: list[str] = []  # line keys whose head looked not live
     async for line in r.scan_iter(match=prefix + "*", count=1000):
         members = [str(x) for x in await r.lrange(line, 0, SCAN_LIMIT - 1)]
         waiting += members
         if members and members[0] not in live:
-            stuck.append((str(line), members[0]))
+            candidates.append(str(line))
         if len(waiting) >= SCAN_LIMIT:
             break
+    script = r.register_script(load_script("repair_key"))
+    mode = "repair" if repair else "check"
+    stuck = []
+    for line in candidates:
+        if await script(keys=[line, g.ready, g.leased, g.delayed], args=[k.base, group, now_ms(), mode]):
+            stuck.append(line)
     if stuck:
         f = Finding(
             "error",
@@ -222,22 +229,9 @@ async def _check_key_lines(
             f"{topic}/{group}: {len(stuck)} ordering key(s) whose first message is neither ready, leased nor "
             "waiting for a retry: nothing of these keys will be delivered again",
             "--repair puts each first message back at the tail of the ready queue",
-            details={"keys": [line[len(prefix) :] for line, _ in stuck[:20]]},
+            details={"keys": [line[len(prefix) :] for line in stuck[:20]]},
         )
         if repair:
-            fixed = 0
-            for line, head in stuck:
-                async with r.pipeline(transaction=True) as p:
-                    await p.watch(line)  # optimistic: a broker that moves the line meanwhile wins, we skip it
-                    if await p.lindex(line, 0) != head:
-                        continue  # leaving the block resets the pipeline (and the WATCH)
-                    p.multi()  # type: ignore[no-untyped-call]
-                    p.rpush(g.ready, head)
-                    try:
-                        await p.execute()
-                        fixed += 1
-                    except WatchError:
-                        continue
-            f.repaired = f"made {fixed} key line head(s) ready again"
+            f.repaired = f"made {len(stuck)} key line head(s) ready again"
         out.append(f)
     return waiting

@@ -148,6 +148,10 @@ class RedisStore:
         self._scripts = {name: client.register_script(load_script(name)) for name in self.SCRIPTS}
         self._known_topics: set[str] = set()
         self._strict_groups = frozenset(settings.delivery.strict_order_groups)
+        self._strict_of: dict[str, tuple[str, ...]] = {}  # topic -> its strict-order groups
+        for entry in sorted(self._strict_groups):
+            t, g = entry.split("/", 1)
+            self._strict_of[t] = (*self._strict_of.get(t, ()), g)
         self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
         self._claim_seq = itertools.count()
         self._error_counts: dict[str, int] = {}
@@ -266,6 +270,8 @@ class RedisStore:
                 r = reqs[i]
                 args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
                 args += [r.max_attempts or "", r.backoff_base_ms or ""]
+            strict = self._strict_of.get(topic, ())
+            args += [len(strict), *strict]
             calls.append((script, [k.groups], args))
         calls += [self._claim_call(c, now) for c in claims]
         try:
@@ -478,10 +484,16 @@ class RedisStore:
     # ---- recovery ------------------------------------------------------------------------------------------
 
     async def sweep(
-        self, pairs: Sequence[tuple[str, str]], limit: int = 500, dead_nodes: Sequence[str] = ()
+        self,
+        pairs: Sequence[tuple[str, str]],
+        limit: int = 500,
+        dead_nodes: Sequence[str] = (),
+        failed: list[str] | None = None,
     ) -> list[tuple[int, int, int]]:
         """Expire due leases (and every lease held by one of ``dead_nodes``) and promote due retries for many
-        (topic, group) pairs in one pipeline. Returns per pair (expired->retry, expired->dead, promoted)."""
+        (topic, group) pairs in one pipeline. Returns per pair (expired->retry, expired->dead, promoted).
+        A pair whose scripts fail (an error reply, e.g. WRONGTYPE on a damaged key) fails the call, unless
+        ``failed`` is given: then it counts (0, 0, 0) and "topic/group: error" is appended there."""
         if not pairs:
             return []
         r = self.settings.retry
@@ -500,13 +512,21 @@ class RedisStore:
 
         async def go() -> list[Any]:
             res = await self._eval_many(calls)
-            for x in res:
-                if isinstance(x, Exception):
-                    raise x
+            if failed is None:
+                for x in res:
+                    if isinstance(x, Exception):
+                        raise x
             return res
 
         res = await self._run(go, "sweep")
         for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):
+            bad = next((x for x in (res[i], res[i + 1]) if isinstance(x, Exception)), None)
+            if bad is not None:
+                assert failed is not None
+                self._log_bounded("redis_error_reply", "sweep", bad)
+                failed.append(f"{topic}/{group}: {bad}")
+                res[i], res[i + 1] = (0, 0, 0), 0
+                continue
             if int(res[i][2]):
                 log.warning(
                     "orphaned_leases_recovered",

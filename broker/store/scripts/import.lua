@@ -21,6 +21,12 @@
 -- Returns one verdict per op: "imported" | "present" (this Redis holds it) | "ledger" (imported before);
 --         a dry run returns what a real run would.
 
+
+local base, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local dry = ARGV[4] == '1'
+local groups, ledger = KEYS[1], KEYS[2]
+local cutoff = now - ttl
+
 -- Per-key ordering (a message with a body field `key`): it joins the end of its key's line in the group (key_join
 -- in _lib.lua); only the head of a line is queued (ready, or delayed when due > 0), the others wait in the line
 -- until the ids before them are finished (KEY_WAIT).
@@ -29,15 +35,10 @@ local function enqueue_keyed(gb, key, id, due)
   if due > 0 then
     redis.call('ZADD', gb .. 'delayed', due, id)
   else
-    redis.call('RPUSH', gb .. 'ready', id)
+    make_live(base, gb, id, now)  -- a keyed publish delay (body field deliver_at) still holds it
   end
   return true
 end
-
-local base, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local dry = ARGV[4] == '1'
-local groups, ledger = KEYS[1], KEYS[2]
-local cutoff = now - ttl
 
 local function in_ledger(member)
   local at = redis.call('ZSCORE', ledger, member)

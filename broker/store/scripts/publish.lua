@@ -8,6 +8,8 @@
 -- ARGV[4]  policy when the topic has no group: "default" (create group default) | "reject"
 -- ARGV[5]  N, then N x 8 args: id, payload, headers, idempotency_key|"", delay_ms, key|"", max_attempts|"",
 --          backoff_base_ms|""   (the last two: the message's own retry policy, validated by the caller)
+-- then     S, then S names: the topic's strict-order groups. There a key adds nothing (one message of the whole
+--          group is in flight, in publish order) and a key line would reorder: keyed messages queue like others.
 -- Returns  flat array, 3 per message: id, duplicate (0|1), groups stored in (-1: rejected, no group)
 local base, now, ttl, policy_, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local W = 8
@@ -24,6 +26,9 @@ if #groups == 0 then
     return out
   end
 end
+local strict = {}
+local s0 = 6 + n * W
+for j = 1, tonumber(ARGV[s0] or '0') do strict[ARGV[s0 + j]] = true end
 local ready = {}          -- unkeyed, undelayed ids: the same for every group
 local keyed = {}          -- group -> ids made live (ready) through their key line, in order
 for _, g in ipairs(groups) do keyed[g] = {} end
@@ -49,7 +54,7 @@ for i = 0, n - 1 do
       if delay > 0 then redis.call('HSET', bkey, 'deliver_at', now + delay) end
       for _, g in ipairs(groups) do
         local gb = base .. 'g:' .. g .. ':'
-        if key_join(gb, key, id) then
+        if strict[g] or key_join(gb, key, id) then
           if delay > 0 then
             redis.call('ZADD', gb .. 'delayed', now + delay, id)
           else
