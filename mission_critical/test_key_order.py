@@ -50,6 +50,10 @@ async def test_per_key_order_with_competing_consumers_on_two_nodes(redis: RedisS
                 seq = int(m.payload["seq"])
                 if busy.get(m.key) not in (None, name):
                     overlaps.append(f"{m.key}: {name} got #{seq} while {busy[m.key]} is processing")
+                # and not two of one key held by this consumer either (prefetch 20: the rest wait in its queue)
+                waiting = [x for x in list(sub.queue._queue) if x.key == m.key]
+                if waiting:
+                    overlaps.append(f"{m.key}: {name} holds #{seq} and #{waiting[0].payload['seq']} at once")
                 busy[m.key] = name
                 delivered[m.key].append(seq)
                 await asyncio.sleep(rng.uniform(0, 0.002))  # "processing"
