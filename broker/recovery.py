@@ -53,6 +53,9 @@ class Recovery:
         sup.periodic("heartbeat", self.heartbeat_once, HEARTBEAT_S, backoff_cap_s=self.node_timeout_ms / 4000)
         sup.periodic("dlq_prune", self.prune_once, self.prune_interval)
         sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
+        wakes = sup.loop("wake_listener", 1.0)
+        running = lambda: not sup.stopping.is_set()  # noqa: E731
+        sup.run(wakes, lambda: self.store.listen_wakes(self.dispatch.wake, wakes.beat, running), running)
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():

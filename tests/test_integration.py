@@ -183,6 +183,23 @@ async def test_two_brokers_share_one_group(redis: RedisServer) -> None:
         assert min(counts) > 0, counts
 
 
+async def test_a_publish_on_another_node_wakes_this_nodes_consumers(redis: RedisServer) -> None:
+    # Given two brokers that would otherwise only look for work every 30 s, and a consumer on the second
+    redis.cli("FLUSHALL")
+    slow = {"BROKER_DELIVERY_POLL_INTERVAL_MS": "30000"}
+    with BrokerProcess(redis.url, env=slow) as b1, BrokerProcess(redis.url, env=slow) as b2:
+        async with BrokerClient(b1.url) as pub, BrokerClient(b2.url) as con:
+            sub = await con.subscribe("elsewhere", "g", prefetch=10)
+            await asyncio.sleep(1.5)  # the second node's wake-up listener is subscribed (it beats every second)
+            # When messages are published through the first node, one by one
+            for i in range(5):
+                await pub.publish("elsewhere", i)
+                # Then each reaches the consumer on the second node long before its 30 s poll (Pub/Sub wake-up)
+                m = await sub.get(timeout=10)
+                assert m.payload == i
+                await m.ack(wait=True)
+
+
 async def test_idempotent_publish(client: BrokerClient, redis: RedisServer) -> None:
     # Given a message published with an idempotency key
     first = await client.publish("pay", {"amount": 5}, idempotency_key="order-17")

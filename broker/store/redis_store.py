@@ -7,6 +7,7 @@ WRONGTYPE or a script error; it does not count against the breaker). Every call 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import re
@@ -271,7 +272,7 @@ class RedisStore:
                 args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
                 args += [r.max_attempts or "", r.backoff_base_ms or ""]
             strict = self._strict_of.get(topic, ())
-            args += [len(strict), *strict]
+            args += [len(strict), *strict, self.node_id]
             calls.append((script, [k.groups], args))
         calls += [self._claim_call(c, now) for c in claims]
         try:
@@ -536,6 +537,31 @@ class RedisStore:
                     dead_nodes=list(dead_nodes),
                 )
         return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
+
+    async def listen_wakes(
+        self, on_topic: Callable[[str], None], beat: Callable[[], None], should_run: Callable[[], bool]
+    ) -> None:
+        """Wake-up notes of every topic (Pub/Sub ``<prefix>:{<topic>}:wake``, published by the scripts that make
+        messages claimable), so this node claims at once what another node published, promoted or unblocked,
+        rather than at its next poll. Notes this node's own publishes sent are skipped (it woke itself already).
+        Runs until ``should_run()`` is false; a lost connection raises ``UnavailableError`` (the caller's loop
+        restarts it). Best effort by design: a missed note costs at most one poll interval."""
+        pattern = f"{self.prefix}:{{*}}:wake"
+        head, tail = len(self.prefix) + 2, -len("}:wake")
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(pattern)
+            while should_run():
+                beat()
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None or msg.get("type") != "pmessage" or msg.get("data") == self.node_id:
+                    continue
+                on_topic(str(msg["channel"])[head:tail])
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            raise UnavailableError(f"redis unreachable (wake-up listener): {e}", retry_after_ms=1_000) from None
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def dead_nodes(self, timeout_ms: int) -> list[str]:
         """Nodes whose last heartbeat is older than ``timeout_ms`` (never this node)."""

@@ -10,6 +10,7 @@
 --          backoff_base_ms|""   (the last two: the message's own retry policy, validated by the caller)
 -- then     S, then S names: the topic's strict-order groups. There a key adds nothing (one message of the whole
 --          group is in flight, in publish order) and a key line would reorder: keyed messages queue like others.
+-- then     the publishing node's id: the payload of the wake-up note, so that node can skip its own notes
 -- Returns  flat array, 3 per message: id, duplicate (0|1), groups stored in (-1: rejected, no group)
 local base, now, ttl, policy_, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local W = 8
@@ -28,7 +29,9 @@ if #groups == 0 then
 end
 local strict = {}
 local s0 = 6 + n * W
-for j = 1, tonumber(ARGV[s0] or '0') do strict[ARGV[s0 + j]] = true end
+local ns = tonumber(ARGV[s0] or '0')
+for j = 1, ns do strict[ARGV[s0 + j]] = true end
+local origin = ARGV[s0 + ns + 1] or 'p'
 local ready = {}          -- unkeyed, undelayed ids: the same for every group
 local keyed = {}          -- group -> ids made live (ready) through their key line, in order
 for _, g in ipairs(groups) do keyed[g] = {} end
@@ -84,5 +87,5 @@ elseif #ready > 0 or any_keyed then
     call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', live)
   end
 end
-if #ready > 0 or any_keyed then redis.call('PUBLISH', base .. 'wake', 'p') end
+if #ready > 0 or any_keyed then redis.call('PUBLISH', base .. 'wake', origin) end
 return out
