@@ -144,11 +144,7 @@ class Broker:
         try:
             res = await self.store.publish_many(reqs, [c for _, _, c in claims])
         finally:
-            self.dispatch.eager_done(claims)
-        eager = {(gd.topic, gd.group) for gd, _, _ in claims}
-        for (topic, group), gd in self.dispatch.dispatchers.items():
-            if topic in topics and (topic, group) not in eager:
-                gd.wake.set()
+            self.dispatch.published(topics, claims)
         confirmed: dict[str, int] = {}  # per topic: confirmed publishes (duplicates included), one metric step each
         for r, out in zip(reqs, res, strict=True):
             if isinstance(out, PublishResult) and out.groups >= 0:

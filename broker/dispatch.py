@@ -210,7 +210,6 @@ class Dispatch:
         self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
-        self._strict = frozenset(settings.delivery.strict_order_groups)
         # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
         self.counts: dict[str, dict[str, int]] = {}
 
@@ -268,6 +267,16 @@ class Dispatch:
             self.eager_done(out)  # never leave a group waiting for a claim that will not be made
             raise
         return out
+
+    def published(self, topics: set[str], claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
+        """After a publish flush: hand over what its riding claims got, and wake the other groups of its topics."""
+        try:
+            self.eager_done(claims)
+        finally:
+            riding = {id(gd) for gd, _, _ in claims}
+            for (topic, _), gd in self.dispatchers.items():
+                if topic in topics and id(gd) not in riding:
+                    gd.wake.set()
 
     def eager_done(self, claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
         """Hand over what the claims riding on a publish got, and let their groups' loops claim again (at once
@@ -337,7 +346,7 @@ class Dispatch:
         n = sum(1 for r in res if r)
         metrics.child(metrics.acked, *key).inc(n)
         self.count(f"{key[0]}/{key[1]}", "acked", n)
-        if AckOutcome.ACKED_NEXT_LIVE in res or (n and f"{key[0]}/{key[1]}" in self._strict):
+        if AckOutcome.ACKED_NEXT_LIVE in res or (n and self.store.is_strict(*key)):
             self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
         return [bool(r) for r in res]
 

@@ -216,9 +216,11 @@ async def _check_key_lines(
             candidates.append(str(line))
         if len(waiting) >= SCAN_LIMIT:
             break
-    script = r.register_script(load_script("repair_key"))
+    if not candidates:
+        return waiting
     mode = "repair" if repair else "check"
     stuck = []
+    script = r.register_script(load_script("repair_key"))
     for line in candidates:
         if await script(keys=[line, g.ready, g.leased, g.delayed], args=[k.base, group, now_ms(), mode]):
             stuck.append(line)

@@ -160,8 +160,11 @@ class RedisStore:
         self.refusal = ""
         self._rng = random.Random()
 
+    def is_strict(self, topic: str, group: str) -> bool:
+        return f"{topic}/{group}" in self._strict_groups
+
     def _strict(self, topic: str, group: str) -> str:
-        return "1" if f"{topic}/{group}" in self._strict_groups else "0"
+        return "1" if self.is_strict(topic, group) else "0"
 
     def keys(self, topic: str) -> TopicKeys:
         return TopicKeys(self.prefix, topic)
@@ -332,11 +335,7 @@ class RedisStore:
     async def _eval_one(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """``_eval_many`` for one call: an error reply comes back as a value, an outage or refusal raises."""
         try:
-            try:
-                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await self.redis.script_load(script.script)
-                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            return await script(keys=keys, args=args)  # EVALSHA, loading the script on NOSCRIPT
         except ResponseError as e:
             if is_refusal(e):
                 raise

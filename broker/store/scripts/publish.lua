@@ -32,10 +32,9 @@ local s0 = 6 + n * W
 local ns = tonumber(ARGV[s0] or '0')
 for j = 1, ns do strict[ARGV[s0 + j]] = true end
 local origin = ARGV[s0 + ns + 1] or 'p'
-local ready = {}          -- unkeyed, undelayed ids: the same for every group
-local keyed = {}          -- group -> ids made live (ready) through their key line, in order
-for _, g in ipairs(groups) do keyed[g] = {} end
-local any_keyed = false
+local ready = {}          -- group -> ids that go live now, in publish order
+for _, g in ipairs(groups) do ready[g] = {} end
+local live = false
 for i = 0, n - 1 do
   local o = 6 + i * W
   local id, payload, headers, idem, delay, key = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3], tonumber(ARGV[o+4]), ARGV[o+5]
@@ -61,31 +60,21 @@ for i = 0, n - 1 do
           if delay > 0 then
             redis.call('ZADD', gb .. 'delayed', now + delay, id)
           else
-            local l = keyed[g]; l[#l + 1] = id; any_keyed = true
+            local l = ready[g]; l[#l + 1] = id; live = true
           end
         end
       end
     elseif delay > 0 then
       for _, g in ipairs(groups) do redis.call('ZADD', base .. 'g:' .. g .. ':delayed', now + delay, id) end
     else
-      ready[#ready + 1] = id
+      for _, g in ipairs(groups) do local l = ready[g]; l[#l + 1] = id end
+      live = true
     end
     out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = #groups
   end
 end
-if #ready > 0 and not any_keyed then
-  for _, g in ipairs(groups) do call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', ready) end
-elseif #ready > 0 or any_keyed then
-  -- keyed and unkeyed messages mixed in one batch: keep publish order per group
-  local pos = {}
-  for i = 0, n - 1 do pos[ARGV[6 + i * W]] = i end
-  for _, g in ipairs(groups) do
-    local live = {}
-    for _, id in ipairs(ready) do live[#live + 1] = id end
-    for _, id in ipairs(keyed[g]) do live[#live + 1] = id end
-    table.sort(live, function(a, b) return pos[a] < pos[b] end)
-    call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', live)
-  end
+for _, g in ipairs(groups) do
+  if #ready[g] > 0 then call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', ready[g]) end
 end
-if #ready > 0 or any_keyed then redis.call('PUBLISH', base .. 'wake', origin) end
+if live then redis.call('PUBLISH', base .. 'wake', origin) end
 return out
