@@ -157,14 +157,15 @@ class RedisServer:
         self.start()
 
     def cli(self, *args: str, timeout_s: float = 10.0) -> str:
-        """Run ``redis-cli -p PORT ARGS...`` and return its stdout (stripped of the trailing newline)."""
+        """Run ``redis-cli -p PORT ARGS...`` and return its stdout without its final newline (an empty last value
+        of a reply, e.g. a hash field holding "", stays an empty last line)."""
         out = subprocess.run(
             ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
             capture_output=True,
             timeout=timeout_s,
             check=True,
         )
-        return out.stdout.decode(errors="replace").rstrip("\n")
+        return out.stdout.decode(errors="replace").removesuffix("\n")
 
     def close(self) -> None:
         self.kill()

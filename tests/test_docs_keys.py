@@ -132,7 +132,7 @@ def state(server: RedisServer) -> State:
 
 
 def lines(out: str) -> list[str]:
-    return out.splitlines()
+    return out.split("\n") if out else []  # not splitlines(): an empty last value is a line of its own
 
 
 def pairs(out: str) -> list[tuple[str, str]]:
@@ -152,8 +152,8 @@ def check_leased(out: str, st: State) -> None:
 
 def check_delivery(out: str, st: State) -> None:
     h = dict(pairs(out))
-    assert set(h) == {"attempts", "claims", "receipt", "consumer", "node", "leased_until"}
-    assert (h["attempts"], h["claims"], h["consumer"], h["node"]) == ("1", "1", CONSUMER, NODE)
+    assert set(h) == {"attempts", "claims", "receipt", "consumer", "node", "leased_until", "key"}
+    assert (h["attempts"], h["claims"], h["consumer"], h["node"], h["key"]) == ("1", "1", CONSUMER, NODE, "")
     assert h["receipt"] == st.receipt
     assert re.fullmatch(r"\d+\.\d+-1", h["receipt"]) and within(h["receipt"].split(".")[0], st.claimed)
     assert within(h["leased_until"], st.claimed, LEASE_MS)

@@ -11,6 +11,13 @@ local function call_chunked(cmd, key, list)
   end
 end
 
+-- DEL every key in list, in chunks (see call_chunked).
+local function del_all(list)
+  for s = 1, #list, 1000 do
+    redis.call('DEL', unpack(list, s, math.min(s + 999, #list)))
+  end
+end
+
 -- Drop one group's reference to a body; the body goes when the last group is done with it.
 local function release_body(base, id)
   local bkey = base .. 'msg:' .. id

@@ -13,14 +13,18 @@ local gb = base .. 'g:' .. group .. ':'
 local out = {}
 local woke = false
 local acked = 0
+local gone = {}           -- delivery hashes and bodies to delete: one DEL for the whole batch
 for i = 6, #ARGV, 2 do
   local id, receipt = ARGV[i], ARGV[i + 1]
   local dkey = gb .. 'dlv:' .. id
-  if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
-    redis.call('DEL', dkey)
-    local key = redis.call('HGET', base .. 'msg:' .. id, 'key')
-    local next_live = key and key_done(base, gb, key, id, now)
-    release_body(base, id)
+  local d = redis.call('HMGET', dkey, 'receipt', 'key')
+  if d[1] == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
+    gone[#gone + 1] = dkey
+    local key = d[2]
+    if not key then key = redis.call('HGET', base .. 'msg:' .. id, 'key') end  -- a lease from an older build
+    local next_live = key and key ~= '' and key_done(base, gb, key, id, now)
+    local bkey = base .. 'msg:' .. id
+    if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then gone[#gone + 1] = bkey end
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
     if next_live then
@@ -33,6 +37,7 @@ for i = 6, #ARGV, 2 do
     out[#out + 1] = 0
   end
 end
+del_all(gone)
 if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
 if audit > 0 and acked > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - audit_ttl * 1000)

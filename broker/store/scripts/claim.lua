@@ -22,16 +22,19 @@ local ids = redis.call('LPOP', KEYS[1], n)
 if not ids then return {} end
 local deadline = now + lease
 local out = {}
+local lease_args = {}     -- ZADD pairs (deadline, id): one call for the whole claim
 for _, id in ipairs(ids) do
   local b = redis.call('HMGET', base .. 'msg:' .. id, 'payload', 'headers', 'published_at', 'key')
   if b[1] then
     local dkey = gb .. 'dlv:' .. id
-    local attempt = redis.call('HINCRBY', dkey, 'attempts', 1)
-    local seq = redis.call('HINCRBY', dkey, 'claims', 1)
-    local receipt = ARGV[9] .. '-' .. seq
-    redis.call('HSET', dkey, 'receipt', receipt, 'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline)
-    redis.call('HDEL', dkey, 'not_before')
-    redis.call('ZADD', KEYS[2], deadline, id)
+    local d = redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before')
+    local attempt = (tonumber(d[1]) or 0) + 1
+    local receipt = ARGV[9] .. '-' .. ((tonumber(d[2]) or 0) + 1)
+    -- 'key' ('' for none) saves ack.lua a read of the body; older leases lack it and ack reads the body then
+    redis.call('HSET', dkey, 'attempts', attempt, 'claims', (tonumber(d[2]) or 0) + 1, 'receipt', receipt,
+      'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline, 'key', b[4] or '')
+    if d[3] then redis.call('HDEL', dkey, 'not_before') end
+    lease_args[#lease_args + 1] = deadline; lease_args[#lease_args + 1] = id
     out[#out + 1] = id; out[#out + 1] = b[1]; out[#out + 1] = b[2]; out[#out + 1] = b[3]
     out[#out + 1] = b[4] or ''; out[#out + 1] = attempt; out[#out + 1] = receipt
   else
@@ -39,4 +42,5 @@ for _, id in ipairs(ids) do
     out[#out + 1] = ''; out[#out + 1] = 0; out[#out + 1] = ''
   end
 end
+if #lease_args > 0 then call_chunked('ZADD', KEYS[2], lease_args) end
 return out
