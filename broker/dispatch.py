@@ -329,17 +329,28 @@ class Dispatch:
     # publish needs.
 
     def ack(self, consumer: Consumer, item: AckItem) -> asyncio.Future[bool]:
+        return self._ack_coalescer(consumer, [item]).submit(item)
+
+    def ack_many(self, consumer: Consumer, items: Sequence[AckItem]) -> asyncio.Future[list[bool | BaseException]]:
+        """Ack several deliveries of one consumer with one waiter (one ack frame): a result per item, in order."""
+        return self._ack_coalescer(consumer, items).submit_many(items)
+
+    def _ack_coalescer(self, consumer: Consumer, items: Sequence[AckItem]) -> Coalescer[AckItem, bool]:
+        """Take ``items`` out of the consumer's credit (waking its group if that frees credit it had used up)."""
         was_full = len(consumer.inflight) >= consumer.prefetch
-        held = consumer.inflight.pop(item.id, None)
-        if held is not None:
-            metrics.publish_to_ack.observe(max(0.0, (now_ms() - held[3]) / 1000))
+        now = now_ms()
+        observe = metrics.publish_to_ack.observe
+        for item in items:
+            held = consumer.inflight.pop(item.id, None)
+            if held is not None:
+                observe(max(0.0, (now - held[3]) / 1000))
         key = (consumer.topic, consumer.group)
         co = self._acks.get(key)
         if co is None:
             co = self._acks[key] = Coalescer(lambda items: self._ack_flush(key, items), 1000)
         if was_full:
             self._wake_key(key)
-        return co.submit(item)
+        return co
 
     async def _ack_flush(self, key: tuple[str, str], items: Sequence[AckItem]) -> list[bool]:
         res = await self.store.ack_many(key[0], key[1], items)

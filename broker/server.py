@@ -19,6 +19,7 @@ from . import metrics
 from .auth import ANONYMOUS, Authenticator, Principal, Refusal
 from .errors import ConfigError
 from .session import Session, new_conn_id
+from .wsconn import BrokerConnection
 
 if TYPE_CHECKING:
     from .app import Broker
@@ -68,6 +69,7 @@ class WsServer:
             open_timeout=s.handshake_timeout_s,
             ssl=tls,
             compression=None,
+            create_connection=BrokerConnection,
         )
 
     @property

@@ -336,34 +336,48 @@ class Session:
         )
 
     def _ack(self, req: protocol.Ack) -> None:
-        futs = []
-        ids = []
+        """One waiter per consumer of the frame (normally one), not one per item."""
+        held: dict[Consumer, list[AckItem]] = {}
         for it in req.items:
             c = self._find(it.id, it.receipt)
             if c is None:
                 self._stale("ack", req.ref, it.id)
                 continue
-            fut = self.broker.dispatch.ack(c, AckItem(it.id, it.receipt))
-            fut.add_done_callback(partial(self._acked, req.ref, it.id))
-            futs.append(fut)
-            ids.append(it.id)
-        if req.ref is not None and futs:
-            self._spawn(self._ack_reply(req.ref, futs, ids))
-
-    def _acked(self, ref: protocol.Ref, msg_id: str, fut: asyncio.Future[bool]) -> None:
-        if fut.cancelled():
+            held.setdefault(c, []).append(AckItem(it.id, it.receipt))
+        if not held:
             return
-        exc = fut.exception()
-        if exc is not None:
-            self._error(exc if isinstance(exc, BrokerError) else BrokerError(repr(exc)), ref, msg_id)
-        elif not fut.result():
-            self._stale("ack", ref, msg_id)
+        futs = [self.broker.dispatch.ack_many(c, items) for c, items in held.items()]
+        ids = [it.id for items in held.values() for it in items]
+        if len(futs) == 1:
+            futs[0].add_done_callback(partial(self._acked, req.ref, ids))
+        else:
+            self._spawn(self._acked_all(req.ref, futs, ids))
 
-    async def _ack_reply(self, ref: protocol.Ref, futs: list[asyncio.Future[bool]], ids: list[str]) -> None:
-        """``acked`` names the ids that were acked; each refused one already got its own error frame."""
-        done = await asyncio.gather(*futs, return_exceptions=True)
-        acked = [i for i, ok in zip(ids, done, strict=True) if ok is True]
-        if acked:
+    async def _acked_all(
+        self, ref: protocol.Ref, futs: list[asyncio.Future[list[bool | BaseException]]], ids: list[str]
+    ) -> None:
+        results: list[bool | BaseException] = []
+        for f in futs:
+            results += await f
+        self._ack_answer(ref, ids, results)
+
+    def _acked(self, ref: protocol.Ref, ids: list[str], fut: asyncio.Future[list[bool | BaseException]]) -> None:
+        if not fut.cancelled():
+            self._ack_answer(ref, ids, fut.result())
+
+    def _ack_answer(self, ref: protocol.Ref, ids: list[str], results: list[bool | BaseException]) -> None:
+        """Each refused item gets its own error frame; with a ref, ``acked`` then names the ids that were acked."""
+        acked = []
+        for msg_id, res in zip(ids, results, strict=True):
+            if res is True:
+                acked.append(msg_id)
+            elif isinstance(res, asyncio.CancelledError):
+                continue
+            elif isinstance(res, BaseException):
+                self._error(res if isinstance(res, BrokerError) else BrokerError(repr(res)), ref, msg_id)
+            else:
+                self._stale("ack", ref, msg_id)
+        if ref is not None and acked:
             self.send(protocol.reply("acked", ref, ids=acked))
 
     def _nack(self, req: protocol.Nack) -> None:

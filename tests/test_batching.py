@@ -1,0 +1,123 @@
+"""The coalescer (one Redis round trip for concurrent requests) and the connection's one-write-per-burst output."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from broker.batching import Coalescer
+from broker.wsconn import BrokerConnection
+
+
+class Recorder:
+    """A flush that answers each request with its double, or a ValueError for negative ones; it records batches."""
+
+    def __init__(self, fail_whole: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_whole = fail_whole
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, reqs: Sequence[int]) -> list[int | BaseException]:
+        self.batches.append(list(reqs))
+        await self.gate.wait()
+        if self.fail_whole:
+            raise ConnectionError("redis down")
+        return [ValueError(f"bad {r}") if r < 0 else 2 * r for r in reqs]
+
+
+async def test_requests_made_while_a_flush_runs_form_the_next_batch_in_order() -> None:
+    # Given a coalescer whose first flush is held open
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=3)
+    flush.gate.clear()
+    first = co.submit(1)
+    await asyncio.sleep(0)
+    # When 4 more requests arrive meanwhile, and the flush is released
+    rest = [co.submit(i) for i in (2, 3, 4, 5)]
+    flush.gate.set()
+    # Then each waiter gets its own answer, and batches keep submission order within max_batch
+    assert await asyncio.gather(first, *rest) == [2, 4, 6, 8, 10]
+    assert flush.batches == [[1], [2, 3, 4], [5]]
+
+
+async def test_submit_many_has_one_waiter_with_each_result_or_error_in_place() -> None:
+    # Given requests where one fails on its own (the flush answers an exception in its place)
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=2)
+    single = co.submit(7)
+    # When they are submitted as one group spanning several batches
+    many = co.submit_many([1, -2, 3])
+    # Then the group's waiter gets every result in order, the failure as a value; the single one is unaffected
+    res = await many
+    assert res[0] == 2 and res[2] == 6
+    assert isinstance(res[1], ValueError) and str(res[1]) == "bad -2"
+    assert await single == 14
+    # And an empty group is answered at once
+    assert await co.submit_many([]) == []
+
+
+async def test_a_failed_flush_reaches_every_waiter_single_and_grouped() -> None:
+    # Given a flush that fails as a whole (Redis unreachable)
+    co: Coalescer[int, int] = Coalescer(Recorder(fail_whole=True), max_batch=10)
+    single = co.submit(1)
+    many = co.submit_many([2, 3])
+    # Then nobody waits forever and nobody gets a result: the single waiter raises, the group holds the error
+    with pytest.raises(ConnectionError):
+        await single
+    assert [type(r) for r in await many] == [ConnectionError, ConnectionError]
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.eof = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof += 1
+
+
+def open_connection() -> tuple[BrokerConnection, FakeTransport]:
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN  # past the handshake: frames may be sent
+    conn = BrokerConnection(protocol, server=None)  # type: ignore[arg-type]
+    transport = FakeTransport()
+    conn.transport = transport  # type: ignore[assignment]
+    return conn, transport
+
+
+async def test_a_burst_of_frames_leaves_in_one_socket_write() -> None:
+    # Given three frames queued on the connection (as the session's writer does within one send_context)
+    conn, transport = open_connection()
+    for text in ("a", "bb", "ccc"):
+        conn.protocol.send_text(text.encode())
+    # When the connection sends its data
+    conn.send_data()
+    # Then one write carries all three frames, byte for byte what websockets serialized, in order
+    (data,) = transport.writes
+    assert data == b"\x81\x01a" + b"\x81\x02bb" + b"\x81\x03ccc"
+    # And nothing is left to send
+    conn.send_data()
+    assert len(transport.writes) == 1
+
+
+async def test_end_of_stream_after_frames_still_half_closes_after_writing_them() -> None:
+    # Given a close frame queued and the protocol's end-of-stream marker behind it (what closing produces)
+    conn, transport = open_connection()
+    conn.protocol.send_text(b"last")
+    conn.protocol.send_close(1000, "bye")
+    conn.protocol.send_eof()
+    # When sent, Then the frames go first, in one write, and the half-close follows
+    conn.send_data()
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"\x81\x04last\x88")
+    assert transport.eof == 1
