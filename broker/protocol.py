@@ -38,7 +38,8 @@ class Limits:
     max_pull_wait_ms: int = 60_000
 
 
-@dataclass(frozen=True, slots=True)
+# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
+@dataclass(slots=True)
 class Publish:
     ref: Ref
     topic: str
@@ -80,13 +81,15 @@ class Unsubscribe:
     group: str
 
 
-@dataclass(frozen=True, slots=True)
+# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
+@dataclass(slots=True)
 class AckRef:
     id: str
     receipt: str
 
 
-@dataclass(frozen=True, slots=True)
+# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
+@dataclass(slots=True)
 class Ack:
     ref: Ref
     items: tuple[AckRef, ...]

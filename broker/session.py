@@ -51,7 +51,10 @@ class Session:
         self.high_water = s.server.outbox_high_water
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
         self._out_ready = asyncio.Event()
-        self._unconfirmed = asyncio.Semaphore(s.server.max_unconfirmed_publishes)
+        self._max_unconfirmed = s.server.max_unconfirmed_publishes
+        self._unconfirmed = 0  # publishes of this connection not answered yet
+        self._room = asyncio.Event()  # set while _unconfirmed < _max_unconfirmed
+        self._room.set()
         self.lookups = asyncio.Semaphore(LOOKUPS_IN_FLIGHT)
         self.consumers: list[Consumer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -252,7 +255,9 @@ class Session:
             return
         if self._rate_limited(1, req.ref):
             return
-        await self._unconfirmed.acquire()  # backpressure: stop reading this client while too much is in flight
+        if self._unconfirmed >= self._max_unconfirmed:
+            await self._wait_for_room()
+        self._unconfirmed += 1
         fut = self.broker.publisher.submit(req.to_request())
         fut.add_done_callback(partial(self._published, req))
 
@@ -263,8 +268,9 @@ class Session:
                 return
         if self._rate_limited(len(req.items), req.ref):
             return
-        for _ in req.items:
-            await self._unconfirmed.acquire()
+        if self._unconfirmed >= self._max_unconfirmed:
+            await self._wait_for_room()
+        self._unconfirmed += len(req.items)  # a batch is let in whole: at most one batch over the limit
         submit = self.broker.publisher.submit
         futs = [submit(p.to_request()) for p in req.items]
         self._spawn(self._batch_published(req, futs))
@@ -272,8 +278,7 @@ class Session:
     async def _batch_published(self, req: protocol.PublishBatch, futs: list[asyncio.Future[PublishResult]]) -> None:
         """One ``published`` reply with a result per message, in order: ``{id, duplicate?}`` or ``{error}``."""
         done = await asyncio.gather(*futs, return_exceptions=True)
-        for _ in futs:
-            self._unconfirmed.release()
+        self._confirmed(len(futs))
         results: list[dict[str, Any]] = []
         for p, res in zip(req.items, done, strict=True):
             if isinstance(res, BaseException):
@@ -287,8 +292,19 @@ class Session:
                 results.append({"id": res.id, "duplicate": True} if res.duplicate else {"id": res.id})
         self.send(protocol.reply("published", req.ref, results=results))
 
+    async def _wait_for_room(self) -> None:
+        """Backpressure: the reader stops reading this client while too many of its publishes are in flight."""
+        while self._unconfirmed >= self._max_unconfirmed:
+            self._room.clear()
+            await self._room.wait()
+
+    def _confirmed(self, n: int) -> None:
+        self._unconfirmed -= n
+        if self._unconfirmed < self._max_unconfirmed:
+            self._room.set()
+
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
-        self._unconfirmed.release()
+        self._confirmed(1)
         if fut.cancelled():
             self._error(
                 UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000),
