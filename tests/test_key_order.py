@@ -48,6 +48,23 @@ async def test_one_message_per_key_in_flight_in_publish_order(store: RedisStore)
     assert [d.payload for d in await claim(store)] == ['"b2"']
 
 
+async def test_a_lease_from_a_build_without_the_key_copy_still_moves_its_key_line(store: RedisStore) -> None:
+    # Given a keyed lease as builds before claim.lua copied the ordering key into the delivery hash left it
+    await store.ensure_group(T, "g")
+    await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"'), keyed(None, '"x"')])
+    a1, x = await claim(store)
+    gb = f"{store.prefix}:{{{T}}}:g:g:"
+    assert await store.redis.hget(gb + f"dlv:{a1.id}", "key") == "a"  # what this build writes
+    assert await store.redis.hget(gb + f"dlv:{x.id}", "key") == ""
+    await store.redis.hdel(gb + f"dlv:{a1.id}", "key")
+    # When it is acked, Then ack.lua reads the key from the body: a2 goes live and the ack says so
+    assert await store.ack_many(T, "g", [AckItem(a1.id, a1.receipt)]) == [AckOutcome.ACKED_NEXT_LIVE]
+    assert [d.payload for d in await claim(store)] == ['"a2"']
+    # And the unkeyed one acks as plain ACKED, leaving no delivery hash or body behind
+    assert await store.ack_many(T, "g", [AckItem(x.id, x.receipt)]) == [AckOutcome.ACKED]
+    assert not await store.redis.exists(gb + f"dlv:{x.id}", f"{store.prefix}:{{{T}}}:msg:{x.id}")
+
+
 async def test_a_retry_holds_its_key_but_not_other_keys(store_factory: StoreFactory) -> None:
     store = await store_factory(Settings().replace("retry", backoff_base_ms=150, backoff_cap_ms=150, jitter=0.0))
     await store.ensure_group(T, "g")
