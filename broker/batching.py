@@ -80,7 +80,10 @@ class Coalescer(Generic[Req, Res]):
                 except BaseException as e:  # every waiter hears about the failure; nothing is dropped silently
                     for _, sink, i in batch:
                         _answer(sink, i, e)
-                    if isinstance(e, asyncio.CancelledError):
+                    if isinstance(e, asyncio.CancelledError):  # shutdown: whatever still waits is answered too
+                        while self._pending:
+                            _, sink, i = self._pending.popleft()
+                            _answer(sink, i, e)
                         raise
                     continue
                 for (_, sink, i), res in zip(batch, results, strict=True):

@@ -305,7 +305,7 @@ class Session:
 
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
         self._confirmed(1)
-        if fut.cancelled():
+        if fut.cancelled() or isinstance(fut.exception(), asyncio.CancelledError):
             self._error(
                 UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000),
                 req.ref,
@@ -387,8 +387,10 @@ class Session:
         for msg_id, res in zip(ids, results, strict=True):
             if res is True:
                 acked.append(msg_id)
-            elif isinstance(res, asyncio.CancelledError):
-                continue
+            elif isinstance(res, asyncio.CancelledError):  # the broker is shutting down: not settled, say so
+                self._error(
+                    UnavailableError("ack not confirmed (broker shutting down)", retry_after_ms=1_000), ref, msg_id
+                )
             elif isinstance(res, BaseException):
                 self._error(res if isinstance(res, BrokerError) else BrokerError(repr(res)), ref, msg_id)
             else:

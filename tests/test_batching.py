@@ -121,3 +121,23 @@ async def test_end_of_stream_after_frames_still_half_closes_after_writing_them()
     conn.send_data()
     assert len(transport.writes) == 1 and transport.writes[0].startswith(b"\x81\x04last\x88")
     assert transport.eof == 1
+
+
+async def test_a_flush_cancelled_at_shutdown_answers_everything_still_waiting() -> None:
+    # Given a flush in flight and more requests queued behind it, single and grouped
+    flush = Recorder()
+    flush.gate.clear()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=1)
+    first = co.submit(1)
+    await asyncio.sleep(0)
+    queued = co.submit(2)
+    many = co.submit_many([3, 4])
+    # When the coalescer's task is cancelled (shutdown) mid-flush
+    assert co._task is not None
+    co._task.cancel()
+    await asyncio.sleep(0.01)
+    # Then no waiter is left hanging: each holds the cancellation, the group holds it in place of every result
+    for fut in (first, queued):
+        assert fut.done() and isinstance(fut.exception(), asyncio.CancelledError)
+    assert many.done() and all(isinstance(r, asyncio.CancelledError) for r in many.result())
+    assert len(co) == 0
