@@ -91,7 +91,8 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
+# PublishRequest, PublishResult, Delivery and AckItem are made per message: plain @dataclass(slots=True), not
+# frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us). They are never mutated.
 @dataclass(slots=True)
 class PublishRequest:
     topic: str
@@ -104,7 +105,6 @@ class PublishRequest:
     backoff_base_ms: int | None = None
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
 @dataclass(slots=True)
 class PublishResult:
     id: str
@@ -112,7 +112,6 @@ class PublishResult:
     groups: int = 0
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
 @dataclass(slots=True)
 class Delivery:
     """One message for one group, as claimed by one consumer."""
@@ -129,7 +128,6 @@ class Delivery:
     key: str | None = None
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
 @dataclass(slots=True)
 class AckItem:
     id: str

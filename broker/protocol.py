@@ -38,7 +38,8 @@ class Limits:
     max_pull_wait_ms: int = 60_000
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
+# Publish, AckRef and Ack are made per message: plain @dataclass(slots=True), not frozen (a frozen dataclass's
+# __init__ costs ~4x: 1.4 vs 0.3 us). They are never mutated.
 @dataclass(slots=True)
 class Publish:
     ref: Ref
@@ -81,14 +82,12 @@ class Unsubscribe:
     group: str
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
 @dataclass(slots=True)
 class AckRef:
     id: str
     receipt: str
 
 
-# Made per message: not frozen (a frozen dataclass's __init__ costs ~4x: 1.4 vs 0.3 us); never mutated.
 @dataclass(slots=True)
 class Ack:
     ref: Ref

@@ -15,17 +15,8 @@ from websockets.asyncio.server import ServerConnection
 
 class BrokerConnection(ServerConnection):
     def send_data(self) -> None:
-        chunks = self.protocol.data_to_send()
-        if not chunks:
-            return
-        if len(chunks) == 1 or all(chunks):
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if data:
-                self.transport.write(data)
-                return
-        # Rare: an end-of-stream marker among the chunks (closing). Keep websockets' own handling, chunk by chunk.
-        pending: list[bytes] = []
-        for data in chunks:
+        pending: list[bytes] = []  # frames written together; an empty chunk is the end-of-stream marker (closing)
+        for data in self.protocol.data_to_send():
             if data:
                 pending.append(data)
                 continue
@@ -40,4 +31,4 @@ class BrokerConnection(ServerConnection):
             else:
                 self.transport.close()
         if pending:
-            self.transport.write(b"".join(pending))
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))

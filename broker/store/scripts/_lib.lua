@@ -4,25 +4,22 @@
 --   gb.."dlv:"..id HASH delivery state, gb.."dead" ZSET index, gb.."dead:"..id HASH dead letter (with TTL),
 --   gb.."key:"..K LIST the group's unfinished ids of ordering key K, in publish order (only its head is live).
 
--- redis.call(cmd, key, ...list) in chunks: unpack() of more than ~8000 values fails ("too many results to unpack").
+-- redis.call(cmd, key, ...list) in chunks (key false: redis.call(cmd, ...list), e.g. DEL of many keys): unpack() of
+-- more than ~8000 values fails ("too many results to unpack").
 local function call_chunked(cmd, key, list)
   for s = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
+    local e = math.min(s + 999, #list)
+    if key then redis.call(cmd, key, unpack(list, s, e)) else redis.call(cmd, unpack(list, s, e)) end
   end
 end
 
--- DEL every key in list, in chunks (see call_chunked).
-local function del_all(list)
-  for s = 1, #list, 1000 do
-    redis.call('DEL', unpack(list, s, math.min(s + 999, #list)))
-  end
-end
-
--- Drop one group's reference to a body; the body goes when the last group is done with it.
-local function release_body(base, id)
+-- Drop one group's reference to a body; the body goes when the last group is done with it: at once, or, given a
+-- list gone, by the caller's one DEL for a whole batch (the body's key is added to gone).
+local function release_body(base, id, gone)
   local bkey = base .. 'msg:' .. id
-  local refs = redis.call('HINCRBY', bkey, 'refs', -1)
-  if refs <= 0 then redis.call('DEL', bkey) end
+  if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
+    if gone then gone[#gone + 1] = bkey else redis.call('DEL', bkey) end
+  end
 end
 
 -- Append one error entry (JSON object text) to a delivery's history (a JSON array body without brackets).

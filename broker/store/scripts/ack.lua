@@ -23,8 +23,7 @@ for i = 6, #ARGV, 2 do
     local key = d[2]
     if not key then key = redis.call('HGET', base .. 'msg:' .. id, 'key') end  -- a lease from an older build
     local next_live = key and key ~= '' and key_done(base, gb, key, id, now)
-    local bkey = base .. 'msg:' .. id
-    if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then gone[#gone + 1] = bkey end
+    release_body(base, id, gone)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
     if next_live then
@@ -37,7 +36,7 @@ for i = 6, #ARGV, 2 do
     out[#out + 1] = 0
   end
 end
-del_all(gone)
+call_chunked('DEL', false, gone)
 if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
 if audit > 0 and acked > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - audit_ttl * 1000)

@@ -28,10 +28,10 @@ for _, id in ipairs(ids) do
   if b[1] then
     local dkey = gb .. 'dlv:' .. id
     local d = redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before')
-    local attempt = (tonumber(d[1]) or 0) + 1
-    local receipt = ARGV[9] .. '-' .. ((tonumber(d[2]) or 0) + 1)
+    local attempt, claims = (tonumber(d[1]) or 0) + 1, (tonumber(d[2]) or 0) + 1
+    local receipt = ARGV[9] .. '-' .. claims
     -- 'key' ('' for none) saves ack.lua a read of the body; older leases lack it and ack reads the body then
-    redis.call('HSET', dkey, 'attempts', attempt, 'claims', (tonumber(d[2]) or 0) + 1, 'receipt', receipt,
+    redis.call('HSET', dkey, 'attempts', attempt, 'claims', claims, 'receipt', receipt,
       'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline, 'key', b[4] or '')
     if d[3] then redis.call('HDEL', dkey, 'not_before') end
     lease_args[#lease_args + 1] = deadline; lease_args[#lease_args + 1] = id
