@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-mc lint types bench clean
+.PHONY: run test test-unit test-mc lint types bench lock upgrade clean
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $(STAMP)
 
@@ -31,6 +31,19 @@ types: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+## Re-pin requirements/lock.txt after editing pyproject.toml (keeps every pin that still fits)
+lock: $(STAMP)
+	bash scripts/lock.sh
+	bash scripts/bootstrap.sh $(VENV)
+
+## Move every pin to the newest allowed release, install it, and run lint, types and the whole suite on it.
+## Commit requirements/lock.txt only when all of it passes: upgrading is a deliberate change, never an accident.
+upgrade: $(STAMP)
+	bash scripts/lock.sh --upgrade
+	bash scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+	$(MAKE) lint types test
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create the venv, install the project with its dev tools, and make sure a redis-server binary exists.
-# Safe to run repeatedly; used by `make run` / `make test` and therefore by CI.
+# Create the venv, install exactly the locked dependency set (requirements/lock.txt, every package pinned with its
+# hashes), install the project on top of it without resolving anything, and make sure a redis-server binary exists.
+# Safe to run repeatedly; used by `make run` / `make test` and therefore by CI. Refresh the lock with scripts/lock.sh.
 set -euo pipefail
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -8,8 +9,9 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+# No `pip install --upgrade pip` and no resolver: what gets installed is the lock, the same on every machine and day.
+"$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r requirements/lock.txt
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 
 if ! command -v redis-server >/dev/null 2>&1; then
     echo "bootstrap: redis-server not found, installing it from the OS packages" >&2

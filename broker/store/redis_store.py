@@ -560,7 +560,7 @@ class RedisStore:
             raise UnavailableError(f"redis unreachable (wake-up listener): {e}", retry_after_ms=1_000) from None
         finally:
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def dead_nodes(self, timeout_ms: int) -> list[str]:
         """Nodes whose last heartbeat is older than ``timeout_ms`` (never this node)."""
