@@ -7,8 +7,8 @@ compared with S1 from the same run (goal >= 0.8x).
 
 ``reprocess`` creates dead letters directly through the store API (``RedisStore.publish_many`` + ``claim`` +
 ``nack_many`` with ``dead=True``, 1,000 per batch) in the broker's redis-server under the broker's key prefix,
-then times ``broker.dlq_ops.reprocess`` over all of them (what ``broker dlq reprocess --all`` runs after its
-selection); the selection (``broker.dlq_ops.select``) is timed too and reported as ``with_select``.
+then times ``broker.ops.dlq.reprocess`` over all of them (what ``broker dlq reprocess --all`` runs after its
+selection); the selection (``broker.ops.dlq.select``) is timed too and reported as ``with_select``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 
 import orjson
 
-from broker import dlq_ops
-from broker.config import Settings, load_settings
-from broker.errors import BrokerError, ConfigError
-from broker.model import NackItem, PublishRequest
-from broker.resilience import Breaker
+from broker.core.config import Settings, load_settings
+from broker.core.errors import BrokerError, ConfigError
+from broker.core.model import NackItem, PublishRequest
+from broker.ops import dlq as dlq_ops
+from broker.runtime.resilience import Breaker
 from broker.store import RedisStore, connect_redis
 from broker.store.keys import topics_key
 

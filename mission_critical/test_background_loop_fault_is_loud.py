@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from broker.client import BrokerClient, Subscription
-from broker.errors import StaleReceiptError
+from broker.client.client import BrokerClient, Subscription
+from broker.core.errors import StaleReceiptError
 from tests.brokers import BrokerProcess
 from tests.proxy import TcpProxy
 from tests.support import RedisServer

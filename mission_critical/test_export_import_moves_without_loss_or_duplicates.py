@@ -29,9 +29,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from broker.client import BrokerClient, Subscription
-from broker.config import Settings
-from broker.model import AckItem, NackItem, PublishRequest, PublishResult
+from broker.client.client import BrokerClient, Subscription
+from broker.core.config import Settings
+from broker.core.model import AckItem, NackItem, PublishRequest, PublishResult
 from broker.store import RedisStore, connect_redis
 from tests.brokers import BrokerProcess
 from tests.support import Cli, RedisServer, make_store

@@ -36,8 +36,8 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from broker.client import BrokerClient, Subscription
-from broker.errors import ERROR_CODES
+from broker.client.client import BrokerClient, Subscription
+from broker.core.errors import ERROR_CODES
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

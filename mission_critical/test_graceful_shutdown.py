@@ -30,7 +30,7 @@ import redis as redislib
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import random
 
-from broker.client import BrokerClient, Message
+from broker.client.client import BrokerClient, Message
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -24,7 +24,7 @@ import sys
 import orjson
 import redis as redislib
 
-from broker.client import BrokerClient, Subscription
+from broker.client.client import BrokerClient, Subscription
 from tests.brokers import ROOT, BrokerProcess
 from tests.support import RedisServer
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from broker.client import BrokerClient
-from broker.errors import StaleReceiptError
+from broker.client.client import BrokerClient
+from broker.core.errors import StaleReceiptError
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

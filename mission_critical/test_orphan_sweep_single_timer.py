@@ -23,7 +23,7 @@ import orjson
 import redis as redislib
 import websockets
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -24,7 +24,7 @@ import re
 import orjson
 import websockets
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

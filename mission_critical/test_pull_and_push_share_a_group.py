@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from broker.client import BrokerClient, Subscription
+from broker.client.client import BrokerClient, Subscription
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -19,7 +19,7 @@ import collections
 import orjson
 import websockets
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.proxy import TcpProxy
 from tests.support import RedisServer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

@@ -20,7 +20,7 @@ import collections
 import random
 import time
 
-from broker.client import BrokerClient, Message, Subscription
+from broker.client.client import BrokerClient, Message, Subscription
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

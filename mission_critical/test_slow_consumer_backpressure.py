@@ -37,8 +37,8 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from broker.client import BrokerClient, Subscription
-from broker.errors import BrokerError, RateLimitedError
+from broker.client.client import BrokerClient, Subscription
+from broker.core.errors import BrokerError, RateLimitedError
 from tests.brokers import BrokerProcess
 from tests.support import RedisServer
 

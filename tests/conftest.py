@@ -12,8 +12,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from broker.client import BrokerClient
-from broker.config import Settings
+from broker.client.client import BrokerClient
+from broker.core.config import Settings
 from broker.store import RedisStore, connect_redis
 
 from .brokers import BrokerProcess

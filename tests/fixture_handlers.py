@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from broker.handlers import HandlerMessage
+from broker.node.handlers import HandlerMessage
 
 
 def _record(msg: HandlerMessage) -> None:

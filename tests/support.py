@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import orjson
 
-from broker.config import Settings
-from broker.resilience import Breaker
+from broker.core.config import Settings
+from broker.runtime.resilience import Breaker
 from broker.store import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ import websockets
 from jsonschema import Draft7Validator, Draft202012Validator
 from referencing import Registry, Resource
 
-from broker.protocol import OPS
+from broker.core.protocol import OPS
 
 from .brokers import BrokerProcess
 from .proxy import TcpProxy

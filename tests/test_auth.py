@@ -14,9 +14,9 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from broker.auth import token_hash
-from broker.client import BrokerClient
-from broker.errors import ForbiddenError
+from broker.client.client import BrokerClient
+from broker.core.errors import ForbiddenError
+from broker.node.auth import token_hash
 
 from .brokers import BrokerProcess
 from .support import RedisServer
@@ -116,7 +116,7 @@ async def test_origin_check(broker: tuple[BrokerProcess, RedisServer]) -> None:
 
 
 def test_tokens_file_adds_tokens(tmp_path: Path) -> None:
-    from broker.config import ConfigError, load_settings
+    from broker.core.config import ConfigError, load_settings
 
     f = tmp_path / "secret.toml"
     f.write_text(f'[[tokens]]\nname = "from-file"\nsha256 = "{token_hash("t")}"\n')

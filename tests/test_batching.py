@@ -9,8 +9,8 @@ import pytest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from broker.batching import Coalescer
-from broker.wsconn import BrokerConnection
+from broker.node.wsconn import BrokerConnection
+from broker.runtime.batching import Coalescer
 
 
 class Recorder:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, Settings, env_overrides, load_settings, setting_names, validate
+from broker.core.config import ConfigError, Settings, env_overrides, load_settings, setting_names, validate
 
 REPO = Path(__file__).resolve().parent.parent
 BROKER_TOML = REPO / "config" / "broker.toml"

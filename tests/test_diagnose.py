@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from broker.config import Settings
-from broker.model import AckItem, NackItem, PublishRequest, now_ms
+from broker.core.config import Settings
+from broker.core.model import AckItem, NackItem, PublishRequest, now_ms
 from broker.store import connect_redis
 from broker.store.keys import nodes_key
 

@@ -1,4 +1,4 @@
-"""Dead-letter operations (broker/store/dlq.py) on fakeredis and real Redis: list, get, reprocess, purge, prune."""
+"""Dead-letter operations (broker/store/dead_letters.py) on fakeredis and real Redis: list, get, reprocess, purge, prune."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import orjson
 
-from broker.config import Settings
-from broker.model import AckItem, NackItem, PublishRequest, now_ms
+from broker.core.config import Settings
+from broker.core.model import AckItem, NackItem, PublishRequest, now_ms
 from broker.store import RedisStore
-from broker.store.dlq import DeadLetters
+from broker.store.dead_letters import DeadLetters
 
 from .conftest import StoreFactory
 

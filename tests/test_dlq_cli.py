@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.client import BrokerClient, Message, Subscription
+from broker.client.client import BrokerClient, Message, Subscription
 
 from .brokers import BrokerProcess
 from .support import Cli, RedisServer

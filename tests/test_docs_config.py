@@ -12,7 +12,7 @@ from typing import Any, get_type_hints
 
 import pytest
 
-from broker.config import SECTIONS, HandlerSettings, Settings, TokenSettings, load_settings, setting_names
+from broker.core.config import SECTIONS, HandlerSettings, Settings, TokenSettings, load_settings, setting_names
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "config.md"

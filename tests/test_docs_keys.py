@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Settings
-from broker.model import NackItem, PublishRequest, PublishResult, now_ms
+from broker.core.config import Settings
+from broker.core.model import NackItem, PublishRequest, PublishResult, now_ms
 from broker.store import connect_redis
 from broker.store.keys import SCHEMA_VERSION, TopicKeys, nodes_key, schema_key, topics_key
 

@@ -2,7 +2,7 @@
 the level(s) it is logged at, the module(s) that log it and its fields.
 
 The source side is read with ``ast``: every ``log.<level>("event", key=...)`` and ``self.log.<level>(...)`` call
-(``self.log`` being ``log.bind(...)``, whose keys count as fields). Events logged by ``broker/client.py`` run in the
+(``self.log`` being ``log.bind(...)``, whose keys count as fields). Events logged by ``broker/client/client.py`` run in the
 application's process and belong to the "Client library events" table; all others to "Broker events".
 """
 
@@ -29,11 +29,11 @@ LEVELS = {
     "fatal": "critical",
 }
 LOGGERS = {"log", "self.log"}
-CLIENT_MODULES = {"client"}
+CLIENT_MODULES = {"client/client"}
 SECTIONS = {"## Broker events": "broker", "## Client library events": "client"}
 
 # Event names that are not string literals, with what they can expand to. Keep this empty: a literal name is what
-# an operator greps for. (broker/client.py logs f"delivery_{op}" for op in ("paused", "resumed").)
+# an operator greps for. (broker/client/client.py logs f"delivery_{op}" for op in ("paused", "resumed").)
 DYNAMIC = {"f'delivery_{op}'": ("delivery_paused", "delivery_resumed")}
 
 _ROW = re.compile(r"^\|\s*`(?P<event>[a-z][a-z0-9_]*)`\s*\|(?P<rest>.*)\|\s*$")
@@ -129,7 +129,7 @@ DOCUMENTED = documented_events()
 def test_the_source_has_events() -> None:
     assert len(SOURCE["broker"]) >= 30, sorted(SOURCE["broker"])
     assert {"connection_opened", "connection_closed", "connection_refused"} <= set(SOURCE["broker"])
-    assert SOURCE["client"], "broker/client.py logs events too"
+    assert SOURCE["client"], "broker/client/client.py logs events too"
 
 
 def test_every_event_is_documented_and_every_documented_event_exists() -> None:
@@ -155,7 +155,7 @@ def test_levels_sources_and_fields_match() -> None:
 
 def test_connection_events_carry_conn_id() -> None:
     """The convention docs/logging.md states: every event about an accepted connection carries `conn_id`."""
-    per_connection = {name for name, ev in SOURCE["broker"].items() if "session" in ev.sources} | {"connection_opened"}
+    per_connection = {name for name, ev in SOURCE["broker"].items() if "node/session" in ev.sources} | {"connection_opened"}
     assert {"connection_opened", "connection_closed", "subscribed"} <= per_connection
     for name in per_connection:
         assert "conn_id" in SOURCE["broker"][name].fields, name

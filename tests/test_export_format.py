@@ -1,4 +1,4 @@
-"""The export file format (broker/export_format.py), pure: encode/parse round trip, the JSON Schema in docs/schema,
+"""The export file format (broker/core/records.py), pure: encode/parse round trip, the JSON Schema in docs/schema,
 and every malformed input refused with the number of the line that breaks the rule (nothing is half-read)."""
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from broker.export_format import (
+from broker.core.records import (
     DeadRecord,
     ExportFile,
     Header,
     IdempotencyRecord,
+    LineError,
     MessageRecord,
     Pending,
     TopicRecord,
     encode,
     parse,
 )
-from broker.jsonl import LineError
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "docs/schema/export-record.json").read_text())
 ID = "01a208ad1f34a2e0dd7200000001"

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 
 from .brokers import BrokerProcess
 from .support import RedisServer

@@ -12,8 +12,8 @@ import orjson
 import pytest
 import websockets
 
-from broker.client import BrokerClient, Message, Subscription
-from broker.errors import BrokerError, StaleReceiptError
+from broker.client.client import BrokerClient, Message, Subscription
+from broker.core.errors import BrokerError, StaleReceiptError
 
 from .brokers import BrokerProcess
 from .support import RedisServer

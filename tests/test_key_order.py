@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from broker.config import Settings
-from broker.model import AckItem, Delivery, NackItem, PublishRequest
+from broker.core.config import Settings
+from broker.core.model import AckItem, Delivery, NackItem, PublishRequest
 from broker.store import AckOutcome, NackOutcome, RedisStore
 
 from .conftest import StoreFactory
@@ -96,7 +96,7 @@ async def test_dead_letter_releases_the_key_and_reprocess_rejoins_its_line(store
     (a2,) = await claim(store)
     assert a2.payload == '"a2"'
     # When the operator reprocesses a1 while a2 is in flight, a1 joins the end of key a's line: not live yet
-    from broker.store.dlq import DeadLetters
+    from broker.store.dead_letters import DeadLetters
 
     assert await DeadLetters(store).reprocess(T, "g", [a1.id]) == [True]
     assert await claim(store) == []

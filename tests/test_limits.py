@@ -10,7 +10,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from broker.limits import TokenBucket
+from broker.core.limits import TokenBucket
 
 from .brokers import BrokerProcess
 from .support import RedisServer

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from broker.config import Settings
-from broker.model import AckItem, NackItem, PublishRequest
+from broker.core.config import Settings
+from broker.core.model import AckItem, NackItem, PublishRequest
 from broker.store import connect_redis
 
 from .brokers import ROOT

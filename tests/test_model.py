@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import InvalidNameError
-from broker.model import TRANSITIONS, State, new_message_id, validate_name
+from broker.core.errors import InvalidNameError
+from broker.core.model import TRANSITIONS, State, new_message_id, validate_name
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "broker" / "store" / "scripts"
 

@@ -24,8 +24,8 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
-from broker import metrics
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
+from broker.runtime import metrics
 
 from .brokers import BrokerProcess
 from .proxy import TcpProxy

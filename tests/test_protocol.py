@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import errors, protocol
-from broker.errors import ERROR_CODES, BrokerError, PayloadTooLargeError, ProtocolError
-from broker.model import Delivery
-from broker.protocol import (
+from broker.core import errors, protocol
+from broker.core.errors import ERROR_CODES, BrokerError, PayloadTooLargeError, ProtocolError
+from broker.core.model import Delivery
+from broker.core.protocol import (
     MAX_BATCH_ITEMS,
     MAX_ERROR_TEXT,
     MAX_TOPICS_PER_SUBSCRIBE,

@@ -15,8 +15,8 @@ import orjson
 import pytest
 import websockets
 
-from broker.client import BrokerClient, Message
-from broker.errors import ProtocolError, StaleReceiptError, UnavailableError
+from broker.client.client import BrokerClient, Message
+from broker.core.errors import ProtocolError, StaleReceiptError, UnavailableError
 
 from .brokers import ROOT, BrokerProcess
 from .proxy import TcpProxy

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import token_hash
-from broker.client import BrokerClient
-from broker.errors import ForbiddenError, ProtocolError
+from broker.client.client import BrokerClient
+from broker.core.errors import ForbiddenError, ProtocolError
+from broker.node.auth import token_hash
 
 from .brokers import BrokerProcess
 from .support import RedisServer

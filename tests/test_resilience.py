@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pybreaker
 import pytest
 
-from broker.resilience import Breaker, BreakerOpenError, BreakerState, backoff_delay, backoff_ms, jitter_factor
+from broker.runtime.resilience import Breaker, BreakerOpenError, BreakerState, backoff_delay, backoff_ms, jitter_factor
 
 # ---- backoff ------------------------------------------------------------------------------------------------------
 

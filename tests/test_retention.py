@@ -3,8 +3,8 @@ audit record is on. Runs on fakeredis and a real redis-server."""
 
 from __future__ import annotations
 
-from broker.config import Settings
-from broker.model import AckItem, PublishRequest
+from broker.core.config import Settings
+from broker.core.model import AckItem, PublishRequest
 from broker.store import RedisStore
 from broker.store.status import message_status
 

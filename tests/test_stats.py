@@ -10,7 +10,7 @@ import sys
 
 import orjson
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 
 from .brokers import ROOT, BrokerProcess
 from .support import RedisServer

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.config import Settings
-from broker.model import PublishRequest
+from broker.core.config import Settings
+from broker.core.model import PublishRequest
 from broker.store import RedisStore, connect_redis
 from broker.store.memory import topic_memory
 

@@ -1,6 +1,6 @@
 """RedisStore against fakeredis and a real redis-server: one test body, two backends (fixture ``store``).
 
-Each test follows the delivery table in ``broker/model.py``: publish -> claim -> ack | nack | release | expiry.
+Each test follows the delivery table in ``broker/core/model.py``: publish -> claim -> ack | nack | release | expiry.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import orjson
 import pytest
 from redis.exceptions import ResponseError
 
-from broker.config import Settings
-from broker.errors import BrokerError, StoreRefusedError, UnavailableError
-from broker.model import AckItem, NackItem, PublishRequest, PublishResult, now_ms
+from broker.core.config import Settings
+from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
+from broker.core.model import AckItem, NackItem, PublishRequest, PublishResult, now_ms
 from broker.store import ClaimRequest, NackOutcome, RedisStore, connect_redis
 from broker.store.keys import topics_key
 
@@ -648,7 +648,7 @@ def test_message_ids_are_unique_and_sortable_across_a_fork() -> None:
     # Given ids minted in this process, When a forked child mints ids in the same millisecond
     import os
 
-    from broker.model import new_message_id
+    from broker.core.model import new_message_id
 
     ms = now_ms()
     mine = [new_message_id(ms) for _ in range(3)]

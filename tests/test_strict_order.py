@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.config import Settings
-from broker.model import AckItem, NackItem, PublishRequest
+from broker.core.config import Settings
+from broker.core.model import AckItem, NackItem, PublishRequest
 
 from .conftest import StoreFactory
 

@@ -1,4 +1,4 @@
-"""broker/supervisor.py: no background loop fails, stalls or ends silently.
+"""broker/runtime/supervisor.py: no background loop fails, stalls or ends silently.
 
 - a failing step is logged (with the traceback unless it is the expected `unavailable`), counted, and retried after
   tenacity's jittered exponential backoff;
@@ -19,13 +19,13 @@ import pytest
 import tenacity.wait
 from structlog.testing import capture_logs
 
-from broker import metrics, supervisor
-from broker.config import LoopSettings, Settings
-from broker.dispatch import Consumer, Dispatch
-from broker.errors import BrokerError, UnavailableError
-from broker.model import Delivery
-from broker.resilience import LoopBackoff
-from broker.supervisor import Supervisor, watch_task
+from broker.core.config import LoopSettings, Settings
+from broker.core.errors import BrokerError, UnavailableError
+from broker.core.model import Delivery
+from broker.node.dispatch import Consumer, Dispatch
+from broker.runtime import metrics, supervisor
+from broker.runtime.resilience import LoopBackoff
+from broker.runtime.supervisor import Supervisor, watch_task
 
 
 def sample(name: str, **labels: str) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from broker.client import BrokerClient
+from broker.client.client import BrokerClient
 
 from .brokers import BrokerProcess
 from .support import RedisServer

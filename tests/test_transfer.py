@@ -14,13 +14,14 @@ import fakeredis
 import orjson
 import pytest
 
-from broker import export_format, transfer
-from broker.config import Settings
-from broker.errors import NotFoundError
-from broker.export_format import ExportFile
-from broker.model import AckItem, NackItem, PublishRequest, PublishResult
+from broker.core import records as export_format
+from broker.core.config import Settings
+from broker.core.errors import NotFoundError
+from broker.core.model import AckItem, NackItem, PublishRequest, PublishResult
+from broker.core.records import ExportFile
+from broker.ops import transfer
 from broker.store import RedisStore, connect_redis
-from broker.store.dlq import DeadLetters
+from broker.store.dead_letters import DeadLetters
 
 from .support import RedisServer, make_store
 

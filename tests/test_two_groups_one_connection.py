@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from broker.client import BrokerClient, Subscription
+from broker.client.client import BrokerClient, Subscription
 
 from .brokers import BrokerProcess
 from .support import RedisServer

@@ -2,6 +2,6 @@
 
 from redis.asyncio import Redis
 
-from .redis_store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, connect_redis
+from broker.store.redis_store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, connect_redis
 
 __all__ = ["AckOutcome", "ClaimRequest", "NackOutcome", "Redis", "RedisStore", "connect_redis"]

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model import now_ms
-from .dlq import DeadLetters
-from .inspect import persistence_warnings
-from .keys import SCHEMA_VERSION, nodes_key, schema_key
-from .redis_store import RedisStore, load_script
+from broker.core.model import now_ms
+from broker.store.dead_letters import DeadLetters
+from broker.store.inspect import persistence_warnings
+from broker.store.keys import SCHEMA_VERSION, nodes_key, schema_key
+from broker.store.redis_store import RedisStore, load_script
 
 SCAN_LIMIT = 100_000  # most ids looked at per queue; bounded so diagnose never stalls a big Redis
 STALE_GRACE_MS = 5_000  # a lease this far past its deadline means no broker is sweeping

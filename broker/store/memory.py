@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .redis_store import RedisStore
+from broker.store.redis_store import RedisStore
 
 EXACT_KEYS = 1_000
 SAMPLE_KEYS = 200

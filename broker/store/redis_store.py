@@ -28,10 +28,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .. import metrics
-from ..config import Settings
-from ..errors import BrokerError, StoreRefusedError, UnavailableError
-from ..model import (
+from broker.core.config import Settings
+from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
+from broker.core.model import (
     AckItem,
     Delivery,
     GroupDepth,
@@ -41,9 +40,10 @@ from ..model import (
     new_message_id,
     now_ms,
 )
-from ..resilience import Breaker, BreakerOpenError, jitter_factor
-from .keys import SCHEMA_VERSION, TopicKeys, node_key, nodes_key, schema_key, topics_key
-from .packer import connection_class
+from broker.runtime import metrics
+from broker.runtime.resilience import Breaker, BreakerOpenError, jitter_factor
+from broker.store.keys import SCHEMA_VERSION, TopicKeys, node_key, nodes_key, schema_key, topics_key
+from broker.store.packer import connection_class
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")

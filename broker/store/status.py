@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .redis_store import RedisStore
+from broker.store.redis_store import RedisStore
 
 _PER_GROUP = 8  # replies per group in the pipeline below
 

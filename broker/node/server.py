@@ -15,14 +15,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from . import metrics
-from .auth import ANONYMOUS, Authenticator, Principal, Refusal
-from .errors import ConfigError
-from .session import Session, new_conn_id
-from .wsconn import BrokerConnection
+from broker.core.errors import ConfigError
+from broker.node.auth import ANONYMOUS, Authenticator, Principal, Refusal
+from broker.node.session import Session, new_conn_id
+from broker.node.wsconn import BrokerConnection
+from broker.runtime import metrics
 
 if TYPE_CHECKING:
-    from .app import Broker
+    from broker.node.app import Broker
 
 log = structlog.get_logger("broker.server")
 

@@ -14,14 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError, NotFoundError
-from .export_format import ExportFile, Header, MessageRecord
-from .jsonl import LineError
-from .model import now_ms
-from .store import RedisStore
-from .store.keys import SCHEMA_VERSION, schema_key
-from .store.redis_store import _error_entry
-from .store.transfer import (
+from broker.core.errors import ConfigError, NotFoundError
+from broker.core.model import now_ms
+from broker.core.records import ExportFile, Header, LineError, MessageRecord
+from broker.store import RedisStore
+from broker.store.keys import SCHEMA_VERSION, schema_key
+from broker.store.redis_store import _error_entry
+from broker.store.snapshot import (
     CALLS_PER_PIPELINE,
     Importer,
     batches,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import protocol
-from .errors import BrokerError
-from .store.status import message_status
+from broker.core import protocol
+from broker.core.errors import BrokerError
+from broker.store.status import message_status
 
 if TYPE_CHECKING:
-    from .session import Session
+    from broker.node.session import Session
 
 
 async def handle_status(session: Session, req: protocol.Status) -> None:

@@ -19,19 +19,20 @@ import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from . import metrics, protocol
-from .auth import ANONYMOUS, Principal
-from .dispatch import Consumer
-from .errors import BrokerError, ProtocolError, UnavailableError
-from .limits import TokenBucket
-from .model import AckItem, Delivery, NackItem, PublishResult
-from .pull import PullConsumer, PullFrame, handle_pull
-from .queries import handle_status
-from .store import NackOutcome
-from .supervisor import watch_task
+from broker.core import protocol
+from broker.core.errors import BrokerError, ProtocolError, UnavailableError
+from broker.core.limits import TokenBucket
+from broker.core.model import AckItem, Delivery, NackItem, PublishResult
+from broker.node.auth import ANONYMOUS, Principal
+from broker.node.dispatch import Consumer
+from broker.node.pull import PullConsumer, PullFrame, handle_pull
+from broker.node.status import handle_status
+from broker.runtime import metrics
+from broker.runtime.supervisor import watch_task
+from broker.store import NackOutcome
 
 if TYPE_CHECKING:
-    from .app import Broker
+    from broker.node.app import Broker
 
 log = structlog.get_logger("broker.session")
 _conn_seq = itertools.count(1)

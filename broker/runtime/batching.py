@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from .supervisor import watch_task
+from broker.runtime.supervisor import watch_task
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")

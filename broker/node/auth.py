@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from urllib.parse import parse_qs, urlsplit
 
-from .config import AuthSettings, TokenSettings
+from broker.core.config import AuthSettings, TokenSettings
 
 
 def token_hash(token: str) -> str:

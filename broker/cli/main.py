@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import dlq_ops, export_format, transfer
-from .config import Settings, load_settings
-from .dlq_ops import Filter, parse_duration_ms
-from .errors import BrokerError, ConfigError
-from .jsonl import LineError, parse_lines
-from .store import RedisStore
+from broker.core import records as export_format
+from broker.core.config import Settings, load_settings
+from broker.core.errors import BrokerError, ConfigError
+from broker.core.records import LineError, parse_lines
+from broker.ops import dlq as dlq_ops
+from broker.ops import transfer
+from broker.ops.dlq import Filter, parse_duration_ms
+from broker.store import RedisStore
 
 if TYPE_CHECKING:
-    from .client import BrokerClient, Message, Subscription
+    from broker.client.client import BrokerClient, Message, Subscription
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,10 +53,10 @@ def _ws_url(args: argparse.Namespace) -> str:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from .app import Broker
+    from broker.node.app import Broker
 
     settings = _settings(args)
-    from .logging import configure
+    from broker.runtime.logs import configure
 
     configure(settings.log.level, settings.log.format)
     broker = Broker(settings)
@@ -63,7 +65,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _publish(args: argparse.Namespace) -> int:
-    from .client import BrokerClient
+    from broker.client.client import BrokerClient
 
     raw = sys.stdin.read() if args.data in (None, "-") else args.data
     lines = raw.splitlines() if args.lines else [raw]
@@ -89,7 +91,7 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 async def _consume(args: argparse.Namespace) -> int:
-    from .client import BrokerClient
+    from broker.client.client import BrokerClient
 
     got = 0
     if args.count is not None and args.count <= 0:
@@ -138,8 +140,8 @@ async def _pulled(c: BrokerClient, args: argparse.Namespace) -> AsyncGenerator[l
 
 def _open_store(args: argparse.Namespace) -> RedisStore:
     """Operator commands talk to Redis directly (they work while every broker node is down)."""
-    from .resilience import Breaker
-    from .store import connect_redis
+    from broker.runtime.resilience import Breaker
+    from broker.store import connect_redis
 
     settings = _settings(args)
     url = settings.redis.url or _embedded_url(settings)
@@ -154,7 +156,7 @@ async def _stats_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(rows per topic/group, rows per live node, rows per topic with its memory; empty unless ``memory``).
     Topics whose group set cannot be read are left out and named in ``broken`` (the caller reports them)."""
-    from .store.memory import topic_memory
+    from broker.store.memory import topic_memory
 
     pairs = await store.all_pairs(broken if broken is not None else [])
     if topic:
@@ -496,7 +498,7 @@ async def _import(args: argparse.Namespace) -> int:
 
 
 async def _diagnose(args: argparse.Namespace) -> int:
-    from .store.diagnose import diagnose
+    from broker.store.diagnose import diagnose
 
     store = _open_store(args)
     try:
@@ -517,7 +519,7 @@ async def _diagnose(args: argparse.Namespace) -> int:
 
 
 async def _message(args: argparse.Namespace) -> int:
-    from .store.status import message_status
+    from broker.store.status import message_status
 
     store = _open_store(args)
     try:
@@ -537,7 +539,7 @@ async def _message(args: argparse.Namespace) -> int:
 
 
 async def _token_hash(args: argparse.Namespace) -> int:
-    from .auth import token_hash
+    from broker.node.auth import token_hash
 
     token = args.token if args.token not in (None, "-") else sys.stdin.readline().strip()
     if not token:
@@ -690,7 +692,7 @@ def _run(coro: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd != "serve":  # operator commands: stdout is their data (JSON lines, tables); log lines go to stderr
-        from .logging import configure
+        from broker.runtime.logs import configure
 
         configure("warning", "console")
     try:

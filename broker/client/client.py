@@ -19,8 +19,8 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .errors import ERROR_CODES, BrokerError, RateLimitedError, StaleReceiptError, UnavailableError
-from .resilience import transient_retry
+from broker.core.errors import ERROR_CODES, BrokerError, RateLimitedError, StaleReceiptError, UnavailableError
+from broker.runtime.resilience import transient_retry
 
 log = structlog.get_logger("broker.client")
 
@@ -29,7 +29,7 @@ _ERRORS: dict[str, type[BrokerError]] = {}
 
 def _error_class(code: str) -> type[BrokerError]:
     if not _ERRORS:
-        from . import errors
+        from broker.core import errors
 
         for obj in vars(errors).values():
             if isinstance(obj, type) and issubclass(obj, BrokerError) and obj.code not in _ERRORS:

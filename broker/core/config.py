@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
+from broker.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import structlog
 
-from . import metrics
-from .dispatch import Dispatch
-from .store import RedisStore
-from .store.dlq import DeadLetters
-from .supervisor import DegradedError, Supervisor
+from broker.node.dispatch import Dispatch
+from broker.runtime import metrics
+from broker.runtime.supervisor import DegradedError, Supervisor
+from broker.store import RedisStore
+from broker.store.dead_letters import DeadLetters
 
 log = structlog.get_logger("broker.recovery")
 

@@ -26,10 +26,10 @@ from typing import Any
 
 import structlog
 
-from . import metrics
-from .config import LoopSettings
-from .errors import BrokerError, UnavailableError
-from .resilience import LoopBackoff
+from broker.core.config import LoopSettings
+from broker.core.errors import BrokerError, UnavailableError
+from broker.runtime import metrics
+from broker.runtime.resilience import LoopBackoff
 
 log = structlog.get_logger("broker.supervisor")
 

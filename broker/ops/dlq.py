@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .model import now_ms
-from .store import RedisStore
-from .store.dlq import DeadLetter, DeadLetters
+from broker.core.model import now_ms
+from broker.store import RedisStore
+from broker.store.dead_letters import DeadLetter, DeadLetters
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}

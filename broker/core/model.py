@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .errors import InvalidNameError
+from broker.core.errors import InvalidNameError
 
 
 class State(StrEnum):

@@ -11,23 +11,23 @@ from collections.abc import Sequence
 import orjson
 import structlog
 
-from . import metrics
-from .batching import Coalescer
-from .config import Settings
-from .dispatch import Dispatch
-from .embedded import EmbeddedRedis
-from .errors import BrokerError, ConfigError
-from .handlers import HandlerRunner, load_target, start_handlers
-from .model import PublishRequest, PublishResult
-from .protocol import Limits
-from .recovery import Recovery
-from .resilience import Breaker, BreakerState
-from .server import WsServer
-from .store import Redis, RedisStore, connect_redis
-from .store.fake import fake_client
-from .store.inspect import persistence_warnings
-from .store.keys import SCHEMA_VERSION
-from .supervisor import Supervisor, watch_task
+from broker.core.config import Settings
+from broker.core.errors import BrokerError, ConfigError
+from broker.core.model import PublishRequest, PublishResult
+from broker.core.protocol import Limits
+from broker.node.dispatch import Dispatch
+from broker.node.embedded import EmbeddedRedis
+from broker.node.handlers import HandlerRunner, load_target, start_handlers
+from broker.node.recovery import Recovery
+from broker.node.server import WsServer
+from broker.runtime import metrics
+from broker.runtime.batching import Coalescer
+from broker.runtime.resilience import Breaker, BreakerState
+from broker.runtime.supervisor import Supervisor, watch_task
+from broker.store import Redis, RedisStore, connect_redis
+from broker.store.fake import fake_client
+from broker.store.inspect import persistence_warnings
+from broker.store.keys import SCHEMA_VERSION
 
 log = structlog.get_logger("broker.app")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from ..model import now_ms
-from .redis_store import RedisStore, load_script, script_call
+from broker.core.model import now_ms
+from broker.store.redis_store import RedisStore, load_script, script_call
 
 BATCH = 500
 

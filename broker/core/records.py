@@ -9,15 +9,14 @@ strings Redis holds, so a field this version does not know (a per-message policy
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from .errors import InvalidNameError
-from .jsonl import LineError, parse_lines
-from .model import validate_name
+from broker.core.errors import InvalidNameError
+from broker.core.model import validate_name
 
 FORMAT = "redis-ws-broker-export"
 VERSION = 1
@@ -320,3 +319,26 @@ def parse(data: bytes) -> ExportFile:
         raise LineError(last + 1, "no end record: the file was cut short (every export ends with one)")
     check.finish(out.topics)
     return out
+
+
+# JSON Lines input shared by the operator commands that read files (`dlq reprocess --from-file`, `import`): a file is
+# checked whole before anything acts on it, so a bad line is reported by its number and nothing is changed.
+
+class LineError(ValueError):
+    """Line ``line`` (1-based) of a JSON Lines file is not what the reader expects."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+        self.message = message
+
+
+def parse_lines(data: bytes) -> Iterator[tuple[int, Any]]:
+    """Each non-blank line parsed as JSON, with its 1-based number; ``LineError`` at the first that is not JSON."""
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            raise LineError(n, f"not JSON ({e})") from None

@@ -17,13 +17,14 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from . import metrics, protocol
-from .dispatch import Consumer, Dispatch
-from .errors import BrokerError, ProtocolError, UnavailableError
-from .model import AckItem, Delivery
+from broker.core import protocol
+from broker.core.errors import BrokerError, ProtocolError, UnavailableError
+from broker.core.model import AckItem, Delivery
+from broker.node.dispatch import Consumer, Dispatch
+from broker.runtime import metrics
 
 if TYPE_CHECKING:
-    from .session import Session
+    from broker.node.session import Session
 
 
 class PendingPull:

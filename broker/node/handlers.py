@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 import structlog
 
-from . import metrics
-from .config import HandlerSettings, Settings
-from .dispatch import Consumer, Dispatch
-from .errors import BrokerError, ConfigError
-from .model import AckItem, Delivery, NackItem
-from .resilience import Breaker, BreakerOpenError, BreakerState
-from .supervisor import watch_task
+from broker.core.config import HandlerSettings, Settings
+from broker.core.errors import BrokerError, ConfigError
+from broker.core.model import AckItem, Delivery, NackItem
+from broker.node.dispatch import Consumer, Dispatch
+from broker.runtime import metrics
+from broker.runtime.resilience import Breaker, BreakerOpenError, BreakerState
+from broker.runtime.supervisor import watch_task
 
 log = structlog.get_logger("broker.handlers")
 

@@ -15,13 +15,13 @@ from typing import ClassVar, Protocol
 
 import structlog
 
-from . import metrics
-from .batching import Coalescer
-from .config import Settings
-from .errors import BrokerError, UnavailableError
-from .model import AckItem, Delivery, NackItem, now_ms
-from .store import AckOutcome, ClaimRequest, NackOutcome, RedisStore
-from .supervisor import Loop, Supervisor, watch_task
+from broker.core.config import Settings
+from broker.core.errors import BrokerError, UnavailableError
+from broker.core.model import AckItem, Delivery, NackItem, now_ms
+from broker.runtime import metrics
+from broker.runtime.batching import Coalescer
+from broker.runtime.supervisor import Loop, Supervisor, watch_task
+from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore
 
 log = structlog.get_logger("broker.dispatch")
 

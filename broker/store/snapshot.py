@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..export_format import DeadRecord, IdempotencyRecord, MessageRecord, Pending, TopicRecord
-from .dlq import DeadLetters
-from .keys import GroupKeys, topics_key
-from .redis_store import RedisStore, load_script
+from broker.core.records import DeadRecord, IdempotencyRecord, MessageRecord, Pending, TopicRecord
+from broker.store.dead_letters import DeadLetters
+from broker.store.keys import GroupKeys, topics_key
+from broker.store.redis_store import RedisStore, load_script
 
 READ_CHUNK = 500  # hashes per pipeline when reading
 OPS_PER_CALL = 200  # import ops per script call (one atomic step)

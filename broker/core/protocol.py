@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from .errors import BrokerError, PayloadTooLargeError, ProtocolError
-from .model import DEFAULT_GROUP, Delivery, PublishRequest, validate_name
+from broker.core.errors import BrokerError, PayloadTooLargeError, ProtocolError
+from broker.core.model import DEFAULT_GROUP, Delivery, PublishRequest, validate_name
 
 Ref = str | int | None
 
