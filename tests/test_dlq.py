@@ -1,4 +1,5 @@
-"""Dead-letter operations (broker/store/dead_letters.py) on fakeredis and real Redis: list, get, reprocess, purge, prune."""
+"""Dead-letter operations (broker/store/dead_letters.py) on fakeredis and real Redis: list, get, reprocess, purge,
+prune."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 the level(s) it is logged at, the module(s) that log it and its fields.
 
 The source side is read with ``ast``: every ``log.<level>("event", key=...)`` and ``self.log.<level>(...)`` call
-(``self.log`` being ``log.bind(...)``, whose keys count as fields). Events logged by ``broker/client/client.py`` run in the
-application's process and belong to the "Client library events" table; all others to "Broker events".
+(``self.log`` being ``log.bind(...)``, whose keys count as fields). Events logged by ``broker/client/client.py`` run
+in the application's process and belong to the "Client library events" table; all others to "Broker events".
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def test_levels_sources_and_fields_match() -> None:
 
 def test_connection_events_carry_conn_id() -> None:
     """The convention docs/logging.md states: every event about an accepted connection carries `conn_id`."""
-    per_connection = {name for name, ev in SOURCE["broker"].items() if "node/session" in ev.sources} | {"connection_opened"}
+    in_session = {name for name, ev in SOURCE["broker"].items() if "node/session" in ev.sources}
+    per_connection = in_session | {"connection_opened"}
     assert {"connection_opened", "connection_closed", "subscribed"} <= per_connection
     for name in per_connection:
         assert "conn_id" in SOURCE["broker"][name].fields, name
