@@ -117,11 +117,23 @@ def test_unrelated_env_vars_are_ignored() -> None:
         ("[redis]\nurl = [1]\n", "redis.url: expected str"),
         ("[retry]\njitter = false\n", "retry.jitter: expected float"),
         ('[retry]\njitter = "x"\n', "retry.jitter: expected float"),
+        # a number written as a string in TOML is a mistake, even when the text would parse (docs/config.md)
+        ('[server]\nport = "8766"\n', "server.port: expected int"),
+        ('[retry]\njitter = "0.2"\n', "retry.jitter: expected float"),
+        ('[server]\nmetrics_enabled = "true"\n', "server.metrics_enabled: expected bool"),
+        ('[[tokens]]\nname = "a"\nsha256 = "' + "0" * 64 + '"\nadmin = "yes"\n', r"tokens\[0\]\.admin: expected bool"),
     ],
 )
 def test_bad_types_are_errors(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_settings(write(tmp_path, text), environ={})
+
+
+def test_env_text_is_parsed_where_toml_text_is_refused() -> None:
+    # Given the environment, which only has strings
+    # When a number arrives as text
+    # Then it is parsed, as docs/config.md says (only the TOML file must carry real numbers)
+    assert load_settings(environ={"BROKER_SERVER_PORT": "8766"}).server.port == 8766
 
 
 def test_bad_env_type_is_an_error() -> None:

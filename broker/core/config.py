@@ -182,8 +182,12 @@ def setting_names() -> list[str]:
     return names + [f"tokens[].{f.name}" for f in dataclasses.fields(TokenSettings)]
 
 
-def _coerce(where: str, kind: type[Any], value: Any) -> Any:
+def _coerce(where: str, kind: type[Any], value: Any, *, text: bool = True) -> Any:
+    """``value`` as ``kind``. ``text``: the source only has strings (environment, flags), so ``"8765"`` is parsed;
+    from a typed source (TOML) a string where a number or boolean belongs is a mistake and refused."""
     try:
+        if not text and isinstance(value, str) and kind in (int, float, bool):
+            raise ValueError(value)
         if kind is bool and not isinstance(value, bool) and not isinstance(value, str):
             raise ValueError(value)
         if kind is bool:
@@ -229,7 +233,7 @@ def _tables(raw: Any, source: str, name: str, cls: type[_T]) -> list[_T]:
         for key in table:
             if key not in hints:
                 raise ConfigError(f"{source}: unknown setting {name}[{i}].{key} (known: {', '.join(hints)})")
-        out.append(cls(**{k: _coerce(f"{source}: {name}[{i}].{k}", hints[k], v) for k, v in table.items()}))
+        out.append(cls(**{k: _coerce(f"{source}: {name}[{i}].{k}", hints[k], v, text=False) for k, v in table.items()}))
     return out
 
 
@@ -261,7 +265,7 @@ def _tokens(raw: Any, source: str) -> tuple[TokenSettings, ...]:
     return tuple(out)
 
 
-def _apply(settings: Settings, overrides: Mapping[str, Mapping[str, Any]], source: str) -> Settings:
+def _apply(settings: Settings, overrides: Mapping[str, Mapping[str, Any]], source: str, *, text: bool) -> Settings:
     for section, values in overrides.items():
         if section == "handlers":
             settings = dataclasses.replace(settings, handlers=_handlers(values, source))
@@ -280,7 +284,7 @@ def _apply(settings: Settings, overrides: Mapping[str, Mapping[str, Any]], sourc
             if key not in hints:
                 known = ", ".join(hints)
                 raise ConfigError(f"{source}: unknown setting {section}.{key} (known: {known})")
-            coerced[key] = _coerce(f"{source}: {section}.{key}", hints[key], value)
+            coerced[key] = _coerce(f"{source}: {section}.{key}", hints[key], value, text=text)
         settings = settings.replace(section, **coerced)
     return settings
 
@@ -419,10 +423,10 @@ def load_settings(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: {e}") from None
-        settings = _apply(settings, data, str(p))
-    settings = _apply(settings, env_overrides(environ), "environment")
+        settings = _apply(settings, data, str(p), text=False)
+    settings = _apply(settings, env_overrides(environ), "environment", text=True)
     if cli:
-        settings = _apply(settings, cli, "command line")
+        settings = _apply(settings, cli, "command line", text=True)
     if settings.auth.tokens_file:
         p = Path(settings.auth.tokens_file)
         try:
