@@ -108,6 +108,7 @@ async def test_metrics_parse_and_count_the_messages_that_flowed(broker: BrokerPr
     assert delta("broker_connections_total", outcome="accepted") == 1
     assert value(after, "broker_breaker_state", breaker="redis") == 0  # closed
     assert value(after, "broker_publish_failed_total", code="unavailable") == 0
+    assert not [name for name, _ in after if name.endswith("_created")], "no _created series on /metrics"
 
 
 def test_operations_doc_names_exactly_the_registered_metrics() -> None:
