@@ -325,3 +325,48 @@ async def test_admits_tells_how_many_calls_may_start() -> None:
     gate.set()
     await trial
     assert b.admits() == -1
+
+
+# ---- probing an open breaker ---------------------------------------------------------------------------------------
+
+
+async def test_a_healthy_probe_half_opens_an_open_breaker_before_its_reset_timeout() -> None:
+    # Given a breaker with a 60 s reset timeout and a probe that fails twice, then answers
+    healthy = asyncio.Event()
+    answers = iter([False, False, True])
+
+    async def probe() -> None:
+        if not next(answers):
+            raise OSError("still down")
+        healthy.set()
+
+    b = Breaker("p", fail_max=1, reset_timeout_s=60.0, probe=probe, probe_interval_s=0.01)
+    # When one failure opens it
+    calls = Calls()
+    await trip(b, calls, 1)
+    assert b.state is BreakerState.OPEN
+    # Then it stays open while the probe fails, and is half-open right after the first healthy probe
+    async with asyncio.timeout(5):
+        await healthy.wait()
+        while b.state is not BreakerState.HALF_OPEN:
+            await asyncio.sleep(0.001)
+    assert b.probes == 3
+    # And the next real call is the trial that closes it
+    assert await b.call(calls.ok) == "ok"
+    assert b.state is BreakerState.CLOSED
+    await b.close()
+
+
+async def test_without_a_healthy_probe_the_breaker_stays_open_and_probes_at_its_interval() -> None:
+    async def probe() -> None:
+        raise OSError("still down")
+
+    b = Breaker("p", fail_max=1, reset_timeout_s=60.0, probe=probe, probe_interval_s=0.05)
+    calls = Calls()
+    await trip(b, calls, 1)
+    await asyncio.sleep(0.32)
+    assert b.state is BreakerState.OPEN
+    assert 3 <= b.probes <= 7  # one per interval, never a burst
+    with pytest.raises(BreakerOpenError):
+        await b.call(calls.ok)
+    await b.close()

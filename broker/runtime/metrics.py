@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 # No `<name>_created` series (one per counter and histogram label set, 62 on a fresh node): they carry only the time a
 # series first appeared, which Prometheus does not need, and doubled what an operator scrolls through.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

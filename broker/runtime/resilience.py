@@ -13,6 +13,7 @@ would let a cancelled half-open trial close the breaker. In half-open only one t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -71,7 +72,7 @@ StateListener = Callable[[str, BreakerState, BreakerState], None]
 
 
 class _Listener(pybreaker.CircuitBreakerListener):
-    def __init__(self, name: str, on_change: StateListener | None) -> None:
+    def __init__(self, name: str, on_change: Callable[[BreakerState, BreakerState], None]) -> None:
         self._name = name
         self._on_change = on_change
 
@@ -79,12 +80,16 @@ class _Listener(pybreaker.CircuitBreakerListener):
         old = BreakerState(old_state.name) if old_state is not None else BreakerState.CLOSED
         new = BreakerState(new_state.name)
         log.warning("breaker_state_changed", breaker=self._name, old=old.value, new=new.value)
-        if self._on_change is not None:
-            self._on_change(self._name, old, new)
+        self._on_change(old, new)
 
 
 class Breaker:
-    """An asyncio circuit breaker over pybreaker's state machine."""
+    """An asyncio circuit breaker over pybreaker's state machine.
+
+    With a ``probe`` (a cheap health check such as Redis ``PING``, never real traffic), an open breaker does not wait
+    out its whole ``reset_timeout_s``: every ``probe_interval_s`` it runs the probe, and the first healthy answer
+    moves it to half-open at once, so the next real call is the trial. ``reset_timeout_s`` stays the upper bound.
+    """
 
     def __init__(
         self,
@@ -96,16 +101,23 @@ class Breaker:
         call_timeout_s: float | None = None,
         exclude: Iterable[type[BaseException]] = (),
         on_change: StateListener | None = None,
+        probe: Callable[[], Awaitable[object]] | None = None,
+        probe_interval_s: float = 1.0,
     ) -> None:
         self.name = name
         self.reset_timeout_s = reset_timeout_s
         self.call_timeout_s = call_timeout_s
+        self._on_change = on_change
+        self._probe = probe
+        self._probe_interval_s = probe_interval_s
+        self._prober: asyncio.Task[None] | None = None
+        self.probes = 0  # probes run (tests and logs: at most one per probe_interval_s while open)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
             success_threshold=success_threshold,
             exclude=[asyncio.CancelledError, *exclude],  # type: ignore[arg-type]
-            listeners=[_Listener(name, on_change)],
+            listeners=[_Listener(name, self._changed)],
             name=name,
             throw_new_error_on_trip=False,
         )
@@ -118,6 +130,38 @@ class Breaker:
     @property
     def fail_counter(self) -> int:
         return int(self._cb.fail_counter)
+
+    def _changed(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN and self._probe is not None and (self._prober is None or self._prober.done()):
+            with contextlib.suppress(RuntimeError):  # no running loop (a synchronous test): nothing to probe with
+                self._prober = asyncio.get_running_loop().create_task(self._probe_until_healthy(), name=self.name)
+        if self._on_change is not None:
+            self._on_change(self.name, old, new)
+
+    async def _probe_until_healthy(self) -> None:
+        assert self._probe is not None
+        while self.state is BreakerState.OPEN:
+            await asyncio.sleep(self._probe_interval_s)
+            if self.state is not BreakerState.OPEN:
+                return
+            self.probes += 1
+            try:
+                async with asyncio.timeout(self.call_timeout_s or self._probe_interval_s):
+                    await self._probe()
+            except Exception as e:  # still down: stay open, try again next interval
+                log.debug("breaker_probe_failed", breaker=self.name, error=repr(e))
+                continue
+            if self.state is BreakerState.OPEN:
+                log.info("breaker_probe_healthy", breaker=self.name)
+                self._cb.half_open()
+            return
+
+    async def close(self) -> None:
+        """Stop the probe (shutdown)."""
+        if self._prober is not None and not self._prober.done():
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
 
     def retry_after_ms(self) -> int:
         if self.state is not BreakerState.OPEN:
