@@ -1,5 +1,11 @@
-"""A TCP proxy on loopback that can cut, blackhole or restore the path to a real server (fault injection for
-mission-critical tests, instead of mocks). Runs its own event loop in a thread so test code may block freely."""
+"""A TCP proxy on loopback that can cut, blackhole, hang, delay or restore the path to a real server (fault injection
+for mission-critical tests, instead of mocks). Runs its own event loop in a thread so test code may block freely.
+
+Modes: ``pass`` forwards; ``cut`` drops every connection and refuses new ones (a dead server); ``blackhole`` drops
+every connection, then accepts new ones and forwards nothing; ``hang`` keeps every connection open, takes every
+byte and never answers (a hung server or network: only timeouts notice; ``restore`` then drops those connections,
+whose streams are out of step); ``delay`` forwards every chunk ``delay_s`` after it arrived (a slow path).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
-        self.mode = "pass"  # pass | cut (refuse and drop) | blackhole (accept, forward nothing)
+        self.mode = "pass"  # pass | cut | blackhole | hang | delay (module docstring)
+        self.delay_s = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._writers: set[asyncio.StreamWriter] = set()
@@ -54,13 +61,30 @@ class TcpProxy:
                 w.close()
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                if self.mode != "pass":
-                    break
+        # Chunks go through a queue with their arrival time, so a delay shifts each one by delay_s instead of adding
+        # up along the stream.
+        chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def write() -> None:
+            while (item := await chunks.get()) is not None:
+                at, data = item
+                if self.mode == "delay":
+                    await asyncio.sleep(max(0.0, at + self.delay_s - self._loop.time()))
                 w.write(data)
                 await w.drain()
+
+        writer = asyncio.ensure_future(write())
+        try:
+            while data := await r.read(65536):
+                if self.mode == "hang":
+                    continue  # taken, never answered
+                if self.mode not in ("pass", "delay"):
+                    break
+                chunks.put_nowait((self._loop.time(), data))
+            chunks.put_nowait(None)
+            await writer
         finally:
+            writer.cancel()
             self._writers.discard(w)
             w.close()
 
@@ -80,8 +104,20 @@ class TcpProxy:
         self.mode = "blackhole"
         self._loop.call_soon_threadsafe(self._drop_all)
 
+    def hang(self) -> None:
+        """Keep every connection open, take every byte, answer nothing (new connections too)."""
+        self.mode = "hang"
+
+    def delay(self, seconds: float) -> None:
+        """Forward every chunk, in both directions, ``seconds`` after it arrived."""
+        self.delay_s = seconds
+        self.mode = "delay"
+
     def restore(self) -> None:
+        hung = self.mode == "hang"
         self.mode = "pass"
+        if hung:  # what was swallowed left those streams out of step: end them, as a network reset would
+            self._loop.call_soon_threadsafe(self._drop_all)
 
     def close(self) -> None:
         async def stop() -> None:

@@ -156,6 +156,16 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs with its sockets open (a hung Redis, not a dead one: only timeouts notice)."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause()``: Redis answers again, including what was queued on its sockets meanwhile."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def cli(self, *args: str, timeout_s: float = 10.0) -> str:
         """Run ``redis-cli -p PORT ARGS...`` and return its stdout without its final newline (an empty last value
         of a reply, e.g. a hash field holding "", stays an empty last line)."""
@@ -168,6 +178,8 @@ class RedisServer:
         return out.stdout.decode(errors="replace").removesuffix("\n")
 
     def close(self) -> None:
+        if self.running:
+            self.resume()  # a stopped process ignores nothing but SIGKILL; resume so a later stop() can be graceful
         self.kill()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -56,7 +56,7 @@ class RecordingSupervisor(Supervisor):
         super().__init__(policy)
         self.waits: list[float] = []
 
-    async def sleep(self, seconds: float) -> bool:
+    async def sleep(self, seconds: float, *, retrying: bool = False) -> bool:
         self.waits.append(seconds)
         await asyncio.sleep(0)
         return self.stopping.is_set()
@@ -369,3 +369,32 @@ async def test_delivery_loop_pauses_on_unavailable_and_reports_other_failures(lo
     await dispatch.stop(1.0)
     assert "dispatch:t/g" not in sup.loops
     assert not events(logs, "loop_task_ended")
+
+
+async def test_retry_failing_now_ends_a_failed_loops_backoff_but_not_a_healthy_loops_interval() -> None:
+    # Given a loop whose step fails (a long backoff) and a healthy loop with a long interval
+    sup = Supervisor(LoopSettings(fail_threshold=1, backoff_cap_s=30.0))
+    failing_runs = healthy_runs = 0
+    down = True
+
+    async def failing_step() -> None:
+        nonlocal failing_runs
+        failing_runs += 1
+        if down:
+            raise RuntimeError("redis down")
+
+    async def healthy_step() -> None:
+        nonlocal healthy_runs
+        healthy_runs += 1
+
+    failing = sup.periodic("unit_failing", failing_step, 30.0)
+    sup.periodic("unit_healthy", healthy_step, 30.0)
+    await until(lambda: failing_runs == 1 and healthy_runs == 1 and failing.failing)
+    # When the dependency is healthy again and the supervisor is told so
+    down = False
+    sup.retry_failing_now()
+    # Then the failed loop runs again at once and is healthy, the healthy loop keeps its interval
+    await until(lambda: failing_runs == 2 and not failing.failing)
+    assert healthy_runs == 1
+    assert sup.reasons() == []
+    await sup.stop(1.0)

@@ -19,7 +19,6 @@ Fire-and-forget tasks are not loops: ``watch_task`` makes one log ``task_failed`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -146,6 +145,7 @@ class Supervisor:
         self.clock = clock
         self.loops: dict[str, Loop] = {}
         self.stopping = asyncio.Event()
+        self._retry_now = asyncio.Event()  # set and replaced by retry_failing_now(): wakes loops waiting out a backoff
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- loops ---------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class Supervisor:
                     loop.succeeded()
                     wait = interval_s
                 loop.beat(wait)
-                await self.sleep(wait)
+                await self.sleep(wait, retrying=loop.failures > 0)
 
         self.run(loop, body, lambda: not self.stopping.is_set())
         return loop
@@ -209,7 +209,7 @@ class Supervisor:
                 if not running:
                     return
                 loop.beat(wait)
-                if await self.sleep(wait) or not should_run():
+                if await self.sleep(wait, retrying=True) or not should_run():
                     return
                 loop.restarts += 1
                 metrics.loop_restarts.labels(loop.kind).inc()
@@ -217,12 +217,26 @@ class Supervisor:
         finally:
             self.forget(loop)
 
-    async def sleep(self, seconds: float) -> bool:
-        """Wait ``seconds`` or until the supervisor stops; True when stopping."""
-        if not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), seconds)
+    async def sleep(self, seconds: float, *, retrying: bool = False) -> bool:
+        """Wait ``seconds`` or until the supervisor stops; True when stopping. ``retrying``: this wait is a failed
+        loop's backoff, which ``retry_failing_now()`` cuts short."""
+        if self.stopping.is_set():
+            return True
+        waits = [asyncio.ensure_future(self.stopping.wait())]
+        if retrying:
+            waits.append(asyncio.ensure_future(self._retry_now.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
         return self.stopping.is_set()
+
+    def retry_failing_now(self) -> None:
+        """The dependency the failing loops wait for is healthy again (the Redis breaker half-opened or closed): end
+        their backoff now, so readiness returns within moments instead of after the longest backoff."""
+        self._retry_now.set()
+        self._retry_now = asyncio.Event()
 
     # ---- watchdog and health -------------------------------------------------------------------------------
 
