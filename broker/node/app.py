@@ -60,6 +60,8 @@ class Broker:
             success_threshold=b.redis_success_threshold,
             call_timeout_s=b.redis_call_timeout_ms / 1000,
             on_change=self._breaker_changed,
+            probe=self._probe_redis,  # while open: one PING a second, half-open at the first answer
+            probe_interval_s=1.0,
         )
         metrics.breaker_state.labels("redis").set(0)
         if not settings.server.metrics_enabled:
@@ -77,6 +79,11 @@ class Broker:
         metrics.breaker_transitions.labels(name, new.value).inc()
         if new is BreakerState.CLOSED and hasattr(self, "dispatch"):
             self.dispatch.wake_all()
+        if new is not BreakerState.OPEN and hasattr(self, "supervisor"):
+            self.supervisor.retry_failing_now()  # half-open: their next step is a trial; closed: all is well
+
+    async def _probe_redis(self) -> None:
+        await self.store.probe()
 
     async def _redis_client(self) -> Redis:
         url = self.settings.redis.url
@@ -231,6 +238,7 @@ class Broker:
             await supervisor.stop(budget(0.1, floor=0.5))
         if self._nondurable_nag:
             self._nondurable_nag.cancel()
+        await self.redis_breaker.close()
         store: RedisStore | None = getattr(self, "store", None)
         if store is not None:
             await store.close()

@@ -205,6 +205,10 @@ class RedisStore:
     async def ping(self) -> bool:
         return bool(await self._run(lambda: self.redis.ping(), "ping"))
 
+    async def probe(self) -> None:
+        """One ``PING`` outside the breaker: how an open breaker learns that Redis answers again (never real work)."""
+        await self.redis.ping()
+
     async def init_schema(self) -> str | None:
         """Write the schema version if absent; return what was there (a different value is the caller's alarm)."""
 
