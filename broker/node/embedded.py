@@ -48,7 +48,11 @@ class EmbeddedRedis:
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: ASYNC220
+        # A session of its own: Ctrl-C in the terminal sends SIGINT to the whole foreground process group, and Redis
+        # must outlive the broker's orderly shutdown (which still needs it), then be stopped last by stop().
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
