@@ -22,16 +22,23 @@ START_TIMEOUT_S = 20.0
 
 
 class BrokerProcess:
-    """``python -m broker serve`` on a free loopback port against ``redis_url``; env adds BROKER_* settings."""
+    """``python -m broker serve`` on a free loopback port against ``redis_url``; env adds BROKER_* settings.
+
+    ``redis_url=None``: embedded mode (no Redis URL at all: the broker manages its own redis-server, or falls back to
+    fakeredis), run in ``cwd`` so its data folder lands there. The broker gets a process group of its own, so
+    ``interrupt()`` can be a terminal's Ctrl-C (SIGINT to the whole group) without reaching the test runner.
+    """
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: str | None,
         env: dict[str, str] | None = None,
         port: int | None = None,
         config: Path | None = None,
         tls: ssl.SSLContext | None = None,  # the broker serves TLS: talk https/wss, trusting this context
+        cwd: Path | None = None,
     ) -> None:
+        self.cwd = cwd or ROOT
         self.tls = tls
         self.redis_url = redis_url
         self.config = config or ROOT / "config/broker.toml"
@@ -52,13 +59,15 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-        env.update({"BROKER_REDIS_URL": self.redis_url, "BROKER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
+        env.update({"BROKER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
+        if self.redis_url is not None:
+            env["BROKER_REDIS_URL"] = self.redis_url
         env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker", "--config", str(self.config), "serve",
                  "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -89,6 +98,12 @@ class BrokerProcess:
         """SIGTERM and wait (graceful shutdown); returns the exit code."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def interrupt(self, timeout_s: float = 15.0) -> int:
+        """Ctrl-C in the terminal: SIGINT to the broker's whole process group; wait and return the exit code."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGINT)
         return self.proc.wait(timeout_s)
 
     def kill(self) -> None:
