@@ -62,7 +62,8 @@ class DeliverySettings:
     poll_interval_ms: int = 250  # idle re-check when no wake-up arrives (pub/sub is best effort)
     sweep_interval_ms: int = 500  # lease expiry + due-retry promotion
     publish_without_group: str = "default"  # "default": store for group `default`; "reject": not_found error
-    idempotency_ttl_s: int = 86_400
+    # The dedup window: 10 min covers the client's reconnect-and-retry deadline (5 min) twice over (docs/config.md).
+    idempotency_ttl_s: int = 600
     max_delay_ms: int = 7 * 86_400_000
     node_timeout_ms: int = 10_000  # a node without heartbeat this long is dead: its leases are swept at once
     strict_order_groups: tuple[str, ...] = ()  # "topic/group" entries: one in flight, a retry holds the head
