@@ -124,6 +124,10 @@ class TcpProxy:
             if self._server is not None:
                 self._server.close()
             self._drop_all()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:  # pipes still waiting (a delayed chunk, a hung read): end them before the loop closes
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
