@@ -130,7 +130,7 @@ class GroupDispatcher:
                     log.warning("delivery_paused", topic=self.topic, group=self.group, reason=e.message)
                     self.paused_reason = e.message
                     d.notify_paused(self, e)
-                metrics.store_errors.labels("claim", "unavailable").inc()
+                metrics.store_errors.labels("claim", e.code).inc()
                 wait = min(5.0, (e.retry_after_ms or 1000) / 1000)
                 loop.beat(wait)
                 await d.pause(wait)

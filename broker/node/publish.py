@@ -60,7 +60,7 @@ class Publisher:
         except asyncio.CancelledError:
             raise  # shutdown: answered as "not confirmed" by the session, not counted as a failure
         except BaseException as e:
-            code = e.code if isinstance(e, BrokerError) else "internal"
+            code = e.code if isinstance(e, BrokerError) else BrokerError.code
             metrics.publish_failed.labels(code).inc(len(reqs))
             raise
         finally:
