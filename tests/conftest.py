@@ -35,7 +35,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
-    """``await store_factory(settings=None)`` -> a store on this test's backend and key prefix.
+    """``await store_factory(settings=None, clock=None)`` -> a store on this test's backend and key prefix (``clock``:
+    epoch ms, for a test that steps time instead of sleeping).
 
     Several stores of one test share the data (one FakeServer, or the session's redis-server), like broker nodes.
     """
@@ -44,7 +45,7 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
     server: RedisServer | None = request.getfixturevalue("redis_server") if backend == "real" else None
     made: list[RedisStore] = []
 
-    async def factory(settings: Settings | None = None) -> RedisStore:
+    async def factory(settings: Settings | None = None, clock: Callable[[], int] | None = None) -> RedisStore:
         settings = (settings or Settings()).replace("redis", key_prefix=prefix)
         client: Any
         if fake_server is not None:
@@ -52,7 +53,7 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
         else:
             assert server is not None
             client = connect_redis(server.url, settings)
-        store = make_store(client, settings)
+        store = make_store(client, settings, clock=clock)
         made.append(store)
         return store
 

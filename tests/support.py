@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -238,7 +238,12 @@ def make_breaker(settings: Settings, **overrides: Any) -> Breaker:
     return Breaker("redis", **kwargs)
 
 
-def make_store(client: Any, settings: Settings | None = None, node_id: str = "test-node") -> RedisStore:
-    """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings."""
+def make_store(
+    client: Any, settings: Settings | None = None, node_id: str = "test-node", clock: Callable[[], int] | None = None
+) -> RedisStore:
+    """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings;
+    ``clock`` (epoch ms) replaces the wall clock for a test that steps time."""
     settings = settings or Settings()
-    return RedisStore(client, settings, make_breaker(settings), node_id)
+    if clock is None:
+        return RedisStore(client, settings, make_breaker(settings), node_id)
+    return RedisStore(client, settings, make_breaker(settings), node_id, clock=clock)

@@ -9,7 +9,7 @@ import pytest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from broker.node.wsconn import BrokerConnection
+from broker.node.server import BrokerConnection
 from broker.runtime.batching import Coalescer
 
 

@@ -1,12 +1,13 @@
 """Strict-order groups (seed 004's FIFO-across-retries): one delivery in flight per group across all nodes, and a
-retry holds the head of the queue so nothing behind it overtakes it. Runs on fakeredis and a real redis-server."""
+retry holds the head of the queue so nothing behind it overtakes it. Runs on fakeredis and a real redis-server.
+
+Time is a ``StepClock`` the stores read (every script gets its "now" from it): a test steps it past a retry or a
+lease instead of sleeping on the wall clock."""
 
 from __future__ import annotations
 
-import asyncio
-
 from broker.core.config import Settings
-from broker.core.model import AckItem, NackItem, PublishRequest
+from broker.core.model import AckItem, NackItem, PublishRequest, now_ms
 
 from .conftest import StoreFactory
 
@@ -17,10 +18,24 @@ def strict_settings() -> Settings:
     return Settings().replace("delivery", strict_order_groups=(f"{T}/g",))
 
 
+class StepClock:
+    """Epoch ms that only moves when told (both "nodes" of a test share one)."""
+
+    def __init__(self) -> None:
+        self.now = now_ms()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def step(self, ms: int) -> None:
+        self.now += ms
+
+
 async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactory) -> None:
     # Given a strict-order group with 5 messages, and a second node on the same Redis
-    store = await store_factory(strict_settings())
-    other = await store_factory(strict_settings())
+    clock = StepClock()
+    store = await store_factory(strict_settings(), clock)
+    other = await store_factory(strict_settings(), clock)
     await store.ensure_group(T, "g")
     await store.publish_many([PublishRequest(T, str(i)) for i in range(5)])
     # When a consumer asks for 10
@@ -32,7 +47,7 @@ async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactor
     await store.nack_many(T, "g", [(NackItem(first[0].id, first[0].receipt, "boom", delay_ms=300), 1, "c1")])
     # Then nothing behind it is delivered before its retry is due
     assert await other.claim(T, "g", 10, 30_000, "c2") == []
-    await asyncio.sleep(0.35)
+    clock.step(350)
     again = await other.claim(T, "g", 10, 30_000, "c2")
     assert [(d.payload, d.attempt) for d in again] == [("0", 2)]
     # And after its ack, order continues with the next message
@@ -43,17 +58,18 @@ async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactor
 
 async def test_expired_lease_in_strict_group_keeps_the_head(store_factory: StoreFactory) -> None:
     settings = strict_settings().replace("retry", backoff_base_ms=200, jitter=0.0)
-    store = await store_factory(settings)
+    clock = StepClock()
+    store = await store_factory(settings, clock)
     await store.ensure_group(T, "g")
     await store.publish_many([PublishRequest(T, str(i)) for i in range(3)])
     # Given the head leased for 50 ms and never acked
     (d,) = await store.claim(T, "g", 10, 50, "c1")
-    await asyncio.sleep(0.08)
+    clock.step(80)
     # When the lease expires
     assert await store.sweep([(T, "g")]) == [(1, 0, 0)]
     # Then the head waits for its backoff (200 ms) and nothing overtakes it
     assert await store.claim(T, "g", 10, 30_000, "c1") == []
-    await asyncio.sleep(0.25)
+    clock.step(250)
     (again,) = await store.claim(T, "g", 10, 30_000, "c1")
     assert (again.id, again.attempt) == (d.id, 2)
 

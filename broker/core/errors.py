@@ -15,24 +15,11 @@
     │   └── StoreRefusedError        code=unavailable      (Redis refused a write: OOM, MISCONF, READONLY)
     └── ConfigError                  code=internal         (bad settings; raised at startup only)
 
-The set of codes is closed: ``ERROR_CODES``. Nothing outside this module invents a code.
+The set of codes is closed: ``ERROR_CLASSES`` maps each code to the class the broker raises for it (and a client
+rebuilds from an error frame); ``ERROR_CODES`` is its keys. Nothing outside this module invents a code.
 """
 
 from __future__ import annotations
-
-ERROR_CODES = frozenset(
-    {
-        "bad_request",
-        "unauthorized",
-        "forbidden",
-        "payload_too_large",
-        "rate_limited",
-        "unavailable",
-        "not_found",
-        "stale_receipt",
-        "internal",
-    }
-)
 
 
 class BrokerError(Exception):
@@ -88,3 +75,28 @@ class StoreRefusedError(UnavailableError):
 
 class ConfigError(BrokerError):
     code = "internal"
+
+
+#: code -> the class raised for it on the node and rebuilt from an error frame by a client. One class per code (the
+#: subclasses sharing a code, ``InvalidNameError``, ``StoreRefusedError``, ``ConfigError``, are node-side details).
+ERROR_CLASSES: dict[str, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (
+        ProtocolError,
+        UnauthorizedError,
+        ForbiddenError,
+        PayloadTooLargeError,
+        RateLimitedError,
+        UnavailableError,
+        NotFoundError,
+        StaleReceiptError,
+        BrokerError,
+    )
+}
+
+ERROR_CODES = frozenset(ERROR_CLASSES)
+
+
+def error_class(code: str) -> type[BrokerError]:
+    """The class for an error frame's ``code``; an unknown code (a newer server) is a plain ``BrokerError``."""
+    return ERROR_CLASSES.get(code, BrokerError)

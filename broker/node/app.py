@@ -6,22 +6,21 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Sequence
 
 import orjson
 import structlog
 
 from broker.core.config import Settings
-from broker.core.errors import BrokerError, ConfigError
-from broker.core.model import PublishRequest, PublishResult
+from broker.core.errors import ConfigError
 from broker.core.protocol import Limits
 from broker.node.dispatch import Dispatch
 from broker.node.embedded import EmbeddedRedis
 from broker.node.handlers import HandlerRunner, load_target, start_handlers
+from broker.node.publish import Publisher
 from broker.node.recovery import Recovery
 from broker.node.server import WsServer
+from broker.node.session import SessionParts
 from broker.runtime import metrics
-from broker.runtime.batching import Coalescer
 from broker.runtime.resilience import Breaker, BreakerState
 from broker.runtime.supervisor import Supervisor, watch_task
 from broker.store import Redis, RedisStore, connect_redis
@@ -32,9 +31,6 @@ from broker.store.keys import SCHEMA_VERSION
 log = structlog.get_logger("broker.app")
 
 _STATE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-
-EAGER_CLAIM_MAX_BATCH = 8  # publish flushes up to this size carry claims for idle groups (see _publish_flush)
 
 
 class Broker:
@@ -117,11 +113,12 @@ class Broker:
         self.supervisor = Supervisor(self.settings.loops)
         self.supervisor.start()
         self.dispatch = Dispatch(self.store, self.settings, self.supervisor)
-        self.publisher: Coalescer[PublishRequest, PublishResult] = Coalescer(self._publish_flush, 1000)
+        self.publisher = Publisher(self.store, self.dispatch)
         self.recovery = Recovery(self.store, self.dispatch, self._status, self.supervisor)
         self.recovery.start()
         self.handlers = await start_handlers(self.settings, self.dispatch)
-        self.server = WsServer(self)
+        parts = SessionParts(self.settings, self.limits, self.publisher, self.dispatch, self.store)
+        self.server = WsServer(parts, self.node_id, self.readiness)
         if self.settings.auth.mode == "open":
             log.warning("auth_open_mode", message="authentication is OFF (auth.mode = open): anyone who can reach "
                         "this port can publish and consume. Configure [[tokens]] and auth.mode = tokens.")  # fmt: skip
@@ -142,25 +139,6 @@ class Broker:
         while True:
             await asyncio.sleep(60)
             log.critical("redis_nondurable_fallback", message="still running on fakeredis: NOTHING IS DURABLE")
-
-    async def _publish_flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
-        topics = {r.topic for r in reqs}
-        # Idle local consumers get a small batch's messages in its own round trip (latency). A big batch means load:
-        # then the groups' own loops claim in parallel with the publishes, which keeps throughput higher.
-        claims = self.dispatch.eager_claims(topics) if len(reqs) <= EAGER_CLAIM_MAX_BATCH else []
-        try:
-            res = await self.store.publish_many(reqs, [c for _, _, c in claims])
-        finally:
-            self.dispatch.published(topics, claims)
-        confirmed: dict[str, int] = {}  # per topic: confirmed publishes (duplicates included), one metric step each
-        for r, out in zip(reqs, res, strict=True):
-            if isinstance(out, PublishResult) and out.groups >= 0:
-                confirmed[r.topic] = confirmed.get(r.topic, 0) + 1
-                if out.groups > 0 and not out.duplicate:
-                    self.dispatch.count(r.topic, "published")
-        for topic, n in confirmed.items():
-            metrics.child(metrics.published, topic).inc(n)
-        return res
 
     def _status(self) -> dict[str, str]:
         """What this node tells `broker stats` through its heartbeat (a few hundred bytes, once a second)."""
@@ -225,7 +203,7 @@ class Broker:
             cut = await self._wait_inflight(budget(0.5))
             if cut:
                 log.warning("shutdown_inflight_cut", deliveries=cut, note="requeued; they will be delivered again")
-        publisher: Coalescer[PublishRequest, PublishResult] | None = getattr(self, "publisher", None)
+        publisher: Publisher | None = getattr(self, "publisher", None)
         if publisher is not None and not await publisher.drain(budget(0.25)):
             log.warning("shutdown_publishes_cut", pending=len(publisher))
         if server is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import ClassVar, Protocol
 
 import structlog
@@ -57,13 +57,14 @@ class Consumer:
         self.active = True
         self.batch = False  # deliveries go out as `messages` frames
 
-    def credit(self) -> int:
+    def credit(self, clock: Callable[[], int] = now_ms) -> int:
+        """Deliveries this consumer may take now; ``clock`` (epoch ms, the dispatch's) tells expired leases."""
         if not self.active or self.outlet.congested():
             return 0
         free = self.prefetch - len(self.inflight)
         if free <= 0:
             # Leases that ran out are no longer this consumer's: Redis reschedules them, the credit comes back.
-            now = now_ms()
+            now = clock()
             for msg_id in [i for i, (_, _, deadline, _) in self.inflight.items() if deadline < now]:
                 del self.inflight[msg_id]
             free = self.prefetch - len(self.inflight)
@@ -84,7 +85,7 @@ class GroupDispatcher:
         self.paused_reason: str | None = None
         self._rr = 0
         self.claiming = False  # a claim round of this loop is in flight
-        self.eager: ClaimRequest | None = None  # a claim riding on a publish round trip (Dispatch.eager_claims)
+        self.eager: ClaimRequest | None = None  # a claim riding on a publish round trip (ride_claim)
         self.eager_over = asyncio.Event()  # set when that claim's answer has been handed over
 
     def start(self) -> None:
@@ -129,7 +130,7 @@ class GroupDispatcher:
                     log.warning("delivery_paused", topic=self.topic, group=self.group, reason=e.message)
                     self.paused_reason = e.message
                     d.notify_paused(self, e)
-                metrics.store_errors.labels("claim", "unavailable").inc()
+                metrics.store_errors.labels("claim", e.code).inc()
                 wait = min(5.0, (e.retry_after_ms or 1000) / 1000)
                 loop.beat(wait)
                 await d.pause(wait)
@@ -160,7 +161,7 @@ class GroupDispatcher:
         n = len(self.consumers)
         for i in range(n):
             c = self.consumers[(self._rr + i) % n]
-            want = min(c.credit(), batch)
+            want = min(c.credit(self.dispatch.clock), batch)
             if want <= 0:
                 continue
             any_credit = True
@@ -175,6 +176,41 @@ class GroupDispatcher:
                 break
         self._rr = (self._rr + 1) % max(1, n)
         return any_credit and full
+
+    # ---- a claim riding on a publish (broker/node/publish.py) ------------------------------------------------
+
+    def ride_claim(self) -> tuple[Consumer, ClaimRequest] | None:
+        """A claim for the next consumer with credit, to send with a publish, if this group is idle (no claim in
+        flight, not paused, its loop running). Its loop then holds off until ``claim_rode`` hands the answer over."""
+        if self.claiming or self.eager is not None or self.paused_reason or self.task is None:
+            return None
+        n = len(self.consumers)
+        batch = self.dispatch.settings.delivery.claim_batch
+        for i in range(n):
+            c = self.consumers[(self._rr + i) % n]
+            want = min(c.credit(self.dispatch.clock), batch)
+            if want > 0:
+                self._rr = (self._rr + i + 1) % n
+                self.eager = ClaimRequest(self.topic, self.group, want, c.lease_ms, c.id)
+                self.eager_over.clear()
+                return c, self.eager
+        return None
+
+    def claim_rode(self, c: Consumer, req: ClaimRequest) -> None:
+        """Hand over what a riding claim got (none if its publish failed) and let this group's loop claim again: at
+        once when it came back full or failed (there may be more, or the loop must see the error)."""
+        res = req.result
+        try:
+            if isinstance(res, list):
+                if res:
+                    self._hand_over(c, res)
+                if c.pull:
+                    c.claimed(len(res))
+        finally:  # whatever happened, the group's own loop takes over again
+            self.eager = None
+            self.eager_over.set()
+            if not isinstance(res, list) or len(res) >= req.n:
+                self.wake.set()
 
     def _hand_over(self, c: Consumer, deliveries: list[Delivery]) -> None:
         if not c.active:
@@ -198,11 +234,20 @@ class GroupDispatcher:
 
 
 class Dispatch:
-    """All dispatchers of this node, plus the coalesced ack/nack paths."""
+    """All dispatchers of this node, plus the coalesced ack/nack paths. ``clock`` (epoch ms) is the time the node
+    reads for lease deadlines and latencies (tests step it; the store has its own)."""
 
-    def __init__(self, store: RedisStore, settings: Settings, supervisor: Supervisor | None = None) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        settings: Settings,
+        supervisor: Supervisor | None = None,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.clock = clock
         self.supervisor = supervisor if supervisor is not None else Supervisor(settings.loops)
         self.dispatchers: dict[tuple[str, str], GroupDispatcher] = {}
         self.stopping = False
@@ -240,65 +285,6 @@ class Dispatch:
                 gd.wake.set()  # lets the loop see it has no consumers and end
                 if gd.task is None or gd.task.done():
                     del self.dispatchers[(consumer.topic, consumer.group)]
-
-    # ---- claims riding on publishes ------------------------------------------------------------------------
-
-    def eager_claims(self, topics: set[str]) -> list[tuple[GroupDispatcher, Consumer, ClaimRequest]]:
-        """Claims to send with a publish batch: for each idle group of these topics on this node (no claim in
-        flight, not paused), one for the next consumer with credit. The new messages then reach a waiting consumer
-        in the publish's round trip instead of a second one. The group's loop holds off until ``eager_done``."""
-        out: list[tuple[GroupDispatcher, Consumer, ClaimRequest]] = []
-        batch = self.settings.delivery.claim_batch
-        try:
-            for (topic, _), gd in self.dispatchers.items():
-                if topic not in topics or gd.claiming or gd.eager is not None or gd.paused_reason or gd.task is None:
-                    continue
-                n = len(gd.consumers)
-                for i in range(n):
-                    c = gd.consumers[(gd._rr + i) % n]
-                    want = min(c.credit(), batch)
-                    if want > 0:
-                        gd._rr = (gd._rr + i + 1) % n
-                        gd.eager = ClaimRequest(gd.topic, gd.group, want, c.lease_ms, c.id)
-                        gd.eager_over.clear()
-                        out.append((gd, c, gd.eager))
-                        break
-        except BaseException:
-            self.eager_done(out)  # never leave a group waiting for a claim that will not be made
-            raise
-        return out
-
-    def published(self, topics: set[str], claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
-        """After a publish flush: hand over what its riding claims got, and wake the other groups of its topics."""
-        try:
-            self.eager_done(claims)
-        finally:
-            riding = {id(gd) for gd, _, _ in claims}
-            for (topic, _), gd in self.dispatchers.items():
-                if topic in topics and id(gd) not in riding:
-                    gd.wake.set()
-
-    def eager_done(self, claims: list[tuple[GroupDispatcher, Consumer, ClaimRequest]]) -> None:
-        """Hand over what the claims riding on a publish got, and let their groups' loops claim again (at once
-        when a claim came back full or failed: there may be more, or the loop must see the error)."""
-        failed: Exception | None = None
-        for gd, c, req in claims:
-            res = req.result
-            try:
-                if isinstance(res, list):
-                    if res:
-                        gd._hand_over(c, res)
-                    if c.pull:
-                        c.claimed(len(res))
-            except Exception as e:  # the other groups are still handed over and released
-                failed = failed or e
-            finally:  # whatever happened, the group's own loop takes over again
-                gd.eager = None
-                gd.eager_over.set()
-                if not isinstance(res, list) or len(res) >= req.n:
-                    gd.wake.set()
-        if failed is not None:
-            raise failed
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():
@@ -338,7 +324,7 @@ class Dispatch:
     def _ack_coalescer(self, consumer: Consumer, items: Sequence[AckItem]) -> Coalescer[AckItem, bool]:
         """Take ``items`` out of the consumer's credit (waking its group if that frees credit it had used up)."""
         was_full = len(consumer.inflight) >= consumer.prefetch
-        now = now_ms()
+        now = self.clock()
         observe = metrics.publish_to_ack.observe
         for item in items:
             held = consumer.inflight.pop(item.id, None)

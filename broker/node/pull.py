@@ -15,16 +15,36 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from broker.core import protocol
-from broker.core.errors import BrokerError, ProtocolError, UnavailableError
-from broker.core.model import AckItem, Delivery
+from broker.core.config import Settings
+from broker.core.errors import BrokerError, ForbiddenError, ProtocolError, UnavailableError
+from broker.core.model import AckItem, Delivery, now_ms
+from broker.node.auth import Principal
 from broker.node.dispatch import Consumer, Dispatch
 from broker.runtime import metrics
 
-if TYPE_CHECKING:
-    from broker.node.session import Session
+
+class Connection(Protocol):
+    """What pulls need of their connection (a ``Session``): its parts, its consumers, and its public replies."""
+
+    conn_id: str
+    principal: Principal
+    settings: Settings
+    dispatch: Dispatch
+    consumers: list[Consumer]
+
+    def send(self, frame: str) -> None: ...
+
+    def reply_error(self, e: BrokerError, ref: protocol.Ref = None, msg_id: str | None = None) -> None: ...
+
+    def forbidden(self, verb: str, topic: str) -> ForbiddenError: ...
+
+    def congested(self) -> bool: ...
+
+    def holds(self, msg_id: str, receipt: str) -> bool: ...
 
 
 class PendingPull:
@@ -55,12 +75,12 @@ class PullConsumer(Consumer):
     __slots__ = ("_items", "_serving", "_stray", "dispatch", "pending", "session")
     pull = True
 
-    def __init__(self, session: Session, topic: str, group: str) -> None:
-        d = session.broker.settings.delivery
+    def __init__(self, session: Connection, topic: str, group: str) -> None:
+        d = session.settings.delivery
         # The prefetch is the ceiling on pulled deliveries held unsettled: pulls wait while it is reached.
         super().__init__(self, session.conn_id, topic, group, d.max_prefetch, d.lease_ms)
         self.session = session
-        self.dispatch: Dispatch = session.broker.dispatch
+        self.dispatch = session.dispatch
         self.pending: deque[PendingPull] = deque()
         self._serving: PendingPull | None = None  # the pull the claim in flight is for
         self._items: list[Delivery] = []  # handed over by the claim in flight
@@ -68,10 +88,10 @@ class PullConsumer(Consumer):
 
     # ---- what the GroupDispatcher calls -----------------------------------------------------------------------
 
-    def credit(self) -> int:
+    def credit(self, clock: Callable[[], int] = now_ms) -> int:
         if not self.pending:
             return 0
-        free = super().credit()
+        free = super().credit(clock)
         if free <= 0:
             return 0
         p = self.pending[0]
@@ -111,7 +131,7 @@ class PullConsumer(Consumer):
 
     def add(self, req: protocol.Pull, lease_ms: int) -> None:
         p = PendingPull(req, lease_ms)
-        if req.wait_ms == 0 and (self.pending or super().credit() <= 0):
+        if req.wait_ms == 0 and (self.pending or super().credit(self.dispatch.clock) <= 0):
             self.pending.append(p)  # no wait, and it cannot be served right now: answered empty at once
             self._answer(p, [])
             return
@@ -146,7 +166,7 @@ class PullConsumer(Consumer):
     def _fail(self, p: PendingPull, err: BrokerError) -> None:
         self._finish(p)
         metrics.child(metrics.pulls, "error").inc()
-        self.session._error(err, p.ref)
+        self.session.reply_error(err, p.ref)
 
     def close(self) -> None:
         """The connection ended: waiting pulls are dropped without an answer (nobody is left to read it)."""
@@ -157,38 +177,29 @@ class PullConsumer(Consumer):
         self.pending.clear()
 
 
-async def handle_pull(session: Session, req: protocol.Pull) -> None:
-    """Check a ``pull`` request and queue it on the connection's pull consumer for its (topic, group)."""
+async def handle_pull(session: Connection, req: protocol.Pull) -> None:
+    """Check a ``pull`` request (a refusal raises its ``BrokerError``) and queue it on the connection's pull consumer
+    for its (topic, group)."""
     if not session.principal.may_subscribe(req.topic):
-        session._forbidden("pull from", req.topic, req.ref)
-        return
-    s = session.broker.settings
+        raise session.forbidden("pull from", req.topic)
+    s = session.settings
     pullers = [c for c in session.consumers if isinstance(c, PullConsumer) and c.active]
     cap = s.server.max_pulls_per_connection
     if sum(len(c.pending) for c in pullers) >= cap:
-        session._error(ProtocolError(f"more than server.max_pulls_per_connection ({cap}) pulls waiting"), req.ref)
-        return
-    dispatch = session.broker.dispatch
+        raise ProtocolError(f"more than server.max_pulls_per_connection ({cap}) pulls waiting")
+    dispatch = session.dispatch
     if dispatch.stopping:
-        session._error(UnavailableError("broker shutting down", retry_after_ms=1_000), req.ref)
-        return
+        raise UnavailableError("broker shutting down", retry_after_ms=1_000)
     pc = next((c for c in pullers if c.topic == req.topic and c.group == req.group), None)
     if pc is None:
         pairs = {(c.topic, c.group) for c in session.consumers if c.active}
         limit = s.server.max_subscriptions_per_connection
         if len(pairs | {(req.topic, req.group)}) > limit:
-            session._error(ProtocolError(f"more than server.max_subscriptions_per_connection ({limit}) on one "
-                                        "connection"), req.ref)  # fmt: skip
-            return
+            raise ProtocolError(f"more than server.max_subscriptions_per_connection ({limit}) on one connection")
         pc = PullConsumer(session, req.topic, req.group)
-        try:
-            await dispatch.add(pc)
-        except BrokerError as e:
-            session._error(e, req.ref)
-            return
+        await dispatch.add(pc)
         session.consumers.append(pc)
     gd = dispatch.dispatchers.get((req.topic, req.group))
     if gd is not None and gd.paused_reason is not None:
-        session._error(UnavailableError(f"delivery paused: {gd.paused_reason}", retry_after_ms=1_000), req.ref)
-        return
+        raise UnavailableError(f"delivery paused: {gd.paused_reason}", retry_after_ms=1_000)
     pc.add(req, req.lease_ms or s.delivery.lease_ms)

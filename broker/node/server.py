@@ -7,7 +7,7 @@ import contextlib
 import http
 import ssl
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import orjson
 import structlog
@@ -15,14 +15,18 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from broker.core.errors import ConfigError
+from broker.core.errors import (
+    BrokerError,
+    ConfigError,
+    ForbiddenError,
+    NotFoundError,
+    RateLimitedError,
+    UnauthorizedError,
+    UnavailableError,
+)
 from broker.node.auth import ANONYMOUS, Authenticator, Principal, Refusal
-from broker.node.session import Session, new_conn_id
-from broker.node.wsconn import BrokerConnection
+from broker.node.session import Session, SessionParts, new_conn_id
 from broker.runtime import metrics
-
-if TYPE_CHECKING:
-    from broker.node.app import Broker
 
 log = structlog.get_logger("broker.server")
 
@@ -38,17 +42,61 @@ def _json(status: http.HTTPStatus, obj: object) -> Response:
     return _response(status, orjson.dumps(obj), "application/json")
 
 
+def _refused(status: http.HTTPStatus, err: BrokerError) -> Response:
+    """An HTTP refusal of a WebSocket handshake: the body names the error as an ``error`` frame would."""
+    body: dict[str, object] = {"error": err.code, "message": err.message}
+    if err.retry_after_ms is not None:
+        body["retry_after_ms"] = err.retry_after_ms
+    return _json(status, body)
+
+
+class BrokerConnection(ServerConnection):
+    """websockets' ``ServerConnection`` (passed to ``serve`` as its documented ``create_connection`` factory) with
+    one change, how queued bytes reach the socket.
+
+    websockets writes every frame with its own ``transport.write``, and an unbuffered transport makes each of them a
+    ``send`` system call. The session's writer queues a burst of frames (replies, deliveries) before the bytes are
+    sent; here the burst leaves in one write. The end-of-stream marker (an empty chunk) is handled as websockets
+    does."""
+
+    def send_data(self) -> None:
+        pending: list[bytes] = []  # frames written together; an empty chunk is the end-of-stream marker (closing)
+        for data in self.protocol.data_to_send():
+            if data:
+                pending.append(data)
+                continue
+            if pending:
+                self.transport.write(b"".join(pending))
+                pending = []
+            if self.transport.can_write_eof():
+                # As websockets does: a failed half-close while closing changes nothing (the close handshake or its
+                # timeout ends the connection either way); uvloop can raise RuntimeError here.
+                with contextlib.suppress(Exception):
+                    self.transport.write_eof()
+            else:
+                self.transport.close()
+        if pending:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+
 class WsServer:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    """The node's listening side. It gets what its sessions work with (``parts``), the node's id for /healthz and
+    its readiness for /readyz; from ``stop_accepting`` on it refuses new connections."""
+
+    def __init__(self, parts: SessionParts, node_id: str, readiness: Callable[[], tuple[bool, list[str]]]) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.node_id = node_id
+        self.readiness = readiness
+        self.accepting = True
         self.server: Server | None = None
         self.sessions: set[Session] = set()
-        self.auth = Authenticator(broker.settings.auth, broker.settings.tokens)
+        self.auth = Authenticator(parts.settings.auth, parts.settings.tokens)
         self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = weakref.WeakKeyDictionary()
         self._per_token: dict[str, int] = {}
 
     async def start(self) -> None:
-        s = self.broker.settings.server
+        s = self.settings.server
         tls = None
         if s.tls_cert_file:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -80,29 +128,29 @@ class WsServer:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            return _json(http.HTTPStatus.OK, {"status": "alive", "node": self.broker.node_id})
+            return _json(http.HTTPStatus.OK, {"status": "alive", "node": self.node_id})
         if path == "/readyz":
-            ready, reasons = self.broker.readiness()
+            ready, reasons = self.readiness()
             status = http.HTTPStatus.OK if ready else http.HTTPStatus.SERVICE_UNAVAILABLE
-            return _json(status, {"ready": ready, "reasons": reasons, "node": self.broker.node_id})
+            return _json(status, {"ready": ready, "reasons": reasons, "node": self.node_id})
         if path == "/metrics" and metrics.enabled:
             return _response(http.HTTPStatus.OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path not in WS_PATHS:
             log.info("connection_refused", peer=_peer(conn), path=path, reason="unknown path")
             metrics.connections_total.labels("refused_path").inc()
-            return _json(http.HTTPStatus.NOT_FOUND, {"error": "not_found", "message": f"no such path {path}"})
-        if self.broker.stopping:
+            return _refused(http.HTTPStatus.NOT_FOUND, NotFoundError(f"no such path {path}"))
+        if not self.accepting:
             log.info("connection_refused", peer=_peer(conn), path=path, reason="shutting down")
             metrics.connections_total.labels("refused_shutdown").inc()
-            return _json(http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable", "message": "shutting down"})
+            return _refused(http.HTTPStatus.SERVICE_UNAVAILABLE, UnavailableError("shutting down"))
         verdict = self.auth.check(request.path, request.headers.get("Authorization"), request.headers.get("Origin"))
         if isinstance(verdict, Refusal):
             # logged before anything else happens on this connection (seed 003: no record of refused callers)
             log.info("connection_refused", peer=_peer(conn), path=path, reason=verdict.reason, status=verdict.status)
             metrics.connections_total.labels("refused_auth" if verdict.status == 401 else "refused_origin").inc()
-            code = "unauthorized" if verdict.status == 401 else "forbidden"
-            return _json(http.HTTPStatus(verdict.status), {"error": code, "message": verdict.reason})
-        s = self.broker.settings.server
+            cls = UnauthorizedError if verdict.status == 401 else ForbiddenError
+            return _refused(http.HTTPStatus(verdict.status), cls(verdict.reason))
+        s = self.settings.server
         busy = None
         if len(self.sessions) >= s.max_connections:
             busy = (http.HTTPStatus.SERVICE_UNAVAILABLE, f"node at server.max_connections ({s.max_connections})")
@@ -112,14 +160,14 @@ class WsServer:
         if busy is not None:
             log.warning("connection_refused", peer=_peer(conn), path=path, reason=busy[1], principal=verdict.name)
             metrics.connections_total.labels("refused_limit").inc()
-            return _json(busy[0], {"error": "rate_limited", "message": busy[1], "retry_after_ms": 1000})
+            return _refused(busy[0], RateLimitedError(busy[1], retry_after_ms=1000))
         self._principals[conn] = verdict
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn_id = new_conn_id()
         principal = self._principals.pop(ws, ANONYMOUS)
-        session = Session(self.broker, ws, conn_id, principal)
+        session = Session(self.parts, ws, conn_id, principal)
         log.info("connection_opened", conn_id=conn_id, peer=_peer(ws), path=_path(ws), principal=principal.name)
         metrics.connections_total.labels("accepted").inc()
         metrics.connections.inc()
@@ -133,7 +181,9 @@ class WsServer:
             metrics.connections.dec()
 
     def stop_accepting(self) -> None:
-        """Close the listening socket only; open connections carry on (they are closed by ``close_all``)."""
+        """Close the listening socket only; open connections carry on (they are closed by ``close_all``). A
+        handshake still under way is refused from here on."""
+        self.accepting = False
         if self.server is not None:
             self.server.server.close()
 

@@ -1,8 +1,11 @@
 """One WebSocket connection: frames in -> broker operations, replies and deliveries out (an ``Outlet``).
 
-The reader never waits on Redis for a publish: publishes go to the node's coalescer and their confirmations are
-sent when Redis has them, so one connection can keep up to ``max_unconfirmed_publishes`` in flight. Outgoing
+The reader never waits on Redis for a publish: publishes go to the node's ``Publisher`` and their confirmations
+are sent when Redis has them, so one connection can keep up to ``max_unconfirmed_publishes`` in flight. Outgoing
 frames go through one bounded outbox; a consumer whose outbox is over the high-water mark gets no new deliveries.
+
+A session gets the few parts of the node it works with (``SessionParts``), not the node. ``pull`` and ``status``
+requests answer through its public side: ``send``, ``reply_error``, ``forbidden``.
 """
 
 from __future__ import annotations
@@ -12,43 +15,71 @@ import itertools
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from broker.core import protocol
-from broker.core.errors import BrokerError, ProtocolError, UnavailableError
+from broker.core.config import Settings
+from broker.core.errors import (
+    BrokerError,
+    ForbiddenError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitedError,
+    StaleReceiptError,
+    UnavailableError,
+)
 from broker.core.limits import TokenBucket
 from broker.core.model import AckItem, Delivery, NackItem, PublishResult
+from broker.core.protocol import Limits
 from broker.node.auth import ANONYMOUS, Principal
-from broker.node.dispatch import Consumer
+from broker.node.dispatch import Consumer, Dispatch
+from broker.node.publish import Publisher
 from broker.node.pull import PullConsumer, PullFrame, handle_pull
 from broker.node.status import handle_status
 from broker.runtime import metrics
 from broker.runtime.supervisor import watch_task
-from broker.store import NackOutcome
-
-if TYPE_CHECKING:
-    from broker.node.app import Broker
+from broker.store import NackOutcome, RedisStore
 
 log = structlog.get_logger("broker.session")
 _conn_seq = itertools.count(1)
 WRITE_BURST = 256  # most frames written per socket write
 LOOKUPS_IN_FLIGHT = 8  # status requests of one connection reading Redis at once; beyond it the reader waits
+# Codes with a counter of their own (broker_stale_receipts_total, broker_publish_failed_total), not counted again in
+# broker_frame_errors_total (docs/operations.md).
+_OWN_COUNTER = frozenset({StaleReceiptError.code, NotFoundError.code})
+
+
+@dataclass(frozen=True)
+class SessionParts:
+    """What a connection works with on its node."""
+
+    settings: Settings
+    limits: Limits  # what a frame may hold
+    publisher: Publisher
+    dispatch: Dispatch
+    store: RedisStore  # read-only lookups (``status``)
 
 
 class Session:
-    def __init__(self, broker: Broker, ws: ServerConnection, conn_id: str, principal: Principal = ANONYMOUS) -> None:
-        self.broker = broker
+    def __init__(
+        self, parts: SessionParts, ws: ServerConnection, conn_id: str, principal: Principal = ANONYMOUS
+    ) -> None:
+        self.settings = parts.settings
+        self.publisher = parts.publisher
+        self.dispatch = parts.dispatch
+        self.store = parts.store
         self.principal = principal
         self.ws = ws
         self.conn_id = conn_id
         self.log = log.bind(conn_id=conn_id)
-        s = broker.settings
-        self.limits = broker.limits
+        s = parts.settings
+        self.limits = parts.limits
         self.high_water = s.server.outbox_high_water
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
         self._out_ready = asyncio.Event()
@@ -135,12 +166,12 @@ class Session:
             if self._was_congested:
                 self._was_congested = False
                 for c in self.consumers:
-                    self.broker.dispatch.wake(c.topic, c.group)
+                    self.dispatch.wake(c.topic, c.group)
 
     async def run(self) -> None:
         writer = watch_task(asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}"))
         close_reason = "client closed"
-        idle = self.broker.settings.server.idle_timeout_s
+        idle = self.settings.server.idle_timeout_s
         try:
             if idle <= 0:
                 async for frame in self.ws:
@@ -179,7 +210,7 @@ class Session:
         for c in self.consumers:
             if isinstance(c, PullConsumer):
                 c.close()
-            self.broker.dispatch.requeue_all(c, unsent.get(c, set()), reason)
+            self.dispatch.requeue_all(c, unsent.get(c, set()), reason)
 
     def _spawn(self, coro: Any) -> None:
         t = watch_task(asyncio.create_task(coro))
@@ -195,15 +226,21 @@ class Session:
             req = protocol.parse_frame(frame, self.limits)
         except ProtocolError as e:
             metrics.frames_in.labels("invalid").inc()
-            self._error(e)
+            self.reply_error(e)
             self._bad_frames += 1
-            if self._bad_frames > self.broker.settings.server.max_bad_frames:  # abuse, not a mistake: 1008
+            if self._bad_frames > self.settings.server.max_bad_frames:  # abuse, not a mistake: 1008
                 self._abusive = True
                 self.log.warning("connection_closed_abuse", bad_frames=self._bad_frames)
                 self._spawn(self.ws.close(1008, "too many invalid frames"))
             return
         op = type(req).__name__.lower()
         metrics.child(metrics.frames_in, op).inc()
+        try:
+            await self._serve(req)
+        except BrokerError as e:  # the request is refused as a whole (forbidden, rate limited, over a cap, ...)
+            self.reply_error(e, req.ref)
+
+    async def _serve(self, req: protocol.Request) -> None:
         if isinstance(req, protocol.Publish):
             await self._publish(req)
         elif isinstance(req, protocol.PublishBatch):
@@ -226,53 +263,54 @@ class Session:
         else:
             self.send(protocol.reply("pong", req.ref))
 
-    def _error(self, e: BrokerError, ref: protocol.Ref = None, msg_id: str | None = None) -> None:
-        metrics.frame_errors.labels(e.code).inc()
+    # ---- replies (also what pull and status answer through) -----------------------------------------------
+
+    def reply_error(self, e: BrokerError, ref: protocol.Ref = None, msg_id: str | None = None) -> None:
+        """An ``error`` frame for ``e`` (its class gives the code), answering ``ref`` / message ``msg_id``."""
+        if e.code not in _OWN_COUNTER:
+            metrics.child(metrics.frame_errors, e.code).inc()
         self.send(protocol.error_from(e, ref, msg_id))
 
-    def _forbidden(self, verb: str, topic: str, ref: protocol.Ref) -> None:
-        metrics.child(metrics.frame_errors, "forbidden").inc()
+    def forbidden(self, verb: str, topic: str) -> ForbiddenError:
+        """The error for a request this connection's token may not make (logged: who tried what)."""
         self.log.info("request_forbidden", verb=verb, topic=topic, principal=self.principal.name)
-        self.send(protocol.error(ref, "forbidden", f"token {self.principal.name!r} may not {verb} topic {topic!r}"))
+        return ForbiddenError(f"token {self.principal.name!r} may not {verb} topic {topic!r}")
 
-    def _rate_limited(self, n: int, ref: protocol.Ref) -> bool:
+    def _take_rate(self, n: int) -> None:
+        """Raises ``RateLimitedError`` when ``n`` publishes now would go over this connection's rate."""
         wait_ms = self._bucket.take(n, time.monotonic())
         if wait_ms:
-            metrics.child(metrics.frame_errors, "rate_limited").inc()
-            limit = self.broker.settings.server.publish_rate_per_s
-            self.send(
-                protocol.error(
-                    ref,
-                    "rate_limited",
-                    f"over {limit:g} publishes/s on this connection; nothing stored",
-                    retry_after_ms=wait_ms,
-                )
+            limit = self.settings.server.publish_rate_per_s
+            raise RateLimitedError(
+                f"over {limit:g} publishes/s on this connection; nothing stored", retry_after_ms=wait_ms
             )
-        return wait_ms > 0
+
+    def _stale(self, op: str, ref: protocol.Ref, msg_id: str) -> None:
+        metrics.stale.labels(op).inc()
+        err = StaleReceiptError(f"{op} refused: this connection holds no lease for it under that receipt")
+        self.reply_error(err, ref, msg_id)
+
+    # ---- publish -------------------------------------------------------------------------------------------
 
     async def _publish(self, req: protocol.Publish) -> None:
         if not self.principal.may_publish(req.topic):
-            self._forbidden("publish to", req.topic, req.ref)
-            return
-        if self._rate_limited(1, req.ref):
-            return
+            raise self.forbidden("publish to", req.topic)
+        self._take_rate(1)
         if self._unconfirmed >= self._max_unconfirmed:
             await self._wait_for_room()
         self._unconfirmed += 1
-        fut = self.broker.publisher.submit(req.to_request())
+        fut = self.publisher.submit(req.to_request())
         fut.add_done_callback(partial(self._published, req))
 
     async def _publish_batch(self, req: protocol.PublishBatch) -> None:
         for p in req.items:  # all or nothing: one forbidden topic refuses the frame
             if not self.principal.may_publish(p.topic):
-                self._forbidden("publish to", p.topic, req.ref)
-                return
-        if self._rate_limited(len(req.items), req.ref):
-            return
+                raise self.forbidden("publish to", p.topic)
+        self._take_rate(len(req.items))
         if self._unconfirmed >= self._max_unconfirmed:
             await self._wait_for_room()
         self._unconfirmed += len(req.items)  # a batch is let in whole: at most one batch over the limit
-        submit = self.broker.publisher.submit
+        submit = self.publisher.submit
         futs = [submit(p.to_request()) for p in req.items]
         self._spawn(self._batch_published(req, futs))
 
@@ -281,14 +319,10 @@ class Session:
         done = await asyncio.gather(*futs, return_exceptions=True)
         self._confirmed(len(futs))
         results: list[dict[str, Any]] = []
-        for p, res in zip(req.items, done, strict=True):
+        for res in done:
             if isinstance(res, BaseException):
                 err = res if isinstance(res, BrokerError) else BrokerError(f"internal error: {res!r}; not confirmed")
-                metrics.publish_failed.labels(err.code).inc()
                 results.append({"error": protocol.error_fields(err)})
-            elif res.groups < 0:
-                metrics.publish_failed.labels("not_found").inc()
-                results.append({"error": {"code": "not_found", "message": f"topic {p.topic!r} has no group"}})
             else:
                 results.append({"id": res.id, "duplicate": True} if res.duplicate else {"id": res.id})
         self.send(protocol.reply("published", req.ref, results=results))
@@ -305,34 +339,23 @@ class Session:
             self._room.set()
 
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
+        """Confirm one publish, or answer why not (the ``Publisher`` has counted it either way)."""
         self._confirmed(1)
         if fut.cancelled() or isinstance(fut.exception(), asyncio.CancelledError):
-            self._error(
+            self.reply_error(
                 UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000),
                 req.ref,
             )
             return
         exc = fut.exception()
-        if exc is not None:
-            metrics.publish_failed.labels(getattr(exc, "code", "internal")).inc()
-            if isinstance(exc, BrokerError):
-                self._error(exc, req.ref)
-            else:
-                self.log.error("publish_failed", topic=req.topic, error=repr(exc))
-                self._error(BrokerError(f"internal error: {exc!r}; not confirmed"), req.ref)
-            return
-        res = fut.result()
-        if res.groups < 0:
-            metrics.publish_failed.labels("not_found").inc()
-            self.send(
-                protocol.error(
-                    req.ref,
-                    "not_found",
-                    f"topic {req.topic!r} has no group and delivery.publish_without_group is 'reject'; nothing stored",
-                )
-            )
-            return
-        self.send(protocol.published(req.ref, res.id, res.duplicate))
+        if isinstance(exc, BrokerError):
+            self.reply_error(exc, req.ref)
+        elif exc is not None:
+            self.log.error("publish_failed", topic=req.topic, error=repr(exc))
+            self.reply_error(BrokerError(f"internal error: {exc!r}; not confirmed"), req.ref)
+        else:
+            res = fut.result()
+            self.send(protocol.published(req.ref, res.id, res.duplicate))
 
     def _find(self, msg_id: str, receipt: str) -> Consumer | None:
         for c in self.consumers:
@@ -340,17 +363,6 @@ class Session:
             if held is not None and held[0] == receipt:
                 return c
         return None
-
-    def _stale(self, op: str, ref: protocol.Ref, msg_id: str) -> None:
-        metrics.stale.labels(op).inc()
-        self.send(
-            protocol.error(
-                ref,
-                "stale_receipt",
-                f"{op} refused: this connection holds no lease for it under that receipt",
-                msg_id=msg_id,
-            )
-        )
 
     def _ack(self, req: protocol.Ack) -> None:
         """One waiter per consumer of the frame (normally one), not one per item."""
@@ -363,7 +375,7 @@ class Session:
             held.setdefault(c, []).append(AckItem(it.id, it.receipt))
         if not held:
             return
-        futs = [self.broker.dispatch.ack_many(c, items) for c, items in held.items()]
+        futs = [self.dispatch.ack_many(c, items) for c, items in held.items()]
         ids = [it.id for items in held.values() for it in items]
         if len(futs) == 1:
             futs[0].add_done_callback(partial(self._acked, req.ref, ids))
@@ -389,11 +401,11 @@ class Session:
             if res is True:
                 acked.append(msg_id)
             elif isinstance(res, asyncio.CancelledError):  # the broker is shutting down: not settled, say so
-                self._error(
+                self.reply_error(
                     UnavailableError("ack not confirmed (broker shutting down)", retry_after_ms=1_000), ref, msg_id
                 )
             elif isinstance(res, BaseException):
-                self._error(res if isinstance(res, BrokerError) else BrokerError(repr(res)), ref, msg_id)
+                self.reply_error(res if isinstance(res, BrokerError) else BrokerError(repr(res)), ref, msg_id)
             else:
                 self._stale("ack", ref, msg_id)
         if ref is not None and acked:
@@ -405,7 +417,7 @@ class Session:
             self._stale("nack", req.ref, req.id)
             return
         attempt = c.inflight[req.id][1]
-        fut = self.broker.dispatch.nack(c, NackItem(req.id, req.receipt, req.error, req.delay_ms, req.dead), attempt)
+        fut = self.dispatch.nack(c, NackItem(req.id, req.receipt, req.error, req.delay_ms, req.dead), attempt)
         fut.add_done_callback(partial(self._nacked, req))
 
     def _nacked(self, req: protocol.Nack, fut: asyncio.Future[NackOutcome]) -> None:
@@ -413,7 +425,7 @@ class Session:
             return
         exc = fut.exception()
         if exc is not None:
-            self._error(exc if isinstance(exc, BrokerError) else BrokerError(repr(exc)), req.ref, req.id)
+            self.reply_error(exc if isinstance(exc, BrokerError) else BrokerError(repr(exc)), req.ref, req.id)
             return
         outcome = fut.result()
         if outcome is NackOutcome.STALE:
@@ -427,9 +439,9 @@ class Session:
             self._stale("extend", req.ref, req.id)
             return
         try:
-            deadline = await self.broker.dispatch.extend(c, req.id, req.receipt, req.lease_ms)
+            deadline = await self.dispatch.extend(c, req.id, req.receipt, req.lease_ms)
         except BrokerError as e:
-            self._error(e, req.ref, req.id)
+            self.reply_error(e, req.ref, req.id)
             return
         if deadline is None:
             c.inflight.pop(req.id, None)
@@ -440,15 +452,12 @@ class Session:
     async def _subscribe(self, req: protocol.Subscribe) -> None:
         for topic in req.topics:
             if not self.principal.may_subscribe(topic):
-                self._forbidden("subscribe to", topic, req.ref)
-                return
-        cap = self.broker.settings.server.max_subscriptions_per_connection
+                raise self.forbidden("subscribe to", topic)
+        cap = self.settings.server.max_subscriptions_per_connection
         active = {(c.topic, c.group) for c in self.consumers if c.active}
         if len(active | {(t, req.group) for t in req.topics}) > cap:
-            self._error(ProtocolError(f"more than server.max_subscriptions_per_connection ({cap}) on one connection"),
-                        req.ref)  # fmt: skip
-            return
-        d = self.broker.settings.delivery
+            raise ProtocolError(f"more than server.max_subscriptions_per_connection ({cap}) on one connection")
+        d = self.settings.delivery
         prefetch = req.prefetch or d.prefetch
         lease_ms = req.lease_ms or d.lease_ms
         added = []
@@ -458,15 +467,11 @@ class Session:
             ]
             if existing:  # already subscribed: idempotent, and the new prefetch/lease apply from the next claim
                 existing[0].prefetch, existing[0].lease_ms, existing[0].batch = prefetch, lease_ms, req.batch
-                self.broker.dispatch.wake(topic, req.group)
+                self.dispatch.wake(topic, req.group)
                 continue
             c = Consumer(self, self.conn_id, topic, req.group, prefetch, lease_ms)
             c.batch = req.batch
-            try:
-                await self.broker.dispatch.add(c)
-            except BrokerError as e:
-                self._error(e, req.ref)
-                return
+            await self.dispatch.add(c)  # a failure answers the request (the topics before it stay subscribed)
             self.consumers.append(c)
             added.append(topic)
         self.log.info("subscribed", topics=list(req.topics), group=req.group, prefetch=prefetch)
@@ -480,11 +485,11 @@ class Session:
         n = 0
         for c in self.consumers:
             if c.active and not c.pull and c.topic in req.topics and c.group == req.group:
-                self.broker.dispatch.remove(c)  # deliveries already sent stay ackable until the connection closes
+                self.dispatch.remove(c)  # deliveries already sent stay ackable until the connection closes
                 unsent = self.unsent().get(c, set())
                 if unsent:  # claimed but not written yet: back to the queue as they were, no attempt counted
                     back = [AckItem(i, c.inflight.pop(i)[0]) for i in unsent if i in c.inflight]
-                    self.broker.dispatch.release_items(c.topic, c.group, back)
+                    self.dispatch.release_items(c.topic, c.group, back)
                 n += 1
         self.send(protocol.reply("unsubscribed", req.ref, topics=list(req.topics), group=req.group, removed=n))
 

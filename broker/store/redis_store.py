@@ -140,7 +140,16 @@ class _Answered:
 class RedisStore:
     SCRIPTS = ("publish", "claim", "ack", "nack", "release", "extend", "expire", "promote", "unclaim")
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, breaker: Breaker, node_id: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        breaker: Breaker,
+        node_id: str,
+        *,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.clock = clock  # epoch ms: the "now" every script call is given (tests step it)
         self.redis = client
         self.settings = settings
         self.prefix = settings.redis.key_prefix
@@ -262,7 +271,7 @@ class RedisStore:
         for i, r in enumerate(reqs):
             by_topic.setdefault(r.topic, []).append(i)
         new_topics = [t for t in by_topic if t not in self._known_topics]
-        now = now_ms()
+        now = self.clock()
         ttl = str(self.settings.delivery.idempotency_ttl_s)
         policy = self.settings.delivery.publish_without_group
         ids = [new_message_id(now) for _ in reqs]
@@ -367,7 +376,7 @@ class RedisStore:
     # ---- deliveries ----------------------------------------------------------------------------------------
 
     async def claim(self, topic: str, group: str, n: int, lease_ms: int, consumer: str) -> list[Delivery]:
-        now = now_ms()
+        now = self.clock()
         req = ClaimRequest(topic, group, n, lease_ms, consumer)
         script, keys, args = self._claim_call(req, now)
         try:
@@ -440,7 +449,7 @@ class RedisStore:
         k = self.keys(topic)
         rt = self.settings.retention
         g = k.group(group)
-        args: list[Any] = [k.base, group, now_ms(), rt.acked_audit_max, rt.acked_audit_ttl_s]
+        args: list[Any] = [k.base, group, self.clock(), rt.acked_audit_max, rt.acked_audit_ttl_s]
         for it in items:
             args += [it.id, it.receipt]
         res = await self._run(lambda: self._scripts["ack"](keys=[g.leased, g.acked], args=args), "ack")
@@ -452,7 +461,7 @@ class RedisStore:
         k = self.keys(topic)
         g = k.group(group)
         r = self.settings.retry
-        now = now_ms()
+        now = self.clock()
         args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s]
         args += [self._strict(topic, group), r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms]
         for it, attempt, consumer in items:
@@ -476,7 +485,7 @@ class RedisStore:
 
     async def extend(self, topic: str, group: str, msg_id: str, receipt: str, lease_ms: int) -> int | None:
         k = self.keys(topic)
-        deadline = now_ms() + lease_ms
+        deadline = self.clock() + lease_ms
         ok = await self._run(
             lambda: self._scripts["extend"](
                 keys=[k.group(group).leased], args=[k.base, group, msg_id, receipt, deadline]
@@ -501,7 +510,7 @@ class RedisStore:
         if not pairs:
             return []
         r = self.settings.retry
-        now = now_ms()
+        now = self.clock()
         jitters = [jitter_factor(r.jitter, self._rng) for _ in range(8)]
 
         calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
@@ -568,7 +577,7 @@ class RedisStore:
 
     async def dead_nodes(self, timeout_ms: int) -> list[str]:
         """Nodes whose last heartbeat is older than ``timeout_ms`` (never this node)."""
-        cutoff = now_ms() - timeout_ms
+        cutoff = self.clock() - timeout_ms
 
         async def go() -> list[str]:
             return [str(n) for n in await self.redis.zrangebyscore(nodes_key(self.prefix), "-inf", cutoff)]
@@ -611,7 +620,7 @@ class RedisStore:
     async def heartbeat(self, status: dict[str, str] | None = None) -> None:
         """Record that this node is alive (ZSET used by the orphan sweep) and, with ``status``, what it is doing
         (a HASH that expires by itself when the node stops: read by ``broker stats``)."""
-        now = now_ms()
+        now = self.clock()
 
         async def go() -> None:
             async with self.redis.pipeline(transaction=False) as p:
