@@ -115,6 +115,32 @@ async def test_lua_error_entry_is_byte_for_byte_the_python_one(
         assert got == _error_entry(attempt, text, 1733570000123, consumer)
 
 
+# ---- one dead-letter record ------------------------------------------------------------------------------------
+
+
+async def test_the_dead_letter_record_carries_the_body_and_reprocess_rebuilds_it(store_factory: StoreFactory) -> None:
+    # Given a keyed message with its own retry policy, dead-lettered in the only group (its body goes with it)
+    store = await store_factory()
+    await store.ensure_group(T, "g")
+    (res,) = await store.publish_many([req('{"n":1}', headers='{"h":"v"}', key="k", max_attempts=3, backoff_base_ms=7)])
+    assert isinstance(res, PublishResult)
+    body = await store.redis.hgetall(store.keys(T).body(res.id))
+    (d,) = await store.claim(T, "g", 1, 30_000, "c1")
+    (out,) = await store.nack_many(T, "g", [(NackItem(d.id, d.receipt, "bad / input", dead=True), 1, "c1")])
+    assert out.value == "dead" and not await store.redis.exists(store.keys(T).body(res.id))
+    # Then the dead letter holds the documented fields, the body's under their own names, the history as a JSON array
+    h = await store.redis.hgetall(store.keys(T).group("g").dead_letter(res.id))
+    assert set(h) == {"id", "topic", "group", "payload", "headers", "published_at", "attempts", "errors",
+                      "last_consumer", "reason", "died_at", "key", "max_attempts", "backoff_base_ms"}  # fmt: skip
+    assert {f: h[f] for f in body if f != "refs"} == {f: v for f, v in body.items() if f != "refs"}
+    assert h["errors"] == "[" + _error_entry(1, "bad / input", int(h["died_at"]), "c1") + "]"
+    (letter,) = await DeadLetters(store).get_many(T, "g", [res.id])
+    assert (letter.key, letter.reason, letter.last_consumer, letter.attempts) == ("k", "rejected", "c1", 1)
+    # When it is reprocessed, Then the body comes back as it was published
+    assert await DeadLetters(store).reprocess(T, "g", [res.id]) == [True]
+    assert await store.redis.hgetall(store.keys(T).body(res.id)) == {**body, "refs": "1"}
+
+
 # ---- no key built by hand -------------------------------------------------------------------------------------
 
 FRAGMENTS = "groups|wake|msg|idem|imported|g|ready|leased|delayed|dead|acked|dlv|key"
