@@ -1,10 +1,10 @@
 -- import.lua: transition (none) -> READY, (none) -> RETRY_WAIT, (none) -> DEAD for records of one topic read from a
 -- `broker export` file (docs/export.md). A message is queued in one group the way publish.lua queues it (a leased
--- one comes back READY, its delivery hash and attempt count kept); a dead letter is written the way dead_letter()
--- in _lib.lua writes it (put_dead_letter), with its remaining TTL. Each op is all or nothing, and a body's refs always equals the
--- number of groups holding it (the first group creates it with refs 1, each further group adds 1, as reprocess.lua
--- does), so the state is consistent after every call, and a crash between two calls loses nothing a re-run
--- does not finish.
+-- one comes back READY, its delivery hash and attempt count kept); a dead letter is written as dead_letter() in
+-- _lib.lua writes it (both through put_dead_letter), with its remaining TTL. Each op is all or nothing, and a body's
+-- refs always equals the number of groups holding it (the first group creates it with refs 1, each further group
+-- adds 1, as reprocess.lua does), so the state is consistent after every call, and a crash between two calls loses
+-- nothing a re-run does not finish.
 -- Idempotent: an op is skipped when the import ledger holds it (imported before, within the ledger TTL) or when
 -- this Redis already holds its state: the group's delivery hash or dead letter, its lease or delay entry, or, for
 -- a message whose body exists but was not created by an import, the body (the message lives here already).

@@ -2,7 +2,8 @@
 -- this drops index entries whose hash is gone, so no listing ever shows an expired dead letter.
 -- KEYS[1] <gb>dead (index)
 -- Built (_lib.lua key(), from ARGV[1]): each dead letter <gb>dead:<id>
--- ARGV[1] group base "<prefix>:{<topic>}:g:<group>:", ARGV[2] died_at cutoff (now - ttl, ms), ARGV[3] how many of the oldest entries to verify
+-- ARGV[1] group base "<prefix>:{<topic>}:g:<group>:" (GroupKeys.base), ARGV[2] died_at cutoff (now - ttl, ms),
+-- ARGV[3] how many of the oldest entries to verify
 -- Returns number of index entries removed
 local n = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 local oldest = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)

@@ -40,7 +40,8 @@ for _, g in ipairs(groups) do ready[g] = {}; q[g] = group_keys(base, g) end
 local live = false
 for i = 0, n - 1 do
   local o = 6 + i * W
-  local id, payload, headers, idem, delay, okey = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3], tonumber(ARGV[o+4]), ARGV[o+5]
+  local id, payload, headers, idem = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3]
+  local delay, okey = tonumber(ARGV[o+4]), ARGV[o+5]
   local existing = false
   if idem ~= '' then
     local ikey = key(base, 'idem', idem)
