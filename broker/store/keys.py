@@ -1,6 +1,10 @@
 """The key schema, in one place. docs/keys.md documents the same names; a test keeps the two in step.
 
 All keys of one topic share the hash tag ``{<topic>}`` so every script touches one Redis Cluster slot.
+
+The Lua scripts get their fixed keys from here in ``KEYS``; the keys they learn only at run time (per message, and
+the groups ``publish.lua`` / ``import.lua`` read) they build with ``key()`` in ``scripts/_lib.lua`` from
+``TopicKeys.base`` (``ARGV[1]``), the same names: ``tests/test_lua_schema.py`` holds the two together.
 """
 
 from __future__ import annotations

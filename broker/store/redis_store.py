@@ -452,7 +452,9 @@ class RedisStore:
         args: list[Any] = [k.base, group, self.clock(), rt.acked_audit_max, rt.acked_audit_ttl_s]
         for it in items:
             args += [it.id, it.receipt]
-        res = await self._run(lambda: self._scripts["ack"](keys=[g.leased, g.acked], args=args), "ack")
+        res = await self._run(
+            lambda: self._scripts["ack"](keys=[g.leased, g.acked, g.ready, g.delayed], args=args), "ack"
+        )
         return [AckOutcome(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:

@@ -1,25 +1,62 @@
 -- _lib.lua: helpers prepended to every script at load time (not a transition of its own).
--- Key schema (docs/keys.md): base = "<prefix>:{<topic>}:"; group base gb = base .. "g:<group>:"
---   base.."groups" SET, base.."msg:"..id HASH body, gb.."ready" LIST, gb.."leased" ZSET, gb.."delayed" ZSET,
---   gb.."dlv:"..id HASH delivery state, gb.."dead" ZSET index, gb.."dead:"..id HASH dead letter (with TTL),
---   gb.."key:"..K LIST the group's unfinished ids of ordering key K, in publish order (only its head is live).
+--
+-- Key schema (docs/keys.md; broker/store/keys.py builds the same names in Python, tests/test_lua_schema.py holds the
+-- two together). A script touches two kinds of keys:
+--   declared  every key the caller can name ahead (a group's ready, leased, delayed, dead, acked; the topic's
+--             groups and imported): passed in KEYS, as each script's header lists.
+--   built     keys a script learns only at run time, built by key() and by nothing else: per message
+--             (msg:<id>, idem:<key>, g:<group>:dlv:<id>, g:<group>:dead:<id>, g:<group>:key:<okey>) and, in
+--             publish.lua and import.lua only, the group keys of groups read from the topic's group set or from
+--             the import file. They are built from the call's base, ARGV[1] = "<prefix>:{<topic>}:" (TopicKeys.base),
+--             which carries the topic's hash tag: a built key is always in the slot of the declared ones.
+-- Names (base = "<prefix>:{<topic>}:", gb = group base = key(base, 'g', group, '') = base.."g:<group>:"):
+--   key(base, 'groups') SET, key(base, 'msg', id) HASH body, key(base, 'idem', k) STRING, key(base, 'imported')
+--   ZSET, key(base, 'wake') Pub/Sub channel; key(gb, 'ready') LIST, key(gb, 'leased') ZSET, key(gb, 'delayed') ZSET,
+--   key(gb, 'dead') ZSET index, key(gb, 'acked') ZSET, key(gb, 'dlv', id) HASH delivery state, key(gb, 'dead', id)
+--   HASH dead letter (with TTL), key(gb, 'key', K) LIST the group's unfinished ids of ordering key K, in publish
+--   order (only its head is live).
+-- Records built here and nowhere else: error entries (error_entry) and dead letters (dead_letter, put_dead_letter).
+
+-- The one key builder: base followed by the parts joined with ':' (base ends with ':').
+local function key(base, ...)
+  return base .. table.concat({...}, ':')
+end
+
+-- One group's keys: q.ready, q.leased, q.delayed, q.dead (pass the declared ones from KEYS; nil: built by key(),
+-- for groups known only at run time) and q.gb, its base for per-message keys; q.base is the topic's base.
+local function group_keys(base, group, ready, leased, delayed, dead)
+  local gb = key(base, 'g', group, '')
+  return {base = base, name = group, gb = gb,
+    ready = ready or key(gb, 'ready'), leased = leased or key(gb, 'leased'),
+    delayed = delayed or key(gb, 'delayed'), dead = dead or key(gb, 'dead')}
+end
 
 -- redis.call(cmd, key, ...list) in chunks (key false: redis.call(cmd, ...list), e.g. DEL of many keys): unpack() of
 -- more than ~8000 values fails ("too many results to unpack").
-local function call_chunked(cmd, key, list)
+local function call_chunked(cmd, k, list)
   for s = 1, #list, 1000 do
     local e = math.min(s + 999, #list)
-    if key then redis.call(cmd, key, unpack(list, s, e)) else redis.call(cmd, unpack(list, s, e)) end
+    if k then redis.call(cmd, k, unpack(list, s, e)) else redis.call(cmd, unpack(list, s, e)) end
   end
 end
 
--- Drop one group's reference to a body; the body goes when the last group is done with it: at once, or, given a
--- list gone, by the caller's one DEL for a whole batch (the body's key is added to gone).
-local function release_body(base, id, gone)
-  local bkey = base .. 'msg:' .. id
-  if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
-    if gone then gone[#gone + 1] = bkey else redis.call('DEL', bkey) end
-  end
+-- A JSON string literal for s, byte for byte as orjson writes it (the Python side, _error_entry): '"', '\' and the
+-- control characters below 0x20 escaped (\b \t \n \f \r, the others \u00xx), nothing else ('/', 0x7f and UTF-8
+-- bytes as they are).
+local JSON_ESCAPES = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f', ['\n'] = '\\n',
+  ['\r'] = '\\r', ['\t'] = '\\t', ['\127'] = '\127'}
+local function json_string(s)
+  return '"' .. string.gsub(s, '[%c"\\]', function(c)
+    return JSON_ESCAPES[c] or string.format('\\u%04x', string.byte(c))
+  end) .. '"'
+end
+
+-- One entry of a delivery's error history, as JSON object text:
+-- {"attempt":<n>,"error":"<text>","at":<epoch ms>,"consumer":"<consumer id>"}. The Python side
+-- (broker/store/redis_store.py _error_entry: nack.lua's entries, import notes) writes the same bytes.
+local function error_entry(attempt, err, at, consumer)
+  return '{"attempt":' .. attempt .. ',"error":' .. json_string(err) .. ',"at":' .. at .. ',"consumer":' ..
+    json_string(consumer) .. '}'
 end
 
 -- Append one error entry (JSON object text) to a delivery's history (a JSON array body without brackets).
@@ -27,6 +64,15 @@ local function add_error(dkey, entry)
   local errs = redis.call('HGET', dkey, 'errors')
   if errs and errs ~= '' then errs = errs .. ',' .. entry else errs = entry end
   redis.call('HSET', dkey, 'errors', errs)
+end
+
+-- Drop one group's reference to a body; the body goes when the last group is done with it: at once, or, given a
+-- list gone, by the caller's one DEL for a whole batch (the body's key is added to gone).
+local function release_body(base, id, gone)
+  local bkey = key(base, 'msg', id)
+  if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
+    if gone then gone[#gone + 1] = bkey else redis.call('DEL', bkey) end
+  end
 end
 
 -- Retry delay (ms) before attempt+1: min(cap, base * mult^(attempt-1)) times a jitter factor u that the caller
@@ -38,32 +84,32 @@ end
 
 -- A message's own retry policy (publish fields max_attempts / backoff_base_ms on its body), else the defaults.
 local function policy(base, id, max_attempts, backoff_base)
-  local p = redis.call('HMGET', base .. 'msg:' .. id, 'max_attempts', 'backoff_base_ms')
+  local p = redis.call('HMGET', key(base, 'msg', id), 'max_attempts', 'backoff_base_ms')
   return tonumber(p[1]) or max_attempts, tonumber(p[2]) or backoff_base
 end
 
--- Per-key ordering. A message with ordering key K joins the end of K's line in the group (gb.."key:"..K); only the
--- head of the line is live (ready, leased or waiting for a retry), so one message per key is in flight and the
+-- Per-key ordering. A message with ordering key K joins the end of K's line in the group (key(gb, 'key', K)); only
+-- the head of the line is live (ready, leased or waiting for a retry), so one message per key is in flight and the
 -- rest follow in publish order. Returns true when id is the head (the caller makes it live).
-local function key_join(gb, key, id)
-  return redis.call('RPUSH', gb .. 'key:' .. key, id) == 1
+local function key_join(q, okey, id)
+  return redis.call('RPUSH', key(q.gb, 'key', okey), id) == 1
 end
 
 -- Make a message live in a group: the ready tail, or the delayed set while its publish delay (body field
 -- deliver_at) has not passed.
-local function make_live(base, gb, id, now)
-  local due = tonumber(redis.call('HGET', base .. 'msg:' .. id, 'deliver_at') or '0')
+local function make_live(q, id, now)
+  local due = tonumber(redis.call('HGET', key(q.base, 'msg', id), 'deliver_at') or '0')
   if due > now then
-    redis.call('ZADD', gb .. 'delayed', due, id)
+    redis.call('ZADD', q.delayed, due, id)
   else
-    redis.call('RPUSH', gb .. 'ready', id)
+    redis.call('RPUSH', q.ready, id)
   end
 end
 
 -- The head of key K's line is finished in this group (acked or dead): the next message of K goes live.
 -- Returns true when one did.
-local function key_done(base, gb, key, id, now)
-  local line = gb .. 'key:' .. key
+local function key_done(q, okey, id, now)
+  local line = key(q.gb, 'key', okey)
   if redis.call('LINDEX', line, 0) ~= id then  -- not the head (should not happen): just leave the line
     redis.call('LREM', line, 1, id)
     return false
@@ -71,41 +117,53 @@ local function key_done(base, gb, key, id, now)
   redis.call('LPOP', line)
   local nxt = redis.call('LINDEX', line, 0)
   if not nxt then return false end
-  make_live(base, gb, nxt, now)
+  make_live(q, nxt, now)
   return true
 end
 
--- LEASED/any -> DEAD: build a self-contained dead letter hash with a TTL, index it, free the body.
+-- The body fields a dead letter carries under the body's own names (the ones after published_at only when the
+-- body has them), so reprocess.lua can rebuild the body from it.
+local BODY_FIELDS = {'payload', 'headers', 'published_at', 'key', 'max_attempts', 'backoff_base_ms'}
+
+-- Write one dead letter: HASH key(gb, 'dead', id) of (field, value) pairs fields, expiring after ttl seconds (nil
+-- or '': no TTL), indexed in q.dead by died_at. The only writer of the record (dead_letter, and import.lua for an
+-- exported one).
+local function put_dead_letter(q, id, fields, died_at, ttl)
+  local xkey = key(q.gb, 'dead', id)
+  call_chunked('HSET', xkey, fields)
+  if ttl and ttl ~= '' then redis.call('EXPIRE', xkey, ttl) end
+  redis.call('ZADD', q.dead, died_at, id)
+end
+
+-- LEASED/any -> DEAD: a self-contained dead letter (docs/keys.md): id, topic, group, payload, headers,
+-- published_at, attempts, errors (JSON array), last_consumer, reason, died_at, then key, max_attempts,
+-- backoff_base_ms when the body has them; the delivery hash goes, the body loses this group's reference.
 -- Returns true when this let the next message of the same ordering key go live.
-local function dead_letter(base, gb, deadidx, topic, group, id, reason, now, ttl)
-  local dkey = gb .. 'dlv:' .. id
-  local b = redis.call('HMGET', base .. 'msg:' .. id, 'payload', 'headers', 'published_at', 'key', 'max_attempts',
-    'backoff_base_ms')
+local function dead_letter(q, topic, id, reason, now, ttl)
+  local dkey = key(q.gb, 'dlv', id)
+  local b = redis.call('HMGET', key(q.base, 'msg', id), unpack(BODY_FIELDS))
   local d = redis.call('HMGET', dkey, 'attempts', 'errors', 'consumer')
-  local xkey = gb .. 'dead:' .. id
-  redis.call('HSET', xkey,
-    'id', id, 'topic', topic, 'group', group,
+  local fields = {'id', id, 'topic', topic, 'group', q.name,
     'payload', b[1] or 'null', 'headers', b[2] or '{}', 'published_at', b[3] or '0',
     'attempts', d[1] or '0', 'errors', '[' .. (d[2] or '') .. ']',
-    'last_consumer', d[3] or '', 'reason', reason, 'died_at', now)
-  if b[4] then redis.call('HSET', xkey, 'key', b[4]) end
-  if b[5] then redis.call('HSET', xkey, 'max_attempts', b[5]) end
-  if b[6] then redis.call('HSET', xkey, 'backoff_base_ms', b[6]) end
-  redis.call('EXPIRE', xkey, ttl)
-  redis.call('ZADD', deadidx, now, id)
+    'last_consumer', d[3] or '', 'reason', reason, 'died_at', now}
+  for j = 4, #BODY_FIELDS do
+    if b[j] then fields[#fields + 1] = BODY_FIELDS[j]; fields[#fields + 1] = b[j] end
+  end
+  put_dead_letter(q, id, fields, now, ttl)
   redis.call('DEL', dkey)
-  local woke = b[4] and key_done(base, gb, b[4], id, now)
-  if b[1] then release_body(base, id) end
+  local woke = b[4] and key_done(q, b[4], id, now)
+  if b[1] then release_body(q.base, id) end
   return woke
 end
 
 -- LEASED -> RETRY_WAIT. Concurrent groups: the delayed set, promoted when due. Strict-order groups: back to the
 -- head of the ready list with a not_before time, so nothing behind it is delivered first (FIFO across retries).
-local function schedule_retry(ready, delayed, dkey, id, due, strict)
+local function schedule_retry(q, id, due, strict)
   if strict == '1' then
-    redis.call('HSET', dkey, 'not_before', due)
-    redis.call('LPUSH', ready, id)
+    redis.call('HSET', key(q.gb, 'dlv', id), 'not_before', due)
+    redis.call('LPUSH', q.ready, id)
   else
-    redis.call('ZADD', delayed, due, id)
+    redis.call('ZADD', q.delayed, due, id)
   end
 end

@@ -2,27 +2,30 @@
 -- the next message of its key go live (KEY_WAIT -> READY).
 -- With the audit record on (retention.acked_audit_max > 0), each ack is also noted in <gb>acked (id -> acked_at),
 -- trimmed to the newest max entries and to the last ttl seconds.
--- KEYS[1]  <gb>leased ZSET, KEYS[2] <gb>acked ZSET (audit record)
+-- KEYS[1]  <gb>leased ZSET, KEYS[2] <gb>acked ZSET (audit record), KEYS[3] <gb>ready LIST, KEYS[4] <gb>delayed
+--          ZSET (where the next message of an ordering key goes live)
+-- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>, body <base>msg:<id>, ordering key line
+--          <gb>key:<okey>; channel <base>wake
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), ARGV[4] audit max (0: off), ARGV[5] audit ttl (s),
 --          then pairs: id, receipt
 -- Returns  array of 1 (acked) | 2 (acked, and the next message of its ordering key went live) | 0 (stale: not
 --          leased, or leased under another receipt)
 local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local gb = base .. 'g:' .. group .. ':'
+local q = group_keys(base, group, KEYS[3], KEYS[1], KEYS[4])
 local out = {}
 local woke = false
 local acked = 0
 local gone = {}           -- delivery hashes and bodies to delete: one DEL for the whole batch
 for i = 6, #ARGV, 2 do
   local id, receipt = ARGV[i], ARGV[i + 1]
-  local dkey = gb .. 'dlv:' .. id
+  local dkey = key(q.gb, 'dlv', id)
   local d = redis.call('HMGET', dkey, 'receipt', 'key')
   if d[1] == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
     gone[#gone + 1] = dkey
-    local key = d[2]
-    if not key then key = redis.call('HGET', base .. 'msg:' .. id, 'key') end  -- a lease from an older build
-    local next_live = key and key ~= '' and key_done(base, gb, key, id, now)
+    local okey = d[2]
+    if not okey then okey = redis.call('HGET', key(base, 'msg', id), 'key') end  -- a lease from an older build
+    local next_live = okey and okey ~= '' and key_done(q, okey, id, now)
     release_body(base, id, gone)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
@@ -37,7 +40,7 @@ for i = 6, #ARGV, 2 do
   end
 end
 call_chunked('DEL', false, gone)
-if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
+if woke then redis.call('PUBLISH', key(base, 'wake'), 'k') end
 if audit > 0 and acked > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - audit_ttl * 1000)
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -audit - 1)

@@ -1,6 +1,7 @@
 -- claim.lua: transition READY -> LEASED for up to N messages, oldest first.
 -- KEYS[1]  <gb>ready   LIST
 -- KEYS[2]  <gb>leased  ZSET id -> lease deadline (ms)
+-- Built (_lib.lua key(), from ARGV[1]): each body <base>msg:<id> and delivery <gb>dlv:<id>
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease_ms, ARGV[6] consumer, ARGV[7] node,
 -- ARGV[8]  strict order (1|0): at most one lease in the whole group, and a head whose retry is not due yet
 --          (delivery field not_before) holds the queue
@@ -9,12 +10,12 @@
 -- Returns  flat array, 7 per message: id, payload|false, headers, published_at, key, attempt, receipt
 --          (payload false: the queue held an id whose body is gone; it is dropped and reported by the caller)
 local base, group, n, now, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local gb = base .. 'g:' .. group .. ':'
+local q = group_keys(base, group, KEYS[1], KEYS[2])
 if ARGV[8] == '1' then
   if redis.call('ZCARD', KEYS[2]) > 0 then return {} end
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then return {} end
-  local nb = redis.call('HGET', gb .. 'dlv:' .. head, 'not_before')
+  local nb = redis.call('HGET', key(q.gb, 'dlv', head), 'not_before')
   if nb and tonumber(nb) > now then return {} end
   n = 1
 end
@@ -24,9 +25,9 @@ local deadline = now + lease
 local out = {}
 local lease_args = {}     -- ZADD pairs (deadline, id): one call for the whole claim
 for _, id in ipairs(ids) do
-  local b = redis.call('HMGET', base .. 'msg:' .. id, 'payload', 'headers', 'published_at', 'key')
+  local b = redis.call('HMGET', key(base, 'msg', id), 'payload', 'headers', 'published_at', 'key')
   if b[1] then
-    local dkey = gb .. 'dlv:' .. id
+    local dkey = key(q.gb, 'dlv', id)
     local d = redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before')
     local attempt, claims = (tonumber(d[1]) or 0) + 1, (tonumber(d[2]) or 0) + 1
     local receipt = ARGV[9] .. '-' .. claims

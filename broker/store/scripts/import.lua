@@ -1,15 +1,18 @@
 -- import.lua: transition (none) -> READY, (none) -> RETRY_WAIT, (none) -> DEAD for records of one topic read from a
 -- `broker export` file (docs/export.md). A message is queued in one group the way publish.lua queues it (a leased
--- one comes back READY, its delivery hash and attempt count kept); a dead letter is written the way dead_letter()
--- in _lib.lua writes it, with its remaining TTL. Each op is all or nothing, and a body's refs always equals the
--- number of groups holding it (the first group creates it with refs 1, each further group adds 1, as reprocess.lua
--- does), so the state is consistent after every call, and a crash between two calls loses nothing a re-run
--- does not finish.
+-- one comes back READY, its delivery hash and attempt count kept); a dead letter is written as dead_letter() in
+-- _lib.lua writes it (both through put_dead_letter), with its remaining TTL. Each op is all or nothing, and a body's
+-- refs always equals the number of groups holding it (the first group creates it with refs 1, each further group
+-- adds 1, as reprocess.lua does), so the state is consistent after every call, and a crash between two calls loses
+-- nothing a re-run does not finish.
 -- Idempotent: an op is skipped when the import ledger holds it (imported before, within the ledger TTL) or when
 -- this Redis already holds its state: the group's delivery hash or dead letter, its lease or delay entry, or, for
 -- a message whose body exists but was not created by an import, the body (the message lives here already).
 -- KEYS[1] <base>groups SET, KEYS[2] <base>imported ZSET import ledger, member -> import time (ms):
 --         "<id>" (body created by an import), "<group>/<id>" (delivery), "<group>/<id>/dead" (dead letter)
+-- Built (_lib.lua key(), from ARGV[1]): the keys of the groups named by the ops (several per call, known only
+--         from the file: ready, leased, delayed, dead, key:<okey> lines), each body <base>msg:<id>, delivery
+--         <gb>dlv:<id>, dead letter <gb>dead:<id> (written by put_dead_letter) and idempotency key <base>idem:<key>
 -- ARGV[1] base, ARGV[2] now (ms), ARGV[3] ledger TTL (ms), ARGV[4] dry run (1|0): decide only, write nothing,
 -- ARGV[5..] ops, each its kind and then its fields:
 --   G group
@@ -30,12 +33,12 @@ local cutoff = now - ttl
 -- Per-key ordering (a message with a body field `key`): it joins the end of its key's line in the group (key_join
 -- in _lib.lua); only the head of a line is queued (ready, or delayed when due > 0), the others wait in the line
 -- until the ids before them are finished (KEY_WAIT).
-local function enqueue_keyed(gb, key, id, due)
-  if not key_join(gb, key, id) then return false end
+local function enqueue_keyed(q, okey, id, due)
+  if not key_join(q, okey, id) then return false end
   if due > 0 then
-    redis.call('ZADD', gb .. 'delayed', due, id)
+    redis.call('ZADD', q.delayed, due, id)
   else
-    make_live(base, gb, id, now)  -- a keyed publish delay (body field deliver_at) still holds it
+    make_live(q, id, now)  -- a keyed publish delay (body field deliver_at) still holds it
   end
   return true
 end
@@ -79,13 +82,13 @@ while i <= #ARGV do
     local body, j = read_pairs(i + 5)
     local dlv, nxt = read_pairs(j)
     i = nxt
-    local gb = base .. 'g:' .. group .. ':'
-    local bkey, dkey = base .. 'msg:' .. id, gb .. 'dlv:' .. id
+    local q = group_keys(base, group)
+    local bkey, dkey = key(base, 'msg', id), key(q.gb, 'dlv', id)
     local has_body = redis.call('EXISTS', bkey) == 1
     if in_ledger(group .. '/' .. id) then
       out[#out + 1] = 'ledger'
-    elseif redis.call('EXISTS', dkey, gb .. 'dead:' .. id) > 0 or redis.call('ZSCORE', gb .. 'leased', id)
-        or redis.call('ZSCORE', gb .. 'delayed', id) or (has_body and not in_ledger(id)) then
+    elseif redis.call('EXISTS', dkey, key(q.gb, 'dead', id)) > 0 or redis.call('ZSCORE', q.leased, id)
+        or redis.call('ZSCORE', q.delayed, id) or (has_body and not in_ledger(id)) then
       out[#out + 1] = 'present'
     else
       if not dry then
@@ -99,13 +102,13 @@ while i <= #ARGV do
         if #dlv > 0 then call_chunked('HSET', dkey, dlv) end
         if note ~= '' then add_error(dkey, note) end
         redis.call('ZADD', ledger, now, group .. '/' .. id)
-        local key = field(body, 'key')
-        if key then
-          enqueue_keyed(gb, key, id, due)
+        local okey = field(body, 'key')
+        if okey then
+          enqueue_keyed(q, okey, id, due)
         elseif due > 0 then
-          redis.call('ZADD', gb .. 'delayed', due, id)
+          redis.call('ZADD', q.delayed, due, id)
         else
-          redis.call('RPUSH', gb .. 'ready', id)
+          redis.call('RPUSH', q.ready, id)
         end
         wrote = true
       end
@@ -115,24 +118,21 @@ while i <= #ARGV do
     local group, id, died, xttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     local fields, nxt = read_pairs(i + 5)
     i = nxt
-    local gb = base .. 'g:' .. group .. ':'
-    local xkey = gb .. 'dead:' .. id
+    local q = group_keys(base, group)
     if in_ledger(group .. '/' .. id .. '/dead') then
       out[#out + 1] = 'ledger'
-    elseif redis.call('EXISTS', xkey, gb .. 'dlv:' .. id) > 0 then
+    elseif redis.call('EXISTS', key(q.gb, 'dead', id), key(q.gb, 'dlv', id)) > 0 then
       out[#out + 1] = 'present'
     else
       if not dry then
-        call_chunked('HSET', xkey, fields)
-        if xttl ~= '' then redis.call('EXPIRE', xkey, xttl) end
-        redis.call('ZADD', gb .. 'dead', died, id)
+        put_dead_letter(q, id, fields, died, xttl)
         redis.call('ZADD', ledger, now, group .. '/' .. id .. '/dead')
         wrote = true
       end
       out[#out + 1] = 'imported'
     end
   elseif kind == 'I' then
-    local ikey = base .. 'idem:' .. ARGV[i + 1]
+    local ikey = key(base, 'idem', ARGV[i + 1])
     if redis.call('EXISTS', ikey) == 1 then
       out[#out + 1] = 'present'
     else

@@ -3,29 +3,31 @@
 -- disconnect. A message with its own retry policy (body fields max_attempts, backoff_base_ms) uses it. A dead
 -- message with an ordering key lets the next one of its key go live (KEY_WAIT -> READY).
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased, KEYS[3] <gb>delayed, KEYS[4] <gb>dead
+-- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>, body <base>msg:<id>, dead letter <gb>dead:<id>,
+--         ordering key line <gb>key:<okey>; channel <base>wake
 -- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
 -- ARGV[7] strict order (1|0), ARGV[8] backoff base (ms), ARGV[9] backoff multiplier, ARGV[10] backoff cap (ms),
 -- then 6 per item: id, receipt, error entry (JSON object text), delay_ms (-1: backoff), dead (0|1),
 -- jitter factor (drawn by the caller from [1 - jitter, 1 + jitter])
 -- Returns array per item: "retry" | "ready" | "dead" | "stale"
 local base, topic, group, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
-local gb = base .. 'g:' .. group .. ':'
+local q = group_keys(base, group, KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local out = {}
 local woke = false
 local strict = ARGV[7]
 local mult, cap = tonumber(ARGV[9]), tonumber(ARGV[10])
 for i = 11, #ARGV, 6 do
   local id, receipt, entry, delay, dead = ARGV[i], ARGV[i+1], ARGV[i+2], tonumber(ARGV[i+3]), ARGV[i+4]
-  local dkey = gb .. 'dlv:' .. id
+  local dkey = key(q.gb, 'dlv', id)
   if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
     add_error(dkey, entry)
     local attempts = tonumber(redis.call('HGET', dkey, 'attempts') or '0')
     local maxa, bbase = policy(base, id, tonumber(ARGV[5]), tonumber(ARGV[8]))
     if dead == '1' then
-      if dead_letter(base, gb, KEYS[4], topic, group, id, 'rejected', now, ttl) then woke = true end
+      if dead_letter(q, topic, id, 'rejected', now, ttl) then woke = true end
       out[#out + 1] = 'dead'
     elseif attempts >= maxa then
-      if dead_letter(base, gb, KEYS[4], topic, group, id, 'max_attempts', now, ttl) then woke = true end
+      if dead_letter(q, topic, id, 'max_attempts', now, ttl) then woke = true end
       out[#out + 1] = 'dead'
     else
       if delay < 0 then delay = backoff(attempts, bbase, mult, cap, tonumber(ARGV[i+5])) end
@@ -33,7 +35,7 @@ for i = 11, #ARGV, 6 do
         redis.call('LPUSH', KEYS[1], id)
         out[#out + 1] = 'ready'
       else
-        schedule_retry(KEYS[1], KEYS[3], dkey, id, now + delay, strict)
+        schedule_retry(q, id, now + delay, strict)
         out[#out + 1] = 'retry'
       end
     end
@@ -41,5 +43,5 @@ for i = 11, #ARGV, 6 do
     out[#out + 1] = 'stale'
   end
 end
-if woke then redis.call('PUBLISH', base .. 'wake', 'k') end
+if woke then redis.call('PUBLISH', key(base, 'wake'), 'k') end
 return out

@@ -1,7 +1,8 @@
 -- promote.lua: transition RETRY_WAIT -> READY for entries whose due time has passed (retries, delayed publishes).
 -- Exactly once on N nodes: ZREM and RPUSH happen in one step.
 -- KEYS[1] <gb>delayed, KEYS[2] <gb>ready
--- ARGV[1] now, ARGV[2] limit, ARGV[3] wake channel
+-- Built: nothing (no per-message key; the wake channel comes from the caller)
+-- ARGV[1] now, ARGV[2] limit, ARGV[3] wake channel "<prefix>:{<topic>}:wake" (TopicKeys.wake)
 -- Returns number promoted
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #ids == 0 then return 0 end

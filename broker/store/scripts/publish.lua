@@ -2,6 +2,8 @@
 -- the message has an ordering key whose line in a group is not empty (it goes live when the line reaches it).
 -- Stores N messages of one topic in every group's queue in one atomic step.
 -- KEYS[1]  <base>groups            SET of the topic's groups
+-- Built (_lib.lua key(), from ARGV[1]): each body <base>msg:<id>, idempotency key <base>idem:<key>, and, per group
+--          read from KEYS[1] (known only at run time), its ready, delayed and key:<okey> lines; channel <base>wake
 -- ARGV[1]  base "<prefix>:{<topic>}:"
 -- ARGV[2]  now (epoch ms)
 -- ARGV[3]  idempotency TTL (s)
@@ -33,39 +35,40 @@ local ns = tonumber(ARGV[s0] or '0')
 for j = 1, ns do strict[ARGV[s0 + j]] = true end
 local origin = ARGV[s0 + ns + 1] or 'p'
 local ready = {}          -- group -> ids that go live now, in publish order
-for _, g in ipairs(groups) do ready[g] = {} end
+local q = {}              -- group -> its keys (group_keys)
+for _, g in ipairs(groups) do ready[g] = {}; q[g] = group_keys(base, g) end
 local live = false
 for i = 0, n - 1 do
   local o = 6 + i * W
-  local id, payload, headers, idem, delay, key = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3], tonumber(ARGV[o+4]), ARGV[o+5]
+  local id, payload, headers, idem = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3]
+  local delay, okey = tonumber(ARGV[o+4]), ARGV[o+5]
   local existing = false
   if idem ~= '' then
-    local ikey = base .. 'idem:' .. idem
+    local ikey = key(base, 'idem', idem)
     existing = redis.call('GET', ikey)
     if not existing then redis.call('SET', ikey, id, 'EX', ttl) end
   end
   if existing then
     out[#out + 1] = existing; out[#out + 1] = 1; out[#out + 1] = 0
   else
-    local bkey = base .. 'msg:' .. id
+    local bkey = key(base, 'msg', id)
     redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', now, 'refs', #groups)
     if ARGV[o+6] ~= '' then redis.call('HSET', bkey, 'max_attempts', ARGV[o+6]) end
     if ARGV[o+7] ~= '' then redis.call('HSET', bkey, 'backoff_base_ms', ARGV[o+7]) end
-    if key ~= '' then
-      redis.call('HSET', bkey, 'key', key)
+    if okey ~= '' then
+      redis.call('HSET', bkey, 'key', okey)
       if delay > 0 then redis.call('HSET', bkey, 'deliver_at', now + delay) end
       for _, g in ipairs(groups) do
-        local gb = base .. 'g:' .. g .. ':'
-        if strict[g] or key_join(gb, key, id) then
+        if strict[g] or key_join(q[g], okey, id) then
           if delay > 0 then
-            redis.call('ZADD', gb .. 'delayed', now + delay, id)
+            redis.call('ZADD', q[g].delayed, now + delay, id)
           else
             local l = ready[g]; l[#l + 1] = id; live = true
           end
         end
       end
     elseif delay > 0 then
-      for _, g in ipairs(groups) do redis.call('ZADD', base .. 'g:' .. g .. ':delayed', now + delay, id) end
+      for _, g in ipairs(groups) do redis.call('ZADD', q[g].delayed, now + delay, id) end
     else
       for _, g in ipairs(groups) do local l = ready[g]; l[#l + 1] = id end
       live = true
@@ -74,7 +77,7 @@ for i = 0, n - 1 do
   end
 end
 for _, g in ipairs(groups) do
-  if #ready[g] > 0 then call_chunked('RPUSH', base .. 'g:' .. g .. ':ready', ready[g]) end
+  if #ready[g] > 0 then call_chunked('RPUSH', q[g].ready, ready[g]) end
 end
-if live then redis.call('PUBLISH', base .. 'wake', origin) end
+if live then redis.call('PUBLISH', key(base, 'wake'), origin) end
 return out

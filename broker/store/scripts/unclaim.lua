@@ -2,13 +2,14 @@
 -- to Redis broke after the script ran). They were never handed to a consumer: back to the head of the queue with
 -- the attempt not counted, so a Redis outage burns no attempts. Idempotent: a second run finds nothing.
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased
+-- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>
 -- ARGV[1] base, ARGV[2] group, ARGV[3] consumer, ARGV[4] receipt prefix ("<claim tag>-"), ARGV[5] lease deadline
 -- Returns number of deliveries given back
-local gb = ARGV[1] .. 'g:' .. ARGV[2] .. ':'
+local q = group_keys(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[5], ARGV[5])
 local back = {}
 for _, id in ipairs(ids) do
-  local dkey = gb .. 'dlv:' .. id
+  local dkey = key(q.gb, 'dlv', id)
   local d = redis.call('HMGET', dkey, 'consumer', 'receipt')
   if d[1] == ARGV[3] and d[2] and string.sub(d[2], 1, #ARGV[4]) == ARGV[4] then
     redis.call('ZREM', KEYS[2], id)
