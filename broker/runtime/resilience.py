@@ -48,13 +48,14 @@ class BreakerOpenError(Exception):
 
 def backoff_delay(attempt: int, base_ms: int, multiplier: float, cap_ms: int, factor: float) -> int:
     """Delay before retry number ``attempt`` (1-based): ``min(cap, base * multiplier**(attempt-1))`` times a jitter
-    ``factor``, never below 1 ms. The Lua scripts compute the same (``backoff`` in ``store/scripts/_lib.lua``) so a
-    message's own backoff base applies in Redis; a test holds the two to each other."""
+    ``factor``, never below 1 ms and never above the cap (jitter spreads delays below the cap, it never exceeds it).
+    The Lua scripts compute the same (``backoff`` in ``store/scripts/_lib.lua``) so a message's own backoff base
+    applies in Redis; a test holds the two to each other."""
     try:
         raw = min(float(cap_ms), base_ms * multiplier ** max(0, attempt - 1))
     except OverflowError:  # a huge attempt number: far past the cap
         raw = float(cap_ms)
-    return max(1, math.floor(raw * factor + 0.5))
+    return max(1, min(cap_ms, math.floor(raw * factor + 0.5)))
 
 
 def jitter_factor(jitter: float, rng: random.Random) -> float:

@@ -79,7 +79,7 @@ end
 -- drew from [1 - jitter, 1 + jitter]; at least 1 ms. The same formula as broker.resilience.backoff_delay.
 local function backoff(attempt, base, mult, cap, u)
   local raw = math.min(cap, base * mult ^ math.max(0, attempt - 1))
-  return math.max(1, math.floor(raw * u + 0.5))
+  return math.max(1, math.min(cap, math.floor(raw * u + 0.5)))
 end
 
 -- A message's own retry policy (publish fields max_attempts / backoff_base_ms on its body), else the defaults.
