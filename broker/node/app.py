@@ -202,7 +202,9 @@ class Broker:
                 await h.stop(budget(0.25))
             cut = await self._wait_inflight(budget(0.5))
             if cut:
-                log.warning("shutdown_inflight_cut", deliveries=cut, note="requeued; they will be delivered again")
+                log.warning(
+                    "shutdown_inflight_cut", deliveries=cut, note="given back, no attempt counted; delivered again"
+                )
         publisher: Publisher | None = getattr(self, "publisher", None)
         if publisher is not None and not await publisher.drain(budget(0.25)):
             log.warning("shutdown_publishes_cut", pending=len(publisher))

@@ -388,15 +388,17 @@ class Dispatch:
 
     def requeue_all(self, consumer: Consumer, unsent: set[str], reason: str) -> None:
         """A consumer left: deliveries never sent go back as they were; sent ones are redelivered at once
-        (the attempt counts: a message that keeps killing consumers must end in the DLQ)."""
+        (the attempt counts: a message that keeps killing consumers must end in the DLQ). When this node is shutting
+        down it is the broker that leaves, not the consumer that failed: everything goes back as it was, no attempt
+        counted (``shutdown_inflight_cut`` says how many)."""
         self.remove(consumer)
         if not consumer.inflight:
             return
-        back = [AckItem(i, held[0]) for i, held in consumer.inflight.items() if i in unsent]
+        back = [AckItem(i, held[0]) for i, held in consumer.inflight.items() if self.stopping or i in unsent]
         if back:
             self._spawn(self._release(consumer.topic, consumer.group, back))
         for msg_id, (receipt, attempt, *_) in list(consumer.inflight.items()):
-            if msg_id in unsent:
+            if self.stopping or msg_id in unsent:
                 continue
             fut = self._nack(consumer.topic, consumer.group, NackItem(msg_id, receipt, reason, 0), attempt, consumer.id)
             fut.add_done_callback(_log_requeue_failure)
