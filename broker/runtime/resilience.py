@@ -22,9 +22,8 @@ from typing import Any, TypeVar
 
 import pybreaker
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState
 from tenacity import wait_exponential_jitter as _wait_exponential_jitter
-from tenacity import wait_random_exponential as _wait_random_exponential
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.resilience")
@@ -179,18 +178,6 @@ class Breaker:
         except Exception as e:
             if e is not exc:
                 raise
-
-
-def transient_retry(
-    retry_on: tuple[type[BaseException], ...], *, attempts: int, max_wait_s: float, deadline_s: float
-) -> AsyncRetrying:
-    """Bounded retries with full jitter for transient failures (client reconnects, idempotent publish retries)."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(retry_on),
-        wait=_wait_random_exponential(multiplier=0.05, max=max_wait_s),
-        stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
-        reraise=True,
-    )
 
 
 class LoopBackoff:
