@@ -1,7 +1,8 @@
 """Circuit breakers (pybreaker under an asyncio adapter) and retry policies (tenacity).
 
-The only module that imports pybreaker or tenacity. The rest of the code sees ``Breaker``, ``BreakerState``,
-``BreakerOpenError``, ``LoopBackoff`` and pure functions such as ``backoff_ms``.
+The only module of the server that imports pybreaker or tenacity (the client, apart, retries with tenacity itself;
+tests/test_layers.py holds both). The rest of the code sees ``Breaker``, ``BreakerState``, ``BreakerOpenError``,
+``LoopBackoff`` and pure functions such as ``backoff_ms``.
 
 Why an adapter: pybreaker 1.4's decorator records success when an ``async def`` is *called* (the coroutine is only
 created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-call timeout, so a hung call counts as
