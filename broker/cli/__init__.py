@@ -18,7 +18,7 @@ NEEDS_SERVER_EXTRA = "the broker needs the server extra: pip install 'redis-ws-b
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from broker.cli.main import main as run
+        from broker.cli.command import main as run
 
         return run(argv)
     except ModuleNotFoundError as e:
