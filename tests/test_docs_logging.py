@@ -1,5 +1,6 @@
-"""docs/logging.md stays true: its two event tables list exactly the structlog events in ``broker/``, each with
-the level(s) it is logged at, the module(s) that log it and its fields.
+"""docs/logging.md stays true: its two event tables list exactly the log events in ``broker/``, each with the
+level(s) it is logged at, the module(s) that log it and its fields. The broker logs with structlog; the client with
+the standard library, through an adapter called the same way (``log.warning("broker_error", code=...)``).
 
 The source side is read with ``ast``: every ``log.<level>("event", key=...)`` and ``self.log.<level>(...)`` call
 (``self.log`` being ``log.bind(...)``, whose keys count as fields). Events logged by ``broker/client/client.py`` run

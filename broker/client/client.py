@@ -8,21 +8,55 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any
 
 import orjson
-import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from broker.core.errors import ERROR_CODES, BrokerError, RateLimitedError, StaleReceiptError, UnavailableError
-from broker.runtime.resilience import transient_retry
 
-log = structlog.get_logger("broker.client")
+
+class _EventLog(logging.LoggerAdapter[logging.Logger]):
+    """The client logs through the standard library, on the logger ``broker.client``: the application decides where
+    the lines go. Each line is an event name and its fields, ``log.warning("broker_error", code=..., id=...)``: the
+    text reads ``broker_error code='...' id='...'``, and a structured handler finds ``record.event`` (the name) and
+    ``record.fields`` (a dict). The events are listed in docs/logging.md."""
+
+    _OWN = frozenset({"exc_info", "stack_info", "stacklevel", "extra"})  # the keywords `Logger.log` itself takes
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        fields = {k: kwargs.pop(k) for k in [k for k in kwargs if k not in self._OWN]}
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), "event": msg, "fields": fields}
+        return " ".join([str(msg), *(f"{k}={v!r}" for k, v in fields.items())]), kwargs
+
+
+log = _EventLog(logging.getLogger("broker.client"))
+
+
+def _transient_retry(
+    retry_on: tuple[type[BaseException], ...], *, attempts: int, max_wait_s: float, deadline_s: float
+) -> AsyncRetrying:
+    """Bounded retries with full jitter (0.05 s doubling, capped at ``max_wait_s``) for reconnects and publishes."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=wait_random_exponential(multiplier=0.05, max=max_wait_s),
+        stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
+        reraise=True,
+    )
+
 
 _ERRORS: dict[str, type[BrokerError]] = {}
 
@@ -183,7 +217,7 @@ class BrokerClient:
     async def _reconnect(self) -> None:
         retry_on = (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, UnavailableError, TimeoutError)
         try:
-            async for attempt in transient_retry(
+            async for attempt in _transient_retry(
                 retry_on, attempts=10_000, max_wait_s=5, deadline_s=self.reconnect_deadline_s
             ):
                 with attempt:
@@ -308,7 +342,7 @@ class BrokerClient:
         confirmed or the reconnect deadline passes, with jittered backoff."""
         if not retry:
             return await self.request(frame)
-        async for attempt in transient_retry(
+        async for attempt in _transient_retry(
             (UnavailableError, RateLimitedError, ConnectionClosed, TimeoutError),
             attempts=1_000,
             max_wait_s=2,
@@ -316,7 +350,7 @@ class BrokerClient:
         ):
             with attempt:
                 return await self.request(frame)
-        raise AssertionError("unreachable: transient_retry re-raises the last error")
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def publish_batch(
         self, messages: list[dict[str, Any]], *, retry: bool = True

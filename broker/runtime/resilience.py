@@ -1,7 +1,8 @@
 """Circuit breakers (pybreaker under an asyncio adapter) and retry policies (tenacity).
 
-The only module that imports pybreaker or tenacity. The rest of the code sees ``Breaker``, ``BreakerState``,
-``BreakerOpenError``, ``LoopBackoff`` and pure functions such as ``backoff_ms``.
+The only module of the server that imports pybreaker or tenacity (the client, apart, retries with tenacity itself;
+tests/test_layers.py holds both). The rest of the code sees ``Breaker``, ``BreakerState``, ``BreakerOpenError``,
+``LoopBackoff`` and pure functions such as ``backoff_ms``.
 
 Why an adapter: pybreaker 1.4's decorator records success when an ``async def`` is *called* (the coroutine is only
 created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-call timeout, so a hung call counts as
@@ -23,9 +24,8 @@ from typing import Any, TypeVar
 
 import pybreaker
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState
 from tenacity import wait_exponential_jitter as _wait_exponential_jitter
-from tenacity import wait_random_exponential as _wait_random_exponential
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.resilience")
@@ -224,18 +224,6 @@ class Breaker:
         except Exception as e:
             if e is not exc:
                 raise
-
-
-def transient_retry(
-    retry_on: tuple[type[BaseException], ...], *, attempts: int, max_wait_s: float, deadline_s: float
-) -> AsyncRetrying:
-    """Bounded retries with full jitter for transient failures (client reconnects, idempotent publish retries)."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(retry_on),
-        wait=_wait_random_exponential(multiplier=0.05, max=max_wait_s),
-        stop=stop_after_attempt(attempts) | stop_after_delay(deadline_s),
-        reraise=True,
-    )
 
 
 class LoopBackoff:
