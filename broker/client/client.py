@@ -26,7 +26,7 @@ from tenacity import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from broker.core.errors import ERROR_CODES, BrokerError, RateLimitedError, StaleReceiptError, UnavailableError
+from broker.core.errors import BrokerError, RateLimitedError, StaleReceiptError, UnavailableError, error_class
 
 
 class _EventLog(logging.LoggerAdapter[logging.Logger]):
@@ -58,22 +58,8 @@ def _transient_retry(
     )
 
 
-_ERRORS: dict[str, type[BrokerError]] = {}
-
-
-def _error_class(code: str) -> type[BrokerError]:
-    if not _ERRORS:
-        from broker.core import errors
-
-        for obj in vars(errors).values():
-            if isinstance(obj, type) and issubclass(obj, BrokerError) and obj.code not in _ERRORS:
-                _ERRORS[obj.code] = obj
-    return _ERRORS.get(code, BrokerError)
-
-
 def error_from_frame(frame: dict[str, Any]) -> BrokerError:
-    code = frame.get("code", "internal")
-    cls = _error_class(code if code in ERROR_CODES else "internal")
+    cls = error_class(str(frame.get("code", "internal")))  # an unknown code: the root, BrokerError
     return cls(str(frame.get("message", "")), retry_after_ms=frame.get("retry_after_ms"))
 
 
