@@ -95,12 +95,13 @@ async def _nats_once(ctx: Context, messages: int, groups: int, rate: float | Non
         pub_errors: list[str] = []
         acked = [0] * groups
         loads = orjson.loads
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=s.prefetch,
-        )
         for i, conn in enumerate(subs_nc):
+            # A fresh config per consumer: nats-py writes the deliver subject into the object it is given.
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                max_ack_pending=s.prefetch,
+            )
             tracker = DeliveryTracker(messages)
             run.trackers.append(tracker)
             js_sub = conn.jetstream(timeout=timeout)

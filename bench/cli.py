@@ -318,7 +318,7 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
 
 
 #: Metrics that have a column of their own; any other metric is listed under the table.
-RATE_KEYS = ("throughput", "deliveries")
+RATE_KEYS = ("throughput", "deliveries", "fill")
 LATENCY_KEYS = (("p50", "p99"), ("retry_p50", "retry_p99"))
 COLUMN_KEYS = {*RATE_KEYS, "p50", "p99", "max", "retry_p50", "retry_p99", CPU_SERVER, CPU_REDIS, CPU_TOTAL}
 

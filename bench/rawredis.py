@@ -31,12 +31,56 @@ PUBLISH_BATCH = 100
 BLOCK_S = 0.05
 
 
-def _client(url: str, connections: int) -> Any:
-    import redis.asyncio as aioredis  # lazily: only this baseline needs redis-py on the bench side
+class Resp:
+    """A minimal Redis connection: commands packed by hand, one write per pipeline, replies parsed by hiredis.
 
-    if not url.startswith("redis://127.0.0.1:"):
-        raise BenchError(f"refusing non-loopback Redis URL {url}")
-    return aioredis.Redis.from_url(url, max_connections=connections, decode_responses=False)
+    redis-py's asyncio client costs about 200 µs of CPU per pipeline call here (timeouts, retries, hooks), which
+    would make this baseline measure the client instead of Redis; this costs a few µs per command."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import hiredis  # lazily: only this baseline needs it (installed with redis-py's hiredis extra)
+
+        self.reader = reader
+        self.writer = writer
+        self.parser = hiredis.Reader()
+
+    @classmethod
+    async def open(cls, url: str) -> Resp:
+        if not url.startswith("redis://127.0.0.1:"):
+            raise BenchError(f"refusing non-loopback Redis URL {url}")
+        port = int(url.removeprefix("redis://127.0.0.1:").split("/", 1)[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    @staticmethod
+    def pack(*args: bytes | str) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a.encode() if isinstance(a, str) else a
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(parts)
+
+    async def pipeline(self, commands: list[bytes]) -> list[Any]:
+        """Send packed ``commands`` in one write; return their replies in order (errors raise)."""
+        self.writer.write(b"".join(commands))
+        out: list[Any] = []
+        while len(out) < len(commands):
+            reply = self.parser.gets()
+            if reply is False:
+                data = await self.reader.read(65_536)
+                if not data:
+                    raise BenchError("Redis closed the connection")
+                self.parser.feed(data)
+                continue
+            if isinstance(reply, Exception):
+                raise BenchError(f"Redis: {reply}")
+            out.append(reply)
+        return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
 
 
 class RawRedisRun:
@@ -50,15 +94,29 @@ class RawRedisRun:
         self.t_done = [0.0] * groups
         self.abort = Abort()
         self.deadline = perf() + ctx.sizes.run_timeout_s
-        self.pub = _client(ctx.raw_redis_url, ctx.sizes.window // PUBLISH_BATCH + 2)
-        self.subs = [_client(ctx.raw_redis_url, 1) for _ in range(groups)]
+        self.pool: asyncio.Queue[Resp] = asyncio.Queue()  # publisher connections (one pipeline in flight each)
+        self.conns: list[Resp] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.window = asyncio.Semaphore(ctx.sizes.window)
         self.inflight: set[asyncio.Task[None]] = set()
         self.errors: list[str] = []
 
     async def __aenter__(self) -> RawRedisRun:
-        for i, r in enumerate(self.subs):
+        url = self.ctx.raw_redis_url
+        try:
+            async with asyncio.timeout(self.sizes.connect_timeout_s):
+                for _ in range(max(1, self.sizes.window // PUBLISH_BATCH)):
+                    conn = await Resp.open(url)
+                    self.conns.append(conn)
+                    self.pool.put_nowait(conn)
+                subs = []
+                for _ in self.keys:
+                    subs.append(await Resp.open(url))
+                    self.conns.append(subs[-1])
+        except (OSError, TimeoutError) as e:
+            await self.__aexit__()
+            raise BenchError(f"cannot connect to {url}: {e!r}") from None
+        for i, r in enumerate(subs):
             self.tasks.append(asyncio.create_task(self._consume(i, r), name=f"rawredis-consumer-{i}"))
         return self
 
@@ -67,23 +125,24 @@ class RawRedisRun:
             t.cancel()
             with contextlib.suppress(BaseException):
                 await t
-        with contextlib.suppress(Exception):
-            await self.pub.delete(*[k for pair in self.keys for k in pair])
-        for r in [self.pub, *self.subs]:
+        if self.conns:
             with contextlib.suppress(Exception):
-                await r.aclose()
+                async with asyncio.timeout(5):
+                    fresh = await Resp.open(self.ctx.raw_redis_url)
+                    await fresh.pipeline([Resp.pack("DEL", *[k for pair in self.keys for k in pair])])
+                    await fresh.close()
+        for conn in self.conns:
+            await conn.close()
 
     async def _push(self, values: list[bytes]) -> None:
+        conn = await self.pool.get()
         try:
-            async with self.pub.pipeline(transaction=False) as pipe:
-                for v in values:
-                    for ready, _ in self.keys:
-                        pipe.lpush(ready, v)
-                await pipe.execute()
+            await conn.pipeline([Resp.pack("LPUSH", ready, v) for v in values for ready, _ in self.keys])
         except Exception as e:
             self.errors.append(repr(e))
             self.abort.set(f"raw Redis publish failed: {e!r}")
         finally:
+            self.pool.put_nowait(conn)
             for _ in values:
                 self.window.release()
 
@@ -109,28 +168,29 @@ class RawRedisRun:
                     t0 = stamp
         return t0
 
-    async def _consume(self, i: int, r: Any) -> None:
+    async def _consume(self, i: int, r: Resp) -> None:
         ready, processing = self.keys[i]
         tracker = self.trackers[i]
         prefetch = self.sizes.prefetch
         loads = orjson.loads
+        pack = Resp.pack
+        lmove = pack("LMOVE", ready, processing, "RIGHT", "LEFT")
+        blmove = pack("BLMOVE", ready, processing, "RIGHT", "LEFT", str(BLOCK_S))
         acks: list[bytes] = []
         want = 1
         try:
             while True:
-                async with r.pipeline(transaction=False) as pipe:
-                    for v in acks:
-                        pipe.lrem(processing, -1, v)
-                    for _ in range(want if not tracker.complete.is_set() else 0):
-                        pipe.lmove(ready, processing, "RIGHT", "LEFT")
-                    out = await pipe.execute() if acks or not tracker.complete.is_set() else []
+                done = tracker.complete.is_set()
+                commands = [pack("LREM", processing, "-1", v) for v in acks]
+                commands += [lmove] * (0 if done else want)
+                out = await r.pipeline(commands)
                 got = [v for v in out[len(acks) :] if v is not None]
                 acks = []
-                if tracker.complete.is_set():
+                if done:
                     self.t_done[i] = perf()  # the last acks' pipeline was answered
                     return
                 if not got:
-                    v = await r.blmove(ready, processing, BLOCK_S, "RIGHT", "LEFT")
+                    (v,) = await r.pipeline([blmove])
                     if v is None:
                         want = 1
                         continue
