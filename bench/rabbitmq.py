@@ -1,41 +1,219 @@
-"""RabbitMQ baselines (``rabbitmq``, ``rabbitmq-s2``, ``rabbitmq-s3``): not built yet.
+"""RabbitMQ baselines (``rabbitmq``, ``rabbitmq-s2``, ``rabbitmq-s3``): S1, S2 and S3 through the RabbitMQ on
+127.0.0.1:5672 (a system service, not started by the bench), with aio-pika, set up as a new user would for
+at-least-once delivery:
 
-RabbitMQ runs as a system service on 127.0.0.1:5672 here, but the project pins no AMQP client (aio-pika or
-aiormq would be one more development dependency in pyproject.toml and requirements/lock.txt). Until one is added
-these scenarios are opt-in and report ``SKIPPED``; the CPU of its processes (``beam.smp`` and helpers) would be
-read like NATS's (``bench.scenarios.SERVICE_PROCESSES``).
+- a fanout exchange per run, one **durable** queue per group bound to it (S1/S3: one group, S2: 8);
+- the publisher: one connection, a channel with **publisher confirms**, **persistent** messages, at most
+  ``window`` unconfirmed (one task per publish awaiting its confirm; S3 on its schedule);
+- one connection per group, ``basic_qos(prefetch_count = prefetch)``, manual ``ack`` of every message.
+
+Done = every message delivered in every group and, on each consumer channel, a ``basic.qos`` round trip after the
+last ack (the server has read every ack, like NATS's ``flush()``). Queues and exchange are deleted afterwards. CPU =
+the RabbitMQ processes' (``beam.smp``, ``epmd``, ``erl_child_setup``, ``inet_gethost``). Without aio-pika installed
+(it is a development dependency) or without a server, the baseline reports ``SKIPPED``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import orjson
+
+from . import BenchError
+from .cpumon import CpuMeter
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_cpu, add_latency, cpu_meter, latency_summary
+from .wsclient import Abort, DeliveryTracker, before, payload_text, perf, wait_for_event
 
-RABBIT = "RabbitMQ (durable queue, publisher confirms, manual acks)"
+RABBIT = "RabbitMQ (durable queues, persistent messages, publisher confirms, manual acks)"
 
 
-def _skipped(name: str) -> ScenarioResult:
-    res = ScenarioResult(name, status="skipped")
-    res.note = "baseline skipped: no AMQP client in the project's dependencies (see bench/rabbitmq.py)"
+class RabbitSkipped(Exception):
+    pass
+
+
+async def _connect(url: str, timeout_s: float) -> Any:
+    try:
+        import aio_pika
+    except ImportError:
+        raise RabbitSkipped("aio-pika is not installed (pip install aio-pika)") from None
+    if not url.startswith(("amqp://guest:guest@127.0.0.1:", "amqp://127.0.0.1:", "amqp://localhost:")):
+        raise RabbitSkipped(f"refusing non-loopback AMQP URL {url}")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await aio_pika.connect(url)
+    except Exception as e:
+        raise RabbitSkipped(f"RabbitMQ unreachable at {url}: {e!r}") from None
+
+
+class RabbitRun:
+    def __init__(self) -> None:
+        self.trackers: list[DeliveryTracker] = []
+        self.elapsed = 0.0
+        self.sent_span = 0.0
+        self.max_lag = 0.0
+        self.info: dict[str, Any] = {}
+
+
+async def _rabbit_once(
+    ctx: Context, messages: int, groups: int, rate: float | None, cpu: CpuMeter | None = None
+) -> RabbitRun:
+    import aio_pika
+
+    s = ctx.sizes
+    timeout = s.connect_timeout_s
+    tag = uuid.uuid4().hex[:10]
+    run = RabbitRun()
+    abort = Abort()
+    deadline = perf() + s.run_timeout_s
+    conns: list[Any] = []
+    queues: list[Any] = []
+    exchange: Any = None
+    try:
+        pub = await _connect(ctx.amqp_url, timeout)
+        conns.append(pub)
+        pub_ch = await pub.channel(publisher_confirms=True)
+        exchange = await pub_ch.declare_exchange(f"bench.{tag}", aio_pika.ExchangeType.FANOUT)
+        loads = orjson.loads
+        consumer_channels = []
+        for i in range(groups):
+            conn = await _connect(ctx.amqp_url, timeout)
+            conns.append(conn)
+            ch = await conn.channel()
+            await ch.set_qos(prefetch_count=s.prefetch)
+            q = await ch.declare_queue(f"bench.{tag}.g{i}", durable=True)
+            await q.bind(exchange)
+            queues.append(q)
+            consumer_channels.append(ch)
+            tracker = DeliveryTracker(messages)
+            run.trackers.append(tracker)
+
+            async def on_message(msg: Any, tracker: DeliveryTracker = tracker) -> None:
+                tracker.record(loads(msg.body), perf())
+                await msg.ack()
+
+            await q.consume(on_message, no_ack=False)
+
+        window = asyncio.Semaphore(s.window)
+        pending: set[asyncio.Task[None]] = set()
+        errors: list[str] = []
+
+        async def publish(seq: int) -> None:
+            try:
+                body = payload_text(seq, perf(), s.payload_bytes).encode()
+                message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                await exchange.publish(message, routing_key="")
+            except Exception as e:
+                errors.append(repr(e))
+                abort.set(f"RabbitMQ publish failed: {e!r}")
+            finally:
+                window.release()
+
+        if cpu is not None:
+            cpu.start()
+        t0 = perf()
+        interval = 1.0 / rate if rate else 0.0
+        async with before(deadline, f"publishing {messages} messages to RabbitMQ"):
+            for seq in range(messages):
+                if rate:
+                    due = t0 + seq * interval
+                    now = perf()
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                    else:
+                        run.max_lag = max(run.max_lag, now - due)
+                if seq % 1_000 == 0:
+                    abort.check()
+                await window.acquire()
+                if seq == 0:
+                    t0 = perf()
+                task = asyncio.create_task(publish(seq))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            run.sent_span = perf() - t0
+            if pending:
+                await asyncio.gather(*pending)
+        for tracker in run.trackers:
+            await wait_for_event(tracker.complete, abort, deadline, "all RabbitMQ deliveries")
+        for ch in consumer_channels:
+            await ch.set_qos(prefetch_count=s.prefetch)  # a round trip: every earlier ack was read
+        t_end = perf()
+        if cpu is not None:
+            cpu.stop()
+        run.elapsed = t_end - t0
+        await asyncio.sleep(s.settle_s)
+        run.info.update(publish_errors=errors[:10], exchange=f"bench.{tag}")
+        return run
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                for q in queues:
+                    await q.delete(if_unused=False, if_empty=False)
+                if exchange is not None:
+                    await exchange.delete()
+        for conn in reversed(conns):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await conn.close()
+
+
+async def _rabbit_scenario(ctx: Context, name: str, messages: int, groups: int, rate: float | None) -> ScenarioResult:
+    s = ctx.sizes
+    res = ScenarioResult(name)
+    cpu = cpu_meter(ctx, "rabbitmq")
+    try:
+        if s.warmup_messages > 0:
+            await _rabbit_once(ctx, s.warmup_messages, groups, None)
+        run = await _rabbit_once(ctx, messages, groups, rate, cpu)
+    except RabbitSkipped as e:
+        res.status = "skipped"
+        res.note = f"baseline skipped: {e}"
+        return res
+    except BenchError:
+        raise
+    for i, tracker in enumerate(run.trackers):
+        for p in tracker.problems(f"RabbitMQ consumer {i}"):
+            res.problem(p)
+    latencies = [x for t in run.trackers for x in t.latencies]
+    deliveries = messages * groups
+    if rate:
+        add_latency(res, latencies)
+        add_cpu(res, cpu, messages)
+        res.extra.update(achieved_rate=messages / run.sent_span if run.sent_span else 0.0)
+        res.extra.update(max_send_lag_ms=run.max_lag * 1000)
+    elif groups > 1:
+        res.add("deliveries", deliveries / run.elapsed, "deliveries/s")
+        add_cpu(res, cpu, deliveries, "us/delivery")
+    else:
+        res.add("throughput", messages / run.elapsed, "msg/s")
+        add_cpu(res, cpu, messages)
+    res.extra.update(
+        run.info,
+        messages=messages,
+        groups=groups,
+        payload_bytes=s.payload_bytes,
+        elapsed_s=run.elapsed,
+        delivery=[t.summary() for t in run.trackers],
+        delivery_latency=latency_summary(latencies),
+    )
     return res
 
 
-@scenario(
-    "rabbitmq", needs=("rabbitmq",), title=f"{RABBIT}, S1: {S1_TITLE}", system="rabbitmq", shape="s1", default=False
-)
+@scenario("rabbitmq", needs=("rabbitmq",), title=f"{RABBIT}, S1: {S1_TITLE}", system="rabbitmq", shape="s1")
 async def rabbitmq_s1(ctx: Context) -> ScenarioResult:
-    return _skipped("rabbitmq")
+    return await _rabbit_scenario(ctx, "rabbitmq", ctx.sizes.messages, 1, None)
 
 
-@scenario(
-    "rabbitmq-s2", needs=("rabbitmq",), title=f"{RABBIT}, S2: {S2_TITLE}", system="rabbitmq", shape="s2", default=False
-)
+@scenario("rabbitmq-s2", needs=("rabbitmq",), title=f"{RABBIT}, S2: {S2_TITLE}", system="rabbitmq", shape="s2")
 async def rabbitmq_s2(ctx: Context) -> ScenarioResult:
-    return _skipped("rabbitmq-s2")
+    s = ctx.sizes
+    return await _rabbit_scenario(ctx, "rabbitmq-s2", s.fanout_messages, s.fanout_groups, None)
 
 
-@scenario(
-    "rabbitmq-s3", needs=("rabbitmq",), title=f"{RABBIT}, S3: {S3_TITLE}", system="rabbitmq", shape="s3", default=False
-)
+@scenario("rabbitmq-s3", needs=("rabbitmq",), title=f"{RABBIT}, S3: {S3_TITLE}", system="rabbitmq", shape="s3")
 async def rabbitmq_s3(ctx: Context) -> ScenarioResult:
-    return _skipped("rabbitmq-s3")
+    s = ctx.sizes
+    return await _rabbit_scenario(ctx, "rabbitmq-s3", int(s.latency_rate * s.latency_seconds), 1, s.latency_rate)

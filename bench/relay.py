@@ -99,9 +99,9 @@ class Relay:
             pass
         finally:
             for c in mine.values():
-                g = self.topics.get(c.topic, {}).get(c.group)
-                if g is not None and c in g.consumers:
-                    g.consumers.remove(c)
+                left = self.topics.get(c.topic, {}).get(c.group)
+                if left is not None and c in left.consumers:
+                    left.consumers.remove(c)
 
     async def publish(self, ws: ServerConnection, d: dict[str, Any]) -> None:
         topic = d.get("topic")
