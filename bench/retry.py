@@ -5,11 +5,13 @@ the default backoff policy applies: x multiplier per attempt, jitter), and the c
 (sequence number divisible by 10) once, without ``delay_ms``, the first time it is delivered: the broker schedules
 the retry (about 50 ms, jittered) in the group's retry set, it is delivered again as attempt 2 and acked. msg/s is
 measured over the same span as S1 (first publish -> last ack) and compared with S1 from the same run. The retry's
-delay from *due* to *delivered* is measured on a sample of the nacked messages (at most about 1,000): the nack
+delay from *due* to *delivered* is measured on a sample of the nacked messages (at most about 500): the nack
 carries a ``ref``; once it is answered ``nacked`` (outcome ``retry``), a ``status`` lookup on a connection of its
-own reads the ``due`` time the broker chose; the delay is the wall clock at the attempt-2 delivery minus ``due``
-(same machine, same clock; milliseconds). A lookup that finds the message no longer waiting (already moved) is
-counted as ``unresolved``.
+own (two, up to 8 lookups in flight on each) reads the ``due`` time the broker chose; the delay is the wall clock
+at the attempt-2 delivery minus ``due`` (same machine, same clock; milliseconds). A lookup that finds the message
+no longer waiting (already moved to the queue) cannot know its due time: it is counted as ``retry_unresolved``
+next to ``retry_samples``, both shown in the table; many unresolved lookups (a loaded machine, lookups queued
+behind each other) bias the sample towards the retries that were looked up fastest.
 
 ``reprocess`` makes dead letters through the protocol (batch publishes, a consumer that nacks each delivery with
 ``dead: true``, untimed), then runs the operator's command ``python -m broker dlq reprocess --topic T --group
@@ -38,7 +40,8 @@ from .scenarios import BrokerRun, _publish_all, add_cpu, cpu_meter, latency_summ
 from .wsclient import Abort, AckingConsumer, BrokerConn, Frame, before, payload_text, perf, wait_for_event
 
 NACK_EVERY = 10  # s4: every 10th message is nacked once
-DUE_SAMPLES = 1_000  # s4: most status lookups of nacked messages (their due time)
+DUE_SAMPLES = 500  # s4: most status lookups of nacked messages (their due time)
+OBSERVERS = 2  # s4: connections for the lookups (the broker serves 8 lookups at once per connection)
 DEAD_BATCH = 1_000  # reprocess: messages per publish frame
 
 
@@ -47,9 +50,9 @@ class NackingConsumer(AckingConsumer):
     ``NACK_EVERY``-th message and acks everything else. A nacked delivery is not recorded in the tracker: its
     redelivery (attempt 2) is, so "every message exactly once" still means every message acked exactly once. Any
     delivery with an unexpected attempt number (a nacked message delivered as 1 twice, or a redelivery that is not
-    2) is a problem. With an ``observer`` connection, sampled nacks get a ``status`` lookup of their due time."""
+    2) is a problem. With ``observers`` (connections), sampled nacks get a ``status`` lookup of their due time."""
 
-    observer: BrokerConn | None = None
+    observers: tuple[BrokerConn, ...] = ()
     topic = ""
 
     def __init__(self, conn: BrokerConn, expected: int, **kw: Any) -> None:
@@ -66,7 +69,8 @@ class NackingConsumer(AckingConsumer):
         self.lookup_errors: list[str] = []
         self._ids: dict[int, str] = {}
         self._sample_every = max(1, math.ceil(len(range(0, expected, NACK_EVERY)) / DUE_SAMPLES))
-        self._lookups = asyncio.Semaphore(8)  # the broker serves 8 status lookups per connection at once
+        self._lookups: dict[int, asyncio.Semaphore] = {}  # per observer: 8 lookups in flight at most
+        self._turn = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._nack_frames: list[bytes] = []
         self._nack_kick = asyncio.Event()
@@ -114,7 +118,7 @@ class NackingConsumer(AckingConsumer):
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             if outcome != "retry":
                 self._attempt_problem(f"seq {seq}: nack outcome {outcome}, expected retry")
-            elif self.observer is not None and (seq // NACK_EVERY) % self._sample_every == 0:
+            elif self.observers and (seq // NACK_EVERY) % self._sample_every == 0:
                 task = asyncio.create_task(self._lookup(seq))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -123,10 +127,11 @@ class NackingConsumer(AckingConsumer):
         return True
 
     async def _lookup(self, seq: int) -> None:
-        assert self.observer is not None
-        async with self._lookups:
+        self._turn = (self._turn + 1) % len(self.observers)
+        observer = self.observers[self._turn]
+        async with self._lookups.setdefault(self._turn, asyncio.Semaphore(8)):
             try:
-                reply = await self.observer.request({"op": "status", "topic": self.topic, "id": self._ids[seq]}, 10)
+                reply = await observer.request({"op": "status", "topic": self.topic, "id": self._ids[seq]}, 10)
             except BenchError as e:
                 self.lookup_errors.append(str(e))
                 return
@@ -180,10 +185,12 @@ class NackingConsumer(AckingConsumer):
         }
 
 
-async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tuple[float, BrokerRun, BrokerConn]:
+async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tuple[float, BrokerRun]:
     s = ctx.sizes
-    observer = await BrokerConn.open(ctx.broker_url, f"{tag}-observer", Abort(), s.connect_timeout_s)
+    observers: list[BrokerConn] = []
     try:
+        for i in range(OBSERVERS):
+            observers.append(await BrokerConn.open(ctx.broker_url, f"{tag}-observer{i}", Abort(), s.connect_timeout_s))
         async with BrokerRun(
             ctx,
             tag,
@@ -195,7 +202,7 @@ async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tup
         ) as run:
             for c in run.consumers:
                 assert isinstance(c, NackingConsumer)
-                c.observer, c.topic = observer, run.topic
+                c.observers, c.topic = tuple(observers), run.topic
             if cpu is not None:
                 cpu.start()
             t0 = await _publish_all(run)
@@ -203,9 +210,10 @@ async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tup
             if cpu is not None:
                 cpu.stop()
             await run.settle()
-        return t_end - t0, run, observer
+        return t_end - t0, run
     finally:
-        await observer.close()
+        for observer in observers:
+            await observer.close()
 
 
 @scenario(
@@ -220,7 +228,7 @@ async def s4_retries(ctx: Context) -> ScenarioResult:
     if s.warmup_messages > 0:
         await _s4_run(ctx, "s4-warmup", s.warmup_messages)
     cpu = cpu_meter(ctx, "broker")
-    elapsed, run, _ = await _s4_run(ctx, "s4", s.messages, cpu)
+    elapsed, run = await _s4_run(ctx, "s4", s.messages, cpu)
     run.check(res)
     consumer = run.consumers[0]
     assert isinstance(consumer, NackingConsumer)
@@ -228,6 +236,8 @@ async def s4_retries(ctx: Context) -> ScenarioResult:
     res.add("throughput", s.messages / elapsed, "msg/s")
     res.add("retry_p50", percentile(delays, 50), "ms", higher_is_better=False)
     res.add("retry_p99", percentile(delays, 99), "ms", higher_is_better=False)
+    res.add("retry_samples", len(delays), "lookups")
+    res.add("retry_unresolved", consumer.unresolved, "lookups", higher_is_better=False)
     add_cpu(res, cpu, s.messages)
     if not delays:
         res.problem("no retry's due time could be read (status lookups found none waiting)")
