@@ -3,6 +3,7 @@
 Fill: ``backlog_messages`` (1,000,000; 20,000 with ``--quick``) 256-byte messages published like S1 (single-message
 frames, at most ``window`` unconfirmed) to a fresh topic with no subscriber (the publish creates its group
 ``default``). Drain: one consumer subscribes (prefetch 100, one ack frame per message) and takes everything.
+Each phase has its own deadline, ``Sizes.backlog_phase_s`` (at least ``run_timeout_s``, room for 2,000 msg/s).
 
 Reported: fill and drain msg/s; Redis ``used_memory`` (``INFO memory``) after the fill minus before, per message;
 the broker's resident set (``/proc/<pid>/statm``) sampled every ``sample_interval_s`` during each phase (max, in
@@ -67,6 +68,7 @@ async def used_memory(redis: Any) -> int:
     "backlog",
     needs=("broker",),
     title="Backlog: 1,000,000 x 256 B published with no consumer, then drained; Redis bytes/message, broker RSS",
+    bound=lambda s: 2 * s.backlog_phase_s + 60,
 )
 async def backlog(ctx: Context) -> ScenarioResult:
     import redis.asyncio as aioredis
@@ -82,6 +84,7 @@ async def backlog(ctx: Context) -> ScenarioResult:
         with Sampler(pid, r, s.sample_interval_s) as sampler:
             await asyncio.sleep(s.sample_interval_s)  # one reading at rest
             async with BrokerRun(ctx, "backlog", n, ["default"], ack_batch=s.ack_batch, subscribe=False) as run:
+                run.deadline = perf() + s.backlog_phase_s
                 sampler.phase = "fill"
                 cpu.start()
                 t0 = await _publish_all(run)
@@ -90,7 +93,7 @@ async def backlog(ctx: Context) -> ScenarioResult:
                 t_filled = perf()
                 used_full = await used_memory(r)
                 sampler.phase = "drain"
-                deadline = perf() + s.run_timeout_s
+                deadline = perf() + s.backlog_phase_s
                 conn = await BrokerConn.open(ctx.broker_url, "drain", run.abort, s.connect_timeout_s)
                 run.conns.append(conn)
                 consumer = AckingConsumer(

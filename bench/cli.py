@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=1, help="run the scenario list N times (interleaved); median")
     ap.add_argument("--check-targets", action="store_true", help="exit 1 when a target from the issue is missed")
     size = ap.add_argument_group("sizes (override the full/--quick defaults)")
-    size.add_argument("--messages", type=int, help="S1 / relay / NATS message count")
+    size.add_argument("--messages", type=int, help="S1 message count (every system), also S1b, S4, keyed")
     size.add_argument("--payload-bytes", type=int, help="payload JSON size in bytes (default 256)")
     size.add_argument("--window", type=int, help="most unconfirmed publishes (default 1000)")
     size.add_argument("--prefetch", type=int, help="consumer prefetch (default 100)")
@@ -246,7 +246,8 @@ async def run_scenario(name: str, ctx: Context, res: Resources) -> ScenarioResul
     except SetupError as e:
         return ScenarioResult(name, status="error", note=str(e))
     # Each timed run and each warm-up has its own deadline; this outer bound only catches a hang outside them.
-    hard = 2 * ctx.sizes.run_timeout_s + 4 * ctx.sizes.connect_timeout_s + 30
+    bound = sc.bound(ctx.sizes) if sc.bound is not None else 2 * ctx.sizes.run_timeout_s
+    hard = bound + 4 * ctx.sizes.connect_timeout_s + 30
     try:
         async with asyncio.timeout(hard):
             return await sc.fn(ctx)

@@ -61,6 +61,12 @@ class Sizes:
             run_timeout_s=60.0,
         )
 
+    @property
+    def backlog_phase_s(self) -> float:
+        """The deadline of each backlog phase (fill, drain): run_timeout_s, or longer for a deep backlog (room for
+        2,000 msg/s)."""
+        return max(self.run_timeout_s, self.backlog_messages / 2_000)
+
     def with_overrides(self, **values: Any) -> Sizes:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
@@ -126,6 +132,8 @@ class Scenario:
     default: bool = True  # part of a run without --scenario
     system: System = "broker"
     shape: Shape = ""
+    #: The runner's outer bound for one run of it (default: two timed runs, warm-up and timed, of run_timeout_s).
+    bound: Callable[[Sizes], float] | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -139,11 +147,12 @@ def scenario(
     default: bool = True,
     system: System = "broker",
     shape: Shape = "",
+    bound: Callable[[Sizes], float] | None = None,
 ) -> Callable[[ScenarioFn], ScenarioFn]:
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} registered twice")
-        SCENARIOS[name] = Scenario(name, fn, tuple(needs), title, default, system, shape)
+        SCENARIOS[name] = Scenario(name, fn, tuple(needs), title, default, system, shape, bound)
         return fn
 
     return register
