@@ -1,6 +1,6 @@
 """RabbitMQ baselines (``rabbitmq``, ``rabbitmq-s2``, ``rabbitmq-s3``): S1, S2 and S3 through the RabbitMQ on
 127.0.0.1:5672 (a system service, not started by the bench), with aiormq (the asyncio AMQP client under aio-pika,
-about half its CPU per publish here), set up as a new user would for at-least-once delivery:
+about half its CPU per publish), set up as a new user would for at-least-once delivery:
 
 - a fanout exchange per run, one **durable** queue per group bound to it (S1/S3: one group, S2: 8);
 - the publisher: one connection, a channel with **publisher confirms**, **persistent** messages, at most

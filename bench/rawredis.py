@@ -34,8 +34,8 @@ BLOCK_S = 0.05
 class Resp:
     """A minimal Redis connection: commands packed by hand, one write per pipeline, replies parsed by hiredis.
 
-    redis-py's asyncio client costs about 200 µs of CPU per pipeline call here (timeouts, retries, hooks), which
-    would make this baseline measure the client instead of Redis; this costs a few µs per command."""
+    redis-py's asyncio client spends far more CPU per pipeline call (timeouts, retries, hooks) than Redis spends on
+    the commands, which would make this baseline measure the client instead of Redis."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import hiredis  # lazily: only this baseline needs it (installed with redis-py's hiredis extra)
