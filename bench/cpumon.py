@@ -65,7 +65,7 @@ class CpuMeter:
     its pids. A process that ends meanwhile counts up to its last reading."""
 
     def __init__(self, roles: Mapping[str, Iterable[int]]) -> None:
-        self.roles = {role: list(pids) for role, pids in roles.items()}
+        self.roles = {role: list(pids) for role, pids in roles.items() if pids}  # a role with no process: none
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self.seconds: dict[str, float] = {}
