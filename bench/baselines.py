@@ -1,13 +1,12 @@
-"""Baselines measured in the same run as the broker scenarios.
+"""NATS JetStream baselines, measured in the same run as the broker scenarios (the same-frames relay is in
+``bench.scenarios``, the raw Redis lists in ``bench.rawredis``, RabbitMQ in ``bench.rabbitmq``).
 
-relay      S1's message count and payload through ``bench.relay`` (a bare websockets forwarder, no storage, no
-           confirms, no acks): the cost of one Python WebSocket hop with this client. msgs/s = messages / (first
-           send -> last receipt).
-relay-lat  (not in the default set) S3's paced load through the relay: the latency floor of the harness itself.
-nats       S1's message count and payload through NATS JetStream on 127.0.0.1:4222 (nats-py): a stream with
-           file storage by default, ``js.publish_async`` with at most ``window`` unconfirmed PubAcks, one
-           consumer with explicit acks (push by default, ``max_ack_pending = prefetch``). msgs/s = messages /
-           (first publish -> last ack flushed to the server). The stream is deleted afterwards.
+nats, nats-s2, nats-s3   S1, S2 and S3 through NATS JetStream on 127.0.0.1:4222 (nats-py): a stream with file
+           storage by default, ``js.publish_async`` with at most ``window`` unconfirmed PubAcks, one consumer
+           connection per group, each with its own push consumer on the stream (a JetStream consumer is what a
+           group is here), explicit acks, ``max_ack_pending = prefetch``, ``msg.ack()`` for every message.
+           Done = every delivery recorded and each consumer connection's ``flush()`` answered (the server has
+           every ack). The stream is deleted afterwards; CPU is the ``nats-server`` process's.
 """
 
 from __future__ import annotations
@@ -21,136 +20,8 @@ import orjson
 
 from . import BenchError
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import add_latency, latency_summary
-from .wsclient import Abort, DeliveryTracker, before, open_ws, payload_text, perf, publish_frame, wait_for_event
-
-# ---- relay --------------------------------------------------------------------------------------------------
-
-
-class RelayRun:
-    def __init__(self, ctx: Context, messages: int) -> None:
-        self.ctx = ctx
-        self.messages = messages
-        self.tracker = DeliveryTracker(messages)
-        self.abort = Abort()
-        self.deadline = perf() + ctx.sizes.run_timeout_s
-        self.topic = f"relay.{uuid.uuid4().hex[:8]}"
-
-    async def __aenter__(self) -> RelayRun:
-        timeout = self.ctx.sizes.connect_timeout_s
-        self.sub = await open_ws(self.ctx.relay_url + "/sub", timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                ready = await self.sub.recv()
-            if orjson.loads(ready).get("op") != "ready":
-                raise BenchError(f"relay: unexpected first frame {ready!r}")
-            self.pub = await open_ws(self.ctx.relay_url + "/pub", timeout)
-        except BaseException:
-            await self.sub.close()
-            raise
-        self.reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        loads = orjson.loads
-        recv = self.sub.recv
-        try:
-            while True:
-                raw = await recv(decode=False)
-                now = perf()
-                d = loads(raw)
-                self.tracker.record(d.get("payload") if isinstance(d, dict) else None, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self.abort.set(f"relay consumer: {e!r}")
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self.reader
-        for ws in (self.pub, self.sub):
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(3):
-                    await ws.close()
-
-    async def send(self, seq: int) -> float:
-        frame = publish_frame(seq, self.topic, self.ctx.sizes.payload_bytes)
-        t = perf()
-        await self.pub.send(frame, text=True)
-        return t
-
-    async def run_unpaced(self) -> float:
-        """Send everything as fast as the socket takes it; return elapsed first send -> last receipt."""
-        t0 = perf()
-        async with before(self.deadline, f"sending {self.messages} messages to the relay"):
-            for seq in range(self.messages):
-                if seq % 1_000 == 0:
-                    self.abort.check()
-                stamp = await self.send(seq)
-                if seq == 0:
-                    t0 = stamp
-        await wait_for_event(self.tracker.complete, self.abort, self.deadline, "all relayed messages")
-        assert self.tracker.t_last is not None
-        return self.tracker.t_last - t0
-
-
-@scenario(
-    "relay",
-    needs=("relay",),
-    title="Baseline: S1's messages through a bare websockets relay subprocess (no storage, no confirms, no acks)",
-)
-async def relay_throughput(ctx: Context) -> ScenarioResult:
-    s = ctx.sizes
-    res = ScenarioResult("relay")
-    if s.warmup_messages > 0:
-        async with RelayRun(ctx, s.warmup_messages) as warm:
-            await warm.run_unpaced()
-    async with RelayRun(ctx, s.messages) as run:
-        elapsed = await run.run_unpaced()
-        await asyncio.sleep(s.settle_s)
-    for p in run.tracker.problems("relay consumer"):
-        res.problem(p)
-    res.add("throughput", s.messages / elapsed, "msg/s")
-    res.extra.update(
-        messages=s.messages,
-        payload_bytes=s.payload_bytes,
-        elapsed_s=elapsed,
-        delivery=run.tracker.summary(),
-        delivery_latency=latency_summary(run.tracker.latencies),
-    )
-    return res
-
-
-@scenario(
-    "relay-lat",
-    needs=("relay",),
-    title="Baseline (optional): S3's paced load through the relay -> latency floor of the harness",
-    default=False,
-)
-async def relay_latency(ctx: Context) -> ScenarioResult:
-    s = ctx.sizes
-    res = ScenarioResult("relay-lat")
-    n = int(s.latency_rate * s.latency_seconds)
-    interval = 1.0 / s.latency_rate
-    async with RelayRun(ctx, n) as run:
-        t0 = perf()
-        async with before(run.deadline, f"sending {n} paced messages to the relay"):
-            for seq in range(n):
-                due = t0 + seq * interval
-                now = perf()
-                if due > now:
-                    await asyncio.sleep(due - now)
-                if seq % 100 == 0:
-                    run.abort.check()
-                await run.send(seq)
-        await wait_for_event(run.tracker.complete, run.abort, run.deadline, "all relayed messages")
-    for p in run.tracker.problems("relay consumer"):
-        res.problem(p)
-    add_latency(res, run.tracker.latencies)
-    res.extra.update(messages=n, delivery_latency=latency_summary(run.tracker.latencies))
-    return res
-
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_cpu, add_latency, cpu_meter, latency_summary
+from .wsclient import Abort, DeliveryTracker, payload_text, perf, wait_for_event
 
 # ---- NATS JetStream ------------------------------------------------------------------------------------------
 
@@ -177,27 +48,37 @@ async def _nats_connect(url: str, timeout_s: float) -> Any:
         raise NatsSkipped(f"NATS unreachable at {url}: {e!r}") from None
 
 
-async def _nats_once(ctx: Context, messages: int) -> tuple[float, DeliveryTracker, dict[str, Any]]:
+class NatsRun:
+    """The outcome of one NATS run: elapsed (first publish -> last ack flushed), one tracker per group."""
+
+    def __init__(self, trackers: list[DeliveryTracker], info: dict[str, Any]) -> None:
+        self.trackers = trackers
+        self.info = info
+        self.elapsed = 0.0
+        self.sent_span = 0.0  # paced runs: first -> last send
+        self.max_lag = 0.0
+
+
+async def _nats_once(ctx: Context, messages: int, groups: int, rate: float | None, cpu: Any = None) -> NatsRun:
+    """Publish ``messages`` (windowed, or paced at ``rate``/s) to a fresh stream read by ``groups`` consumers."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
     from nats.js.errors import APIError
 
     s = ctx.sizes
     timeout = s.connect_timeout_s
-    # Two connections, like the broker scenarios: the publisher and the consumer each have their own socket.
+    # Like the broker scenarios: the publisher and every consumer have their own socket.
     nc = await _nats_connect(ctx.nats_url, timeout)
-    try:
-        nc_sub = await _nats_connect(ctx.nats_url, timeout)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        raise
+    subs_nc: list[Any] = []
     tag = uuid.uuid4().hex[:10]
     stream, subject = f"BENCH_{tag}", f"bench.{tag}"
-    info: dict[str, Any] = {"stream": stream, "storage": ctx.nats_storage, "consumer": ctx.nats_consumer}
+    run = NatsRun([], {"stream": stream, "storage": ctx.nats_storage, "consumer": ctx.nats_consumer})
     created = False
+    consumer_tasks: list[asyncio.Task[None]] = []
+    subs: list[Any] = []
     try:
+        for _ in range(groups):
+            subs_nc.append(await _nats_connect(ctx.nats_url, timeout))
         js = nc.jetstream(timeout=timeout, publish_async_max_pending=s.window)
-        js_sub = nc_sub.jetstream(timeout=timeout)
         storage = StorageType.FILE if ctx.nats_storage == "file" else StorageType.MEMORY
         try:
             await js.add_stream(name=stream, subjects=[subject], storage=storage)
@@ -209,31 +90,34 @@ async def _nats_once(ctx: Context, messages: int) -> tuple[float, DeliveryTracke
                 raise NatsSkipped(f"JetStream not enabled at {ctx.nats_url}: {e!r}") from None
             raise
 
-        tracker = DeliveryTracker(messages)
         abort = Abort()
         deadline = perf() + s.run_timeout_s
         pub_errors: list[str] = []
-        acked = 0
+        acked = [0] * groups
         loads = orjson.loads
-        config = ConsumerConfig(
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            max_ack_pending=s.prefetch,
-        )
+        for i, conn in enumerate(subs_nc):
+            # A fresh config per consumer: nats-py writes the deliver subject into the object it is given.
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                max_ack_pending=s.prefetch,
+            )
+            tracker = DeliveryTracker(messages)
+            run.trackers.append(tracker)
+            js_sub = conn.jetstream(timeout=timeout)
 
-        async def on_msg(msg: Any) -> None:
-            nonlocal acked
-            tracker.record(loads(msg.data), perf())
-            await msg.ack()  # fire-and-forget, like a NATS client normally acks; flushed before t_end
-            acked += 1
+            async def on_msg(msg: Any, tracker: DeliveryTracker = tracker, i: int = i) -> None:
+                tracker.record(loads(msg.data), perf())
+                await msg.ack()  # fire-and-forget, like a NATS client normally acks; flushed before t_end
+                acked[i] += 1
 
-        consumer_task: asyncio.Task[None] | None = None
-        if ctx.nats_consumer == "push":
-            sub = await js_sub.subscribe(subject, stream=stream, cb=on_msg, manual_ack=True, config=config)
-        else:
-            sub = await js_sub.pull_subscribe(subject, durable=f"bench_{tag}", stream=stream, config=config)
+            if ctx.nats_consumer == "push":
+                subs.append(await js_sub.subscribe(subject, stream=stream, cb=on_msg, manual_ack=True, config=config))
+                continue
+            sub = await js_sub.pull_subscribe(subject, durable=f"bench_{tag}_{i}", stream=stream, config=config)
+            subs.append(sub)
 
-            async def pull_loop() -> None:
+            async def pull_loop(sub: Any = sub, tracker: DeliveryTracker = tracker, on_msg: Any = on_msg) -> None:
                 try:
                     while not tracker.complete.is_set():
                         try:
@@ -247,7 +131,7 @@ async def _nats_once(ctx: Context, messages: int) -> tuple[float, DeliveryTracke
                 except Exception as e:
                     abort.set(f"NATS pull consumer: {e!r}")
 
-            consumer_task = asyncio.create_task(pull_loop())
+            consumer_tasks.append(asyncio.create_task(pull_loop()))
 
         def on_puback(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled():
@@ -256,80 +140,125 @@ async def _nats_once(ctx: Context, messages: int) -> tuple[float, DeliveryTracke
                 pub_errors.append(repr(exc))
                 abort.set(f"NATS publish failed: {exc!r}")
 
+        if cpu is not None:
+            cpu.start()
+        t0 = perf()
+        seq = 0
+        interval = 1.0 / rate if rate else 0.0
         try:
-            t0 = perf()
-            seq = 0
-            try:
-                # One timeout around the whole loop: publish_async(wait_stall=...) would wrap every semaphore
-                # acquire in asyncio.wait_for (a task per publish), which measured several times slower.
-                async with asyncio.timeout(max(0.0, deadline - perf())):
-                    for seq in range(messages):
-                        if seq % 1_000 == 0:
-                            abort.check()
-                        data = payload_text(seq, perf(), s.payload_bytes).encode()
-                        if seq == 0:
-                            t0 = perf()
-                        fut = await js.publish_async(subject, data)
-                        fut.add_done_callback(on_puback)
-            except TimeoutError:
-                raise BenchError(f"NATS run timed out after publishing {seq} of {messages}") from None
-            try:
-                async with asyncio.timeout(max(0.0, deadline - perf())):
-                    await js.publish_async_completed()
-            except TimeoutError:
-                raise BenchError(f"NATS: {js.publish_async_pending()} PubAcks still missing at the deadline") from None
+            # One timeout around the whole loop: publish_async(wait_stall=...) would wrap every semaphore
+            # acquire in asyncio.wait_for (a task per publish), which measured several times slower.
+            async with asyncio.timeout(max(0.0, deadline - perf())):
+                for seq in range(messages):
+                    if rate:
+                        due = t0 + seq * interval
+                        now = perf()
+                        if due > now:
+                            await asyncio.sleep(due - now)
+                        else:
+                            run.max_lag = max(run.max_lag, now - due)
+                    if seq % 1_000 == 0:
+                        abort.check()
+                    data = payload_text(seq, perf(), s.payload_bytes).encode()
+                    if seq == 0:
+                        t0 = perf()
+                    fut = await js.publish_async(subject, data)
+                    fut.add_done_callback(on_puback)
+                run.sent_span = perf() - t0
+        except TimeoutError:
+            raise BenchError(f"NATS run timed out after publishing {seq} of {messages}") from None
+        try:
+            async with asyncio.timeout(max(0.0, deadline - perf())):
+                await js.publish_async_completed()
+        except TimeoutError:
+            raise BenchError(f"NATS: {js.publish_async_pending()} PubAcks still missing at the deadline") from None
+        for tracker in run.trackers:
             await wait_for_event(tracker.complete, abort, deadline, "all NATS deliveries")
-            await nc_sub.flush(timeout=max(1, int(deadline - perf())))  # the server has every ack
-            t_end = perf()
-            await asyncio.sleep(s.settle_s)
-        finally:
-            if consumer_task is not None:
-                consumer_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await consumer_task
+        for conn in subs_nc:
+            await conn.flush(timeout=max(1, int(deadline - perf())))  # the server has every ack
+        t_end = perf()
+        if cpu is not None:
+            cpu.stop()
+        run.elapsed = t_end - t0
+        await asyncio.sleep(s.settle_s)
+        run.info.update(acked=sum(acked), publish_errors=pub_errors[:10])
+        return run
+    finally:
+        for task in consumer_tasks:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        info.update(acked=acked, publish_errors=pub_errors[:10])
-        return t_end - t0, tracker, info
-    finally:
         if created:
             try:
                 async with asyncio.timeout(timeout):
                     await nc.jetstream().delete_stream(stream)
-                info["stream_deleted"] = True
+                run.info["stream_deleted"] = True
             except Exception as e:
                 ctx.log(f"warning: could not delete NATS stream {stream}: {e!r}")
-        for conn in (nc_sub, nc):
+        for conn in [*subs_nc, nc]:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await conn.close()
 
 
-@scenario(
-    "nats",
-    needs=("nats",),
-    title="Baseline: S1's messages through NATS JetStream (file storage, publish_async <=1,000 pending, explicit acks)",
-)
-async def nats_throughput(ctx: Context) -> ScenarioResult:
+async def _nats_scenario(ctx: Context, name: str, messages: int, groups: int, rate: float | None) -> ScenarioResult:
     s = ctx.sizes
-    res = ScenarioResult("nats")
+    res = ScenarioResult(name)
+    cpu = cpu_meter(ctx, "nats")
     try:
         if s.warmup_messages > 0:
-            await _nats_once(ctx, s.warmup_messages)
-        elapsed, tracker, info = await _nats_once(ctx, s.messages)
+            await _nats_once(ctx, s.warmup_messages, groups, None)
+        run = await _nats_once(ctx, messages, groups, rate, cpu)
     except NatsSkipped as e:
         res.status = "skipped"
         res.note = f"baseline skipped: {e}"
         return res
-    for p in tracker.problems("NATS consumer"):
-        res.problem(p)
-    res.add("throughput", s.messages / elapsed, "msg/s")
+    for i, tracker in enumerate(run.trackers):
+        for p in tracker.problems(f"NATS consumer {i}"):
+            res.problem(p)
+    latencies = [x for t in run.trackers for x in t.latencies]
+    deliveries = messages * groups
+    if rate:
+        add_latency(res, latencies)
+        add_cpu(res, cpu, messages)
+        res.extra.update(achieved_rate=messages / run.sent_span if run.sent_span else 0.0)
+        res.extra.update(max_send_lag_ms=run.max_lag * 1000)
+    elif groups > 1:
+        res.add("deliveries", deliveries / run.elapsed, "deliveries/s")
+        add_cpu(res, cpu, deliveries, "us/delivery")
+    else:
+        res.add("throughput", messages / run.elapsed, "msg/s")
+        add_cpu(res, cpu, messages)
     res.extra.update(
-        info,
-        messages=s.messages,
+        run.info,
+        messages=messages,
+        groups=groups,
         payload_bytes=s.payload_bytes,
-        elapsed_s=elapsed,
-        delivery=tracker.summary(),
-        delivery_latency=latency_summary(tracker.latencies),
+        elapsed_s=run.elapsed,
+        delivery=[t.summary() for t in run.trackers],
+        delivery_latency=latency_summary(latencies),
     )
     return res
+
+
+NATS = "NATS JetStream (file storage, publish_async <=1,000 pending, explicit acks)"
+
+
+@scenario("nats", needs=("nats",), title=f"{NATS}, S1: {S1_TITLE}", system="nats", shape="s1")
+async def nats_s1(ctx: Context) -> ScenarioResult:
+    return await _nats_scenario(ctx, "nats", ctx.sizes.messages, 1, None)
+
+
+@scenario("nats-s2", needs=("nats",), title=f"{NATS}, S2: {S2_TITLE}", system="nats", shape="s2")
+async def nats_s2(ctx: Context) -> ScenarioResult:
+    s = ctx.sizes
+    return await _nats_scenario(ctx, "nats-s2", s.fanout_messages, s.fanout_groups, None)
+
+
+@scenario("nats-s3", needs=("nats",), title=f"{NATS}, S3: {S3_TITLE}", system="nats", shape="s3")
+async def nats_s3(ctx: Context) -> ScenarioResult:
+    s = ctx.sizes
+    return await _nats_scenario(ctx, "nats-s3", int(s.latency_rate * s.latency_seconds), 1, s.latency_rate)

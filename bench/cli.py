@@ -28,11 +28,14 @@ from typing import Any
 import orjson
 
 from . import BenchError, SetupError
-from . import baselines as _baselines  # noqa: F401  (registers relay, relay-lat, nats)
+from . import backlog as _backlog  # noqa: F401  (registers backlog)
+from . import baselines as _baselines  # noqa: F401  (registers nats, nats-s2, nats-s3)
 from . import batchmode as _batchmode  # noqa: F401  (registers s1b)
 from . import keyed as _keyed  # noqa: F401  (registers keyed)
+from . import rabbitmq as _rabbitmq  # noqa: F401  (registers rabbitmq, rabbitmq-s2, rabbitmq-s3)
+from . import rawredis as _rawredis  # noqa: F401  (registers redis, redis-s2, redis-s3)
 from . import retry as _retry  # noqa: F401  (registers s4, reprocess)
-from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3)
+from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3, relay, relay-s2, relay-s3)
 from .procs import (
     DEFAULT_BROKER_CMD,
     BrokerServer,
@@ -43,6 +46,9 @@ from .procs import (
     start_relay,
 )
 from .registry import (
+    CPU_REDIS,
+    CPU_SERVER,
+    CPU_TOTAL,
     RATIO_COLUMNS,
     SCENARIOS,
     TARGETS,
@@ -52,9 +58,16 @@ from .registry import (
     Sizes,
     Target,
     combine,
+    peer,
 )
 
-DEFAULT_ORDER = ("relay", "nats", "s1", "s2", "s3", "s4", "reprocess")
+#: Peers of one shape run next to each other, so the ratios of a shape come from neighbouring minutes.
+DEFAULT_ORDER = (
+    *("relay", "redis", "nats", "rabbitmq", "s1", "s1b"),
+    *("relay-s2", "redis-s2", "nats-s2", "rabbitmq-s2", "s2"),
+    *("relay-s3", "redis-s3", "nats-s3", "rabbitmq-s3", "s3"),
+    *("s4", "keyed", "backlog", "reprocess"),
+)
 
 
 def log(msg: str) -> None:
@@ -71,8 +84,8 @@ def _env_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Broker benchmarks (S1 throughput, S2 fan-out, S3 latency, S4 retries, DLQ reprocess)"
-        " with relay and NATS baselines.",
+        description="Broker benchmarks (S1 throughput, S2 fan-out, S3 latency, S4 retries, backlog, DLQ reprocess)"
+        " with same-frames relay, raw Redis lists, NATS JetStream and RabbitMQ baselines.",
         epilog="Scenarios: "
         + "; ".join(f"{s.name}{'' if s.default else ' (opt-in)'}" for s in SCENARIOS.values())
         + ". See bench/README.md.",
@@ -83,26 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated scenario names (default: {','.join(DEFAULT_ORDER)}; 'all' = every registered one)",
     )
     ap.add_argument("--list", action="store_true", help="list the registered scenarios and exit")
-    ap.add_argument("--quick", action="store_true", help="smoke-run sizes (5,000 msgs, 1,000 fan-out, 2 s latency)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke-run sizes (5,000 msgs, 1,000 fan-out, 2 s latency, 20,000 backlog)"
+    )
     ap.add_argument("--json", metavar="PATH", help="write every number (and each repeat's raw values) here")
     ap.add_argument("--repeat", type=int, default=1, help="run the scenario list N times (interleaved); median")
     ap.add_argument("--check-targets", action="store_true", help="exit 1 when a target from the issue is missed")
     size = ap.add_argument_group("sizes (override the full/--quick defaults)")
-    size.add_argument("--messages", type=int, help="S1 / relay / NATS message count")
+    size.add_argument("--messages", type=int, help="S1 message count (every system), also S1b, S4, keyed")
     size.add_argument("--payload-bytes", type=int, help="payload JSON size in bytes (default 256)")
     size.add_argument("--window", type=int, help="most unconfirmed publishes (default 1000)")
-    size.add_argument("--prefetch", type=int, help="consumer prefetch (default 500)")
-    size.add_argument("--ack-batch", type=int, help="most ack items per frame in S1/S2 (default 100)")
+    size.add_argument("--prefetch", type=int, help="consumer prefetch (default 100)")
+    size.add_argument("--ack-batch", type=int, help="ack items per frame in S1/S2 (default 1: one frame per message)")
     size.add_argument("--fanout-messages", type=int, help="S2 message count (default 5000)")
     size.add_argument("--latency-seconds", type=float, help="S3 duration (default 10)")
     size.add_argument("--latency-rate", type=int, help="S3 messages per second (default 1000)")
     size.add_argument("--dead-letters", type=int, help="reprocess: dead letters to create (default 100000)")
+    size.add_argument("--backlog-messages", type=int, help="backlog: messages published with no consumer (1000000)")
     size.add_argument("--warmup", type=int, dest="warmup_messages", help="untimed warm-up messages per run")
     size.add_argument("--run-timeout", type=float, dest="run_timeout_s", help="hard limit per timed run, s")
     size.add_argument(
-        "--no-ack-confirm",
+        "--ack-confirm",
         action="store_true",
-        help="send acks without a ref (end time = last ack sent, not last ack answered)",
+        help="send acks with a ref (end time = last ack answered, not the pong to a ping after the last ack)",
     )
     proc = ap.add_argument_group("processes")
     proc.add_argument(
@@ -133,12 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     nats.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     nats.add_argument("--nats-storage", choices=("file", "memory"), default="file")
     nats.add_argument("--nats-consumer", choices=("push", "pull"), default="push")
+    amqp = ap.add_argument_group("RabbitMQ baseline")
+    amqp.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     return ap
 
 
 def select(spec: str) -> list[str]:
     if not spec:
-        return [n for n in DEFAULT_ORDER if n in SCENARIOS] + [
+        return [n for n in DEFAULT_ORDER if n in SCENARIOS and SCENARIOS[n].default] + [
             n for n, s in SCENARIOS.items() if s.default and n not in DEFAULT_ORDER
         ]
     if spec.strip().lower() == "all":
@@ -157,7 +175,19 @@ class Resources:
     redis: RedisServer | None = None
     broker: BrokerServer | None = None
     relay: RelayServer | None = None
+    raw_redis: RedisServer | None = None  # the raw Redis lists baseline's own redis-server
     setup: dict[str, Any] = field(default_factory=dict)
+
+    def pids(self) -> dict[str, dict[str, list[int]]]:
+        """system -> role -> pids of the processes this run started (for the servers' CPU per message)."""
+        out: dict[str, dict[str, list[int]]] = {}
+        if self.broker is not None and self.redis is not None and self.broker.proc.pid and self.redis.proc.pid:
+            out["broker"] = {"server": [self.broker.proc.pid], "redis": [self.redis.proc.pid]}
+        if self.relay is not None and self.relay.proc.pid:
+            out["relay"] = {"server": [self.relay.proc.pid]}
+        if self.raw_redis is not None and self.raw_redis.proc.pid:
+            out["rawredis"] = {"redis": [self.raw_redis.proc.pid]}
+        return out
 
     async def start(self, needs: set[Need]) -> None:
         a = self.args
@@ -182,22 +212,28 @@ class Resources:
                 "log_level": a.broker_log_level,
                 "extra_env": dict(a.broker_env),
             }
+        if "rawredis" in needs:
+            log(f"starting the raw Redis baseline's redis-server (AOF appendfsync={a.redis_fsync}, RDB off) ...")
+            self.raw_redis = await start_redis(self.workdir / "raw", a.redis_fsync)
+            self.setup["rawredis"] = self.raw_redis.description
         if "relay" in needs:
             self.relay = await start_relay(self.workdir)
             log(f"relay up on {self.relay.ws_url} (pid {self.relay.proc.pid})")
             self.setup["relay"] = {"url": self.relay.ws_url, "argv": self.relay.proc.argv}
         if "nats" in needs:
             self.setup["nats"] = {"url": a.nats_url, "storage": a.nats_storage, "consumer": a.nats_consumer}
+        if "rabbitmq" in needs:
+            self.setup["rabbitmq"] = {"url": a.amqp_url}
 
     def check_alive(self, needs: tuple[Need, ...]) -> None:
-        for need, server in (("broker", self.broker), ("relay", self.relay)):
+        for need, server in (("broker", self.broker), ("relay", self.relay), ("rawredis", self.raw_redis)):
             if need in needs and server is not None and not server.proc.running():
                 raise SetupError(server.proc.died_message())
         if "broker" in needs and self.redis is not None and not self.redis.proc.running():
             raise SetupError(self.redis.proc.died_message())
 
     async def close(self) -> None:
-        for server in (self.broker, self.relay, self.redis):
+        for server in (self.broker, self.relay, self.redis, self.raw_redis):
             if server is not None:
                 with contextlib.suppress(Exception):
                     await server.proc.stop()
@@ -210,7 +246,8 @@ async def run_scenario(name: str, ctx: Context, res: Resources) -> ScenarioResul
     except SetupError as e:
         return ScenarioResult(name, status="error", note=str(e))
     # Each timed run and each warm-up has its own deadline; this outer bound only catches a hang outside them.
-    hard = 2 * ctx.sizes.run_timeout_s + 4 * ctx.sizes.connect_timeout_s + 30
+    bound = sc.bound(ctx.sizes) if sc.bound is not None else 2 * ctx.sizes.run_timeout_s
+    hard = bound + 4 * ctx.sizes.connect_timeout_s + 30
     try:
         async with asyncio.timeout(hard):
             return await sc.fn(ctx)
@@ -240,6 +277,8 @@ def fmt_value(value: float, unit: str) -> str:
         return "-"
     if unit == "ms":
         return f"{value:,.3f}"
+    if unit.startswith("us/"):
+        return f"{value:,.1f}"
     return f"{value:,.0f}"
 
 
@@ -251,6 +290,10 @@ def ratio(results: dict[str, ScenarioResult], scenario: str, metric: str, agains
     if ma is None or mb is None or not mb.value or math.isnan(ma.value) or math.isnan(mb.value):
         return None
     return ma.value / mb.value
+
+
+def target_label(t: Target) -> str:
+    return f"{t.metric} {t.text}"
 
 
 def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
@@ -275,44 +318,86 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
     return out
 
 
-def _targets_for(scenario: str, metric: str) -> list[Target]:
-    return [t for t in TARGETS if t.scenario == scenario and t.metric == metric]
+#: Metrics that have a column of their own; any other metric is listed under the table.
+RATE_KEYS = ("throughput", "deliveries", "fill")
+LATENCY_KEYS = (("p50", "p99"), ("retry_p50", "retry_p99"))
+COLUMN_KEYS = {*RATE_KEYS, "p50", "p99", "max", "retry_p50", "retry_p99", CPU_SERVER, CPU_REDIS, CPU_TOTAL}
+
+
+def _cell(r: ScenarioResult, key: str) -> str:
+    m = r.metric(key)
+    return fmt_value(m.value, m.unit) if m is not None else ""
 
 
 def render_table(results: dict[str, ScenarioResult], evaluations: list[dict[str, Any]]) -> str:
-    head = ["scenario", "metric", "value", "unit"] + [c for c, _ in RATIO_COLUMNS] + ["target", "checks"]
+    """One row per scenario: its rate, p50/p99 (S4: the retry's due -> delivered delay), the servers' CPU per
+    message (server process, Redis, sum), ratios to the same shape on the relay and on NATS, targets, checks."""
+    head = ["scenario", "rate", "unit", "p50 ms", "p99 ms", "cpu server", "cpu redis", "cpu sum", "cpu unit"]
+    head += [c for c, _ in RATIO_COLUMNS] + ["vs S1", "targets", "checks"]
     rows: list[list[str]] = []
+    more: list[str] = []
     for name, r in results.items():
-        if not r.metrics:
-            rows.append([name, "-", "-", "-"] + ["" for _ in RATIO_COLUMNS] + ["", r.status.upper()])
-            continue
-        for m in r.metrics:
-            cells = [name, m.key, fmt_value(m.value, m.unit), m.unit]
-            targets = _targets_for(name, m.key)
-            for _, baseline in RATIO_COLUMNS:
-                shown = any(t.against == baseline for t in targets)
-                x = ratio(results, name, m.key, baseline) if shown else None
-                cells.append(f"{x:.2f}x" if x is not None else ("n/a" if shown else ""))
-            texts = []
-            for t in targets:
-                ev = next(e for e in evaluations if e["scenario"] == name and e["target"] == t.text)
-                verdict = {True: "ok", False: "MISSED", None: "n/a"}[ev["met"]]
-                texts.append(f"{t.text} {verdict}")
-            cells.append("; ".join(texts))
-            cells.append(r.status.upper())
-            rows.append(cells)
+        sc = SCENARIOS.get(name)
+        rate = next((m for k in RATE_KEYS if (m := r.metric(k)) is not None), None)
+        lat = next((pair for pair in LATENCY_KEYS if r.metric(pair[0]) is not None), LATENCY_KEYS[0])
+        cpu = r.metric(CPU_TOTAL)
+        cells = [
+            name,
+            fmt_value(rate.value, rate.unit) if rate else "",
+            rate.unit if rate else "",
+            _cell(r, lat[0]) + ("*" if lat[0].startswith("retry") else ""),
+            _cell(r, lat[1]) + ("*" if lat[1].startswith("retry") else ""),
+            _cell(r, CPU_SERVER),
+            _cell(r, CPU_REDIS),
+            _cell(r, CPU_TOTAL),
+            cpu.unit if cpu else "",
+        ]
+        for _, system in RATIO_COLUMNS:
+            x = None
+            if sc is not None and sc.system == "broker" and sc.shape in ("s1", "s2") and rate is not None:
+                x = ratio(results, name, rate.key, peer(sc.shape, system))
+            cells.append(f"{x:.2f}x" if x is not None else "")
+        vs_s1 = (
+            ratio(results, name, "throughput", "s1")
+            if any(t.scenario == name and t.against == "s1" for t in TARGETS)
+            else None
+        )
+        cells.append(f"{vs_s1:.2f}x" if vs_s1 is not None else "")
+        texts = []
+        for t in (t for t in TARGETS if t.scenario == name):
+            ev = next(
+                (e for e in evaluations if e["scenario"] == name and e["metric"] == t.metric and e["target"] == t.text),
+                None,
+            )
+            if ev is not None:
+                texts.append(f"{target_label(t)} {({True: 'ok', False: 'MISSED', None: 'n/a'})[ev['met']]}")
+        cells.append("; ".join(texts))
+        cells.append(r.status.upper())
+        rows.append(cells)
+        extra = [m for m in r.metrics if m.key not in COLUMN_KEYS]
+        if extra:
+            more.append(f"  {name}: " + ", ".join(f"{m.key} {fmt_value(m.value, m.unit)} {m.unit}" for m in extra))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    right = {2, *range(4, 4 + len(RATIO_COLUMNS))}
+    left = {0, 2, 8, len(head) - 2, len(head) - 1}
     lines = []
     for i, row in enumerate([head, *rows]):
         lines.append(
-            "  ".join(
-                c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
+            "  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True)))
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    out = [line.rstrip() for line in lines]
+    out.append("")
+    out.append(
+        "cpu: the servers' CPU seconds (utime + stime from /proc) over the timed part / messages (S2: / deliveries):"
+        " server = broker, relay, nats-server or RabbitMQ; redis = the broker's redis-server or the raw baseline's."
+    )
+    if any(r.metric("retry_p50") is not None for r in results.values()):
+        out.append("*: the retry's delay from due (nack + the backoff the broker chose) to its delivery as attempt 2")
+    if more:
+        out.append("more:")
+        out.extend(more)
+    return "\n".join(out)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -360,9 +445,10 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
         latency_seconds=args.latency_seconds,
         latency_rate=args.latency_rate,
         dead_letters=args.dead_letters,
+        backlog_messages=args.backlog_messages,
         warmup_messages=args.warmup_messages,
         run_timeout_s=args.run_timeout_s,
-        confirm_acks=False if args.no_ack_confirm else None,
+        confirm_acks=True if args.ack_confirm else None,
     )
     bad = [
         f"{k} must be positive"
@@ -375,6 +461,7 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
             "latency_rate",
             "payload_bytes",
             "dead_letters",
+            "backlog_messages",
         )
         if getattr(sizes, k) <= 0
     ]
@@ -422,10 +509,14 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
             broker_url=res.broker.ws_url if res.broker else "",
             redis_url=res.redis.url if res.redis else "",
             broker_env=dict(args.broker_env),
+            broker_cmd=res.broker.argv if res.broker else [],
             relay_url=res.relay.ws_url if res.relay else "",
+            raw_redis_url=res.raw_redis.url if res.raw_redis else "",
             nats_url=args.nats_url,
             nats_storage=args.nats_storage,
             nats_consumer=args.nats_consumer,
+            amqp_url=args.amqp_url,
+            pids=res.pids(),
             log=log,
         )
         for rep in range(args.repeat):
@@ -448,7 +539,7 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
 
     print()
     print("setup:")
-    for key in ("redis", "broker", "relay", "nats"):
+    for key in ("redis", "broker", "relay", "rawredis", "nats", "rabbitmq"):
         if key in res.setup:
             value = res.setup[key]
             print(f"  {key}: {value if isinstance(value, str) else orjson.dumps(value).decode()}")
@@ -498,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for s in SCENARIOS.values():
             needs = ",".join(s.needs) or "-"
-            print(f"{s.name:10} needs {needs:7} {'' if s.default else '(opt-in) '}{s.title}")
+            print(f"{s.name:11} needs {needs:8} {'' if s.default else '(opt-in) '}{s.title}")
         return 0
     try:
         names = select(args.scenario)

@@ -10,8 +10,10 @@ this run), and the group must see every message exactly once.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import BrokerRun, _publish_all, latency_summary
+from .scenarios import BrokerRun, _publish_all, add_cpu, cpu_meter, latency_summary
 from .wsclient import AckingConsumer, Frame
 
 KEYS = 1_000
@@ -38,7 +40,7 @@ class OrderCheckingConsumer(AckingConsumer):
         super()._on_message(d, now)
 
 
-async def _run(ctx: Context, tag: str, messages: int) -> tuple[float, BrokerRun]:
+async def _run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tuple[float, BrokerRun]:
     OrderCheckingConsumer.last_seq = {}
     OrderCheckingConsumer.out_of_order = []
     s = ctx.sizes
@@ -52,8 +54,12 @@ async def _run(ctx: Context, tag: str, messages: int) -> tuple[float, BrokerRun]
         per_group=CONSUMERS,
         keys=KEYS,
     ) as run:
+        if cpu is not None:
+            cpu.start()
         t0 = await _publish_all(run)
         t_end = await run.finish()
+        if cpu is not None:
+            cpu.stop()
         await run.settle()
     return t_end - t0, run
 
@@ -68,11 +74,13 @@ async def keyed_throughput(ctx: Context) -> ScenarioResult:
     res = ScenarioResult("keyed")
     if s.warmup_messages > 0:
         await _run(ctx, "keyed-warmup", s.warmup_messages)
-    elapsed, run = await _run(ctx, "keyed", s.messages)
+    cpu = cpu_meter(ctx, "broker")
+    elapsed, run = await _run(ctx, "keyed", s.messages, cpu)
     run.check(res)
     for problem in OrderCheckingConsumer.out_of_order[:5]:
         res.problem(problem)
     res.add("throughput", s.messages / elapsed, "msg/s")
+    add_cpu(res, cpu, s.messages)
     res.extra.update(
         messages=s.messages,
         keys=KEYS,

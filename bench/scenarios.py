@@ -1,8 +1,10 @@
-"""Broker scenarios S1-S3. Each is registered in ``bench.registry.SCENARIOS``; add S4, S5... the same way.
+"""Scenarios S1-S3 on the broker and on the same-frames relay (both speak the broker's frames, so the same client
+code drives both). Each is registered in ``bench.registry.SCENARIOS``; add S5, S6... the same way.
 
 Every timed run uses fresh connections and a fresh topic (``bench.<scenario>.<random>``), is bounded in message
 count and in time (``Sizes.run_timeout_s``; a full publish window without a confirmation for
-``Sizes.stall_timeout_s`` aborts), and is preceded by an untimed warm-up run of ``Sizes.warmup_messages``.
+``Sizes.stall_timeout_s`` aborts), and is preceded by an untimed warm-up run of ``Sizes.warmup_messages``. The
+servers' CPU (``/proc/<pid>/stat``) is read at the start and the end of the timed part: ``add_cpu``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,41 @@ import uuid
 from collections.abc import Sequence
 
 from . import BenchError
-from .registry import Context, ScenarioResult, percentile, scenario
+from .cpumon import CpuMeter, find_pids
+from .registry import CPU_REDIS, CPU_SERVER, CPU_TOTAL, Context, ScenarioResult, System, percentile, scenario
 from .wsclient import Abort, AckingConsumer, BrokerConn, WindowedPublisher, before, perf, wait_for_event
+
+#: Process names of the system services the baselines use (their CPU is the server CPU of those baselines).
+SERVICE_PROCESSES: dict[str, tuple[str, ...]] = {
+    "nats": ("nats-server",),
+    "rabbitmq": ("beam.smp", "epmd", "erl_child_setup", "inet_gethost"),
+}
+
+
+def cpu_meter(ctx: Context, system: System) -> CpuMeter:
+    """A meter over ``system``'s server processes: those the runner started (``ctx.pids``), or a system service's
+    processes found by name."""
+    if system in SERVICE_PROCESSES:
+        return CpuMeter({"server": find_pids(SERVICE_PROCESSES[system])})
+    return CpuMeter(ctx.pids.get(system, {}))
+
+
+def add_cpu(res: ScenarioResult, meter: CpuMeter, count: int, unit: str = "us/msg") -> None:
+    """The servers' CPU over the timed part per message (per delivery for S2), in µs: server, redis and the sum.
+    CPU seconds come in ticks of 10 ms: a short run is only a rough figure."""
+    secs = meter.seconds
+    if not meter.roles or not count:
+        return
+    for role, key in (("server", CPU_SERVER), ("redis", CPU_REDIS)):
+        if role in meter.roles:
+            res.add(key, secs.get(role, 0.0) * 1e6 / count, unit, higher_is_better=False)
+    res.add(CPU_TOTAL, sum(secs.values()) * 1e6 / count, unit, higher_is_better=False)
+    res.extra["cpu"] = {
+        "seconds": secs,
+        "pids": meter.roles,
+        "window_s": meter.wall_s,
+        "per": count,
+    }
 
 
 def new_topic(tag: str) -> str:
@@ -55,8 +90,14 @@ class BrokerRun:
         consumer_cls: type[AckingConsumer] = AckingConsumer,
         per_group: int = 1,
         keys: int = 0,
+        url: str | None = None,
+        extra: str = "",
+        subscribe: bool = True,
     ) -> None:
         self.ctx = ctx
+        self.url = ctx.broker_url if url is None else url
+        self.extra = extra  # more publish fields (JSON text starting with a comma)
+        self.subscribe = subscribe  # False: no consumers at all (the backlog's fill phase)
         self.sizes = ctx.sizes
         self.topic = new_topic(tag)
         self.messages = messages
@@ -82,11 +123,11 @@ class BrokerRun:
 
     async def _open(self) -> None:
         s = self.sizes
-        for g in self.groups:
+        for g in self.groups if self.subscribe else ():
             shared: AckingConsumer | None = None
             for i in range(self.per_group):
                 name = f"consumer-{g}" if self.per_group == 1 else f"consumer-{g}-{i}"
-                conn = await BrokerConn.open(self.ctx.broker_url, name, self.abort, s.connect_timeout_s)
+                conn = await BrokerConn.open(self.url, name, self.abort, s.connect_timeout_s)
                 self.conns.append(conn)
                 consumer = self.consumer_cls(
                     conn,
@@ -105,10 +146,10 @@ class BrokerRun:
                 consumer.start()
             if shared is not None and self.per_group > 1:
                 self._waiters.append(asyncio.create_task(_done_when_complete(shared)))
-        pub = await BrokerConn.open(self.ctx.broker_url, "publisher", self.abort, s.connect_timeout_s)
+        pub = await BrokerConn.open(self.url, "publisher", self.abort, s.connect_timeout_s)
         self.conns.append(pub)
         self.publisher = WindowedPublisher(
-            pub, self.topic, s.window, s.payload_bytes, s.stall_timeout_s, keys=self.keys
+            pub, self.topic, s.window, s.payload_bytes, s.stall_timeout_s, keys=self.keys, extra=self.extra
         )
 
     async def __aexit__(self, *exc: object) -> None:
@@ -130,7 +171,7 @@ class BrokerRun:
             p = self.publisher
             state = [f"publisher: {p.confirmed:,}/{p.sent:,} confirmed"] + [c.progress() for c in self.consumers]
             raise BenchError(f"{e} ({'; '.join(state)})") from None
-        return max(c.t_done or perf() for c in self.consumers)
+        return max((c.t_done or perf() for c in self.consumers), default=perf())
 
     async def settle(self) -> None:
         """Untimed: listen a little longer so late duplicates are counted."""
@@ -172,76 +213,84 @@ async def _publish_all(run: BrokerRun) -> float:
     return t0
 
 
-async def _warmup(ctx: Context, tag: str, groups: Sequence[str]) -> None:
+def url_for(ctx: Context, system: System) -> str:
+    return ctx.relay_url if system == "relay" else ctx.broker_url
+
+
+async def _warmup(ctx: Context, tag: str, groups: Sequence[str], url: str | None = None) -> None:
     n = ctx.sizes.warmup_messages
     if n <= 0:
         return
-    async with BrokerRun(ctx, f"{tag}-warmup", n, groups, ack_batch=ctx.sizes.ack_batch) as run:
+    async with BrokerRun(ctx, f"{tag}-warmup", n, groups, ack_batch=ctx.sizes.ack_batch, url=url) as run:
         await _publish_all(run)
         await run.finish()
 
 
-@scenario(
-    "s1",
-    needs=("broker",),
-    title="S1 throughput: 1 publisher (<=1,000 unconfirmed) -> 1 consumer (group default, prefetch 500, batched acks)",
-)
-async def s1_throughput(ctx: Context) -> ScenarioResult:
+async def run_s1(ctx: Context, name: str, system: System) -> ScenarioResult:
+    """S1 on a system speaking the broker's frames: 1 publisher (<= window unconfirmed) -> 1 consumer."""
     s = ctx.sizes
-    res = ScenarioResult("s1")
-    await _warmup(ctx, "s1", ["default"])
-    async with BrokerRun(ctx, "s1", s.messages, ["default"], ack_batch=s.ack_batch) as run:
+    res = ScenarioResult(name)
+    url = url_for(ctx, system)
+    await _warmup(ctx, name, ["default"], url)
+    cpu = cpu_meter(ctx, system)
+    async with BrokerRun(ctx, name, s.messages, ["default"], ack_batch=s.ack_batch, url=url) as run:
+        cpu.start()
         t0 = await _publish_all(run)
         t_end = await run.finish()
+        cpu.stop()
         await run.settle()
         run.check(res)
     elapsed = t_end - t0
     res.add("throughput", s.messages / elapsed, "msg/s")
+    add_cpu(res, cpu, s.messages)
     res.extra.update(messages=s.messages, payload_bytes=s.payload_bytes, elapsed_s=elapsed)
     res.extra["delivery_latency"] = latency_summary(run.consumers[0].tracker.latencies)
     return res
 
 
-@scenario(
-    "s2",
-    needs=("broker",),
-    title="S2 fan-out: 1 publisher -> 8 groups x 1 consumer each; deliveries/s over all groups",
-)
-async def s2_fanout(ctx: Context) -> ScenarioResult:
+async def run_s2(ctx: Context, name: str, system: System) -> ScenarioResult:
+    """S2: 1 publisher -> ``fanout_groups`` groups with one consumer each; deliveries/s over all groups."""
     s = ctx.sizes
-    res = ScenarioResult("s2")
+    res = ScenarioResult(name)
+    url = url_for(ctx, system)
     groups = [f"g{i}" for i in range(s.fanout_groups)]
-    await _warmup(ctx, "s2", groups)
-    async with BrokerRun(ctx, "s2", s.fanout_messages, groups, ack_batch=s.ack_batch) as run:
+    await _warmup(ctx, name, groups, url)
+    cpu = cpu_meter(ctx, system)
+    async with BrokerRun(ctx, name, s.fanout_messages, groups, ack_batch=s.ack_batch, url=url) as run:
+        cpu.start()
         t0 = await _publish_all(run)
         t_end = await run.finish()
+        cpu.stop()
         await run.settle()
         run.check(res)
     elapsed = t_end - t0
     deliveries = s.fanout_messages * len(groups)
     res.add("deliveries", deliveries / elapsed, "deliveries/s")
+    add_cpu(res, cpu, deliveries, "us/delivery")
     res.extra.update(messages=s.fanout_messages, groups=len(groups), deliveries=deliveries, elapsed_s=elapsed)
     res.extra["delivery_latency"] = latency_summary([x for c in run.consumers for x in c.tracker.latencies])
     return res
 
 
-@scenario(
-    "s3",
-    needs=("broker",),
-    title="S3 latency: paced 1,000 msg/s for 10 s, consumer acks each; publish->delivery p50/p99/max",
-)
-async def s3_latency(ctx: Context) -> ScenarioResult:
+async def run_s3(ctx: Context, name: str, system: System) -> ScenarioResult:
+    """S3: ``latency_rate`` msg/s on a fixed schedule; publish -> delivery p50/p99/max; CPU per message at that
+    rate (idle work of the server included: that is what a lightly loaded server costs)."""
     s = ctx.sizes
-    res = ScenarioResult("s3")
+    res = ScenarioResult(name)
+    url = url_for(ctx, system)
     n = int(s.latency_rate * s.latency_seconds)
-    await _warmup(ctx, "s3", ["default"])
-    async with BrokerRun(ctx, "s3", n, ["default"], ack_batch=1) as run:
+    await _warmup(ctx, name, ["default"], url)
+    cpu = cpu_meter(ctx, system)
+    async with BrokerRun(ctx, name, n, ["default"], ack_batch=1, url=url) as run:
+        cpu.start()
         sent_at, max_lag = await paced_publish(run.abort, run.publisher, n, s.latency_rate, run.deadline)
         await run.finish()
+        cpu.stop()
         await run.settle()
         run.check(res)
     latencies = run.consumers[0].tracker.latencies
     add_latency(res, latencies)
+    add_cpu(res, cpu, n)
     res.extra.update(
         messages=n,
         target_rate=s.latency_rate,
@@ -250,6 +299,41 @@ async def s3_latency(ctx: Context) -> ScenarioResult:
         delivery_latency=latency_summary(latencies),
     )
     return res
+
+
+S1_TITLE = "1 publisher (<=1,000 unconfirmed) -> 1 consumer (prefetch 100, one ack frame per message)"
+S2_TITLE = "1 publisher -> 8 groups x 1 consumer each; deliveries/s over all groups"
+S3_TITLE = "paced 1,000 msg/s for 10 s, consumer acks each; publish->delivery p50/p99/max"
+
+
+@scenario("s1", needs=("broker",), title=f"S1 throughput: {S1_TITLE}", shape="s1")
+async def s1_throughput(ctx: Context) -> ScenarioResult:
+    return await run_s1(ctx, "s1", "broker")
+
+
+@scenario("s2", needs=("broker",), title=f"S2 fan-out: {S2_TITLE}", shape="s2")
+async def s2_fanout(ctx: Context) -> ScenarioResult:
+    return await run_s2(ctx, "s2", "broker")
+
+
+@scenario("s3", needs=("broker",), title=f"S3 latency: {S3_TITLE}", shape="s3")
+async def s3_latency(ctx: Context) -> ScenarioResult:
+    return await run_s3(ctx, "s3", "broker")
+
+
+@scenario("relay", needs=("relay",), title=f"Same-frames relay, S1: {S1_TITLE}", system="relay", shape="s1")
+async def relay_s1(ctx: Context) -> ScenarioResult:
+    return await run_s1(ctx, "relay", "relay")
+
+
+@scenario("relay-s2", needs=("relay",), title=f"Same-frames relay, S2: {S2_TITLE}", system="relay", shape="s2")
+async def relay_s2(ctx: Context) -> ScenarioResult:
+    return await run_s2(ctx, "relay-s2", "relay")
+
+
+@scenario("relay-s3", needs=("relay",), title=f"Same-frames relay, S3: {S3_TITLE}", system="relay", shape="s3")
+async def relay_s3(ctx: Context) -> ScenarioResult:
+    return await run_s3(ctx, "relay-s3", "relay")
 
 
 async def paced_publish(

@@ -56,10 +56,11 @@ def payload_text(seq: int, stamp: float, size: int) -> str:
     return head + "x" * max(0, size - len(head) - 2) + '"}'
 
 
-def publish_frame(seq: int, topic: str, size: int, keys: int = 0) -> str:
-    """A publish frame with ``ref = seq``, stamped now; with ``keys``, ordering key ``k<seq % keys>``."""
+def publish_frame(seq: int, topic: str, size: int, keys: int = 0, extra: str = "") -> str:
+    """A publish frame with ``ref = seq``, stamped now; with ``keys``, ordering key ``k<seq % keys>``; ``extra``
+    is more fields as JSON text starting with a comma (e.g. ``,"backoff_base_ms":50``)."""
     key = f',"key":"k{seq % keys}"' if keys else ""
-    return f'{{"op":"publish","ref":{seq},"topic":"{topic}"{key},"payload":{payload_text(seq, perf(), size)}}}'
+    return f'{{"op":"publish","ref":{seq},"topic":"{topic}"{key}{extra},"payload":{payload_text(seq, perf(), size)}}}'
 
 
 class Abort:
@@ -299,10 +300,18 @@ class WindowedPublisher:
     ``published`` or final ``error`` reply). Retryable errors are resent after ``retry_after_ms`` (same slot)."""
 
     def __init__(
-        self, conn: BrokerConn, topic: str, window: int, payload_bytes: int, stall_timeout: float, keys: int = 0
+        self,
+        conn: BrokerConn,
+        topic: str,
+        window: int,
+        payload_bytes: int,
+        stall_timeout: float,
+        keys: int = 0,
+        extra: str = "",
     ) -> None:
         self.conn = conn
         self.keys = keys  # > 0: every message carries ordering key k<seq % keys>
+        self.extra = extra  # more publish fields, JSON text starting with a comma
         self.topic = topic
         self.payload_bytes = payload_bytes
         self.window = window
@@ -326,7 +335,7 @@ class WindowedPublisher:
             await self._acquire_slow()
         else:
             await self.sem.acquire()
-        frame = publish_frame(seq, self.topic, self.payload_bytes, self.keys)
+        frame = publish_frame(seq, self.topic, self.payload_bytes, self.keys, self.extra)
         now = perf()
         self.inflight[seq] = _Inflight(frame, now)
         self.idle.clear()
@@ -403,11 +412,12 @@ class WindowedPublisher:
 class AckingConsumer:
     """Records every delivery in a ``DeliveryTracker`` and acks it.
 
-    Acks are batched: a background task sends one ack frame per ``ack_batch`` deliveries, or whatever has
-    accumulated after ``ack_interval`` seconds, using ``{"op":"ack","items":[...]}`` (the single form when only one
-    is pending). With ``confirm_acks`` every ack frame carries a ``ref`` and the run is done only when the broker
-    has answered all of them; ``t_done`` is the moment the last answer (or, without confirmation, the last ack
-    frame) went through.
+    A background task sends the acks: with ``ack_batch`` 1 (the default) one ``{"op":"ack","id","receipt"}`` frame
+    per delivery, as soon as it is recorded; with more, one ``{"op":"ack","items":[...]}`` frame per ``ack_batch``
+    deliveries or whatever has accumulated after ``ack_interval`` seconds. With ``confirm_acks`` every ack frame
+    carries a ``ref`` and the run is done when the broker has answered all of them; without, the consumer sends a
+    ``ping`` after its last ack and the run is done when the ``pong`` arrives (the server has read every ack, like
+    a NATS client's ``flush()``). ``t_done`` is that moment.
     """
 
     def __init__(
@@ -466,14 +476,32 @@ class AckingConsumer:
 
     def _check_done(self) -> None:
         if self.tracker.complete.is_set() and not self.batch and not self.acks_pending and not self.done.is_set():
+            if self.confirm_acks:
+                self.t_done = perf()
+                self.done.set()
+            else:
+                self._kick.set()  # the flush loop ends with a ping round trip
+
+    async def _finish_with_ping(self) -> None:
+        if self.done.is_set() or not self.tracker.complete.is_set() or self.batch or self.acks_pending:
+            return
+        try:
+            await self.conn.request({"op": "ping"}, 15.0)
+        except BenchError as e:
+            self.ack_errors.append(f"ping after the last ack: {e}")
+            return
+        if not self.done.is_set():
             self.t_done = perf()
             self.done.set()
 
     async def _flush_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.ack_interval):
-                    await self._kick.wait()
+            if self.ack_batch == 1:
+                await self._kick.wait()  # every delivery kicks: nothing to wait for on a timer
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.ack_interval):
+                        await self._kick.wait()
             self._kick.clear()
             while self.batch:
                 items = self.batch[: self.ack_batch]
@@ -491,6 +519,8 @@ class AckingConsumer:
                 except BenchError:
                     return
             self._check_done()
+            if not self.confirm_acks:
+                await self._finish_with_ping()
 
     def problems(self, label: str) -> list[str]:
         out = self.tracker.problems(label)
