@@ -10,7 +10,7 @@ about half its CPU per publish), set up as a new user would for at-least-once de
 Done = every message delivered in every group and, on each consumer channel, a ``basic.qos`` round trip after the
 last ack (the server has read every ack, like NATS's ``flush()``). Queues and exchange are deleted afterwards. CPU =
 the RabbitMQ processes' (``beam.smp``, ``epmd``, ``erl_child_setup``, ``inet_gethost``). Without aiormq installed
-(``pip install aiormq``; not a project dependency) or without a server, the baseline reports ``SKIPPED``.
+(a dev dependency: `make test` and `make bench` install it) or without a server, the baseline reports ``SKIPPED``.
 """
 
 from __future__ import annotations
