@@ -226,7 +226,7 @@ async def test_lease_expiry_uses_the_message_policy(store_factory: StoreFactory)
 
 
 async def test_key_repair_never_queues_a_live_head_twice(store: RedisStore) -> None:
-    from broker.store.redis_store import load_script
+    from broker.store.scripts import load_script
 
     await store.ensure_group(T, "g")
     await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"')])

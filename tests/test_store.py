@@ -692,16 +692,16 @@ async def test_claims_on_a_failed_publish_are_reconciled(store_factory: StoreFac
     claim = ClaimRequest(T, "g1", 10, 30_000, "c1")
 
     # Given a publish round trip whose reply is lost after Redis ran it
-    real = store._eval_many
+    real = store.scripts.eval_many
 
     async def lost(calls: object, **kw: bool) -> list[object]:
         await real(calls, **kw)  # type: ignore[arg-type]
         raise UnavailableError("connection lost after the pipeline ran")
 
-    store._eval_many = lost  # type: ignore[method-assign]
+    store.scripts.eval_many = lost  # type: ignore[method-assign]
     with pytest.raises(UnavailableError):
         await store.publish_many([req('"new"')], [claim])
-    store._eval_many = real  # type: ignore[method-assign]
+    store.scripts.eval_many = real  # type: ignore[method-assign]
     assert claim.result is None
     # Then the claim is given back when Redis answers again: nothing stays leased by a consumer that got nothing
     assert await depth(store, "g1") == (0, 2, 0, 0)
@@ -719,13 +719,13 @@ async def test_a_lost_claim_reply_gives_back_only_that_claims_deliveries(store_f
     await publish(store, '"a"', '"b"')
     lost = ClaimRequest(T, "g1", 1, 30_000, "c1")
     now = now_ms()
-    script, keys, args = store._claim_call(lost, now)
-    await store._eval_many([(script, keys, args)])
-    store._uncertain(lost, now)
+    script, keys, args = store.messages.claim_call(lost, now)
+    await store.scripts.eval_many([(script, keys, args)])
+    store.messages.uncertain(lost, now)
     ok = ClaimRequest(T, "g1", 1, 30_000, "c1")
-    script, keys, args = store._claim_call(ok, now)
-    (flat,) = await store._eval_many([(script, keys, args)])
-    (held,) = store._deliveries(T, "g1", flat, now + 30_000)
+    script, keys, args = store.messages.claim_call(ok, now)
+    (flat,) = await store.scripts.eval_many([(script, keys, args)])
+    (held,) = store.messages.deliveries(T, "g1", flat, now + 30_000)
     # When the lost claim is reconciled, Then only its delivery goes back; the held one stays leased (its ack works)
     assert await store.reconcile_claims() == 1
     assert await store.ack_many(T, "g1", [AckItem(held.id, held.receipt)]) == [True]
@@ -739,15 +739,15 @@ async def test_a_refused_publish_keeps_the_deliveries_of_claims_that_ran(store_f
     await store.ensure_group(T, "g1")
     await publish(store, '"waiting"')
     claim = ClaimRequest(T, "g1", 10, 30_000, "c1")
-    real = store._eval_many
+    real = store.scripts.eval_many
 
     async def refuse_publish(calls: list[tuple[object, list[str], list[object]]], **kw: bool) -> list[object]:
         res = await real(calls[1:], **kw)  # type: ignore[arg-type]
         return [ResponseError("OOM command not allowed when used memory > 'maxmemory'."), *res]
 
-    store._eval_many = refuse_publish  # type: ignore[assignment]
+    store.scripts.eval_many = refuse_publish  # type: ignore[assignment]
     (res,) = await store.publish_many([req('"new"')], [claim])
-    store._eval_many = real  # type: ignore[method-assign]
+    store.scripts.eval_many = real  # type: ignore[method-assign]
     # Then the publish is refused (not stored, said so), and the claim's delivery is handed over, not discarded
     assert isinstance(res, StoreRefusedError)
     assert isinstance(claim.result, list) and [d.payload for d in claim.result] == ['"waiting"']
