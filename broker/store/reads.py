@@ -8,8 +8,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
-from broker.core.errors import BrokerError, UnavailableError
 from broker.core.model import GroupDepth
 from broker.store.connection import persistence_config, persistence_problems
 from broker.store.gateway import Gateway
@@ -56,12 +56,16 @@ class Reads:
     async def persistence_warnings(self) -> list[str]:
         """Problems that can lose queued messages: no persistence, an eviction policy that may drop keys. Managed
         Redis often forbids CONFIG: then the one warning says we could not check. Redis down raises."""
-        try:
-            cfg = await self.gateway.call(persistence_config, "persistence_config")
-        except UnavailableError:
-            raise
-        except BrokerError as e:  # an error reply (CONFIG refused): say we could not check
-            return [f"could not read Redis persistence settings ({e}); check them by hand"]
+
+        async def go(r: aioredis.Redis) -> dict[str, str] | str:
+            try:
+                return await persistence_config(r)
+            except ResponseError as e:  # an answer, not a failure: not logged or counted as a bad reply
+                return str(e)
+
+        cfg = await self.gateway.call(go, "persistence_config")
+        if isinstance(cfg, str):
+            return [f"could not read Redis persistence settings ({cfg}); check them by hand"]
         return persistence_problems(cfg)
 
     async def memory_info(self) -> tuple[int, int]:
