@@ -14,10 +14,11 @@ import pytest
 
 from broker.client.client import BrokerClient
 from broker.core.config import Settings
+from broker.core.model import now_ms
 from broker.store import RedisStore, connect_redis
 
 from .brokers import BrokerProcess
-from .support import RedisServer, make_store
+from .support import FakeClock, RedisServer, make_store
 
 StoreFactory = Callable[..., Awaitable[RedisStore]]
 
@@ -34,9 +35,15 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def clock() -> FakeClock:
+    """A store clock the test steps (``clock.advance(ms)``); pass it to ``store_factory(clock=clock)``."""
+    return FakeClock()
+
+
+@pytest.fixture
 async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
-    """``await store_factory(settings=None, clock=None)`` -> a store on this test's backend and key prefix (``clock``:
-    epoch ms, for a test that steps time instead of sleeping).
+    """``await store_factory(settings=None, clock=None)`` -> a store on this test's backend and key prefix (and on
+    ``clock``, default the wall clock).
 
     Several stores of one test share the data (one FakeServer, or the session's redis-server), like broker nodes.
     """
@@ -53,7 +60,7 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
         else:
             assert server is not None
             client = connect_redis(server.url, settings)
-        store = make_store(client, settings, clock=clock)
+        store = make_store(client, settings, clock=clock or now_ms)
         made.append(store)
         return store
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -24,8 +24,9 @@ from typing import IO, Any
 import orjson
 
 from broker.core.config import Settings
+from broker.core.model import now_ms
 from broker.runtime.resilience import Breaker
-from broker.store import RedisStore
+from broker.store import Clock, RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
@@ -238,12 +239,24 @@ def make_breaker(settings: Settings, **overrides: Any) -> Breaker:
     return Breaker("redis", **kwargs)
 
 
+class FakeClock:
+    """A store clock (epoch ms) that moves only when the test steps it, so time-dependent store tests step time
+    instead of sleeping on the wall clock. Starts at the wall clock's now (Redis TTLs keep real time)."""
+
+    def __init__(self, start_ms: int | None = None) -> None:
+        self.now = now_ms() if start_ms is None else start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: float) -> int:
+        self.now += max(0, int(ms))
+        return self.now
+
+
 def make_store(
-    client: Any, settings: Settings | None = None, node_id: str = "test-node", clock: Callable[[], int] | None = None
+    client: Any, settings: Settings | None = None, node_id: str = "test-node", clock: Clock = now_ms
 ) -> RedisStore:
-    """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings;
-    ``clock`` (epoch ms) replaces the wall clock for a test that steps time."""
+    """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings."""
     settings = settings or Settings()
-    if clock is None:
-        return RedisStore(client, settings, make_breaker(settings), node_id)
     return RedisStore(client, settings, make_breaker(settings), node_id, clock=clock)

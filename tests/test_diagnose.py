@@ -16,7 +16,7 @@ from broker.core.model import AckItem, NackItem, PublishRequest, now_ms
 from broker.store import connect_redis
 from broker.store.keys import nodes_key
 
-from .support import RedisServer, make_store
+from .support import RedisServer, free_port, make_store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,3 +124,13 @@ async def test_an_unreadable_topic_is_a_finding_not_a_crash(redis: RedisServer) 
     code, findings = run(redis)
     assert code == 1 and [f["check"] for f in findings] == ["unreadable_topic"]
     assert "broken" in str(findings[0]["message"])
+
+
+def test_redis_down_is_an_error_not_a_traceback() -> None:
+    # Given no Redis where the broker's URL points
+    env = {**os.environ, "BROKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    # When diagnose runs, Then it ends with the "unavailable" exit code and one error line (its reads go through the
+    # store's gateway, like every store call), not a redis-py traceback
+    p = subprocess.run([sys.executable, "-m", "broker", "diagnose"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    assert b"Traceback" not in p.stderr and p.stderr.startswith(b"error (unavailable): redis unreachable")

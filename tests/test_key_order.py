@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from broker.core.config import Settings
@@ -12,6 +11,7 @@ from broker.core.model import AckItem, Delivery, NackItem, PublishRequest
 from broker.store import AckOutcome, NackOutcome, RedisStore
 
 from .conftest import StoreFactory
+from .support import FakeClock
 
 T = "accounts"
 
@@ -65,8 +65,9 @@ async def test_a_lease_from_a_build_without_the_key_copy_still_moves_its_key_lin
     assert not await store.redis.exists(gb + f"dlv:{x.id}", f"{store.prefix}:{{{T}}}:msg:{x.id}")
 
 
-async def test_a_retry_holds_its_key_but_not_other_keys(store_factory: StoreFactory) -> None:
-    store = await store_factory(Settings().replace("retry", backoff_base_ms=150, backoff_cap_ms=150, jitter=0.0))
+async def test_a_retry_holds_its_key_but_not_other_keys(store_factory: StoreFactory, clock: FakeClock) -> None:
+    settings = Settings().replace("retry", backoff_base_ms=150, backoff_cap_ms=150, jitter=0.0)
+    store = await store_factory(settings, clock=clock)
     await store.ensure_group(T, "g")
     await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"'), keyed("b", '"b1"'), keyed("b", '"b2"')])
     a1, b1 = await claim(store)
@@ -76,7 +77,7 @@ async def test_a_retry_holds_its_key_but_not_other_keys(store_factory: StoreFact
     await ack(store, [b1])
     # Then b2 is delivered at once, a2 is not (a1 waits for its retry)
     assert [d.payload for d in await claim(store)] == ['"b2"']
-    await asyncio.sleep(0.2)
+    clock.advance(200)
     assert (await store.sweep([(T, "g")]))[0][2] == 1
     # And the retry of a1 comes before a2
     (again,) = await claim(store)
@@ -110,33 +111,35 @@ async def test_dead_letter_releases_the_key_and_reprocess_rejoins_its_line(store
     assert not [k async for k in store.redis.scan_iter(match=f"{store.prefix}:*key:*")]
 
 
-async def test_lease_expiry_and_release_keep_the_key_line(store: RedisStore) -> None:
+async def test_lease_expiry_and_release_keep_the_key_line(store_factory: StoreFactory, clock: FakeClock) -> None:
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g")
     await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"')])
     # Given a1 claimed but never sent (released), then claimed with a short lease that runs out
     (a1,) = await claim(store)
     assert await store.release(T, "g", [AckItem(a1.id, a1.receipt)]) == 1
     (a1,) = await claim(store, lease_ms=30)
-    await asyncio.sleep(0.06)
+    clock.advance(60)
     await store.sweep([(T, "g")])
     # Then a2 never overtakes a1
     for _ in range(100):
         got = await claim(store)
         if got:
             break
-        await asyncio.sleep(0.03)
+        clock.advance(30)
         await store.sweep([(T, "g")])
     assert [(d.payload, d.attempt) for d in got] == [('"a1"', 2)]
 
 
-async def test_delayed_keyed_message_holds_its_line_until_due(store: RedisStore) -> None:
+async def test_delayed_keyed_message_holds_its_line_until_due(store_factory: StoreFactory, clock: FakeClock) -> None:
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g")
     # Given a1 delayed 150 ms and a2 published right after with no delay
     await store.publish_many([keyed("a", '"a1"', delay_ms=150), keyed("a", '"a2"'), keyed("b", '"b1"', delay_ms=150)])
     await store.publish_many([keyed("b", '"b2"')])
     # Then nothing of a or b is delivered before a1 / b1 are due, and then in order
     assert await claim(store) == []
-    await asyncio.sleep(0.2)
+    clock.advance(200)
     await store.sweep([(T, "g")])
     first = await claim(store)
     assert sorted(d.payload for d in first) == ['"a1"', '"b1"']
@@ -191,8 +194,11 @@ async def test_random_nacks_keep_every_key_in_order(store_factory: StoreFactory)
 # ---- per-message retry policy -------------------------------------------------------------------------------------
 
 
-async def test_a_message_may_carry_its_own_max_attempts_and_backoff(store_factory: StoreFactory) -> None:
-    store = await store_factory(Settings().replace("retry", max_attempts=5, backoff_base_ms=60_000, jitter=0.0))
+async def test_a_message_may_carry_its_own_max_attempts_and_backoff(
+    store_factory: StoreFactory, clock: FakeClock
+) -> None:
+    settings = Settings().replace("retry", max_attempts=5, backoff_base_ms=60_000, jitter=0.0)
+    store = await store_factory(settings, clock=clock)
     await store.ensure_group(T, "g")
     # Given one message allowed 2 attempts with a 40 ms backoff, one with the defaults
     await store.publish_many([keyed(None, '"own"', max_attempts=2, backoff_base_ms=40), keyed(None, '"default"')])
@@ -205,7 +211,7 @@ async def test_a_message_may_carry_its_own_max_attempts_and_backoff(store_factor
     g = store.keys(T).group("g")
     due = dict(await store.redis.zrange(g.delayed, 0, -1, withscores=True))
     assert due[default.id] - due[own.id] > 59_000
-    await asyncio.sleep(0.06)
+    clock.advance(60)
     await store.sweep([(T, "g")])
     (again,) = await claim(store)
     # And its second failure dead-letters it (max_attempts 2), while the default allows 5
@@ -215,18 +221,18 @@ async def test_a_message_may_carry_its_own_max_attempts_and_backoff(store_factor
     assert await store.redis.hget(g.dead_letter(own.id), "max_attempts") == "2"
 
 
-async def test_lease_expiry_uses_the_message_policy(store_factory: StoreFactory) -> None:
-    store = await store_factory(Settings().replace("retry", max_attempts=5))
+async def test_lease_expiry_uses_the_message_policy(store_factory: StoreFactory, clock: FakeClock) -> None:
+    store = await store_factory(Settings().replace("retry", max_attempts=5), clock=clock)
     await store.ensure_group(T, "g")
     await store.publish_many([keyed(None, '"once"', max_attempts=1)])
     await claim(store, lease_ms=20)
-    await asyncio.sleep(0.05)
+    clock.advance(50)
     # When its only lease expires, Then it is dead-lettered at once (not retried up to the default 5)
     assert await store.sweep([(T, "g")]) == [(0, 1, 0)]
 
 
 async def test_key_repair_never_queues_a_live_head_twice(store: RedisStore) -> None:
-    from broker.store.redis_store import load_script
+    from broker.store.scripts import load_script
 
     await store.ensure_group(T, "g")
     await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"')])

@@ -2,7 +2,7 @@
 
 - ``key()`` in ``_lib.lua`` (the one key builder of the scripts) names every key exactly as ``keys.py`` does, on
   fakeredis's Lua and on a real redis-server.
-- ``error_entry()`` in ``_lib.lua`` writes the same bytes as the Python ``_error_entry`` (nack entries, import notes).
+- ``error_entry()`` in ``_lib.lua`` writes the same bytes as the Python ``error_entry`` (nack entries, import notes).
 - No script builds a key by hand (a static check of the sources: ``..`` next to a base or a schema fragment only
   inside ``key()``).
 - Every key a script touches is declared in ``KEYS`` or is a run-time key (per message; per group only where the
@@ -33,7 +33,8 @@ from broker.store import RedisStore
 from broker.store.dead_letters import DeadLetters
 from broker.store.diagnose import diagnose
 from broker.store.keys import TopicKeys
-from broker.store.redis_store import ClaimRequest, _error_entry, load_script
+from broker.store import ClaimRequest, error_entry
+from broker.store.scripts import load_script
 
 from .conftest import StoreFactory
 
@@ -112,7 +113,7 @@ async def test_lua_error_entry_is_byte_for_byte_the_python_one(
     for attempt, consumer in ((0, "operator"), (3, "3f2a-c12.3"), (12, text)):
         # When the Lua helper and the Python one build it, Then they are the same text
         got = await eval_lib(store, body, [], [attempt, text, 1733570000123, consumer])
-        assert got == _error_entry(attempt, text, 1733570000123, consumer)
+        assert got == error_entry(attempt, text, 1733570000123, consumer)
 
 
 # ---- one dead-letter record ------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ async def test_the_dead_letter_record_carries_the_body_and_reprocess_rebuilds_it
     assert set(h) == {"id", "topic", "group", "payload", "headers", "published_at", "attempts", "errors",
                       "last_consumer", "reason", "died_at", "key", "max_attempts", "backoff_base_ms"}  # fmt: skip
     assert {f: h[f] for f in body if f != "refs"} == {f: v for f, v in body.items() if f != "refs"}
-    assert h["errors"] == "[" + _error_entry(1, "bad / input", int(h["died_at"]), "c1") + "]"
+    assert h["errors"] == "[" + error_entry(1, "bad / input", int(h["died_at"]), "c1") + "]"
     (letter,) = await DeadLetters(store).get_many(T, "g", [res.id])
     assert (letter.key, letter.reason, letter.last_consumer, letter.attempts) == ("k", "rejected", "c1", 1)
     # When it is reprocessed, Then the body comes back as it was published
@@ -344,8 +345,8 @@ async def test_every_script_touches_only_declared_or_run_time_keys_in_its_slot(
     # unclaim.lua: a claim whose reply was lost is given back
     lost = ClaimRequest(T, "g2", 2, 30_000, "c2")
     now = now_ms()
-    await store._eval_many([store._claim_call(lost, now)])
-    store._uncertain(lost, now)
+    await store.scripts.eval_many([store.messages.claim_call(lost, now)])
+    store.messages.uncertain(lost, now)
     assert await store.reconcile_claims() == 2
 
     # expire.lua (lease expired; held by a dead node) and promote.lua

@@ -77,7 +77,7 @@ def test_lua_backoff_matches_the_python_formula() -> None:
     # Given the backoff function the Lua scripts use (it lets a message's own backoff base apply inside Redis)
     import fakeredis
 
-    from broker.store.redis_store import load_script
+    from broker.store.scripts import load_script
 
     lib = load_script("promote").split("-- promote.lua", 1)[0]
     r = fakeredis.FakeStrictRedis()

@@ -20,7 +20,7 @@ from broker.store import ClaimRequest, NackOutcome, RedisStore, connect_redis
 from broker.store.keys import topics_key
 
 from .conftest import StoreFactory
-from .support import free_port, make_store
+from .support import FakeClock, free_port, make_store
 
 T = "orders"
 
@@ -201,21 +201,22 @@ async def test_idempotency_key_dedups(store: RedisStore) -> None:
     assert 0 < ttl <= Settings().delivery.idempotency_ttl_s
 
 
-async def test_delayed_publish_is_promoted_only_when_due(store: RedisStore) -> None:
+async def test_delayed_publish_is_promoted_only_when_due(store_factory: StoreFactory, clock: FakeClock) -> None:
     # Given a message published with delay_ms=200
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g1")
-    before = now_ms()
+    before = clock()
     (mid,) = await publish(store, '"later"', delay_ms=200)
     g = store.keys(T).group("g1")
     # Then it sits in the delayed set, due at about now + 200 ms, and cannot be claimed
     score = await store.redis.zscore(g.delayed, mid)
-    assert score is not None and before + 200 <= score <= now_ms() + 200
+    assert score is not None and before + 200 <= score <= clock() + 200
     assert await depth(store) == (0, 0, 1, 0)
     assert await store.claim(T, "g1", 10, 30_000, "c") == []
     # When the sweep runs before the due time, Then nothing is promoted
     assert await store.sweep([(T, "g1")]) == [(0, 0, 0)]
     # When the sweep runs after the due time, Then it is promoted and claimable
-    await asyncio.sleep(max(0.0, (score - now_ms()) / 1000) + 0.02)
+    clock.advance(score - clock() + 20)
     assert await store.sweep([(T, "g1")]) == [(0, 0, 1)]
     (d,) = await store.claim(T, "g1", 10, 30_000, "c")
     assert d.id == mid and d.attempt == 1
@@ -277,25 +278,26 @@ async def test_ack_with_wrong_receipt_changes_nothing(store: RedisStore) -> None
 # ---- nack -----------------------------------------------------------------------------------------------------------
 
 
-async def test_nack_with_delay_goes_to_retry_then_is_promoted(store: RedisStore) -> None:
+async def test_nack_with_delay_goes_to_retry_then_is_promoted(store_factory: StoreFactory, clock: FakeClock) -> None:
     # Given one leased message
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, "1")
     (d,) = await store.claim(T, "g1", 1, 30_000, "c1")
     g = store.keys(T).group("g1")
     # When it is nacked with delay_ms=150
-    before = now_ms()
+    before = clock()
     out = await store.nack_many(T, "g1", [(NackItem(mid, d.receipt, "boom", delay_ms=150), d.attempt, "c1")])
     # Then it waits in the delayed set, due about now + 150 ms, with the error recorded
     assert out == [NackOutcome.RETRY]
     score = await store.redis.zscore(g.delayed, mid)
-    assert score is not None and before + 150 <= score <= now_ms() + 150
+    assert score is not None and before + 150 <= score <= clock() + 150
     errors = json.loads("[" + await store.redis.hget(g.delivery(mid), "errors") + "]")
     assert [(e["attempt"], e["error"], e["consumer"]) for e in errors] == [(1, "boom", "c1")]
     assert await depth(store) == (0, 0, 1, 0)
     # When swept before and after the due time, Then it is promoted only after, and redelivered as attempt 2
     assert await store.sweep([(T, "g1")]) == [(0, 0, 0)]
-    await asyncio.sleep(max(0.0, (score - now_ms()) / 1000) + 0.02)
+    clock.advance(score - clock() + 20)
     assert await store.sweep([(T, "g1")]) == [(0, 0, 1)]
     (d2,) = await store.claim(T, "g1", 1, 30_000, "c2")
     assert d2.id == mid and d2.attempt == 2 and d2.receipt != d.receipt
@@ -403,16 +405,16 @@ async def test_nack_with_stale_receipt_is_refused(store: RedisStore) -> None:
 # ---- lease expiry, release, extend --------------------------------------------------------------------------------
 
 
-async def test_lease_expiry_retries_and_refuses_the_late_ack(store_factory: StoreFactory) -> None:
+async def test_lease_expiry_retries_and_refuses_the_late_ack(store_factory: StoreFactory, clock: FakeClock) -> None:
     # Given a message leased for 200 ms, with a fast retry backoff
-    store = await store_factory(fast_retry())
+    store = await store_factory(fast_retry(), clock=clock)
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, "1")
     (d,) = await store.claim(T, "g1", 1, 200, "slow")
     g = store.keys(T).group("g1")
     # When the lease runs out and the sweep runs
     assert await store.sweep([(T, "g1")]) == [(0, 0, 0)]  # not yet due
-    await asyncio.sleep(max(0.0, (d.lease_expires_at - now_ms()) / 1000) + 0.03)
+    clock.advance(d.lease_expires_at - clock() + 30)
     assert await store.sweep([(T, "g1")]) == [(1, 0, 0)]
     # Then the delivery waits for a retry with a "lease expired" error naming the consumer
     assert await depth(store) == (0, 0, 1, 0)
@@ -422,7 +424,7 @@ async def test_lease_expiry_retries_and_refuses_the_late_ack(store_factory: Stor
     assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [False]
     assert await store.extend(T, "g1", mid, d.receipt, 10_000) is None
     # When the retry is due, Then it is redelivered as attempt 2, and the old receipt still cannot ack it
-    await asyncio.sleep(0.05)
+    clock.advance(50)
     assert await store.sweep([(T, "g1")]) == [(0, 0, 1)]
     (d2,) = await store.claim(T, "g1", 1, 30_000, "fast")
     assert d2.id == mid and d2.attempt == 2
@@ -430,14 +432,14 @@ async def test_lease_expiry_retries_and_refuses_the_late_ack(store_factory: Stor
     assert await store.ack_many(T, "g1", [AckItem(mid, d2.receipt)]) == [True]
 
 
-async def test_lease_expiry_on_last_attempt_dead_letters(store_factory: StoreFactory) -> None:
+async def test_lease_expiry_on_last_attempt_dead_letters(store_factory: StoreFactory, clock: FakeClock) -> None:
     # Given max_attempts=1 and a message leased for 50 ms
-    store = await store_factory(Settings().replace("retry", max_attempts=1))
+    store = await store_factory(Settings().replace("retry", max_attempts=1), clock=clock)
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, '"z"')
     await store.claim(T, "g1", 1, 50, "c")
     # When the lease expires and the sweep runs
-    await asyncio.sleep(0.1)
+    clock.advance(100)
     assert await store.sweep([(T, "g1")]) == [(0, 1, 0)]
     # Then it is dead for max_attempts with the expiry recorded
     dl = await store.redis.hgetall(store.keys(T).group("g1").dead_letter(mid))
@@ -465,8 +467,9 @@ async def test_release_returns_to_head_without_counting_the_attempt(store: Redis
     assert await store.release(T, "g1", []) == 0
 
 
-async def test_extend_pushes_the_deadline(store: RedisStore) -> None:
+async def test_extend_pushes_the_deadline(store_factory: StoreFactory, clock: FakeClock) -> None:
     # Given a message leased for 100 ms
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, "1")
     (d,) = await store.claim(T, "g1", 1, 100, "c")
@@ -477,7 +480,7 @@ async def test_extend_pushes_the_deadline(store: RedisStore) -> None:
     assert deadline is not None and deadline >= d.lease_expires_at + 9_000
     assert await store.redis.zscore(g.leased, mid) == deadline
     assert await store.redis.hget(g.delivery(mid), "leased_until") == str(deadline)
-    await asyncio.sleep(0.15)
+    clock.advance(150)
     assert await store.sweep([(T, "g1")]) == [(0, 0, 0)]
     assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [True]
     # And extending with a wrong receipt, or after the ack, is refused
@@ -692,16 +695,16 @@ async def test_claims_on_a_failed_publish_are_reconciled(store_factory: StoreFac
     claim = ClaimRequest(T, "g1", 10, 30_000, "c1")
 
     # Given a publish round trip whose reply is lost after Redis ran it
-    real = store._eval_many
+    real = store.scripts.eval_many
 
     async def lost(calls: object, **kw: bool) -> list[object]:
         await real(calls, **kw)  # type: ignore[arg-type]
         raise UnavailableError("connection lost after the pipeline ran")
 
-    store._eval_many = lost  # type: ignore[method-assign]
+    store.scripts.eval_many = lost  # type: ignore[method-assign]
     with pytest.raises(UnavailableError):
         await store.publish_many([req('"new"')], [claim])
-    store._eval_many = real  # type: ignore[method-assign]
+    store.scripts.eval_many = real  # type: ignore[method-assign]
     assert claim.result is None
     # Then the claim is given back when Redis answers again: nothing stays leased by a consumer that got nothing
     assert await depth(store, "g1") == (0, 2, 0, 0)
@@ -719,13 +722,13 @@ async def test_a_lost_claim_reply_gives_back_only_that_claims_deliveries(store_f
     await publish(store, '"a"', '"b"')
     lost = ClaimRequest(T, "g1", 1, 30_000, "c1")
     now = now_ms()
-    script, keys, args = store._claim_call(lost, now)
-    await store._eval_many([(script, keys, args)])
-    store._uncertain(lost, now)
+    script, keys, args = store.messages.claim_call(lost, now)
+    await store.scripts.eval_many([(script, keys, args)])
+    store.messages.uncertain(lost, now)
     ok = ClaimRequest(T, "g1", 1, 30_000, "c1")
-    script, keys, args = store._claim_call(ok, now)
-    (flat,) = await store._eval_many([(script, keys, args)])
-    (held,) = store._deliveries(T, "g1", flat, now + 30_000)
+    script, keys, args = store.messages.claim_call(ok, now)
+    (flat,) = await store.scripts.eval_many([(script, keys, args)])
+    (held,) = store.messages.deliveries(T, "g1", flat, now + 30_000)
     # When the lost claim is reconciled, Then only its delivery goes back; the held one stays leased (its ack works)
     assert await store.reconcile_claims() == 1
     assert await store.ack_many(T, "g1", [AckItem(held.id, held.receipt)]) == [True]
@@ -739,15 +742,15 @@ async def test_a_refused_publish_keeps_the_deliveries_of_claims_that_ran(store_f
     await store.ensure_group(T, "g1")
     await publish(store, '"waiting"')
     claim = ClaimRequest(T, "g1", 10, 30_000, "c1")
-    real = store._eval_many
+    real = store.scripts.eval_many
 
     async def refuse_publish(calls: list[tuple[object, list[str], list[object]]], **kw: bool) -> list[object]:
         res = await real(calls[1:], **kw)  # type: ignore[arg-type]
         return [ResponseError("OOM command not allowed when used memory > 'maxmemory'."), *res]
 
-    store._eval_many = refuse_publish  # type: ignore[assignment]
+    store.scripts.eval_many = refuse_publish  # type: ignore[assignment]
     (res,) = await store.publish_many([req('"new"')], [claim])
-    store._eval_many = real  # type: ignore[method-assign]
+    store.scripts.eval_many = real  # type: ignore[method-assign]
     # Then the publish is refused (not stored, said so), and the claim's delivery is handed over, not discarded
     assert isinstance(res, StoreRefusedError)
     assert isinstance(claim.result, list) and [d.payload for d in claim.result] == ['"waiting"']
@@ -755,15 +758,18 @@ async def test_a_refused_publish_keeps_the_deliveries_of_claims_that_ran(store_f
     assert await store.reconcile_claims() == 0  # nothing was uncertain
 
 
-async def test_a_damaged_group_does_not_stop_the_sweep_of_the_others(store: RedisStore) -> None:
+async def test_a_damaged_group_does_not_stop_the_sweep_of_the_others(
+    store_factory: StoreFactory, clock: FakeClock
+) -> None:
     # Given two groups with an expired lease each, and one group's delayed set damaged (a string: WRONGTYPE)
+    store = await store_factory(clock=clock)
     await store.ensure_group(T, "g1")
     await store.ensure_group(T, "g2")
     await publish(store, '"a"')
     await store.claim(T, "g1", 1, 1, "c1")
     await store.claim(T, "g2", 1, 1, "c2")
     await store.redis.set(store.keys(T).group("g1").delayed, "damaged")
-    await asyncio.sleep(0.01)
+    clock.advance(10)
     # When swept with a list for failures, Then g2 is swept and g1 is named with its error
     failed: list[str] = []
     assert await store.sweep([(T, "g1"), (T, "g2")], failed=failed) == [(0, 0, 0), (1, 0, 0)]

@@ -49,6 +49,10 @@ TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
     (State.DEAD, State.KEY_WAIT): ("reprocess",),
     (State.DEAD, State.EXPIRED): ("prune_dead",),  # Redis expires the hash (TTL); the script drops the index entry
     (State.DEAD, None): ("purge_dead",),  # deleted by an operator
+    # diagnose --repair: queue entries whose body is gone (a damaged store) are removed
+    (State.READY, None): ("drop_bodyless",),
+    (State.RETRY_WAIT, None): ("drop_bodyless",),
+    (State.LEASED, None): ("drop_bodyless",),
 }
 
 DEFAULT_GROUP = "default"

@@ -23,9 +23,7 @@ from broker.node.session import SessionParts
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerState
 from broker.runtime.supervisor import Supervisor, watch_task
-from broker.store import Redis, RedisStore, connect_redis
-from broker.store.fake import fake_client
-from broker.store.inspect import persistence_warnings
+from broker.store import Redis, RedisStore, connect_redis, fake_client
 from broker.store.keys import SCHEMA_VERSION
 
 log = structlog.get_logger("broker.app")
@@ -106,7 +104,7 @@ class Broker:
         if old is not None and old != SCHEMA_VERSION:
             raise ConfigError(f"Redis holds key schema version {old}, this broker speaks {SCHEMA_VERSION}")
         if self.durable:
-            for w in await persistence_warnings(client):
+            for w in await self.store.persistence_warnings():
                 log.warning("redis_persistence_risk", problem=w)
         else:
             self._nondurable_nag = watch_task(asyncio.create_task(self._nag(), name="nondurable_nag"))

@@ -17,9 +17,8 @@ from typing import Any
 from broker.core.errors import ConfigError, NotFoundError
 from broker.core.model import now_ms
 from broker.core.records import ExportFile, Header, LineError, MessageRecord
-from broker.store import RedisStore
-from broker.store.keys import SCHEMA_VERSION, schema_key
-from broker.store.redis_store import _error_entry
+from broker.store import RedisStore, error_entry
+from broker.store.keys import SCHEMA_VERSION
 from broker.store.snapshot import (
     CALLS_PER_PIPELINE,
     Importer,
@@ -108,7 +107,7 @@ def _plan(f: ExportFile, topic: str, groups: Sequence[str], now: int) -> list[_E
             note = ""
             if p.state == "leased":  # the claim counted an attempt that never finished: say so in the history
                 attempts = int(p.delivery.get("attempts", "0") or 0)
-                note = _error_entry(attempts, LEASE_NOTE, now, p.delivery.get("consumer", ""))
+                note = error_entry(attempts, LEASE_NOTE, now, p.delivery.get("consumer", ""))
             due = p.due if p.state == "delayed" else None
             plan.append(_Entry("deliveries", message_op(g, m.id, due, note, m.body, p.delivery), message=m.id))
     for d in (d for d in f.dead if d.topic == topic):
@@ -126,7 +125,7 @@ async def _check_schema(store: RedisStore, header: Header, dry_run: bool) -> Non
     if header.key_schema != SCHEMA_VERSION:
         raise LineError(1, f"exported from key schema {header.key_schema!r}; this broker speaks {SCHEMA_VERSION}")
     if dry_run:
-        have = await store._run(lambda: store.redis.get(schema_key(store.prefix)), "import_schema")
+        have = await store.schema_version()
     else:
         have = await store.init_schema()
     if have is not None and str(have) != SCHEMA_VERSION:

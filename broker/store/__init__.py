@@ -1,7 +1,17 @@
-"""The only package that talks to Redis."""
+"""The only package that talks to Redis (map: ``redis_store.py``)."""
 
-from redis.asyncio import Redis
+from broker.store.connection import Redis, connect_redis, fake_client
+from broker.store.messages import AckOutcome, ClaimRequest, NackOutcome, error_entry
+from broker.store.redis_store import Clock, RedisStore
 
-from broker.store.redis_store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, connect_redis
-
-__all__ = ["AckOutcome", "ClaimRequest", "NackOutcome", "Redis", "RedisStore", "connect_redis"]
+__all__ = [
+    "AckOutcome",
+    "ClaimRequest",
+    "Clock",
+    "NackOutcome",
+    "Redis",
+    "RedisStore",
+    "connect_redis",
+    "error_entry",
+    "fake_client",
+]

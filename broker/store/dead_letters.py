@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
-from broker.core.model import now_ms
-from broker.store.redis_store import RedisStore, load_script, script_call
+from broker.store.redis_store import RedisStore
+from broker.store.scripts import ScriptCall
 
 BATCH = 500
 
@@ -69,25 +71,12 @@ def _parse(h: dict[str, str], ttl: int) -> DeadLetter:
 class DeadLetters:
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        r = store.redis
-        self._reprocess = r.register_script(load_script("reprocess"))
-        self._purge = r.register_script(load_script("purge_dead"))
-        self._prune = r.register_script(load_script("prune_dead"))
-
-    def _zrem(self, key: str, members: list[str]) -> Callable[[], Awaitable[Any]]:
-        async def go() -> Any:
-            return await self.store.redis.zrem(key, *members)
-
-        return go
+        self.gateway = store.gateway
 
     async def ids(self, topic: str, group: str) -> list[tuple[str, int]]:
         """(id, died_at) oldest first, straight from the index (may include entries that just expired)."""
         idx = self.store.keys(topic).group(group).dead
-
-        async def go() -> list[Any]:
-            return list(await self.store.redis.zrange(idx, 0, -1, withscores=True))
-
-        rows = await self.store._run(go, "dlq_ids")
+        rows = await self.gateway.call(lambda r: r.zrange(idx, 0, -1, withscores=True), "dlq_ids")
         return [(str(row[0]), int(row[1])) for row in rows]
 
     async def get_many(self, topic: str, group: str, ids: Sequence[str]) -> list[DeadLetter]:
@@ -103,14 +92,12 @@ class DeadLetters:
         for i in range(0, len(ids), BATCH):
             chunk = ids[i : i + BATCH]
 
-            async def go(chunk: Sequence[str] = chunk) -> list[Any]:
-                async with self.store.redis.pipeline(transaction=False) as p:
-                    for msg_id in chunk:
-                        p.hgetall(g.dead_letter(msg_id))
-                        p.pttl(g.dead_letter(msg_id))
-                    return list(await p.execute())
+            def build(p: Pipeline, chunk: Sequence[str] = chunk) -> None:
+                for msg_id in chunk:
+                    p.hgetall(g.dead_letter(msg_id))
+                    p.pttl(g.dead_letter(msg_id))
 
-            res = await self.store._run(go, "dlq_get")
+            res = await self.gateway.pipeline(build, "dlq_get")
             gone = []
             for j, msg_id in enumerate(chunk):
                 h, ttl = res[2 * j], res[2 * j + 1]
@@ -119,7 +106,7 @@ class DeadLetters:
                 else:
                     gone.append(msg_id)
             if gone:
-                await self.store._run(self._zrem(g.dead, gone), "dlq_prune_index")
+                await self.gateway.call(_zrem(g.dead, gone), "dlq_prune_index")
         return out
 
     async def reprocess(self, topic: str, group: str, ids: Sequence[str], who: str = "operator") -> list[bool]:
@@ -128,8 +115,8 @@ class DeadLetters:
         out: list[bool] = []
         for i in range(0, len(ids), BATCH):
             chunk = list(ids[i : i + BATCH])
-            res = await self.store._run(
-                script_call(self._reprocess, [g.dead, g.ready], [k.base, group, now_ms(), who, *chunk]), "dlq_reprocess"
+            res = await self.store.scripts.call(
+                "reprocess", [g.dead, g.ready], [k.base, group, self.store.clock(), who, *chunk], "dlq_reprocess"
             )
             out += [x == "ok" for x in res]
         return out
@@ -139,20 +126,24 @@ class DeadLetters:
         out: list[bool] = []
         for i in range(0, len(ids), BATCH):
             chunk = list(ids[i : i + BATCH])
-            res = await self.store._run(script_call(self._purge, [g.dead], [g.base, *chunk]), "dlq_purge")
+            res = await self.store.scripts.call("purge_dead", [g.dead], [g.base, *chunk], "dlq_purge")
             out += [bool(int(x)) for x in res]
         return out
 
     async def prune(self, pairs: Sequence[tuple[str, str]], verify: int = 50) -> int:
-        cutoff = now_ms() - self.store.settings.dlq.ttl_s * 1000
-
-        async def go() -> list[Any]:
-            async with self.store.redis.pipeline(transaction=False) as p:
-                for topic, group in pairs:
-                    g = self.store.keys(topic).group(group)
-                    await self._prune(keys=[g.dead], args=[g.base, cutoff, verify], client=p)
-                return list(await p.execute())
-
+        cutoff = self.store.clock() - self.store.settings.dlq.ttl_s * 1000
         if not pairs:
             return 0
-        return sum(int(x) for x in await self.store._run(go, "dlq_prune"))
+        prune = self.store.scripts.get("prune_dead")
+        calls: list[ScriptCall] = []
+        for topic, group in pairs:
+            g = self.store.keys(topic).group(group)
+            calls.append((prune, [g.dead], [g.base, cutoff, verify]))
+        return sum(int(x) for x in await self.store.scripts.run(calls, "dlq_prune"))
+
+
+def _zrem(key: str, members: list[str]) -> Callable[[aioredis.Redis], Awaitable[Any]]:
+    async def go(r: aioredis.Redis) -> Any:
+        return await r.zrem(key, *members)
+
+    return go

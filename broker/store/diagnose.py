@@ -1,26 +1,31 @@
 """``broker diagnose``: checks of the Redis a broker uses, each with a severity and a suggested fix, and the
 repairs that are safe to make (seeds 000 and 003: the failures nobody could see).
 
-Safe repairs: sweep leases past their deadline or held by dead nodes (the normal expiry script), drop queue entries
-whose body is gone (nothing can ever be delivered for them), drop dead-letter index entries whose hash expired,
-make the head of a stuck ordering-key line live again.
+Safe repairs, each a Lua script that checks and repairs in one atomic step: sweep leases past their deadline or held
+by dead nodes (the normal expiry script), drop queue entries whose body is gone (``drop_bodyless.lua``: nothing can
+ever be delivered for them), drop dead-letter index entries whose hash expired (``prune_dead.lua``, as the broker's
+own pruning), make the head of a stuck ordering-key line live again (``repair_key.lua``).
+Every read goes through the store's gateway: Redis down ends ``broker diagnose`` with an error, not a traceback.
 Not repaired, only reported: bodies no queue refers to (they may be data someone needs), persistence and eviction
 settings (operator decisions), an unknown schema version.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.core.model import now_ms
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
 from broker.store.dead_letters import DeadLetters
-from broker.store.inspect import persistence_warnings
-from broker.store.keys import SCHEMA_VERSION, nodes_key, schema_key
-from broker.store.redis_store import RedisStore, load_script
+from broker.store.keys import SCHEMA_VERSION, GroupKeys
+from broker.store.redis_store import RedisStore
 
 SCAN_LIMIT = 100_000  # most ids looked at per queue; bounded so diagnose never stalls a big Redis
 STALE_GRACE_MS = 5_000  # a lease this far past its deadline means no broker is sweeping
+REPAIR_BATCH = 500  # ids per repair script call
 
 
 @dataclass
@@ -34,9 +39,8 @@ class Finding:
 
 
 async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
-    r = store.redis
     out: list[Finding] = []
-    version = await r.get(schema_key(store.prefix))
+    version = await store.schema_version()
     if version is not None and version != SCHEMA_VERSION:
         out.append(
             Finding(
@@ -46,11 +50,10 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                 "run the broker release that wrote it, or migrate",
             )
         )
-    for problem in await persistence_warnings(r):
+    for problem in await store.persistence_warnings():
         sev = "error" if "maxmemory-policy" in problem or "no persistence" in problem else "warning"
         out.append(Finding(sev, "persistence", problem, "set appendonly yes and maxmemory-policy noeviction"))
-    info = await r.info("memory")
-    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    used, limit = await store.reads.memory_info()
     if limit and used > 0.9 * limit:
         out.append(
             Finding(
@@ -61,7 +64,7 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
             )
         )
 
-    now = now_ms()
+    now = store.clock()
     broken: list[str] = []
     pairs = await store.all_pairs(broken)
     for problem in broken:
@@ -73,7 +76,7 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                 "inspect with TYPE/DUMP, then fix or DEL the key and re-create the groups by subscribing",
             )
         )
-    heartbeats = {str(row[0]): int(row[1]) for row in await r.zrange(nodes_key(store.prefix), 0, -1, withscores=True)}
+    heartbeats = await store.nodes.heartbeats()
     timeout = store.settings.delivery.node_timeout_ms
     dead_nodes = sorted(n for n, beat in heartbeats.items() if now - beat > timeout)
     stale_pairs: list[tuple[str, str]] = []
@@ -83,7 +86,14 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
     for topic, group in pairs:
         g = store.keys(topic).group(group)
         k = store.keys(topic)
-        leased = [(str(row[0]), int(row[1])) for row in await r.zrange(g.leased, 0, SCAN_LIMIT - 1, withscores=True)]
+
+        def queues(p: Pipeline, g: GroupKeys = g) -> None:
+            p.zrange(g.leased, 0, SCAN_LIMIT - 1, withscores=True)
+            p.lrange(g.ready, 0, SCAN_LIMIT - 1)
+            p.zrange(g.delayed, 0, SCAN_LIMIT - 1)
+
+        leased_rows, ready_rows, delayed_rows = await store.gateway.pipeline(queues, "diagnose_queues")
+        leased = [(str(row[0]), int(row[1])) for row in leased_rows]
         stale = [m for m, deadline in leased if deadline < now - STALE_GRACE_MS]
         if stale:
             stale_pairs.append((topic, group))
@@ -97,10 +107,7 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                 )
             )
         if dead_nodes and leased:
-            async with r.pipeline(transaction=False) as p:
-                for m, _ in leased:
-                    p.hget(g.delivery(m), "node")
-                owners = await p.execute()
+            owners = await _hget_many(store, [g.delivery(m) for m, _ in leased], "node")
             held = [m for (m, _), node in zip(leased, owners, strict=True) if node in dead_nodes]
             if held:
                 orphan_lease_pairs.append((topic, group))
@@ -114,16 +121,13 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                         details={"ids": held[:20]},
                     )
                 )
-        ready = [str(x) for x in await r.lrange(g.ready, 0, SCAN_LIMIT - 1)]
-        delayed = [str(x) for x in await r.zrange(g.delayed, 0, SCAN_LIMIT - 1)]
+        ready = [str(x) for x in ready_rows]
+        delayed = [str(x) for x in delayed_rows]
         ids = ready + delayed + [m for m, _ in leased]
         referenced.update((topic, i) for i in ids)
         waiting = await _check_key_lines(store, topic, group, set(ids), repair, out)
         referenced.update((topic, i) for i in waiting)
-        async with r.pipeline(transaction=False) as p:
-            for i in ids:
-                p.exists(k.body(i))
-            present = await p.execute() if ids else []
+        present = await _exists_many(store, [k.body(i) for i in ids])
         missing = [i for i, e in zip(ids, present, strict=True) if not e]
         if missing:
             f = Finding(
@@ -135,22 +139,13 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                 details={"ids": missing[:20]},
             )
             if repair:
-                async with r.pipeline(transaction=True) as p:
-                    for i in missing:
-                        p.lrem(g.ready, 0, i)
-                        p.zrem(g.delayed, i)
-                        p.zrem(g.leased, i)
-                        p.delete(g.delivery(i))
-                    await p.execute()
-                f.repaired = f"removed {len(missing)} entries"
+                removed = await _drop_bodyless(store, topic, group, missing)
+                f.repaired = f"removed {removed} entries"
             out.append(f)
         dead_ids = [i for i, _ in await dl.ids(topic, group)]
         referenced.update((topic, i) for i in dead_ids)
         if dead_ids:
-            async with r.pipeline(transaction=False) as p:
-                for i in dead_ids:
-                    p.exists(g.dead_letter(i))
-                exists = await p.execute()
+            exists = await _exists_many(store, [g.dead_letter(i) for i in dead_ids])
             gone = [i for i, e in zip(dead_ids, exists, strict=True) if not e]
             if gone:
                 f = Finding(
@@ -160,21 +155,12 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
                     "--repair drops them (also done by the broker every dlq.prune_interval_s)",
                     details={"ids": gone[:20]},
                 )
-                if repair:
-                    await r.zrem(g.dead, *gone)
-                    f.repaired = f"dropped {len(gone)} index entries"
+                if repair:  # the broker's own pruning, verifying every entry of the index
+                    dropped = await dl.prune([(topic, group)], verify=len(dead_ids))
+                    f.repaired = f"dropped {dropped} index entries"
                 out.append(f)
 
-    orphans: list[str] = []
-    for topic in {t for t, _ in pairs}:
-        k = store.keys(topic)
-        prefix = k.body("")
-        async for key in r.scan_iter(match=prefix + "*", count=1000):
-            msg_id = str(key)[len(prefix) :]
-            if (topic, msg_id) not in referenced:
-                orphans.append(f"{topic}/{msg_id}")
-            if len(orphans) >= 1000:
-                break
+    orphans = await _orphan_bodies(store, sorted({t for t, _ in pairs}), referenced)
     if orphans:
         out.append(
             Finding(
@@ -196,6 +182,64 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
     return out
 
 
+async def _exists_many(store: RedisStore, keys: Sequence[str]) -> list[bool]:
+    out: list[bool] = []
+    for i in range(0, len(keys), REPAIR_BATCH):
+        chunk = keys[i : i + REPAIR_BATCH]
+
+        def build(p: Pipeline, chunk: Sequence[str] = chunk) -> None:
+            for key in chunk:
+                p.exists(key)
+
+        out += [bool(int(x)) for x in await store.gateway.pipeline(build, "diagnose_exists")]
+    return out
+
+
+async def _hget_many(store: RedisStore, keys: Sequence[str], field: str) -> list[str | None]:
+    out: list[str | None] = []
+    for i in range(0, len(keys), REPAIR_BATCH):
+        chunk = keys[i : i + REPAIR_BATCH]
+
+        def build(p: Pipeline, chunk: Sequence[str] = chunk) -> None:
+            for key in chunk:
+                p.hget(key, field)
+
+        out += [None if x is None else str(x) for x in await store.gateway.pipeline(build, "diagnose_hget")]
+    return out
+
+
+async def _drop_bodyless(store: RedisStore, topic: str, group: str, ids: Sequence[str]) -> int:
+    """Remove the queue entries of ``ids`` whose body is (still) gone: ``drop_bodyless.lua``, every key declared."""
+    k = store.keys(topic)
+    g = k.group(group)
+    removed = 0
+    for i in range(0, len(ids), REPAIR_BATCH):
+        chunk = list(ids[i : i + REPAIR_BATCH])
+        keys = [g.ready, g.delayed, g.leased]
+        for msg_id in chunk:
+            keys += [k.body(msg_id), g.delivery(msg_id)]
+        removed += int(await store.scripts.call("drop_bodyless", keys, chunk, "diagnose_drop_bodyless"))
+    return removed
+
+
+async def _orphan_bodies(store: RedisStore, topics: Sequence[str], referenced: set[tuple[str, str]]) -> list[str]:
+    """Up to 1000 "topic/id" whose body no queue refers to."""
+
+    async def go(r: aioredis.Redis) -> list[str]:
+        orphans: list[str] = []
+        for topic in topics:
+            prefix = store.keys(topic).body("")
+            async for key in r.scan_iter(match=prefix + "*", count=1000):
+                msg_id = str(key)[len(prefix) :]
+                if (topic, msg_id) not in referenced:
+                    orphans.append(f"{topic}/{msg_id}")
+                if len(orphans) >= 1000:
+                    return orphans
+        return orphans
+
+    return await store.gateway.call(go, "diagnose_orphans")
+
+
 async def _check_key_lines(
     store: RedisStore, topic: str, group: str, live: set[str], repair: bool, out: list[Finding]
 ) -> list[str]:
@@ -203,26 +247,30 @@ async def _check_key_lines(
     stuck forever. The scan here only finds candidates (its reads are not one snapshot, and ``live`` is capped);
     each candidate is checked, and with ``repair`` repaired, by one atomic script (``repair_key.lua``). Returns
     every id waiting in a line (they are referenced, not orphans)."""
-    r = store.redis
     k = store.keys(topic)
     g = k.group(group)
     prefix = g.key_line("")
-    waiting: list[str] = []
-    candidates: list[str] = []  # line keys whose head looked not live
-    async for line in r.scan_iter(match=prefix + "*", count=1000):
-        members = [str(x) for x in await r.lrange(line, 0, SCAN_LIMIT - 1)]
-        waiting += members
-        if members and members[0] not in live:
-            candidates.append(str(line))
-        if len(waiting) >= SCAN_LIMIT:
-            break
+
+    async def scan(r: aioredis.Redis) -> tuple[list[str], list[str]]:
+        waiting: list[str] = []
+        candidates: list[str] = []  # line keys whose head looked not live
+        async for line in r.scan_iter(match=prefix + "*", count=1000):
+            members = [str(x) for x in await r.lrange(line, 0, SCAN_LIMIT - 1)]
+            waiting += members
+            if members and members[0] not in live:
+                candidates.append(str(line))
+            if len(waiting) >= SCAN_LIMIT:
+                break
+        return waiting, candidates
+
+    waiting, candidates = await store.gateway.call(scan, "diagnose_key_lines")
     if not candidates:
         return waiting
     mode = "repair" if repair else "check"
     stuck = []
-    script = r.register_script(load_script("repair_key"))
     for line in candidates:
-        if await script(keys=[line, g.ready, g.leased, g.delayed], args=[k.base, group, now_ms(), mode]):
+        keys = [line, g.ready, g.leased, g.delayed]
+        if await store.scripts.call("repair_key", keys, [k.base, group, store.clock(), mode], "diagnose_repair_key"):
             stuck.append(line)
     if stuck:
         f = Finding(

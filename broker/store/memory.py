@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from broker.store.redis_store import RedisStore
 
@@ -93,7 +97,7 @@ async def topic_memory(
     pattern = f"{_escape(store.prefix)}:{{{_escape(topics[0])}}}:*" if len(topics) == 1 else f"{store.prefix}:{{*"
     cursor: int = 0
     while True:
-        cursor, keys = await store._run(_scan_page(store, cursor, pattern), "scan")
+        cursor, keys = await store.gateway.call(_scan_page(cursor, pattern), "scan")
         for key in keys:
             tally = tallies.get(_topic_of(str(key), head) or "")
             if tally is not None:
@@ -112,9 +116,9 @@ async def topic_memory(
     return out
 
 
-def _scan_page(store: RedisStore, cursor: int, pattern: str) -> Any:
-    async def go() -> Any:
-        return await store.redis.scan(cursor, match=pattern, count=SCAN_COUNT)
+def _scan_page(cursor: int, pattern: str) -> Callable[[aioredis.Redis], Awaitable[Any]]:
+    async def go(r: aioredis.Redis) -> Any:
+        return await r.scan(cursor, match=pattern, count=SCAN_COUNT)
 
     return go
 
@@ -124,11 +128,9 @@ async def _memory_usage(store: RedisStore, keys: list[str]) -> list[int]:
     for i in range(0, len(keys), 500):
         chunk = keys[i : i + 500]
 
-        async def go(chunk: list[str] = chunk) -> list[Any]:
-            async with store.redis.pipeline(transaction=False) as p:
-                for k in chunk:
-                    p.memory_usage(k)
-                return list(await p.execute())
+        def build(p: Pipeline, chunk: list[str] = chunk) -> None:
+            for k in chunk:
+                p.memory_usage(k)
 
-        sizes += [int(n) if n is not None else 0 for n in await store._run(go, "memory_usage")]
+        sizes += [int(n) if n is not None else 0 for n in await store.gateway.pipeline(build, "memory_usage")]
     return sizes

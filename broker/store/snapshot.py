@@ -12,10 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
 from broker.core.records import DeadRecord, IdempotencyRecord, MessageRecord, Pending, TopicRecord
 from broker.store.dead_letters import DeadLetters
-from broker.store.keys import GroupKeys, topics_key
-from broker.store.redis_store import RedisStore, load_script
+from broker.store.keys import GroupKeys
+from broker.store.redis_store import RedisStore
+from broker.store.scripts import ScriptCall
 
 READ_CHUNK = 500  # hashes per pipeline when reading
 OPS_PER_CALL = 200  # import ops per script call (one atomic step)
@@ -39,9 +43,7 @@ class _GroupSnapshot:
 
 
 async def _snapshot(store: RedisStore, g: GroupKeys) -> _GroupSnapshot:
-    r = store.redis
-
-    async def go() -> list[Any]:
+    async def go(r: aioredis.Redis) -> list[Any]:
         key_lists = sorted([str(k) async for k in r.scan_iter(match=g.key_line("*"), count=1000)])
         async with r.pipeline(transaction=True) as p:
             p.zrange(g.leased, 0, -1, withscores=True)
@@ -52,7 +54,7 @@ async def _snapshot(store: RedisStore, g: GroupKeys) -> _GroupSnapshot:
                 p.lrange(k, 0, -1)
             return list(await p.execute())
 
-    leased, ready, delayed, dead, *lists = await store._run(go, "export_snapshot")
+    leased, ready, delayed, dead, *lists = await store.gateway.call(go, "export_snapshot")
     seen: set[str] = set()
     pending: list[tuple[str, str, int | None]] = []
 
@@ -84,13 +86,11 @@ async def _hgetall_many(store: RedisStore, keys: Sequence[str]) -> list[dict[str
     for i in range(0, len(keys), READ_CHUNK):
         chunk = keys[i : i + READ_CHUNK]
 
-        async def go(chunk: Sequence[str] = chunk) -> list[Any]:
-            async with store.redis.pipeline(transaction=False) as p:
-                for k in chunk:
-                    p.hgetall(k)
-                return list(await p.execute())
+        def build(p: Pipeline, chunk: Sequence[str] = chunk) -> None:
+            for k in chunk:
+                p.hgetall(k)
 
-        out += [{str(f): str(v) for f, v in h.items()} for h in await store._run(go, "export_read")]
+        out += [{str(f): str(v) for f, v in h.items()} for h in await store.gateway.pipeline(build, "export_read")]
     return out
 
 
@@ -98,11 +98,11 @@ async def _idempotency(store: RedisStore, topic: str) -> list[IdempotencyRecord]
     k = store.keys(topic)
     prefix = k.idem("")
 
-    async def go() -> list[tuple[str, Any, Any]]:
-        names = sorted([str(x) async for x in store.redis.scan_iter(match=k.idem("*"), count=1000)])
+    async def go(r: aioredis.Redis) -> list[tuple[str, Any, Any]]:
+        names = sorted([str(x) async for x in r.scan_iter(match=k.idem("*"), count=1000)])
         rows: list[tuple[str, Any, Any]] = []
         for i in range(0, len(names), READ_CHUNK):
-            async with store.redis.pipeline(transaction=False) as p:
+            async with r.pipeline(transaction=False) as p:
                 for name in names[i : i + READ_CHUNK]:
                     p.get(name)
                     p.pttl(name)
@@ -110,7 +110,7 @@ async def _idempotency(store: RedisStore, topic: str) -> list[IdempotencyRecord]
             rows += [(n, res[2 * j], res[2 * j + 1]) for j, n in enumerate(names[i : i + READ_CHUNK])]
         return rows
 
-    rows = await store._run(go, "export_idempotency")
+    rows = await store.gateway.call(go, "export_idempotency")
     return [
         IdempotencyRecord(topic, name[len(prefix) :], str(value), _ttl_s(int(ms)))
         for name, value, ms in rows
@@ -202,16 +202,14 @@ def batches(ops: Sequence[list[Any]]) -> list[list[list[Any]]]:
 
 
 class Importer:
-    """Runs ``import.lua`` for one topic at a time: many ops per call, many calls per pipeline (``_eval_many``)."""
+    """Runs ``import.lua`` for one topic at a time: many ops per call, many calls per pipeline."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._script = store.redis.register_script(load_script("import"))
 
     async def register_topic(self, topic: str) -> None:
         """The topic registry first (outside the topic's slot): never a queue nobody can find."""
-        store, key = self.store, topics_key(self.store.prefix)
-        await store._run(lambda: store.redis.sadd(key, topic), "import_register_topic")
+        await self.store.topology.register_topics([topic], "import_register_topic", cached=False)
 
     async def run(
         self, topic: str, calls: Sequence[list[list[Any]]], now: int, ledger_ttl_ms: int, dry_run: bool
@@ -219,14 +217,9 @@ class Importer:
         """One verdict per op of ``calls`` (see import.lua), in order."""
         k = self.store.keys(topic)
         head: list[Any] = [k.base, now, ledger_ttl_ms, "1" if dry_run else "0"]
-        evals = [(self._script, [k.groups, k.imported], head + [x for op in call for x in op]) for call in calls]
-
-        async def go() -> list[Any]:
-            res = await self.store._eval_many(evals)
-            for x in res:
-                if isinstance(x, Exception):
-                    raise x
-            return res
-
-        replies = await self.store._run(go, "import")
+        script = self.store.scripts.get("import")
+        evals: list[ScriptCall] = [
+            (script, [k.groups, k.imported], head + [x for op in call for x in op]) for call in calls
+        ]
+        replies = await self.store.scripts.run(evals, "import")
         return [str(v) for reply in replies for v in reply]

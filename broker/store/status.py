@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from broker.store.redis_store import RedisStore
 
 _PER_GROUP = 8  # replies per group in the pipeline below
@@ -30,10 +32,10 @@ async def message_status(store: RedisStore, msg_id: str, topic: str | None = Non
 async def _topic_rows(store: RedisStore, topic: str, groups: list[str], msg_id: str) -> list[dict[str, Any]]:
     k = store.keys(topic)
 
-    async def go() -> list[Any]:
-        body = await store.redis.hmget(k.body(msg_id), "published_at", "key")
+    async def go(r: aioredis.Redis) -> list[Any]:
+        body = await r.hmget(k.body(msg_id), "published_at", "key")
         okey = None if body[1] is None else str(body[1])
-        async with store.redis.pipeline(transaction=False) as p:
+        async with r.pipeline(transaction=False) as p:
             for g in groups:
                 gk = k.group(g)
                 p.zscore(gk.leased, msg_id)
@@ -46,7 +48,7 @@ async def _topic_rows(store: RedisStore, topic: str, groups: list[str], msg_id: 
                 p.zscore(gk.acked, msg_id)
             return [body, *await p.execute()]
 
-    res = await store._run(go, "message_status")
+    res = await store.gateway.call(go, "message_status")
     published_at, okey = (None if v is None else str(v) for v in res[0])
     replies = res[1:]
     rows: list[dict[str, Any]] = []

@@ -1,0 +1,100 @@
+"""Broker nodes in Redis: heartbeats and status hashes (the node registry the orphan sweep and ``broker stats``
+read), and the wake-up listener (Pub/Sub notes of the scripts that make messages claimable)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from broker.core.config import Settings
+from broker.core.errors import UnavailableError
+from broker.store.gateway import OUTAGES, Gateway
+from broker.store.keys import node_key, nodes_key
+
+
+class Nodes:
+    def __init__(
+        self, gateway: Gateway, settings: Settings, prefix: str, node_id: str, clock: Callable[[], int]
+    ) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.prefix = prefix
+        self.node_id = node_id
+        self.clock = clock
+
+    async def heartbeat(self, status: dict[str, str] | None = None) -> None:
+        """Record that this node is alive (ZSET used by the orphan sweep) and, with ``status``, what it is doing
+        (a HASH that expires by itself when the node stops: read by ``broker stats``)."""
+        now = self.clock()
+
+        def build(p: Pipeline) -> None:
+            p.zadd(nodes_key(self.prefix), {self.node_id: now})
+            if status is not None:
+                key = node_key(self.prefix, self.node_id)
+                p.hset(key, mapping=cast(Any, status))
+                p.hset(key, "heartbeat", str(now))
+                p.expire(key, max(5, self.settings.delivery.node_timeout_ms * 3 // 1000))
+
+        await self.gateway.pipeline(build, "heartbeat")
+
+    async def heartbeats(self) -> dict[str, int]:
+        """Every registered node's last heartbeat (epoch ms), dead ones included."""
+        rows = await self.gateway.call(lambda r: r.zrange(nodes_key(self.prefix), 0, -1, withscores=True), "nodes")
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def node_status(self) -> list[dict[str, str]]:
+        """Every live node's status hash (see ``heartbeat``)."""
+
+        async def go(r: aioredis.Redis) -> list[dict[str, str]]:
+            nodes = [str(n) for n in await r.zrange(nodes_key(self.prefix), 0, -1)]
+            async with r.pipeline(transaction=False) as p:
+                for n in nodes:
+                    p.hgetall(node_key(self.prefix, n))
+                rows = await p.execute()
+            return [{"node": n, **row} for n, row in zip(nodes, rows, strict=True) if row]
+
+        return await self.gateway.call(go, "node_status")
+
+    async def dead_nodes(self, timeout_ms: int) -> list[str]:
+        """Nodes whose last heartbeat is older than ``timeout_ms`` (never this node)."""
+        cutoff = self.clock() - timeout_ms
+
+        async def go(r: aioredis.Redis) -> list[str]:
+            return [str(n) for n in await r.zrangebyscore(nodes_key(self.prefix), "-inf", cutoff)]
+
+        return [n for n in await self.gateway.call(go, "dead_nodes") if n != self.node_id]
+
+    async def forget_nodes(self, nodes: Sequence[str]) -> None:
+        if nodes:
+            await self.gateway.call(lambda r: r.zrem(nodes_key(self.prefix), *nodes), "forget_nodes")
+
+    async def listen_wakes(
+        self, on_topic: Callable[[str], None], beat: Callable[[], None], should_run: Callable[[], bool]
+    ) -> None:
+        """Wake-up notes of every topic (Pub/Sub ``<prefix>:{<topic>}:wake``, published by the scripts that make
+        messages claimable), so this node claims at once what another node published, promoted or unblocked,
+        rather than at its next poll. Notes this node's own publishes sent are skipped (it woke itself already).
+        Runs until ``should_run()`` is false; a lost connection raises ``UnavailableError`` (the caller's loop
+        restarts it). Best effort by design: a missed note costs at most one poll interval. Not behind the breaker:
+        a listener waits by design, and its waits are not calls that succeed or fail."""
+        pattern = f"{self.prefix}:{{*}}:wake"
+        head, tail = len(self.prefix) + 2, -len("}:wake")
+        pubsub = self.gateway.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(pattern)
+            while should_run():
+                beat()
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None or msg.get("type") != "pmessage" or msg.get("data") == self.node_id:
+                    continue
+                on_topic(str(msg["channel"])[head:tail])
+        except OUTAGES as e:
+            raise UnavailableError(f"redis unreachable (wake-up listener): {e}", retry_after_ms=1_000) from None
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()

@@ -1,0 +1,74 @@
+"""Read-only views for the node and operators: queue depths, the age of each queue's head, Redis's own
+persistence and memory settings. Each is one gateway call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from broker.core.model import GroupDepth
+from broker.store.connection import persistence_config, persistence_problems
+from broker.store.gateway import Gateway
+from broker.store.topology import Topology
+
+
+class Reads:
+    def __init__(self, gateway: Gateway, topology: Topology) -> None:
+        self.gateway = gateway
+        self.topology = topology
+
+    async def depths(self, pairs: Sequence[tuple[str, str]]) -> list[GroupDepth]:
+        def build(p: Pipeline) -> None:
+            for topic, group in pairs:
+                g = self.topology.keys(topic).group(group)
+                p.llen(g.ready)
+                p.zcard(g.leased)
+                p.zcard(g.delayed)
+                p.zcard(g.dead)
+
+        res = await self.gateway.pipeline(build, "depths")
+        return [
+            GroupDepth(t, g, int(res[4 * i]), int(res[4 * i + 1]), int(res[4 * i + 2]), int(res[4 * i + 3]))
+            for i, (t, g) in enumerate(pairs)
+        ]
+
+    async def oldest_ready(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
+        """``published_at`` of the message at the head of each group's ready list (None when empty)."""
+        keys = self.topology.keys
+
+        async def go(r: aioredis.Redis) -> list[int | None]:
+            async with r.pipeline(transaction=False) as p:
+                for topic, group in pairs:
+                    p.lindex(keys(topic).group(group).ready, 0)
+                heads = await p.execute()
+            async with r.pipeline(transaction=False) as p:
+                for (topic, _), head in zip(pairs, heads, strict=True):
+                    p.hget(keys(topic).body(head or "-"), "published_at")
+                stamps = await p.execute()
+            return [int(s) if s else None for s in stamps]
+
+        return await self.gateway.call(go, "oldest_ready")
+
+    async def persistence_warnings(self) -> list[str]:
+        """Problems that can lose queued messages: no persistence, an eviction policy that may drop keys. Managed
+        Redis often forbids CONFIG: then the one warning says we could not check. Redis down raises."""
+
+        async def go(r: aioredis.Redis) -> dict[str, str] | str:
+            try:
+                return await persistence_config(r)
+            except ResponseError as e:  # an answer, not a failure: not logged or counted as a bad reply
+                return str(e)
+
+        cfg = await self.gateway.call(go, "persistence_config")
+        if isinstance(cfg, str):
+            return [f"could not read Redis persistence settings ({cfg}); check them by hand"]
+        return persistence_problems(cfg)
+
+    async def memory_info(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit."""
+        info: dict[str, Any] = await self.gateway.call(lambda r: r.info("memory"), "memory_info")
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))

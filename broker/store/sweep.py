@@ -1,0 +1,77 @@
+"""The recovery sweep: expire due leases (and every lease of a dead node) and promote due retries, for many
+(topic, group) pairs in one pipeline of script calls (``expire.lua``, ``promote.lua``)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from broker.core.config import Settings
+from broker.runtime.resilience import jitter_factor
+from broker.store.messages import StrictOrder
+from broker.store.scripts import ScriptCall, Scripts
+from broker.store.topology import Topology
+
+log = structlog.get_logger("broker.store")
+
+
+class Sweeper:
+    def __init__(
+        self, scripts: Scripts, topology: Topology, settings: Settings, strict: StrictOrder, clock: Callable[[], int]
+    ) -> None:
+        self.scripts = scripts
+        self.topology = topology
+        self.settings = settings
+        self.strict = strict
+        self.clock = clock
+        self._rng = random.Random()
+
+    async def sweep(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        limit: int = 500,
+        dead_nodes: Sequence[str] = (),
+        failed: list[str] | None = None,
+    ) -> list[tuple[int, int, int]]:
+        """Expire due leases (and every lease held by one of ``dead_nodes``) and promote due retries for many
+        (topic, group) pairs in one pipeline. Returns per pair (expired->retry, expired->dead, promoted).
+        A pair whose scripts fail (an error reply, e.g. WRONGTYPE on a damaged key) fails the call, unless
+        ``failed`` is given: then it counts (0, 0, 0) and "topic/group: error" is appended there."""
+        if not pairs:
+            return []
+        r = self.settings.retry
+        now = self.clock()
+        jitters = [jitter_factor(r.jitter, self._rng) for _ in range(8)]
+        expire, promote = self.scripts.get("expire"), self.scripts.get("promote")
+
+        calls: list[ScriptCall] = []
+        for topic, group in pairs:
+            k = self.topology.keys(topic)
+            g = k.group(group)
+            expire_args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s, limit]
+            expire_args += [len(dead_nodes), *dead_nodes, self.strict.flag(topic, group)]
+            expire_args += [r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, *jitters]
+            calls.append((expire, [g.leased, g.delayed, g.dead, g.ready], expire_args))
+            calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake]))
+
+        res = await self.scripts.run(calls, "sweep", keep_errors=failed is not None)
+        for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):
+            bad = next((x for x in (res[i], res[i + 1]) if isinstance(x, Exception)), None)
+            if bad is not None:
+                assert failed is not None
+                self.scripts.gateway.log_bounded("redis_error_reply", "sweep", bad)
+                failed.append(f"{topic}/{group}: {bad}")
+                res[i], res[i + 1] = (0, 0, 0), 0
+                continue
+            if int(res[i][2]):
+                log.warning(
+                    "orphaned_leases_recovered",
+                    topic=topic,
+                    group=group,
+                    count=int(res[i][2]),
+                    dead_nodes=list(dead_nodes),
+                )
+        return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
