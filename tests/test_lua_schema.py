@@ -29,11 +29,10 @@ import redis.asyncio as aioredis
 from broker.core.config import Settings
 from broker.core.model import AckItem, NackItem, PublishRequest, PublishResult, now_ms
 from broker.ops import transfer
-from broker.store import RedisStore
+from broker.store import ClaimRequest, RedisStore, error_entry
 from broker.store.dead_letters import DeadLetters
 from broker.store.diagnose import diagnose
 from broker.store.keys import TopicKeys
-from broker.store import ClaimRequest, error_entry
 from broker.store.scripts import load_script
 
 from .conftest import StoreFactory
