@@ -101,11 +101,11 @@ class HandlerRunner:
         return False  # one consumer per runner: two groups never share it
 
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
-        task = watch_task(asyncio.create_task(self._run(delivery), name=f"{self.name}:{delivery.id}"))
+        task = watch_task(asyncio.create_task(self._handle(delivery), name=f"{self.name}:{delivery.id}"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, d: Delivery) -> None:
+    async def _handle(self, d: Delivery) -> None:
         msg = HandlerMessage(
             d.id, d.topic, d.group, orjson.loads(d.payload), orjson.loads(d.headers), d.attempt, d.published_at, d.key
         )

@@ -68,9 +68,9 @@ class Coalescer(Generic[Req, Res]):
 
     def _start(self) -> None:
         if self._task is None:
-            self._task = watch_task(asyncio.create_task(self._run(), name="coalescer"))
+            self._task = watch_task(asyncio.create_task(self._flush_while_queued(), name="coalescer"))
 
-    async def _run(self) -> None:
+    async def _flush_while_queued(self) -> None:
         try:
             while self._pending:
                 n = min(self._max, len(self._pending))
