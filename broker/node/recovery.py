@@ -55,7 +55,14 @@ class Recovery:
         sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
         wakes = sup.loop("wake_listener", 1.0)
         running = lambda: not sup.stopping.is_set()  # noqa: E731
-        sup.run(wakes, lambda: self.store.listen_wakes(self.dispatch.wake, wakes.beat, running), running)
+
+        def listening() -> None:
+            # Subscribed and waiting: alive, and healthy again if earlier tries failed. (A listener never ends a
+            # step: without this it would stay "failing" on /readyz after an outage long enough to mark it so.)
+            wakes.beat()
+            wakes.succeeded()
+
+        sup.run(wakes, lambda: self.store.listen_wakes(self.dispatch.wake, listening, running), running)
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():
