@@ -43,10 +43,8 @@ for i = 0, n - 1 do
   local id, payload, headers, idem = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3]
   local delay, okey = tonumber(ARGV[o+4]), ARGV[o+5]
   local existing = false
-  if idem ~= '' then
-    local ikey = key(base, 'idem', idem)
-    existing = redis.call('GET', ikey)
-    if not existing then redis.call('SET', ikey, id, 'EX', ttl) end
+  if idem ~= '' then  -- one call: set when absent, and answer what was there (Redis >= 7.0: NX with GET)
+    existing = redis.call('SET', key(base, 'idem', idem), id, 'NX', 'GET', 'EX', ttl)
   end
   if existing then
     out[#out + 1] = existing; out[#out + 1] = 1; out[#out + 1] = 0
