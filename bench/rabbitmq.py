@@ -25,7 +25,7 @@ import orjson
 from . import BenchError
 from .cpumon import CpuMeter
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_cpu, add_latency, cpu_meter, latency_summary
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_shape_measures, cpu_meter, latency_summary
 from .wsclient import Abort, DeliveryTracker, before, payload_text, perf, wait_for_event
 
 RABBIT = "RabbitMQ (durable queues, persistent messages, publisher confirms, manual acks)"
@@ -181,18 +181,10 @@ async def _rabbit_scenario(ctx: Context, name: str, messages: int, groups: int, 
         for p in tracker.problems(f"RabbitMQ consumer {i}"):
             res.problem(p)
     latencies = [x for t in run.trackers for x in t.latencies]
-    deliveries = messages * groups
-    if rate:
-        add_latency(res, latencies)
-        add_cpu(res, cpu, messages)
-        res.extra.update(achieved_rate=messages / run.sent_span if run.sent_span else 0.0)
-        res.extra.update(max_send_lag_ms=run.max_lag * 1000)
-    elif groups > 1:
-        res.add("deliveries", deliveries / run.elapsed, "deliveries/s")
-        add_cpu(res, cpu, deliveries, "us/delivery")
-    else:
-        res.add("throughput", messages / run.elapsed, "msg/s")
-        add_cpu(res, cpu, messages)
+    add_shape_measures(
+        res, cpu, messages=messages, groups=groups, rate=rate, elapsed_s=run.elapsed, latencies_s=latencies,
+        sent_span_s=run.sent_span, max_lag_s=run.max_lag,
+    )
     res.extra.update(
         run.info,
         messages=messages,

@@ -24,7 +24,7 @@ import orjson
 
 from . import BenchError
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_cpu, add_latency, cpu_meter, latency_summary
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_shape_measures, cpu_meter, latency_summary
 from .wsclient import Abort, DeliveryTracker, before, payload_text, perf
 
 PUBLISH_BATCH = 100
@@ -249,6 +249,7 @@ async def _rawredis(ctx: Context, name: str, messages: int, groups: int, rate: f
     cpu = cpu_meter(ctx, "rawredis")
     async with RawRedisRun(ctx, messages, groups) as run:
         cpu.start()
+        sent_span, max_lag = 0.0, 0.0
         if rate:
             sent_span, max_lag = await _paced(run, messages, rate)
             t0 = perf()
@@ -262,17 +263,10 @@ async def _rawredis(ctx: Context, name: str, messages: int, groups: int, rate: f
     for e in run.errors[:3]:
         res.problem(e)
     latencies = [x for t in run.trackers for x in t.latencies]
-    deliveries = messages * groups
-    if rate:
-        add_latency(res, latencies)
-        add_cpu(res, cpu, messages)
-        res.extra.update(achieved_rate=messages / sent_span if sent_span else 0.0, max_send_lag_ms=max_lag * 1000)
-    elif groups > 1:
-        res.add("deliveries", deliveries / (t_end - t0), "deliveries/s")
-        add_cpu(res, cpu, deliveries, "us/delivery")
-    else:
-        res.add("throughput", messages / (t_end - t0), "msg/s")
-        add_cpu(res, cpu, messages)
+    add_shape_measures(
+        res, cpu, messages=messages, groups=groups, rate=rate, elapsed_s=t_end - t0, latencies_s=latencies,
+        sent_span_s=sent_span, max_lag_s=max_lag,
+    )
     res.extra.update(
         messages=messages,
         groups=groups,

@@ -51,6 +51,33 @@ def add_cpu(res: ScenarioResult, meter: CpuMeter, count: int, unit: str = "us/ms
     }
 
 
+def add_shape_measures(
+    res: ScenarioResult,
+    cpu: CpuMeter,
+    *,
+    messages: int,
+    groups: int,
+    rate: float | None,
+    elapsed_s: float,
+    latencies_s: Sequence[float],
+    sent_span_s: float | None = None,
+    max_lag_s: float = 0.0,
+) -> None:
+    """What every system reports for one run of the S1/S2/S3 shapes: S3 (paced, ``rate``) latency and CPU per
+    message with the rate it reached; S2 (``groups`` > 1) deliveries/s and CPU per delivery; S1 msg/s and CPU per
+    message."""
+    if rate:
+        add_latency(res, latencies_s)
+        add_cpu(res, cpu, messages)
+        res.extra.update(achieved_rate=messages / sent_span_s if sent_span_s else 0.0, max_send_lag_ms=max_lag_s * 1000)
+    elif groups > 1:
+        res.add("deliveries", messages * groups / elapsed_s, "deliveries/s")
+        add_cpu(res, cpu, messages * groups, "us/delivery")
+    else:
+        res.add("throughput", messages / elapsed_s, "msg/s")
+        add_cpu(res, cpu, messages)
+
+
 def new_topic(tag: str) -> str:
     return f"bench.{tag}.{uuid.uuid4().hex[:10]}"
 
