@@ -4,19 +4,10 @@ says so, not when the wall clock does."""
 from __future__ import annotations
 
 from broker.core.config import Settings
-from broker.core.model import Delivery, now_ms
+from broker.core.model import Delivery
 from broker.node.dispatch import Consumer, Dispatch, GroupDispatcher
 
-
-class StepClock:
-    def __init__(self) -> None:
-        self.now = now_ms()
-
-    def __call__(self) -> int:
-        return self.now
-
-    def step(self, ms: int) -> None:
-        self.now += ms
+from .support import FakeClock
 
 
 class Outlet:
@@ -43,7 +34,7 @@ class ClaimLog:
 
 async def test_lapsed_leases_free_credit_on_the_dispatch_clock() -> None:
     # Given a consumer with prefetch 1 holding one delivery leased for 1 s, on a dispatch with a stepped clock
-    clock = StepClock()
+    clock = FakeClock()
     store = ClaimLog()
     dispatch = Dispatch(store, Settings(), clock=clock)  # type: ignore[arg-type]
     gd = GroupDispatcher(dispatch, "t", "g")
@@ -54,6 +45,6 @@ async def test_lapsed_leases_free_credit_on_the_dispatch_clock() -> None:
     await gd._claim_round(10)
     assert store.claims == []
     # When the clock passes the lease's end (no real time passes): the credit is back and the round claims it
-    clock.step(1_001)
+    clock.advance(1_001)
     await gd._claim_round(10)
     assert store.claims == [1] and "m1" not in consumer.inflight

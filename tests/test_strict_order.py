@@ -1,15 +1,16 @@
 """Strict-order groups (seed 004's FIFO-across-retries): one delivery in flight per group across all nodes, and a
 retry holds the head of the queue so nothing behind it overtakes it. Runs on fakeredis and a real redis-server.
 
-Time is a ``StepClock`` the stores read (every script gets its "now" from it): a test steps it past a retry or a
+Time is a ``FakeClock`` the stores read (every script gets its "now" from it): a test steps it past a retry or a
 lease instead of sleeping on the wall clock."""
 
 from __future__ import annotations
 
 from broker.core.config import Settings
-from broker.core.model import AckItem, NackItem, PublishRequest, now_ms
+from broker.core.model import AckItem, NackItem, PublishRequest
 
 from .conftest import StoreFactory
+from .support import FakeClock
 
 T = "fifo"
 
@@ -18,22 +19,11 @@ def strict_settings() -> Settings:
     return Settings().replace("delivery", strict_order_groups=(f"{T}/g",))
 
 
-class StepClock:
-    """Epoch ms that only moves when told (both "nodes" of a test share one)."""
-
-    def __init__(self) -> None:
-        self.now = now_ms()
-
-    def __call__(self) -> int:
-        return self.now
-
-    def step(self, ms: int) -> None:
-        self.now += ms
 
 
 async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactory) -> None:
     # Given a strict-order group with 5 messages, and a second node on the same Redis
-    clock = StepClock()
+    clock = FakeClock()
     store = await store_factory(strict_settings(), clock)
     other = await store_factory(strict_settings(), clock)
     await store.ensure_group(T, "g")
@@ -47,7 +37,7 @@ async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactor
     await store.nack_many(T, "g", [(NackItem(first[0].id, first[0].receipt, "boom", delay_ms=300), 1, "c1")])
     # Then nothing behind it is delivered before its retry is due
     assert await other.claim(T, "g", 10, 30_000, "c2") == []
-    clock.step(350)
+    clock.advance(350)
     again = await other.claim(T, "g", 10, 30_000, "c2")
     assert [(d.payload, d.attempt) for d in again] == [("0", 2)]
     # And after its ack, order continues with the next message
@@ -58,18 +48,18 @@ async def test_one_in_flight_and_retry_holds_the_head(store_factory: StoreFactor
 
 async def test_expired_lease_in_strict_group_keeps_the_head(store_factory: StoreFactory) -> None:
     settings = strict_settings().replace("retry", backoff_base_ms=200, jitter=0.0)
-    clock = StepClock()
+    clock = FakeClock()
     store = await store_factory(settings, clock)
     await store.ensure_group(T, "g")
     await store.publish_many([PublishRequest(T, str(i)) for i in range(3)])
     # Given the head leased for 50 ms and never acked
     (d,) = await store.claim(T, "g", 10, 50, "c1")
-    clock.step(80)
+    clock.advance(80)
     # When the lease expires
     assert await store.sweep([(T, "g")]) == [(1, 0, 0)]
     # Then the head waits for its backoff (200 ms) and nothing overtakes it
     assert await store.claim(T, "g", 10, 30_000, "c1") == []
-    clock.step(250)
+    clock.advance(250)
     (again,) = await store.claim(T, "g", 10, 30_000, "c1")
     assert (again.id, again.attempt) == (d.id, 2)
 
