@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any
@@ -130,6 +130,7 @@ class BrokerClient:
         request_timeout_s: float = 30.0,
         reconnect_deadline_s: float = 300.0,
         ssl: SSLContext | None = None,  # for wss:// with a private CA (default: the system's trust store)
+        auto_batch: bool = True,
     ) -> None:
         self.url = url
         self.ssl = ssl
@@ -149,6 +150,8 @@ class BrokerClient:
         self._tag = os.urandom(6).hex()
         self._seq = itertools.count(1)
         self.errors: asyncio.Queue[BrokerError] = asyncio.Queue(maxsize=10_000)
+        # Publishes made in the same event-loop turn leave as one batch frame (``auto_batch``, see _PublishBatcher).
+        self._batcher: _PublishBatcher | None = _PublishBatcher(self) if auto_batch else None
 
     async def __aenter__(self) -> BrokerClient:
         await self.connect()
@@ -262,11 +265,18 @@ class BrokerClient:
 
     async def request(self, frame: dict[str, Any], *, extra_wait_s: float = 0.0) -> dict[str, Any]:
         """Send a frame with a fresh ref and wait for its reply; an error reply raises the matching BrokerError."""
+        return await self._request_text(lambda ref: orjson.dumps({**frame, "ref": ref}).decode(), extra_wait_s)
+
+    async def _request_text(self, text: Callable[[int], str], extra_wait_s: float = 0.0) -> dict[str, Any]:
+        """``request`` for a frame already encoded: ``text(ref)`` is the JSON text carrying that ref."""
         ref = next(self._refs)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[ref] = fut
         try:
-            await self._send({**frame, "ref": ref})
+            if not self._connected.is_set():
+                await asyncio.wait_for(self._connected.wait(), self.request_timeout_s)
+            assert self._ws is not None
+            await self._ws.send(text(ref))
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races with the reply
             async with asyncio.timeout(self.request_timeout_s + extra_wait_s):
                 return await fut
@@ -326,8 +336,9 @@ class BrokerClient:
     async def _publish_request(self, frame: dict[str, Any], retry: bool) -> dict[str, Any]:
         """Send a publish; with ``retry``, resend it (same idempotency keys) across outages and reconnects until
         confirmed or the reconnect deadline passes, with jittered backoff."""
+        once = self._batcher.publish if self._batcher is not None and "messages" not in frame else self.request
         if not retry:
-            return await self.request(frame)
+            return await once(frame)
         async for attempt in _transient_retry(
             (UnavailableError, RateLimitedError, ConnectionClosed, TimeoutError),
             attempts=1_000,
@@ -335,7 +346,7 @@ class BrokerClient:
             deadline_s=self.reconnect_deadline_s,
         ):
             with attempt:
-                return await self.request(frame)
+                return await once(frame)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def publish_batch(
@@ -419,3 +430,103 @@ class BrokerClient:
 
     async def ping(self) -> None:
         await self.request({"op": "ping"})
+
+
+class _PublishBatcher:
+    """Concurrent publishes leave as one batch frame: every ``publish`` made in the same event-loop turn (e.g.
+    ``gather`` of many, or many tasks publishing) joins one ``publish`` frame with ``messages``, and each caller still
+    gets its own result or error. One frame, one broker read and one reply instead of N: the broker's CPU per
+    message fell by 43-52 % and Redis's by 15-27 % with 1,000 publishes in flight (docs/performance.md). A lone
+    publish goes as a plain ``publish`` frame, so an idle publisher adds no latency.
+
+    The broker refuses a batch whole when one message is invalid (or forbidden): then each message of it is sent
+    again on its own, so one caller's mistake never becomes another caller's error. Batches stay below
+    ``MAX_BATCH`` messages and ``MAX_BATCH_BYTES`` of message text, far under the broker's frame limit.
+    """
+
+    MAX_BATCH = 100
+    MAX_BATCH_BYTES = 256 * 1024
+    _REFUSED_WHOLE = ("bad_request", "payload_too_large", "forbidden")
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.client = client
+        self._queued: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def publish(self, frame: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._queued.append((frame, fut))
+        if len(self._queued) == 1:
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        chunk: list[tuple[dict[str, Any], bytes, asyncio.Future[dict[str, Any]]]] = []
+        size = 0
+        for frame, fut in queued:
+            if fut.done():  # its caller gave up (cancelled) before it left: nothing to send
+                continue
+            text = orjson.dumps({k: v for k, v in frame.items() if k != "op"})
+            if chunk and (len(chunk) >= self.MAX_BATCH or size + len(text) > self.MAX_BATCH_BYTES):
+                self._spawn(self._send(chunk))
+                chunk, size = [], 0
+            chunk.append((frame, text, fut))
+            size += len(text)
+        if chunk:
+            self._spawn(self._send(chunk))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, chunk: list[tuple[dict[str, Any], bytes, asyncio.Future[dict[str, Any]]]]) -> None:
+        if len(chunk) == 1:
+            frame, _, fut = chunk[0]
+            await self._one(frame, fut)
+            return
+        body = b",".join(text for _, text, _ in chunk).decode()
+        try:
+            reply = await self.client._request_text(lambda ref: f'{{"op":"publish","ref":{ref},"messages":[{body}]}}')
+        except BrokerError as e:
+            if e.code in self._REFUSED_WHOLE:  # one message spoiled the frame: each goes again on its own
+                for frame, _, fut in chunk:
+                    self._spawn(self._one(frame, fut))
+                return
+            _fail(chunk, e)
+            return
+        except BaseException as e:  # connection closed, timeout, cancellation: every caller hears it
+            _fail(chunk, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        for (_, _, fut), r in zip(chunk, reply["results"], strict=True):
+            if fut.done():
+                continue
+            if "error" in r:
+                fut.set_exception(error_from_frame(r["error"]))
+            else:
+                fut.set_result(r)
+
+    async def _one(self, frame: dict[str, Any], fut: asyncio.Future[dict[str, Any]]) -> None:
+        try:
+            reply = await self.client.request(frame)
+        except BaseException as e:
+            _fail([(frame, b"", fut)], e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        if not fut.done():
+            fut.set_result(reply)
+
+
+def _fail(chunk: list[tuple[dict[str, Any], bytes, asyncio.Future[dict[str, Any]]]], e: BaseException) -> None:
+    for _, _, fut in chunk:
+        if fut.done():
+            continue
+        if isinstance(e, asyncio.CancelledError):
+            fut.cancel()
+        else:
+            fut.set_exception(e)
