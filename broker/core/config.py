@@ -51,6 +51,7 @@ class RedisSettings:
     connect_timeout_ms: int = 1_000
     data_dir: str = ".data/redis"  # embedded mode only
     embedded_port: int = 0  # embedded mode only; 0 picks a free loopback port
+    startup_wait_s: float = 30.0  # at start, how long to keep trying an unreachable Redis before giving up (exit 4)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ def validate(settings: Settings) -> Settings:
         ("server.idle_timeout_s", sv.idle_timeout_s, 0),
         ("redis.socket_timeout_ms", rd.socket_timeout_ms, 1),
         ("redis.connect_timeout_ms", rd.connect_timeout_ms, 1),
+        ("redis.startup_wait_s", rd.startup_wait_s, 0),
         ("delivery.lease_ms", d.lease_ms, 100),
         ("delivery.claim_batch", d.claim_batch, 1),
         ("delivery.poll_interval_ms", d.poll_interval_ms, 1),

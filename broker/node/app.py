@@ -11,7 +11,7 @@ import orjson
 import structlog
 
 from broker.core.config import Settings
-from broker.core.errors import ConfigError
+from broker.core.errors import ConfigError, UnavailableError
 from broker.core.protocol import Limits
 from broker.node.dispatch import Dispatch
 from broker.node.embedded import EmbeddedRedis
@@ -21,7 +21,7 @@ from broker.node.recovery import Recovery
 from broker.node.server import WsServer
 from broker.node.session import SessionParts
 from broker.runtime import metrics
-from broker.runtime.resilience import Breaker, BreakerState
+from broker.runtime.resilience import Breaker, BreakerState, retry_until
 from broker.runtime.supervisor import Supervisor, watch_task
 from broker.store import Redis, RedisStore, connect_redis, fake_client
 from broker.store.keys import SCHEMA_VERSION
@@ -96,11 +96,26 @@ class Broker:
         )
         return fake_client()
 
+    async def _first_contact(self) -> str | None:
+        """Write (or read) the schema version: the first Redis call. A Redis that is down or still loading its AOF
+        at start is waited for, bounded by ``redis.startup_wait_s``, so a node restarted during an outage comes up
+        when Redis does instead of exiting."""
+
+        def waiting(attempt: int, e: BaseException, wait_s: float) -> None:
+            log.warning("redis_waiting", attempt=attempt, error=str(e), retry_in_s=round(wait_s, 2))
+
+        async for attempt in retry_until(
+            (UnavailableError,), deadline_s=self.settings.redis.startup_wait_s, on_retry=waiting
+        ):
+            with attempt:
+                return await self.store.init_schema()
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(node=self.node_id)  # every log line of this process names its node
         client = await self._redis_client()
         self.store = RedisStore(client, self.settings, self.redis_breaker, self.node_id)
-        old = await self.store.init_schema()
+        old = await self._first_contact()
         if old is not None and old != SCHEMA_VERSION:
             raise ConfigError(f"Redis holds key schema version {old}, this broker speaks {SCHEMA_VERSION}")
         if self.durable:

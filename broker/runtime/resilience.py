@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import pybreaker
 import structlog
-from tenacity import AsyncRetrying, RetryCallState
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
 from tenacity import wait_exponential_jitter as _wait_exponential_jitter
 
 T = TypeVar("T")
@@ -224,6 +224,31 @@ class Breaker:
         except Exception as e:
             if e is not exc:
                 raise
+
+
+def retry_until(
+    retry_on: tuple[type[BaseException], ...],
+    *,
+    deadline_s: float,
+    on_retry: Callable[[int, BaseException, float], None],
+) -> AsyncRetrying:
+    """Retry while ``retry_on`` is raised, with jittered exponential waits (0.2 s growing to 2 s), until
+    ``deadline_s`` has passed; then the last error is raised. ``on_retry(attempt, error, wait_s)`` before each wait
+    (say what is being waited for: a retry is never silent)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        if exc is not None:
+            on_retry(state.attempt_number, exc, wait)
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=_wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.2),
+        stop=stop_after_delay(deadline_s),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
 
 
 class LoopBackoff:

@@ -1,0 +1,61 @@
+"""Incident class (seeds/000, seeds/003): a service restarted while its store was down exited or came up broken, and
+stayed down until someone noticed. A broker node is restarted by its supervisor or an operator at any time,
+including during a Redis outage (the chaos test met exactly that).
+
+Guarantee: `broker serve` waits for an unreachable Redis at start (jittered backoff, a `redis_waiting` warning per
+try), bounded by `redis.startup_wait_s`; it comes up by itself when Redis answers, and gives up loudly (one line,
+exit 4) when Redis never does.
+
+Given Redis cut off behind a proxy
+When a broker starts, and Redis comes back 2 s later
+Then the broker becomes healthy and serves publishes; and with `startup_wait_s = 1` and Redis staying away, it
+     exits 4 after about that long, its last line saying why.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import pytest
+
+from broker.client import BrokerClient
+from tests.brokers import ROOT, BrokerProcess
+from tests.proxy import TcpProxy
+from tests.support import RedisServer
+
+
+async def test_a_broker_started_during_an_outage_comes_up_when_redis_does(redis: RedisServer) -> None:
+    with TcpProxy(redis.port) as proxy:
+        proxy.cut()
+        threading.Timer(2.0, proxy.restore).start()
+        with BrokerProcess(proxy.url) as broker:  # start() waits (bounded) for /healthz
+            events = [orjson.loads(x) for x in broker.log_text().splitlines() if x.startswith("{")]
+            names = [e["event"] for e in events]
+            assert "redis_waiting" in names and "broker_started" in names, names
+            assert names.index("redis_waiting") < names.index("broker_started")
+            async with BrokerClient(broker.url) as client:
+                assert (await client.publish("up", 1)).id
+
+
+def test_a_broker_gives_up_after_startup_wait_s_with_one_line(redis: RedisServer) -> None:
+    with TcpProxy(redis.port) as proxy:
+        proxy.cut()
+        env = {"BROKER_REDIS_URL": proxy.url, "BROKER_REDIS_STARTUP_WAIT_S": "1", "BROKER_LOG_FORMAT": "json"}
+        t = time.monotonic()
+        p = subprocess.run(
+            [sys.executable, "-m", "broker", "--config", str(ROOT / "config/broker.toml"), "serve", "--port", "0"],
+            cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - t
+    print(f"gave up after {took:.1f} s")
+    assert p.returncode == 4, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    out = p.stdout + p.stderr
+    assert "redis_waiting" in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error (unavailable): redis unreachable"), last  # one line saying what failed
+    if took > 30:
+        pytest.fail(f"startup_wait_s = 1 but it waited {took:.1f} s")
