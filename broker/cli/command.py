@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -13,12 +14,30 @@ from typing import Any
 from broker.cli import dlq, inspect, pubsub, serve, stats, transfer
 from broker.cli.common import UsageError
 from broker.cli.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from broker.cli.parsing import CliParser
 from broker.core.errors import BrokerError, ConfigError
+
+#: The broker URL and token of ``publish`` and ``consume`` when no flag gives them. Not ``BROKER_*``: that prefix is
+#: the settings' (``BROKER_<SECTION>_<KEY>``, an unknown name is an error), and these are the client's.
+ENV_URL = "BROKERCTL_URL"
+ENV_TOKEN = "BROKERCTL_TOKEN"
+ENV_DEBUG = "BROKERCTL_DEBUG"
+DEFAULT_URL = "ws://127.0.0.1:8765/"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("redis-ws-broker")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="broker", description="Redis-backed WebSocket message broker")
-    p.add_argument("--config", help="TOML settings file (default: config/broker.toml when present)")
+    p = CliParser(prog="broker", description="Redis-backed WebSocket message broker")
+    p.add_argument("--version", action="version", version=f"broker {_version()}")
+    p.add_argument("--config", help="TOML settings file (default: $BROKER_CONFIG, else ./config/broker.toml)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run a broker node")
@@ -28,13 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=serve.serve)
 
     def client_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--url", default="ws://127.0.0.1:8765/", help="broker WebSocket URL")
-        sp.add_argument("--token", help="bearer token")
+        sp.add_argument("--url", default=os.environ.get(ENV_URL) or DEFAULT_URL,
+                        help=f"broker WebSocket URL (default: ${ENV_URL}, else {DEFAULT_URL})")  # fmt: skip
+        sp.add_argument("--token", default=os.environ.get(ENV_TOKEN) or None,
+                        help=f"bearer token (default: ${ENV_TOKEN})")  # fmt: skip
 
-    pub = sub.add_parser("publish", help="publish a message (JSON, or text as a string)")
+    pub = sub.add_parser("publish", help="publish a message (JSON; --text for a plain string)")
     pub.add_argument("topic")
     pub.add_argument("data", nargs="?", help="payload; '-' or omitted reads stdin")
     pub.add_argument("--lines", action="store_true", help="publish each stdin line as one message")
+    pub.add_argument("--text", action="store_true", help="the payload is a plain string, not JSON")
     pub.add_argument("--idempotency-key")
     pub.add_argument("--delay-ms", type=int, default=0)
     pub.add_argument("--key", help="ordering key: one message per key in flight per group, in publish order")
@@ -45,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     con = sub.add_parser("consume", help="consume and ack messages, printing one JSON line each")
     con.add_argument("topic")
-    con.add_argument("--group")
+    con.add_argument("--group", help="the consumer group (durable: it keeps every later message until consumed)")
     con.add_argument("--count", type=int)
     con.add_argument("--prefetch", type=int)
     con.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
-    con.add_argument("--no-ack", action="store_true", help="print without acking (messages come back after the lease)")
+    con.add_argument("--no-ack", action="store_true", help=argparse.SUPPRESS)  # gone: it burned an attempt; `peek`
     con.add_argument(
         "--pull", action="store_true", help="pull (up to --prefetch per request, each waiting --timeout or 30 s)"
     )
@@ -138,7 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--ledger-ttl", default="7d", help="how long the import ledger remembers what it wrote (7d)")
     im.add_argument("--redis-url")
     im.set_defaults(fn=transfer.import_)
+    _name_parsers(p)
     return p
+
+
+def _name_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each sub-command's parser is stored in its namespace (``_parser``), to report a mistake with its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.set_defaults(_parser=sp)
+                _name_parsers(sp)
 
 
 def _run(coro: Any) -> int:
@@ -169,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error ({e.code}): {e.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE if e.code == "unavailable" else EXIT_FAILURE
     except (OSError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e or type(e).__name__}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception as e:  # a bug: one line, and the traceback on request
+        if os.environ.get(ENV_DEBUG):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set {ENV_DEBUG}=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -5,25 +5,57 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import orjson
 
+from broker.cli.common import UsageError
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
 from broker.client.client import BrokerClient, Message, Subscription
+from broker.core.errors import UnavailableError
+
+
+@contextlib.asynccontextmanager
+async def connected(args: argparse.Namespace, *, reconnect: bool) -> AsyncIterator[BrokerClient]:
+    """A client on ``--url``; a broker that cannot be reached is one line naming the URL and what to check."""
+    try:
+        client = BrokerClient(args.url, args.token, reconnect=reconnect)
+        await client.connect()
+    except (OSError, TimeoutError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise UnavailableError(
+            f"cannot reach the broker at {args.url}: {why}; is `broker serve` running there? (--url, BROKERCTL_URL)"
+        ) from None
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def _payloads(args: argparse.Namespace) -> list[Any]:
+    """What to publish, checked whole before anything is sent: JSON (each line with --lines), or --text strings."""
+    raw = sys.stdin.read() if args.data in (None, "-") else args.data
+    lines = [line for line in raw.splitlines() if line.strip()] if args.lines else [raw]
+    if args.text:
+        return lines
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError as e:
+            where = f"line {n}: " if args.lines else ""
+            raise UsageError(
+                f"{where}the payload is not JSON ({e}); quote a JSON string ('\"text\"') or pass --text to send "
+                "it as a plain string; nothing published"
+            ) from None
+    return out
 
 
 async def publish(args: argparse.Namespace) -> int:
-    raw = sys.stdin.read() if args.data in (None, "-") else args.data
-    lines = raw.splitlines() if args.lines else [raw]
-    async with BrokerClient(args.url, args.token, reconnect=False) as c:
-        for line in lines:
-            if not line.strip() and args.lines:
-                continue
-            try:
-                payload = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                payload = line  # not JSON: publish it as a string
+    payloads = _payloads(args)
+    async with connected(args, reconnect=False) as c:
+        for payload in payloads:
             res = await c.publish(
                 args.topic,
                 payload,
@@ -38,10 +70,20 @@ async def publish(args: argparse.Namespace) -> int:
 
 
 async def consume(args: argparse.Namespace) -> int:
+    if args.no_ack:
+        raise UsageError(
+            "--no-ack is gone (each look counted as a delivery attempt): to look without consuming, use "
+            f"`broker peek {args.topic} --group GROUP`"
+        )
+    if not args.group:
+        raise UsageError(
+            f"give --group NAME: a group is durable and keeps every later message of {args.topic!r} until it is "
+            f"consumed (`broker stats --topic {args.topic}` lists the groups; `broker peek` looks without consuming)"
+        )
     got = 0
     if args.count is not None and args.count <= 0:
         return EXIT_OK
-    async with BrokerClient(args.url, args.token) as c:
+    async with connected(args, reconnect=True) as c:
         if args.pull:
             batches = _pulled(c, args)
         else:
@@ -57,7 +99,11 @@ async def consume(args: argparse.Namespace) -> int:
                     got += 1
                 if args.count is not None and got >= args.count:
                     break
-    return EXIT_OK if args.count is None or got >= args.count else EXIT_FAILURE
+    if args.count is not None and got < args.count:
+        idle = f": none came for {args.timeout:g} s (--timeout)" if args.timeout is not None else ""
+        print(f"got {got} of {args.count} message(s) from {args.topic}/{args.group}{idle}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 async def _pushed(sub: Subscription, idle_s: float | None) -> AsyncGenerator[list[Message], None]:
