@@ -10,6 +10,7 @@ Then each ends with its exit code (docs/operations.md) and a single line on stde
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from broker.cli.common import progress
+from broker.client.client import BrokerClient
 from broker.core.config import Settings
 from broker.core.errors import ConfigError
 from broker.node.app import check_auth
@@ -160,3 +163,47 @@ def test_operator_commands_find_the_embedded_redis_from_anywhere(tmp_path: Path)
         one_line(p, 4, "is not running", "broker serve", "--redis-url")
     p = run("stats", cwd=elsewhere, env={"XDG_STATE_HOME": str(tmp_path / "nothing")})
     one_line(p, 3, "no Redis to talk to", "--redis-url")
+
+
+def test_serve_with_redis_unreachable_exits_4_without_a_traceback(tmp_path: Path) -> None:
+    env = {"BROKER_AUTH_MODE": "open", "BROKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    p = run("serve", "--port", str(free_port()), cwd=tmp_path, env=env)
+    print(p.stderr)
+    assert p.returncode == 4 and "Traceback" not in p.stderr
+    assert p.stderr.splitlines()[-1].startswith("error (unavailable): redis unreachable"), p.stderr
+
+
+def test_progress_prints_its_final_line_once_with_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    """`import` reported the end twice (after its last batch, and once more when done): one final line."""
+    show = progress("import")
+    show(500, 1000)
+    show(1000, 1000)
+    show(1000, 1000)
+    lines = capsys.readouterr().err.splitlines()
+    print(lines)
+    assert len([line for line in lines if "1,000/1,000" in line]) == 1
+    assert re.search(r"100% [\d,]+/s in \d+s$", lines[-1]), lines
+
+
+async def test_dead_letter_and_message_are_shown_for_people(
+    broker: BrokerProcess, redis: RedisServer, tmp_path: Path
+) -> None:
+    """`dlq show` was JSON only and `message ID` printed epoch milliseconds: both read as text now, times in UTC with
+    how long ago; `--json` keeps the numbers for scripts."""
+    async with BrokerClient(broker.url) as c:
+        sub = await c.subscribe("orders", "billing")
+        pub = await c.publish("orders", {"n": 1})
+        m = await sub.get(timeout=10)
+        await m.nack("card declined", dead=True, wait=True)
+    shown = run("dlq", "show", pub.id, "--redis-url", redis.url, cwd=tmp_path)
+    print(shown.stdout)
+    assert shown.returncode == 0, shown.stderr
+    assert "reason:        rejected" in shown.stdout and "card declined" in shown.stdout
+    assert re.search(r"died:\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d+s ago\)", shown.stdout), shown.stdout
+    assert not re.search(r"\b1\d{12}\b", shown.stdout)  # no epoch milliseconds
+    as_json = run("dlq", "show", pub.id, "--json", "--redis-url", redis.url, cwd=tmp_path)
+    assert orjson.loads(as_json.stdout)["died_at"] > 1_600_000_000_000
+    where = run("message", pub.id, "--redis-url", redis.url, cwd=tmp_path)
+    print(where.stdout)
+    assert where.returncode == 0 and "dead" in where.stdout and " ago)" in where.stdout, where
+    assert not re.search(r"\b1\d{12}\b", where.stdout)

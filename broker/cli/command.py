@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("id")
     sh.add_argument("--topic")
     sh.add_argument("--group")
+    sh.add_argument("--json", action="store_true")
     sh.add_argument("--redis-url")
     sh.set_defaults(fn=dlq.dlq_show)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from broker.cli.common import print_table, store
+from broker.cli.common import human_bytes, print_table, store
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
 from broker.ops import stats as ops_stats
 from broker.ops.stats import RATED, PairKey, Row
@@ -73,15 +73,6 @@ def _print(snap: ops_stats.Stats, clear: bool) -> None:
 
 
 def _memory_cells(m: dict[str, Any]) -> dict[str, Any]:
-    size = _human_bytes(int(m["memory_bytes"]))
+    size = human_bytes(int(m["memory_bytes"]))
     how = f"~{size} (estimate from {m['sampled_keys']} sampled keys)" if m["estimated"] else size
     return {"topic": m["topic"], "keys": m["keys"], "memory": how}
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"

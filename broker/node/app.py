@@ -12,7 +12,7 @@ import orjson
 import structlog
 
 from broker.core.config import Settings
-from broker.core.errors import ConfigError
+from broker.core.errors import BrokerError, ConfigError
 from broker.core.protocol import Limits
 from broker.node.dispatch import Dispatch
 from broker.node.embedded import EmbeddedRedis
@@ -289,6 +289,10 @@ class Broker:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
+        except BrokerError as e:  # expected (settings, Redis unreachable): said in one line, no traceback
+            log.error("startup_failed", error=e.message)
+            await self.stop()
+            raise
         except BaseException:
             log.exception("startup_failed")
             await self.stop()
