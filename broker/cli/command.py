@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from broker.cli import dlq, inspect, pubsub, serve, stats, transfer
+from broker.cli import dlq, inspect, pubsub, queues, serve, stats, transfer
 from broker.cli.common import UsageError
 from broker.cli.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from broker.cli.parsing import CliParser
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     con = sub.add_parser("consume", help="consume and ack messages, printing one JSON line each")
     con.add_argument("topic")
     con.add_argument("--group", help="the consumer group (durable: it keeps every later message until consumed)")
+    con.add_argument("--ephemeral", action="store_true",
+                     help="a group of its own, deleted when the command ends (needs Redis: --redis-url or the "
+                     "broker's settings)")  # fmt: skip
+    con.add_argument("--redis-url", help="with --ephemeral: the Redis to delete the group from")
     con.add_argument("--count", type=int)
     con.add_argument("--prefetch", type=int)
     con.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
@@ -89,6 +93,48 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-memory", action="store_true", help="skip the memory per topic (a SCAN of the keyspace)")
     st.add_argument("--redis-url")
     st.set_defaults(fn=stats.stats)
+
+    pk = sub.add_parser("peek", help="show a group's next ready messages without consuming them (no attempt counted)")
+    pk.add_argument("topic")
+    pk.add_argument("--group", required=True)
+    pk.add_argument("--count", type=int, default=10, help="how many (10)")
+    pk.add_argument("--start", type=int, default=0, help="from this queue position (0: the next one delivered)")
+    pk.add_argument("--json", action="store_true")
+    pk.add_argument("--redis-url")
+    pk.set_defaults(fn=queues.peek)
+
+    cs = sub.add_parser("consumers", help="per group: consumers connected, deliveries each one holds, redeliveries")
+    cs.add_argument("topic")
+    cs.add_argument("--group", help="only this group")
+    cs.add_argument("--json", action="store_true")
+    cs.add_argument("--redis-url")
+    cs.set_defaults(fn=queues.consumers)
+
+    gp = sub.add_parser("group", help="purge or delete a consumer group").add_subparsers(dest="cmd_group",
+                                                                                        required=True)  # fmt: skip
+    for name, text, fn in (
+        ("purge", "remove a group's ready and delayed messages (the group stays)", queues.group_purge),
+        ("delete", "delete a group and everything it holds; later publishes no longer store for it",
+         queues.group_delete),
+    ):  # fmt: skip
+        g = gp.add_parser(name, help=text)
+        g.add_argument("topic")
+        g.add_argument("group")
+        g.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        if name == "delete":
+            g.add_argument("--force", action="store_true", help="even while consumers of it are connected")
+        g.add_argument("--json", action="store_true")
+        g.add_argument("--redis-url")
+        g.set_defaults(fn=fn)
+
+    tp = sub.add_parser("topic", help="delete a topic").add_subparsers(dest="cmd_topic", required=True)
+    td = tp.add_parser("delete", help="delete every group of a topic and every key it has")
+    td.add_argument("topic")
+    td.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    td.add_argument("--force", action="store_true", help="even while consumers are connected")
+    td.add_argument("--json", action="store_true")
+    td.add_argument("--redis-url")
+    td.set_defaults(fn=queues.topic_delete)
 
     mg = sub.add_parser("message", help="where one message is now, per group (ready, leased, retry, dead, done)")
     mg.add_argument("id")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -75,11 +77,43 @@ async def consume(args: argparse.Namespace) -> int:
             "--no-ack is gone (each look counted as a delivery attempt): to look without consuming, use "
             f"`broker peek {args.topic} --group GROUP`"
         )
+    if args.ephemeral:
+        if args.group:
+            raise UsageError("--ephemeral makes a group of its own: give --group or --ephemeral, not both")
+        args.group = f"ephemeral-{os.urandom(4).hex()}"
+        print(f"consuming {args.topic} as group {args.group}, deleted when this command ends", file=sys.stderr)
+        try:
+            return await _consume(args)
+        finally:
+            await _drop_group(args)
     if not args.group:
         raise UsageError(
-            f"give --group NAME: a group is durable and keeps every later message of {args.topic!r} until it is "
-            f"consumed (`broker stats --topic {args.topic}` lists the groups; `broker peek` looks without consuming)"
+            f"give --group NAME (a group is durable: it keeps every later message of {args.topic!r} until consumed), "
+            f"or --ephemeral for a group deleted at the end; `broker peek` looks without consuming"
         )
+    return await _consume(args)
+
+
+async def _drop_group(args: argparse.Namespace) -> None:
+    """Delete the ephemeral group; a delivery its consumer still held when it closed is given back by the broker
+    shortly after, so a second pass removes what came back (bounded: a few tries)."""
+    from broker.cli.common import store
+    from broker.ops.queues import Queues, depth_of
+
+    try:
+        async with store(args) as s:
+            q = Queues(s)
+            for _ in range(10):
+                await q.purge(args.topic, args.group, whole_group=True)
+                await asyncio.sleep(0.2)
+                if not any((await depth_of(s, args.topic, args.group)).values()):
+                    return
+    except Exception as e:
+        print(f"could not delete group {args.topic}/{args.group} ({e}): `broker group delete {args.topic} "
+              f"{args.group} --yes` does it", file=sys.stderr)  # fmt: skip
+
+
+async def _consume(args: argparse.Namespace) -> int:
     got = 0
     if args.count is not None and args.count <= 0:
         return EXIT_OK
