@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     th = sub.add_parser("token-hash", help="print the sha256 to put in a [[tokens]] table for a token")
     th.add_argument("token", nargs="?", help="the token; '-' or omitted reads one line from stdin")
+    th.add_argument("--json", action="store_true")
     th.set_defaults(fn=inspect.token_hash)
 
     dg = sub.add_parser("diagnose", help="check the Redis a broker uses; exit 1 when something is wrong")

@@ -61,6 +61,9 @@ async def token_hash(args: argparse.Namespace) -> int:
     if not token:
         raise UsageError("give a token (or - to read it from stdin)")
     h = token_hash(token)
+    if args.json:
+        print(orjson.dumps({"sha256": h}).decode())
+        return EXIT_OK
     print(h)
     print(f'[[tokens]]\nname = "<client name>"\nsha256 = "{h}"\npublish = ["*"]\nsubscribe = ["*"]', file=sys.stderr)
     return EXIT_OK
