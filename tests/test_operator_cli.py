@@ -90,6 +90,8 @@ def test_no_broker_running_names_the_url(tmp_path: Path) -> None:
     one_line(p, 4, url, "broker serve")
     p = run("consume", "orders", "--group", "g", "--count", "1", cwd=tmp_path, env={"BROKERCTL_URL": url})
     one_line(p, 4, url)
+    p = run("publish", "orders", "{}", "--url", "localhost:8765", cwd=tmp_path)
+    one_line(p, 2, "not a WebSocket URL", "ws://")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from broker.cli.common import UsageError
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
@@ -24,6 +25,15 @@ async def connected(args: argparse.Namespace, *, reconnect: bool) -> AsyncIterat
     try:
         client = BrokerClient(args.url, args.token, reconnect=reconnect)
         await client.connect()
+    except InvalidURI:
+        raise UsageError(f"--url {args.url!r} is not a WebSocket URL (ws://HOST:PORT/ or wss://...)") from None
+    except InvalidStatus as e:  # 401 is the client's UnauthorizedError; this is a full node (503/429) or not a broker
+        raise UnavailableError(
+            f"the broker at {args.url} refused the connection: HTTP {e.response.status_code} "
+            f"{e.response.body.decode(errors='replace').strip()[:200] if e.response.body else ''}".rstrip()
+        ) from None
+    except InvalidHandshake as e:
+        raise UnavailableError(f"the server at {args.url} did not answer as a broker ({e})") from None
     except (OSError, TimeoutError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise UnavailableError(
