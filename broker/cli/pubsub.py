@@ -13,10 +13,12 @@ from typing import Any
 import orjson
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
-from broker.cli.common import UsageError
+from broker.cli.common import UsageError, store
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
 from broker.client.client import BrokerClient, Message, Subscription
 from broker.core.errors import UnavailableError
+from broker.ops.queues import Queues, depth_of
+from broker.store import RedisStore
 
 
 @contextlib.asynccontextmanager
@@ -91,11 +93,13 @@ async def consume(args: argparse.Namespace) -> int:
         if args.group:
             raise UsageError("--ephemeral makes a group of its own: give --group or --ephemeral, not both")
         args.group = f"ephemeral-{os.urandom(4).hex()}"
-        print(f"consuming {args.topic} as group {args.group}, deleted when this command ends", file=sys.stderr)
-        try:
-            return await _consume(args)
-        finally:
-            await _drop_group(args)
+        async with store(args) as s:  # found (and reachable) before anything is consumed: the group must go after
+            await s.topics()
+            print(f"consuming {args.topic} as group {args.group}, deleted when this command ends", file=sys.stderr)
+            try:
+                return await _consume(args)
+            finally:
+                await _drop_group(s, args)
     if not args.group:
         raise UsageError(
             f"give --group NAME (a group is durable: it keeps every later message of {args.topic!r} until consumed), "
@@ -104,20 +108,16 @@ async def consume(args: argparse.Namespace) -> int:
     return await _consume(args)
 
 
-async def _drop_group(args: argparse.Namespace) -> None:
+async def _drop_group(s: RedisStore, args: argparse.Namespace) -> None:
     """Delete the ephemeral group; a delivery its consumer still held when it closed is given back by the broker
     shortly after, so a second pass removes what came back (bounded: a few tries)."""
-    from broker.cli.common import store
-    from broker.ops.queues import Queues, depth_of
-
     try:
-        async with store(args) as s:
-            q = Queues(s)
-            for _ in range(10):
-                await q.purge(args.topic, args.group, whole_group=True)
-                await asyncio.sleep(0.2)
-                if not any((await depth_of(s, args.topic, args.group)).values()):
-                    return
+        q = Queues(s)
+        for _ in range(10):
+            await q.purge(args.topic, args.group, whole_group=True)
+            await asyncio.sleep(0.2)
+            if not any((await depth_of(s, args.topic, args.group)).values()):
+                return
     except Exception as e:
         print(f"could not delete group {args.topic}/{args.group} ({e}): `broker group delete {args.topic} "
               f"{args.group} --yes` does it", file=sys.stderr)  # fmt: skip
