@@ -62,6 +62,8 @@ class BrokerProcess:
         env.update({"BROKER_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
         if self.redis_url is not None:
             env["BROKER_REDIS_URL"] = self.redis_url
+        else:  # the embedded Redis is recorded for operator commands: in the test's folder, not the user's home
+            env["XDG_STATE_HOME"] = str(self.cwd / ".state")
         env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

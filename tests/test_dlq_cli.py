@@ -110,7 +110,7 @@ async def test_five_nacks_dead_letter_then_list_show_reprocess_exactly_once(
     assert table.returncode == 0 and pub.id in table.stdout and "max_attempts" in table.stdout
 
     # And `dlq show` prints the whole history: every attempt, its error, its time and its consumer
-    shown = await cli.json("dlq", "show", pub.id)
+    shown = await cli.json("dlq", "show", pub.id, "--json")
     assert [(e["attempt"], e["error"]) for e in shown["errors"]] == [(i, f"boom {i}") for i in range(1, 6)]
     times = [e["at"] for e in shown["errors"]]
     assert times == sorted(times) and times[-1] <= shown["died_at"]

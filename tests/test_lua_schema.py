@@ -33,6 +33,7 @@ from broker.store import ClaimRequest, RedisStore, error_entry
 from broker.store.dead_letters import DeadLetters
 from broker.store.diagnose import diagnose
 from broker.store.keys import TopicKeys
+from broker.store.queues import Queues
 from broker.store.scripts import load_script
 
 from .conftest import StoreFactory
@@ -380,3 +381,25 @@ async def test_every_script_touches_only_declared_or_run_time_keys_in_its_slot(
     summary = (await transfer.import_file(store, f)).to_json()
     for kind in ("groups", "deliveries", "dead_letters", "idempotency_keys"):
         assert summary[kind]["imported"] >= 1, summary
+
+
+async def test_purge_group_touches_only_declared_or_run_time_keys(store_factory: StoreFactory, audit: None) -> None:
+    # Given a group with every state (ready, delayed, a keyed head with one waiting, leased, dead) under the audit
+    store = await store_factory(Settings().replace("retry", max_attempts=1))
+    await store.ensure_group(T, "g1")
+    await store.ensure_group(T, "g2")
+    await store.publish_many([req("1"), req("2"), req("3", delay_ms=60_000), req("4", key="k"), req("5", key="k")])
+    (first, second, *_) = await store.claim(T, "g1", 2, 60_000, "c1")
+    await store.nack_many(T, "g1", [(NackItem(second.id, second.receipt, error="x", dead=True), 1, "c1")])
+    # When g1's queue is purged, Then ready, delayed and the waiting message go; the leased one stays
+    q = Queues(store)
+    purged = await q.purge(T, "g1")
+    assert purged.counts == {"ready": 1, "delayed": 1, "waiting": 1, "leased": 0, "dead": 0}, purged.counts
+    # When g1 is deleted, Then the leased one and the dead letter go too, and g1 is no longer a group of the topic
+    deleted = await q.purge(T, "g1", whole_group=True)
+    assert deleted.counts == {"ready": 0, "delayed": 0, "waiting": 0, "leased": 1, "dead": 1}, deleted.counts
+    assert await store.groups(T) == ["g2"]
+    g1 = TopicKeys(store.prefix, T).group("g1").base
+    assert [k async for k in store.redis.scan_iter(match=g1.replace("{", "\\{") + "*")] == []
+    # And g2 still has all five bodies (g1 held no reference any more)
+    assert len(await q.peek(T, "g2", 10)) == 3 and first.id

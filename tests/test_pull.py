@@ -215,12 +215,13 @@ async def test_cli_consume_pull(client: BrokerClient, broker: BrokerProcess, red
     for i in range(3):
         await client.publish("cli-pull", {"n": i})
     # When `broker consume --pull` takes 3, Then it prints them and acks them
-    code, lines = await asyncio.to_thread(consume_cli, broker.url, "cli-pull", "--pull", "--count=3", "--timeout=5")
+    args = ("cli-pull", "--group=default", "--pull")  # the group a publish to a topic without groups stores for
+    code, lines = await asyncio.to_thread(consume_cli, broker.url, *args, "--count=3", "--timeout=5")
     assert code == 0 and [line["payload"] for line in lines] == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert redis.cli("LLEN", "mq:{cli-pull}:g:default:ready") == "0"
     assert redis.cli("ZCARD", "mq:{cli-pull}:g:default:leased") == "0"
     # And with nothing left, a pull that runs out empty ends it short of --count (exit 1)
-    code, lines = await asyncio.to_thread(consume_cli, broker.url, "cli-pull", "--pull", "--count=1", "--timeout=0.3")
+    code, lines = await asyncio.to_thread(consume_cli, broker.url, *args, "--count=1", "--timeout=0.3")
     assert code == 1 and lines == []
 
 

@@ -11,12 +11,23 @@ import time
 
 import orjson
 
-from broker.cli.common import UsageError, more, print_table, progress, read_input, store, write_output
+from broker.cli.common import (
+    UsageError,
+    human_duration,
+    human_time,
+    more,
+    print_table,
+    progress,
+    read_input,
+    store,
+    write_output,
+)
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
 from broker.core.records import LineError
 from broker.ops import dlq as dlq_ops
 from broker.ops.dlq import Filter
 from broker.ops.dlq_select import ids_from_export, make_filter, unknown_ids
+from broker.store.dead_letters import DeadLetter
 
 
 def _ids_from_file(path: str) -> frozenset[str]:
@@ -51,7 +62,7 @@ async def dlq_list(args: argparse.Namespace) -> int:
     rows = [
         {
             "id": d.id, "topic": d.topic, "group": d.group, "attempts": d.attempts, "reason": d.reason,
-            "died": f"{(now - d.died_at) / 60000:.0f}m ago", "ttl": f"{d.ttl_s // 3600}h",
+            "died": f"{human_duration((now - d.died_at) / 1000)} ago", "ttl": human_duration(d.ttl_s),
             "last_error": (str(d.errors[-1].get("error", "")) if d.errors else "")[:60],
         }
         for d in letters
@@ -69,9 +80,38 @@ async def dlq_show(args: argparse.Namespace) -> int:
     if not letters:
         print(f"no dead letter {args.id!r} (unknown id, already reprocessed, purged or expired)", file=sys.stderr)
         return EXIT_FAILURE
-    for d in letters:
-        print(orjson.dumps(d.to_json(), option=orjson.OPT_INDENT_2).decode())
+    if args.json:
+        for d in letters:
+            print(orjson.dumps(d.to_json(), option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    for n, d in enumerate(letters):
+        if n:
+            print()
+        _show(d)
     return EXIT_OK
+
+
+def _show(d: DeadLetter) -> None:
+    """One dead letter for a person: what it was, why it died, when, and every attempt's error."""
+    now = time.time() * 1000
+    fields = [
+        ("id", d.id), ("topic/group", f"{d.topic}/{d.group}"), ("reason", d.reason), ("attempts", d.attempts),
+        ("published", human_time(d.published_at, now)), ("died", human_time(d.died_at, now)),
+        ("expires", f"in {human_duration(d.ttl_s)}"), ("last consumer", d.last_consumer or "-"),
+        ("ordering key", d.key or "-"), ("headers", d.headers), ("payload", d.payload),
+    ]  # fmt: skip
+    for name, value in fields:
+        print(f"{name + ':':<15}{value}")
+    print("errors:")
+    rows = [
+        {"attempt": e.get("attempt", ""), "at": human_time(int(e["at"]), now) if e.get("at") else "",
+         "consumer": e.get("consumer", ""), "error": e.get("error", "")}
+        for e in d.errors
+    ]  # fmt: skip
+    if rows:
+        print_table(rows, ["attempt", "at", "consumer", "error"], indent="  ")
+    else:
+        print("  (none recorded)")
 
 
 async def dlq_move(args: argparse.Namespace) -> int:

@@ -10,12 +10,12 @@ from typing import Any
 
 import orjson
 
-from broker.cli.common import print_table, store
+from broker.cli.common import human_bytes, human_duration, print_table, store
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
 from broker.ops import stats as ops_stats
 from broker.ops.stats import RATED, PairKey, Row
 
-COLUMNS = ["topic", "group", "ready", "leased", "delayed", "dead", "consumers", "oldest_ready_age_s"]
+COLUMNS = ["topic", "group", "ready", "leased", "delayed", "dead", "consumers", "oldest_ready"]
 
 
 async def stats(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def _print(snap: ops_stats.Stats, clear: bool) -> None:
     if any("acked_per_s" in r for r in rows):
         cols += [f"{w}_per_s" for w in RATED]
     if rows:
-        print_table([{c: ("" if r.get(c) is None else r[c]) for c in cols} for r in rows], cols)
+        print_table([{c: _cell(r, c) for c in cols} for r in rows], cols)
     else:
         print("(no topics)")
     if snap.topics:
@@ -72,16 +72,15 @@ def _print(snap: ops_stats.Stats, clear: bool) -> None:
         print("(no broker node is running)")
 
 
+def _cell(row: Row, col: str) -> Any:
+    """The table's cells: the oldest ready message's age as a duration (``--json`` keeps the seconds)."""
+    if col == "oldest_ready":
+        age = row.get("oldest_ready_age_s")
+        return "" if age is None else human_duration(age)
+    return "" if row.get(col) is None else row[col]
+
+
 def _memory_cells(m: dict[str, Any]) -> dict[str, Any]:
-    size = _human_bytes(int(m["memory_bytes"]))
+    size = human_bytes(int(m["memory_bytes"]))
     how = f"~{size} (estimate from {m['sampled_keys']} sampled keys)" if m["estimated"] else size
     return {"topic": m["topic"], "keys": m["keys"], "memory": how}
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"

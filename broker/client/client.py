@@ -26,7 +26,14 @@ from tenacity import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from broker.core.errors import BrokerError, RateLimitedError, StaleReceiptError, UnavailableError, error_class
+from broker.core.errors import (
+    BrokerError,
+    RateLimitedError,
+    StaleReceiptError,
+    UnauthorizedError,
+    UnavailableError,
+    error_class,
+)
 
 
 class _EventLog(logging.LoggerAdapter[logging.Logger]):
@@ -166,7 +173,17 @@ class BrokerClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         old = self._ws
         extra: dict[str, Any] = {"ssl": self.ssl} if self.ssl is not None else {}
-        ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None, **extra)
+        try:
+            ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None, **extra)
+        except InvalidStatus as e:
+            if e.response.status_code != 401:
+                raise
+            # a refused token does not get better by retrying: an UnauthorizedError (not retried), saying why
+            why = e.response.body.decode(errors="replace").strip() if e.response.body else ""
+            raise UnauthorizedError(
+                f"the broker at {self.url} refused the connection (HTTP 401{': ' + why if why else ''}): "
+                + ("check the token" if self.token else "it needs a token")
+            ) from None
         self._ws = ws
         if old is not None:
             await old.close()

@@ -100,7 +100,10 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    mode: str = "tokens"  # "tokens": every connection needs a configured token; "open": no authentication (loud)
+    # "tokens": every connection needs a configured token, and `broker serve` refuses to start without one;
+    # "open": no authentication (warned at every start; loopback only unless allow_open_remote)
+    mode: str = "tokens"
+    allow_open_remote: bool = False  # open mode on a non-loopback server.host: refused at startup unless true
     allowed_origins: tuple[str, ...] = ()  # browser Origin values allowed; empty: any (non-browser clients send none)
     tokens_file: str = ""  # TOML file of [[tokens]] tables (e.g. a mounted secret), added to those in the config
 
@@ -308,6 +311,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return out
 
 
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _KEY_PREFIX_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
 
@@ -385,6 +389,8 @@ def validate(settings: Settings) -> Settings:
         problems.append("dlq.prune_interval_s must be >= 1")
     if bool(sv.tls_cert_file) != bool(sv.tls_key_file):
         problems.append("server.tls_cert_file and server.tls_key_file go together")
+    if rd.url and not rd.url.startswith(REDIS_URL_SCHEMES):
+        problems.append(f"redis.url must start with {', '.join(REDIS_URL_SCHEMES)} (got {rd.url!r})")
     if settings.auth.mode not in ("tokens", "open"):
         problems.append("auth.mode must be 'tokens' or 'open'")
     if d.publish_without_group not in ("default", "reject"):

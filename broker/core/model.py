@@ -48,11 +48,13 @@ TRANSITIONS: dict[tuple[State | None, State | None], tuple[str, ...]] = {
     (State.KEY_WAIT, State.READY): ("ack", "nack", "expire", "repair_key"),  # repair_key: diagnose --repair
     (State.DEAD, State.KEY_WAIT): ("reprocess",),
     (State.DEAD, State.EXPIRED): ("prune_dead",),  # Redis expires the hash (TTL); the script drops the index entry
-    (State.DEAD, None): ("purge_dead",),  # deleted by an operator
-    # diagnose --repair: queue entries whose body is gone (a damaged store) are removed
-    (State.READY, None): ("drop_bodyless",),
-    (State.RETRY_WAIT, None): ("drop_bodyless",),
-    (State.LEASED, None): ("drop_bodyless",),
+    (State.DEAD, None): ("purge_dead", "purge_group"),  # deleted by an operator (a dead letter; a deleted group)
+    # diagnose --repair: queue entries whose body is gone (a damaged store) are removed; purge_group: an operator
+    # empties a group's queue (`broker group purge`) or deletes the group (`broker group delete`, leased ones too)
+    (State.READY, None): ("drop_bodyless", "purge_group"),
+    (State.RETRY_WAIT, None): ("drop_bodyless", "purge_group"),
+    (State.LEASED, None): ("drop_bodyless", "purge_group"),
+    (State.KEY_WAIT, None): ("purge_group",),
 }
 
 DEFAULT_GROUP = "default"

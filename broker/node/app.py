@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ import orjson
 import structlog
 
 from broker.core.config import Settings
-from broker.core.errors import ConfigError, UnavailableError
+from broker.core.errors import BrokerError, ConfigError, UnavailableError
 from broker.core.protocol import Limits
 from broker.node.dispatch import Dispatch
 from broker.node.embedded import EmbeddedRedis
@@ -31,8 +32,47 @@ log = structlog.get_logger("broker.app")
 _STATE_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host`` (``localhost``, 127.0.0.0/8, ``::1``); ``""`` and ``0.0.0.0`` are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def check_auth(settings: Settings) -> None:
+    """The two auth traps refused before anything starts (``ConfigError``, one line that says what to change):
+    tokens mode without a token (every client would be refused), open mode reachable from other machines."""
+    auth, host = settings.auth, settings.server.host
+    if auth.mode == "tokens" and not settings.tokens:
+        raise ConfigError(
+            "auth.mode is 'tokens' (the default) but no [[tokens]] are configured, so every client would be refused: "
+            "add one (`broker token-hash` prints the table for config/broker.toml), or for a local trial set "
+            '[auth] mode = "open" (BROKER_AUTH_MODE=open), which serves loopback only'
+        )
+    if auth.mode == "open" and not is_loopback(host) and not auth.allow_open_remote:
+        raise ConfigError(
+            f"auth.mode is 'open' and server.host is {host!r}: anyone who can reach it could publish and consume. "
+            'Configure [[tokens]] with auth.mode = "tokens", bind 127.0.0.1, or set auth.allow_open_remote = true'
+        )
+
+
+def connect_hint(settings: Settings, port: int) -> str:
+    """How a client reaches this node, for the ``broker_started`` line."""
+    sv = settings.server
+    scheme = "wss" if sv.tls_cert_file else "ws"
+    host = sv.host if sv.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/"
+    if settings.auth.mode == "open":
+        return f"{url} (no token: auth.mode = open), e.g. broker publish demo '{{}}' --url {url}"
+    return f"{url} with a token: broker publish demo '{{}}' --url {url} --token <token> (or BROKERCTL_TOKEN)"
+
+
 class Broker:
     def __init__(self, settings: Settings) -> None:
+        check_auth(settings)
         self.settings = settings
         self.node_id = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(2).hex()}"
         s = settings
@@ -135,9 +175,6 @@ class Broker:
         if self.settings.auth.mode == "open":
             log.warning("auth_open_mode", message="authentication is OFF (auth.mode = open): anyone who can reach "
                         "this port can publish and consume. Configure [[tokens]] and auth.mode = tokens.")  # fmt: skip
-        elif not self.settings.tokens:
-            log.error("auth_no_tokens", message="auth.mode = tokens but no [[tokens]] configured: every connection "
-                      "will be refused")  # fmt: skip
         await self.server.start()
         log.info(
             "broker_started",
@@ -146,6 +183,7 @@ class Broker:
             port=self.server.port,
             durable=self.durable,
             embedded_redis=self.embedded.url if self.embedded else None,
+            connect=connect_hint(self.settings, self.server.port),
         )
 
     async def _nag(self) -> None:
@@ -266,6 +304,10 @@ class Broker:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
+        except BrokerError as e:  # expected (settings, Redis unreachable): said in one line, no traceback
+            log.error("startup_failed", error=e.message)
+            await self.stop()
+            raise
         except BaseException:
             log.exception("startup_failed")
             await self.stop()

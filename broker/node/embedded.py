@@ -7,6 +7,7 @@ Used only when no Redis URL is configured. When no binary exists the caller fall
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def last_record_path() -> Path:
+    """Where the last embedded Redis started by this user is recorded (its URL, then its data folder), so operator
+    commands run from another folder find it: ``$XDG_STATE_HOME/redis-ws-broker/embedded`` (``~/.local/state``)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "redis-ws-broker" / "embedded"
+
+
+def record_last(url: str, data_dir: Path) -> None:
+    try:
+        path = last_record_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{url}\n{data_dir}\n")
+    except OSError as e:  # a convenience for operator commands: never a reason not to start
+        log.warning("embedded_record_failed", path=str(last_record_path()), error=str(e))
 
 
 class EmbeddedRedis:
@@ -63,6 +80,7 @@ class EmbeddedRedis:
                 _, w = await asyncio.open_connection("127.0.0.1", self.port)
                 w.close()
                 (self.data_dir / "url").write_text(self.url + "\n")  # lets `broker stats` find it
+                record_last(self.url, self.data_dir)  # ... and from any other folder
                 log.info("embedded_redis_started", port=self.port, data_dir=str(self.data_dir), appendonly=True)
                 return
             except OSError:
