@@ -138,7 +138,14 @@ describe("JavaScript client against a real broker", { timeout: 120_000 }, () => 
   });
 
   test("reconnect: kill -9 and restart on the same port", { timeout: 60_000 }, async () => {
-    const c = await open({ reconnectDeadlineMs: 30_000 });
+    const sent = []; // every frame the client writes, to check what a retry resends
+    const Recording = class extends WebSocket {
+      send(data, ...rest) {
+        sent.push(JSON.parse(data));
+        return super.send(data, ...rest);
+      }
+    };
+    const c = await open({ reconnectDeadlineMs: 30_000, WebSocket: Recording });
     const states = [];
     c.addEventListener("statechange", (ev) => states.push(ev.detail.state));
     const sub = await c.subscribe("js.rc", { group: "g", leaseMs: 2_000 });
@@ -161,6 +168,12 @@ describe("JavaScript client against a real broker", { timeout: 120_000 }, () => 
     const [a, b] = await within(20_000, Promise.all([inFlight, during]), "publishes confirmed after restart");
     assert.equal(c.state, "open");
     assert.deepEqual(states.slice(0, 2), ["reconnecting", "open"]);
+    // each publish went with one idempotency key, the same in every resend
+    for (const payload of ["in flight", "during outage"]) {
+      const keys = sent.filter((f) => f.op === "publish" && f.payload === payload).map((f) => f.idempotency_key);
+      assert.ok(keys.length >= 1 && keys[0] && keys.every((k) => k === keys[0]), `${payload}: ${keys}`);
+    }
+    assert.equal(sent.filter((f) => f.op === "subscribe").length, 2, "subscribed again after the reconnect");
     // the subscription came back: every message is delivered, each once; then a sentinel closes the window
     const want = new Set([held.id, a.id, b.id]);
     const seen = new Map();
