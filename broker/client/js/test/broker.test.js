@@ -246,3 +246,45 @@ describe("tokens: Authorization header from Node, ?token= as browsers send it", 
     }
   });
 });
+
+describe("Redis outage: paused and resumed events, a publish retried through it", { timeout: 60_000 }, () => {
+  const procs = new Processes();
+  let c = null;
+
+  before(async () => {
+    await procs.startRedis();
+    // a short breaker recovery, so that deliveries resume within seconds of Redis coming back
+    await procs.startBroker({ BROKER_BREAKERS_REDIS_RESET_TIMEOUT_S: "1", BROKER_REDIS_SOCKET_TIMEOUT_MS: "500" });
+  });
+
+  after(async () => {
+    await c?.close();
+    await procs.stop();
+  });
+
+  test("kill -9 of redis-server: paused, then resumed after its restart; the publish is confirmed", async () => {
+    c = await within(T, connect(procs.url, { WebSocket, requestTimeoutMs: 5_000 }), "connect");
+    const events = [];
+    const seen = (type) => new Promise((resolve) => c.addEventListener(type, (ev) => {
+      events.push([type, ev.detail.topic, ev.detail.group]);
+      resolve(ev.detail);
+    }, { once: true }));
+    const paused = seen("paused");
+    const resumed = seen("resumed");
+    const sub = await c.subscribe("js.outage", { group: "g" });
+    await procs.killRedis();
+    const p = await within(20_000, paused, "paused event");
+    assert.deepEqual([p.topic, p.group], ["js.outage", "g"]);
+    assert.equal(typeof p.reason, "string");
+    const publishing = c.publish("js.outage", "through the outage");
+    await sleep(500);
+    await procs.startRedis();
+    await within(20_000, resumed, "resumed event");
+    const { id } = await within(20_000, publishing, "publish confirmed after the outage");
+    const m = await sub.get({ timeoutMs: T });
+    assert.deepEqual([m.id, m.payload], [id, "through the outage"]);
+    await m.ack({ wait: true });
+    assert.deepEqual(events.map((e) => e[0]), ["paused", "resumed"]);
+    assert.equal(c.state, "open", "the WebSocket connection itself stayed up");
+  });
+});

@@ -65,8 +65,9 @@ export class Processes {
     this.broker = null;
   }
 
+  /** (Re)start redis-server; the port and data folder stay the same across restarts (the AOF is reloaded). */
   async startRedis() {
-    this.redisPort = await freePort();
+    this.redisPort ??= await freePort();
     this.redis = spawn("redis-server", [
       "--port", String(this.redisPort), "--bind", "127.0.0.1", "--dir", this.dir, "--save", "",
       "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
@@ -119,6 +120,13 @@ export class Processes {
     } catch {
       return "(no log)";
     }
+  }
+
+  async killRedis() {
+    if (!this.redis) return;
+    this.redis.kill("SIGKILL");
+    await exited(this.redis, 10_000);
+    this.redis = null;
   }
 
   async killBroker() {
