@@ -70,6 +70,9 @@ export interface ConnectOptions {
   requestTimeoutMs?: number;
   /** Reconnects, and retries of publishes, stop after this long (default 300 000). */
   reconnectDeadlineMs?: number;
+  /** Publishes made in the same turn (a loop, Promise.all) leave as batch frames of at most 100 messages, each
+   * caller still getting its own answer (default true; as the Python client's auto_batch). */
+  autoBatch?: boolean;
 }
 
 export interface PublishOptions {

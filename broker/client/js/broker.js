@@ -250,6 +250,8 @@ export class BrokerClient extends EventTarget {
     this._tag = randomTag();
     this._seq = 1;
     this._closing = false;
+    // Publishes made in the same turn (a loop, Promise.all) leave as one batch frame (`autoBatch`, PublishBatcher).
+    this._batcher = (opts.autoBatch ?? true) ? new PublishBatcher(this) : null;
   }
 
   _setState(state, error = null) {
@@ -459,7 +461,8 @@ export class BrokerClient extends EventTarget {
     });
   }
 
-  _requestOn(conn, frame, extraWaitMs) {
+  /** Send `frame` with a fresh ref on `conn` (`encode(ref)`: its JSON text, when already encoded) and wait. */
+  _requestOn(conn, frame, extraWaitMs, encode = null) {
     const ref = this._refs++;
     if (!conn || !conn.open || conn.ws.readyState !== 1) {
       // a closing socket would swallow the frame silently: fail now, as the connection's loss would
@@ -472,7 +475,7 @@ export class BrokerClient extends EventTarget {
       }, this.requestTimeoutMs + extraWaitMs);
       this._waiting.set(ref, { resolve, reject, timer, conn });
       try {
-        conn.ws.send(JSON.stringify({ ...frame, ref }));
+        conn.ws.send(encode ? encode(ref) : JSON.stringify({ ...frame, ref }));
       } catch (e) {
         this._waiting.delete(ref);
         clearTimeout(timer);
@@ -485,6 +488,11 @@ export class BrokerClient extends EventTarget {
   async request(frame, { extraWaitMs = 0 } = {}) {
     await this._waitOpen();
     return this._requestOn(this._conn, frame, extraWaitMs);
+  }
+
+  async _requestText(frame, encode) {
+    await this._waitOpen();
+    return this._requestOn(this._conn, frame, 0, encode);
   }
 
   _checkHeld(conn, op, id) {
@@ -545,11 +553,12 @@ export class BrokerClient extends EventTarget {
   }
 
   async _publishRequest(frame, retry) {
-    if (!retry) return this.request(frame);
+    const once = this._batcher && !frame.messages ? (f) => this._batcher.publish(f) : (f) => this.request(f);
+    if (!retry) return once(frame);
     const deadline = Date.now() + this.reconnectDeadlineMs;
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.request(frame);
+        return await once(frame);
       } catch (e) {
         const transient = e instanceof UnavailableError || e instanceof RateLimitedError;
         if (!transient || this._closing || Date.now() >= deadline) throw e;
@@ -601,6 +610,78 @@ export class BrokerClient extends EventTarget {
 
   async ping() {
     await this.request({ op: "ping" });
+  }
+}
+
+/**
+ * Concurrent publishes leave as one batch frame, as in the Python client: every publish made before the current task
+ * yields (a loop of publish() calls, Promise.all of many) joins one `publish` frame with `messages`, and each caller
+ * still gets its own result or error. One frame, one broker read and one answer instead of N. A lone publish goes as
+ * a plain `publish` frame, so an idle publisher waits for nothing (a microtask). The broker refuses a batch whole when
+ * one message is invalid or forbidden: then each message is sent again on its own, so one caller's mistake never
+ * becomes another caller's error. Batches stay below MAX_BATCH messages and MAX_BATCH_BYTES of message text.
+ */
+class PublishBatcher {
+  static MAX_BATCH = 100;
+  static MAX_BATCH_BYTES = 256 * 1024;
+  static REFUSED_WHOLE = new Set(["bad_request", "payload_too_large", "forbidden"]);
+
+  constructor(client) {
+    this.client = client;
+    this.queued = [];
+  }
+
+  publish(frame) {
+    return new Promise((resolve, reject) => {
+      this.queued.push({ frame, resolve, reject });
+      if (this.queued.length === 1) queueMicrotask(() => this._flush());
+    });
+  }
+
+  _flush() {
+    const queued = this.queued;
+    this.queued = [];
+    let chunk = [];
+    let size = 0;
+    for (const entry of queued) {
+      const { op, ...message } = entry.frame;
+      entry.text = JSON.stringify(message);
+      if (chunk.length && (chunk.length >= PublishBatcher.MAX_BATCH ||
+          size + entry.text.length > PublishBatcher.MAX_BATCH_BYTES)) {
+        this._send(chunk);
+        chunk = [];
+        size = 0;
+      }
+      chunk.push(entry);
+      size += entry.text.length;
+    }
+    if (chunk.length) this._send(chunk);
+  }
+
+  async _send(chunk) {
+    if (chunk.length === 1) {
+      this._one(chunk[0]);
+      return;
+    }
+    const body = chunk.map((e) => e.text).join(",");
+    let reply;
+    try {
+      reply = await this.client._requestText({ op: "publish" }, (ref) => `{"op":"publish","ref":${ref},"messages":[${body}]}`);
+    } catch (e) {
+      if (PublishBatcher.REFUSED_WHOLE.has(e.code)) for (const entry of chunk) this._one(entry);
+      else for (const entry of chunk) entry.reject(e);
+      return;
+    }
+    chunk.forEach((entry, i) => {
+      const r = reply.results?.[i];
+      if (!r) entry.reject(new BrokerError(`batch answer without result ${i}`));
+      else if (r.error) entry.reject(errorFromFrame(r.error));
+      else entry.resolve(r);
+    });
+  }
+
+  _one(entry) {
+    this.client.request(entry.frame).then(entry.resolve, entry.reject);
   }
 }
 

@@ -111,6 +111,36 @@ describe("JavaScript client against a real broker", { timeout: 120_000 }, () => 
       (e) => e instanceof ProtocolError && e.code === "bad_request" && /messages\[1\]/.test(e.message));
   });
 
+  test("concurrent publishes leave as batch frames; each caller gets its own answer", async () => {
+    const sent = [];
+    const Recording = class extends WebSocket {
+      send(data, ...rest) {
+        sent.push(JSON.parse(data));
+        return super.send(data, ...rest);
+      }
+    };
+    const c = await open({ WebSocket: Recording });
+    const n = 250;
+    const results = await Promise.all(Array.from({ length: n }, (_, i) => c.publish("js.auto", { i })));
+    assert.equal(new Set(results.map((r) => r.id)).size, n);
+    const publishes = sent.filter((f) => f.op === "publish");
+    assert.deepEqual(publishes.map((f) => f.messages?.length ?? 1), [100, 100, 50]);
+    // one invalid message refuses its frame whole: the others are sent again alone and stored; it alone fails
+    sent.length = 0;
+    const mixed = await Promise.allSettled([c.publish("js.auto", 1), c.publish("bad name", 2), c.publish("js.auto", 3)]);
+    assert.deepEqual(mixed.map((r) => r.status), ["fulfilled", "rejected", "fulfilled"]);
+    assert.ok(mixed[1].reason instanceof ProtocolError, String(mixed[1].reason));
+    assert.deepEqual(sent.map((f) => f.messages?.length ?? 1), [3, 1, 1, 1]);
+    // a lone publish goes as a plain frame; autoBatch: false sends one frame per publish
+    sent.length = 0;
+    await c.publish("js.auto", "alone");
+    assert.equal(sent[0].topic, "js.auto");
+    const plain = await open({ WebSocket: Recording, autoBatch: false });
+    sent.length = 0;
+    await Promise.all([plain.publish("js.auto", 1), plain.publish("js.auto", 2)]);
+    assert.deepEqual(sent.map((f) => f.messages?.length ?? 1), [1, 1]);
+  });
+
   test("errors are typed and carry the code", async () => {
     const c = await open();
     const err = await c.publish("bad topic!", 1).catch((e) => e);
