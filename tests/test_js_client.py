@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -105,10 +106,18 @@ def test_the_javascript_client_suite() -> None:
     """``node --test`` of broker/client/js/test: publish/consume/ack, nack, batches, typed errors, pull, status,
     tokens, and reconnect across a broker kill -9 (it starts its own redis-server and broker processes)."""
     assert (JS / "node_modules" / "ws").is_dir(), "run `npm ci` in broker/client/js (scripts/bootstrap.sh does)"
-    done = subprocess.run(
+    # its own process group: on a timeout the redis-server and broker it started go with it
+    proc = subprocess.Popen(
         [str(NODE), "--test", "--test-reporter=spec", "test/broker.test.js"],
-        cwd=JS, env=_node_env(), capture_output=True, text=True, timeout=240,
+        cwd=JS, env=_node_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"node --test did not finish in 240 s:\n{stdout[-20000:]}\n{stderr}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     print(done.stdout[-3000:])
     assert done.returncode == 0, f"node --test failed ({done.returncode}):\n{done.stdout[-20000:]}\n{done.stderr}"
 
@@ -130,7 +139,7 @@ def test_npm_pack_gives_an_installable_package(tmp_path: Path) -> None:
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     files = sorted(p.name for p in (app / "node_modules" / "redis-ws-broker").iterdir())
-    assert files == ["broker.d.ts", "broker.js", "package.json"]
+    assert files == ["README.md", "broker.d.ts", "broker.js", "package.json"]
     probe = "import { connect, BrokerError as E } from 'redis-ws-broker'; console.log(typeof connect, new E().code)"
     ran = subprocess.run(
         [NODE, "--input-type=module", "-e", probe], cwd=app, capture_output=True, text=True, timeout=60
