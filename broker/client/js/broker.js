@@ -269,11 +269,16 @@ export class BrokerClient extends EventTarget {
   /** Open the first connection; rejects (typed) when it cannot. Reconnects are automatic after that. */
   async connect() {
     this._setState("connecting");
+    let conn;
     try {
-      await this._open();
+      conn = await this._open();
     } catch (e) {
       this._setState("closed", e);
       throw e;
+    }
+    if (this._closing) { // close() was called while the handshake ran
+      conn.ws.close();
+      throw new UnavailableError("client closed");
     }
     this._setState("open");
     return this;
