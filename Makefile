@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-unit test-mc lint types bench lock upgrade clean
 
-$(STAMP): pyproject.toml requirements/lock.txt scripts/bootstrap.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/bootstrap.sh broker/client/js/package-lock.json
 	bash scripts/bootstrap.sh $(VENV)
 	touch $(STAMP)
 

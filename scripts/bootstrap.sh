@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the venv, install exactly the locked dependency set (requirements/lock.txt, every package pinned with its
-# hashes), install the project on top of it without resolving anything, and make sure a redis-server binary exists.
+# hashes), install the project on top of it without resolving anything, make sure a redis-server binary exists, and
+# (where Node is) install the JavaScript client's locked test dependency.
 # Safe to run repeatedly; used by `make run` / `make test` and therefore by CI. Refresh the lock with scripts/lock.sh.
 set -euo pipefail
 VENV="${1:-.venv}"
@@ -25,3 +26,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 command -v redis-server >/dev/null 2>&1 && redis-server --version >&2 || true
+
+# The JavaScript client's test dependency (the `ws` package, as locked in its package-lock.json), where Node is
+# installed (CI machines have Node 20 and npm): `make test` runs the client's `node --test` suite.
+JS_DIR="$(cd "$(dirname "$0")/.." && pwd)/broker/client/js"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    if ! (cd "$JS_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null); then
+        echo "bootstrap: npm ci in broker/client/js failed: the JavaScript client's tests will fail until it works" >&2
+    fi
+else
+    echo "bootstrap: no node/npm: the JavaScript client's tests will be skipped" >&2
+fi

@@ -1,13 +1,15 @@
-"""WebSocket server: handshake, sessions, and HTTP /healthz, /readyz, /metrics on the same port."""
+"""WebSocket server: handshake, sessions, and HTTP /healthz, /readyz, /metrics and /client/ on the same port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import http
 import ssl
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import structlog
@@ -48,6 +50,38 @@ def _refused(status: http.HTTPStatus, err: BrokerError) -> Response:
     if err.retry_after_ms is not None:
         body["retry_after_ms"] = err.retry_after_ms
     return _json(status, body)
+
+
+class ClientFiles:
+    """The JavaScript client (``broker/client/js``, package data of the wheel) served at ``/client/<name>``, so a page
+    on the broker's origin imports it with nothing else: ``import { connect } from "/client/broker.js"``.
+
+    Only the names below are served (an allowlist: no path from the request ever reaches the file system). The files
+    are read once, at start; each answer carries an ETag (a hash of the bytes) and ``Cache-Control: no-cache``, so a
+    browser keeps its copy and revalidates it, and gets the new file (a 200) right after an upgrade. No token is needed:
+    the files are public code."""
+
+    TYPES = {"broker.js": "text/javascript; charset=utf-8", "broker.d.ts": "application/typescript; charset=utf-8"}
+    HOME = Path(__file__).resolve().parent.parent / "client" / "js"
+
+    def __init__(self, home: Path = HOME) -> None:
+        self.files: dict[str, tuple[bytes, str]] = {}
+        for name in self.TYPES:
+            with contextlib.suppress(OSError):  # not installed with the package: answered 404 like any unknown name
+                body = (home / name).read_bytes()
+                self.files[name] = (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
+    def response(self, name: str, if_none_match: str | None) -> Response:
+        found = self.files.get(name)
+        if found is None:
+            return _refused(http.HTTPStatus.NOT_FOUND, NotFoundError(f"no such file /client/{name}"))
+        body, etag = found
+        cache = [("ETag", etag), ("Cache-Control", "no-cache"), ("Access-Control-Allow-Origin", "*")]
+        if if_none_match and {etag, "*"} & {t.strip().removeprefix("W/") for t in if_none_match.split(",")}:
+            return Response(304, "Not Modified", Headers(cache), b"")
+        headers = Headers([("Content-Type", self.TYPES[name]), ("Content-Length", str(len(body))),
+                           ("X-Content-Type-Options", "nosniff"), *cache])  # fmt: skip
+        return Response(200, "OK", headers, body)
 
 
 class BrokerConnection(ServerConnection):
@@ -94,6 +128,7 @@ class WsServer:
         self.auth = Authenticator(parts.settings.auth, parts.settings.tokens)
         self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = weakref.WeakKeyDictionary()
         self._per_token: dict[str, int] = {}
+        self.client_files = ClientFiles()
 
     async def start(self) -> None:
         s = self.settings.server
@@ -135,6 +170,8 @@ class WsServer:
             return _json(status, {"ready": ready, "reasons": reasons, "node": self.node_id})
         if path == "/metrics" and metrics.enabled:
             return _response(http.HTTPStatus.OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        if path.startswith("/client/"):
+            return self.client_files.response(path.removeprefix("/client/"), request.headers.get("If-None-Match"))
         if path not in WS_PATHS:
             log.info("connection_refused", peer=_peer(conn), path=path, reason="unknown path")
             metrics.connections_total.labels("refused_path").inc()
