@@ -1,6 +1,10 @@
 """Background upkeep, safe on N nodes (every step is one idempotent script): lease expiry, due-retry promotion,
 orphan sweep, node heartbeats, DLQ index pruning, queue-depth gauges. The steps are plain coroutines; the loops
-around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently."""
+around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently.
+
+The periodic sweep is the safety net behind the groups' timers (broker/node/dispatch.py): it sweeps every group this
+node has no working timer for, every group when a node died (its leases go at once), and every group on a full pass
+each ``FULL_PASS_S`` (work whose due time no timer was told: an import, another node's publish)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ PAIRS_REFRESH_S = 2.0
 FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 GAUGE_INTERVAL_S = 5.0  # queue-depth gauges in /metrics are this fresh
 HEARTBEAT_S = 1.0
+FULL_PASS_S = 30.0  # groups with a timer on this node are swept this often too
 
 
 class Recovery:
@@ -43,6 +48,7 @@ class Recovery:
         self._pairs: list[tuple[str, str]] = []
         self._broken: list[str] = []  # "topic: error" for topics whose group set could not be read
         self._pairs_at = 0.0
+        self._full_at = 0.0
 
     def start(self) -> None:
         """Each loop runs under the supervisor (logged, counted, backoff, /readyz; see broker/supervisor.py). The
@@ -55,7 +61,20 @@ class Recovery:
         sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
         wakes = sup.loop("wake_listener", 1.0)
         running = lambda: not sup.stopping.is_set()  # noqa: E731
-        sup.run(wakes, lambda: self.store.listen_wakes(self.dispatch.wake, wakes.beat, running), running)
+        sup.run(wakes, lambda: self._listen(wakes.beat, running), running)
+
+    async def _listen(self, beat: Callable[[], None], running: Callable[[], bool]) -> None:
+        """The wake-up listener. While it is subscribed the delivery loops need no claim on an idle poll; when it
+        (re)subscribes, every loop claims once (a note may have been missed while it was away)."""
+
+        def subscribed() -> None:
+            self.dispatch.wakes_live = True
+            self.dispatch.wake_all()
+
+        try:
+            await self.store.listen_wakes(self.dispatch.wake, beat, running, subscribed)
+        finally:
+            self.dispatch.wakes_live = False
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():
@@ -67,18 +86,16 @@ class Recovery:
             self._pairs_at = now
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
         failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
-        for i in range(0, len(self._pairs), 100):
-            chunk = self._pairs[i : i + 100]
-            results = await self.store.sweep(chunk, dead_nodes=dead_nodes, failed=failed)
-            for (topic, group), (retry, dead, promoted) in zip(chunk, results, strict=True):
-                if retry or dead:
-                    metrics.lease_expired.labels(topic, group, "retry").inc(retry)
-                    metrics.lease_expired.labels(topic, group, "dead").inc(dead)
-                    log.warning("leases_expired", topic=topic, group=group, to_retry=retry, to_dlq=dead)
-                if promoted:
-                    metrics.promoted.labels(topic, group).inc(promoted)
-                if promoted or dead:  # a dead-lettered message may let the next one of its ordering key go live
-                    self.dispatch.wake(topic, group)
+        pairs = self._pairs
+        if dead_nodes or now - self._full_at >= FULL_PASS_S:
+            self._full_at = now
+        else:  # the groups whose timers run on this node need no sweep
+            pairs = [p for p in pairs if not self.dispatch.timed(*p)]
+        for i in range(0, len(pairs), 100):
+            chunk = pairs[i : i + 100]
+            results = await self.store.sweep_due(chunk, dead_nodes=dead_nodes, failed=failed)
+            for (topic, group), swept in zip(chunk, results, strict=True):
+                self.dispatch.swept(topic, group, swept)
         if dead_nodes and not self._broken and not failed:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))

@@ -173,9 +173,13 @@ class RedisStore:
         await self.nodes.forget_nodes(nodes)
 
     async def listen_wakes(
-        self, on_topic: Callable[[str], None], beat: Callable[[], None], should_run: Callable[[], bool]
+        self,
+        on_topic: Callable[[str], None],
+        beat: Callable[[], None],
+        should_run: Callable[[], bool],
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
-        await self.nodes.listen_wakes(on_topic, beat, should_run)
+        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed)
 
     # ---- reads ---------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class Swept:
     dead: int  # leases expired -> dead letter
     promoted: int  # due retries and delayed messages -> ready
     next_due: int | None
+    failed: bool = False  # its scripts failed (``failed`` given to ``sweep_due``): nothing is known
 
 
 class Sweeper:
@@ -87,7 +88,7 @@ class Sweeper:
                 assert failed is not None
                 self.scripts.gateway.log_bounded("redis_error_reply", "sweep", bad)
                 failed.append(f"{topic}/{group}: {bad}")
-                res[i], res[i + 1] = (0, 0, 0, -1), (0, -1)
+                res[i] = None
                 continue
             if int(res[i][2]):
                 log.warning(
@@ -99,6 +100,9 @@ class Sweeper:
                 )
         out = []
         for i in range(0, len(res), 2):
+            if res[i] is None:
+                out.append(Swept(0, 0, 0, None, failed=True))
+                continue
             heads = [h for h in (int(res[i][3]), int(res[i + 1][1])) if h >= 0]
             out.append(Swept(int(res[i][0]), int(res[i][1]), int(res[i + 1][0]), min(heads) if heads else None))
         return out
