@@ -272,6 +272,7 @@ class GroupDispatcher:
     def arm(self, due: int) -> None:
         """Make the timer fire at ``due`` (epoch ms) at the latest: it only ever moves earlier; a fire that finds
         nothing due costs one sweep step, which arms the timer at the true next head."""
+        self.dispatch.note_due(self.topic, self.group, due)
         if not self.consumers or self.dispatch.stopping:
             return
         if self._timer is not None and self.due is not None and self.due <= due:
@@ -340,6 +341,10 @@ class Dispatch:
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
         self.wakes_live = False  # the node's wake-up listener is subscribed (recovery.py): idle polls need no claim
+        # Per (topic, group): the earliest work due that this node knows of (epoch ms; None: none), from sweep
+        # steps (exact) and from what this node did since (earlier only). The periodic sweep visits a group without
+        # a timer here only when this is due or unknown (recovery.py).
+        self.known_due: dict[tuple[str, str], int | None] = {}
         # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
         self.counts: dict[str, dict[str, int]] = {}
 
@@ -382,10 +387,31 @@ class Dispatch:
             gd.wake.set()
 
     def arm(self, topic: str, due: int, group: str | None = None) -> None:
-        """Work comes due at ``due`` (epoch ms) in these groups (all of the topic's with None): arm their timers."""
+        """Work comes due at ``due`` (epoch ms) in these groups (all of the topic's with None): arm their timers,
+        and tell the periodic sweep about the groups that have none here."""
         for (t, g), gd in self.dispatchers.items():
             if t == topic and (group is None or g == group):
                 gd.arm(due)
+        for t, g in list(self.known_due):
+            if t == topic and (group is None or g == group):
+                self.note_due(t, g, due)
+
+    def note_due(self, topic: str, group: str, due: int) -> None:
+        key = (topic, group)
+        if key in self.known_due:  # unknown stays unknown: the sweep visits it anyway
+            known = self.known_due[key]
+            self.known_due[key] = due if known is None else min(known, due)
+
+    def sweep_wanted(self, topic: str, group: str, now: int) -> bool:
+        """Whether the periodic sweep should visit the group now (its full pass aside): no timer here, and work is
+        due or not known."""
+        if self.timed(topic, group):
+            return False
+        key = (topic, group)
+        if key not in self.known_due:
+            return True
+        due = self.known_due[key]
+        return due is not None and due <= now
 
     def timed(self, topic: str, group: str) -> bool:
         """True while this node's timer keeps the group's due work moving (the periodic sweep may leave it)."""
@@ -401,8 +427,12 @@ class Dispatch:
             log.warning("leases_expired", topic=topic, group=group, to_retry=s.retried, to_dlq=s.dead)
         if s.promoted:
             metrics.promoted.labels(topic, group).inc(s.promoted)
+        if s.failed:  # nothing is known: the next pass tries again
+            self.known_due.pop((topic, group), None)
+            return
+        self.known_due[(topic, group)] = s.next_due
         gd = self.dispatchers.get((topic, group))
-        if gd is None or s.failed:
+        if gd is None:
             return
         # promoted: claimable now; dead: the next message of its ordering key may be; retried: credit held by an
         # expired lease comes back (Consumer.credit); strict order: a retry waiting at the head may be due

@@ -2,9 +2,12 @@
 orphan sweep, node heartbeats, DLQ index pruning, queue-depth gauges. The steps are plain coroutines; the loops
 around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently.
 
-The periodic sweep is the safety net behind the groups' timers (broker/node/dispatch.py): it sweeps every group this
-node has no working timer for, every group when a node died (its leases go at once), and every group on a full pass
-each ``FULL_PASS_S`` (work whose due time no timer was told: an import, another node's publish)."""
+The periodic sweep is the safety net behind the groups' timers (broker/node/dispatch.py). Each pass visits the groups
+this node has no working timer for whose next work (as the last visit reported it, or as this node learnt since:
+its own delayed publishes, nacks, claims) is due or unknown; every group when a node died (its leases go at once);
+and every group on a full pass each ``FULL_PASS_S`` (work whose due time this node was not told: an import,
+another node's delayed publish to a group that has consumers here). So a group with nothing due costs no Redis call
+between full passes, with or without consumers."""
 
 from __future__ import annotations
 
@@ -84,13 +87,17 @@ class Recovery:
             self._broken = []
             self._pairs = await self.store.all_pairs(self._broken)
             self._pairs_at = now
+            known = self.dispatch.known_due
+            for gone in set(known) - set(self._pairs):
+                del known[gone]
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
         failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
         pairs = self._pairs
         if dead_nodes or now - self._full_at >= FULL_PASS_S:
             self._full_at = now
-        else:  # the groups whose timers run on this node need no sweep
-            pairs = [p for p in pairs if not self.dispatch.timed(*p)]
+        else:  # groups with a timer here, or with nothing due, need no visit
+            at = self.dispatch.clock()
+            pairs = [p for p in pairs if self.dispatch.sweep_wanted(*p, at)]
         for i in range(0, len(pairs), 100):
             chunk = pairs[i : i + 100]
             results = await self.store.sweep_due(chunk, dead_nodes=dead_nodes, failed=failed)
