@@ -174,3 +174,20 @@ async def test_an_idle_consumer_costs_no_script_call() -> None:
             calls = _script_calls(redis) - before
     print(f"script calls in 2 s with one idle consumer: {calls}")
     assert calls == 0
+
+
+async def test_a_delayed_publish_through_another_node_is_delivered_at_its_due_time(redis_timers: RedisServer) -> None:
+    # Given two nodes sweeping every 10 s: the consumer on B, the publisher on A (no consumer of the group there)
+    with BrokerProcess(redis_timers.url, env=SLOW_SWEEP) as b, BrokerProcess(redis_timers.url, env=SLOW_SWEEP) as a:
+        async with websockets.connect(b.url) as consumer, websockets.connect(a.url) as publisher:
+            await consumer.send(json.dumps({"op": "subscribe", "ref": 1, "topic": "tx", "group": "g"}))
+            await _recv(consumer, "subscribed")
+            await publisher.send(json.dumps({"op": "publish", "ref": 2, "topic": "tx", "payload": 1, "delay_ms": 300}))
+            await _recv(publisher, "published")
+            sent_at = time.monotonic()
+            got = await _recv(consumer, "message", timeout_s=15)
+            took_ms = (time.monotonic() - sent_at) * 1000
+    print(f"delay_ms=300 published through node A, delivered by node B after {took_ms:.1f} ms")
+    assert got["attempt"] == 1
+    # B's timer was told by A's note (due:<A>) and moved it at its due time; neither sweep ran in between
+    assert 250 <= took_ms < 3_000

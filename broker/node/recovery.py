@@ -74,8 +74,11 @@ class Recovery:
             self.dispatch.wakes_live = True
             self.dispatch.wake_all()
 
+        def due(topic: str) -> None:  # another node stored delayed messages: a sweep step reads their due times
+            self.dispatch.arm(topic, self.dispatch.clock())
+
         try:
-            await self.store.listen_wakes(self.dispatch.wake, beat, running, subscribed)
+            await self.store.listen_wakes(self.dispatch.wake, beat, running, subscribed, due)
         finally:
             self.dispatch.wakes_live = False
 

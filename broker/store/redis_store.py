@@ -178,8 +178,9 @@ class RedisStore:
         beat: Callable[[], None],
         should_run: Callable[[], bool],
         on_subscribed: Callable[[], None] | None = None,
+        on_due: Callable[[str], None] | None = None,
     ) -> None:
-        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed)
+        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed, on_due)
 
     # ---- reads ---------------------------------------------------------------------------------------------
 
