@@ -189,6 +189,13 @@ class GroupDispatcher:
         n = len(self.consumers)
         for i in range(n):
             c = self.consumers[(self._rr + i) % n]
+            if not full:
+                # The list was empty just now: the other consumers would claim nothing. A pull consumer is told so
+                # (as after an empty claim of its own), so a pull that waits for nothing is answered now, not left
+                # for a later round that, with nothing to wake it, may not come.
+                if c.pull and c.credit(self.dispatch.clock) > 0:
+                    c.claimed(0)
+                continue
             want = min(c.credit(self.dispatch.clock), batch)
             if want <= 0:
                 continue
@@ -201,8 +208,6 @@ class GroupDispatcher:
                 self._hand_over(c, deliveries)
             if c.pull:
                 c.claimed(len(deliveries))
-            if not full:
-                break
         self._rr = (self._rr + 1) % max(1, n)
         return any_credit and full
 
@@ -389,11 +394,17 @@ class Dispatch:
     def arm(self, topic: str, due: int, group: str | None = None) -> None:
         """Work comes due at ``due`` (epoch ms) in these groups (all of the topic's with None): arm their timers,
         and tell the periodic sweep about the groups that have none here."""
-        for (t, g), gd in self.dispatchers.items():
-            if t == topic and (group is None or g == group):
+        if group is not None:
+            gd = self.dispatchers.get((topic, group))
+            if gd is not None:
+                gd.arm(due)
+            self.note_due(topic, group, due)
+            return
+        for (t, _), gd in self.dispatchers.items():
+            if t == topic:
                 gd.arm(due)
         for t, g in list(self.known_due):
-            if t == topic and (group is None or g == group):
+            if t == topic:
                 self.note_due(t, g, due)
 
     def note_due(self, topic: str, group: str, due: int) -> None:
