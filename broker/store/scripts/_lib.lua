@@ -95,14 +95,6 @@ local function key_join(q, okey, id)
   return redis.call('RPUSH', key(q.gb, 'key', okey), id) == 1
 end
 
--- The lowest score of a sorted set (a due time or lease deadline, epoch ms), -1 when it is empty: what the scripts
--- that change a group's delayed or lease set report, so the node arms its timer for the group at that time.
-local function zset_head(k)
-  local head = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
-  if head[2] then return tonumber(head[2]) end
-  return -1
-end
-
 -- Make a message live in a group: the ready tail, or the delayed set while its publish delay (body field
 -- deliver_at) has not passed. Returns 'ready' or 'delayed' (where it went).
 local function make_live(q, id, now)

@@ -13,6 +13,12 @@
 --         the group is due (epoch ms; concurrent groups: the head of the delayed set, strict-order groups: the
 --         earliest not_before this call set), -1 when nothing waits: the node arms its timer for the group at it.
 -- A note on the wake channel when a message became claimable (back to ready, or the next of an ordering key).
+-- The lowest score of sorted set k (epoch ms), -1 when it is empty (the group's timer is armed there).
+local function zset_head(k)
+  local head = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+  if head[2] then return tonumber(head[2]) end
+  return -1
+end
 local base, topic, group, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
 local q = group_keys(base, group, KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local out = {}

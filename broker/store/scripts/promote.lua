@@ -12,6 +12,12 @@
 -- ARGV[5] group
 -- Returns {number promoted, due time (epoch ms) of the new head of the delayed set, -1 when it is empty}: the
 --         caller's timer for this group is armed at that time (broker/node/dispatch.py)
+-- The lowest score of sorted set k (epoch ms), -1 when it is empty (the group's timer is armed there).
+local function zset_head(k)
+  local head = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+  if head[2] then return tonumber(head[2]) end
+  return -1
+end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #ids > 0 then
   local q = group_keys(ARGV[4], ARGV[5], KEYS[2], nil, KEYS[1])
