@@ -191,3 +191,24 @@ async def test_a_delayed_publish_through_another_node_is_delivered_at_its_due_ti
     assert got["attempt"] == 1
     # B's timer was told by A's note (due:<A>) and moved it at its due time; neither sweep ran in between
     assert 250 <= took_ms < 3_000
+
+
+async def test_a_message_that_failed_twice_queues_at_the_tail(store_factory: StoreFactory) -> None:
+    # A message failing again is poison or its downstream is down: it must not take every turn at the head
+    clock = FakeClock()
+    store = await store_factory(_settings(100), clock)
+    await store.ensure_group(T, "g")
+    (m,) = await store.publish_many([PublishRequest(T, '"m"')])
+    for attempt in (1, 2):
+        (d,) = await store.claim(T, "g", 1, 30_000, "c1")
+        assert (d.id, d.attempt) == (m.id, attempt)
+        await store.nack_many(T, "g", [(NackItem(d.id, d.receipt, "down"), attempt, "c1")])
+        if attempt == 1:
+            clock.advance(100)
+            await store.sweep_due([(T, "g")])  # its first retry: at the head, claimed again at once
+    backlog = await store.publish_many([PublishRequest(T, f'"b{i}"') for i in range(2)])
+    clock.advance(100)
+    (s,) = await store.sweep_due([(T, "g")])
+    assert s.promoted == 1
+    got = await store.claim(T, "g", 10, 30_000, "c1")
+    assert [x.id for x in got] == [*(b.id for b in backlog), m.id]
