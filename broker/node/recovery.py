@@ -18,7 +18,7 @@ import structlog
 
 from broker.node.dispatch import Dispatch
 from broker.runtime import metrics
-from broker.runtime.supervisor import DegradedError, Supervisor
+from broker.runtime.supervisor import DegradedError, Loop, Supervisor
 from broker.store import RedisStore
 from broker.store.dead_letters import DeadLetters
 
@@ -64,13 +64,15 @@ class Recovery:
         sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
         wakes = sup.loop("wake_listener", 1.0)
         running = lambda: not sup.stopping.is_set()  # noqa: E731
-        sup.run(wakes, lambda: self._listen(wakes.beat, running), running)
+        sup.run(wakes, lambda: self._listen(wakes, running), running)
 
-    async def _listen(self, beat: Callable[[], None], running: Callable[[], bool]) -> None:
+    async def _listen(self, loop: Loop, running: Callable[[], bool]) -> None:
         """The wake-up listener. While it is subscribed the delivery loops need no claim on an idle poll; when it
-        (re)subscribes, every loop claims once (a note may have been missed while it was away)."""
+        (re)subscribes, every loop claims once (a note may have been missed while it was away), and the loop is
+        well again (after an outage it had ended and been restarted: failing, /readyz red, until this)."""
 
         def subscribed() -> None:
+            loop.succeeded()
             self.dispatch.wakes_live = True
             self.dispatch.wake_all()
 
@@ -78,7 +80,7 @@ class Recovery:
             self.dispatch.arm(topic, self.dispatch.clock())
 
         try:
-            await self.store.listen_wakes(self.dispatch.wake, beat, running, subscribed, due)
+            await self.store.listen_wakes(self.dispatch.wake, loop.beat, running, subscribed, due)
         finally:
             self.dispatch.wakes_live = False
 
