@@ -324,6 +324,7 @@ def parse(data: bytes) -> ExportFile:
 # JSON Lines input shared by the operator commands that read files (`dlq reprocess --from-file`, `import`): a file is
 # checked whole before anything acts on it, so a bad line is reported by its number and nothing is changed.
 
+
 class LineError(ValueError):
     """Line ``line`` (1-based) of a JSON Lines file is not what the reader expects."""
 

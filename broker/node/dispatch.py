@@ -3,6 +3,12 @@
 A ``Consumer`` is one subscription of one connection (or an in-process handler) to one (topic, group). The
 ``GroupDispatcher`` claims up to each consumer's free credit and hands the deliveries over; credit returns on ack,
 nack or requeue. Acks and nacks from every consumer of a group are coalesced into one script call per flush.
+
+Each ``GroupDispatcher`` also keeps **one timer** at the earliest time its group has work coming due (a retry or a
+delayed message in its delayed set, a lease deadline), learnt from the scripts' replies: when it fires, one sweep
+step for the group (expire + promote) moves exactly what is due and reports the next head, where the timer is armed
+again; the group's loop is woken when something moved. So a due retry is claimed within milliseconds, and an idle
+group with nothing due costs no Redis call (docs/design.md, "Timers").
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from broker.core.model import AckItem, Delivery, NackItem, now_ms
 from broker.runtime import metrics
 from broker.runtime.batching import Coalescer
 from broker.runtime.supervisor import Loop, Supervisor, watch_task
-from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore
+from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, Swept
 
 log = structlog.get_logger("broker.dispatch")
 
@@ -87,6 +93,16 @@ class GroupDispatcher:
         self.claiming = False  # a claim round of this loop is in flight
         self.eager: ClaimRequest | None = None  # a claim riding on a publish round trip (ride_claim)
         self.eager_over = asyncio.Event()  # set when that claim's answer has been handed over
+        # The ready list may hold messages: cleared when a claim came back short (it was empty then), set by every
+        # wake-up. While it is clear and the node's wake-up listener is subscribed, the idle poll calls no Redis:
+        # whatever makes a message claimable wakes the loop (locally, or by a note on the topic's wake channel).
+        self.maybe_ready = True
+        # The timer: armed at ``due`` (epoch ms), the earliest work due that this node knows of; ``timed`` once a
+        # sweep step of this group (the periodic sweep's first, then the timer's own) told its heads: from then on
+        # the periodic sweep leaves the group to the timer, until the timer fails or the last consumer leaves.
+        self.due: int | None = None
+        self.timed = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -121,7 +137,13 @@ class GroupDispatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), poll)
                 continue
+            if not self.wake.is_set() and not self._poll_claims():
+                loop.beat(poll)  # nothing can be waiting: no claim, only a wake-up or the next poll
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), poll)
+                continue
             self.wake.clear()  # before the round: a wake-up that arrives during it starts the next round
+            self.maybe_ready = True
             try:
                 self.claiming = True
                 got_all = await self._claim_round(batch)
@@ -154,6 +176,12 @@ class GroupDispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), poll)
 
+    def _poll_claims(self) -> bool:
+        """Whether a poll (no wake-up came) claims: when the ready list may hold messages, when a wake-up note may
+        have been missed (the listener is not subscribed), and always in a strict-order group (its claims wait on a
+        lease held elsewhere, which no note announces)."""
+        return self.maybe_ready or not self.dispatch.wakes_live or self.dispatch.store.is_strict(self.topic, self.group)
+
     async def _claim_round(self, batch: int) -> bool:
         """One claim per consumer with credit, round robin. True when every claim came back full."""
         full = True
@@ -161,6 +189,13 @@ class GroupDispatcher:
         n = len(self.consumers)
         for i in range(n):
             c = self.consumers[(self._rr + i) % n]
+            if not full:
+                # The list was empty just now: the other consumers would claim nothing. A pull consumer is told so
+                # (as after an empty claim of its own), so a pull that waits for nothing is answered now, not left
+                # for a later round that, with nothing to wake it, may not come.
+                if c.pull and c.credit(self.dispatch.clock) > 0:
+                    c.claimed(0)
+                continue
             want = min(c.credit(self.dispatch.clock), batch)
             if want <= 0:
                 continue
@@ -168,12 +203,11 @@ class GroupDispatcher:
             deliveries = await self.dispatch.store.claim(self.topic, self.group, want, c.lease_ms, c.id)
             if len(deliveries) < want:
                 full = False
+                self.maybe_ready = self.wake.is_set()  # it was empty (unless something arrived meanwhile)
             if deliveries:
                 self._hand_over(c, deliveries)
             if c.pull:
                 c.claimed(len(deliveries))
-            if not full:
-                break
         self._rr = (self._rr + 1) % max(1, n)
         return any_credit and full
 
@@ -201,6 +235,9 @@ class GroupDispatcher:
         once when it came back full or failed (there may be more, or the loop must see the error)."""
         res = req.result
         try:
+            # A short answer does not say the list is empty: when the publish's script had to be loaded (NOSCRIPT)
+            # it was sent again after the claim had run, so the claim may not have seen it. The next poll claims.
+            self.maybe_ready = True
             if isinstance(res, list):
                 if res:
                     self._hand_over(c, res)
@@ -217,6 +254,9 @@ class GroupDispatcher:
             self.dispatch.release_later(self.topic, self.group, deliveries)
             return
         back = []
+        deadline = min(dv.lease_expires_at for dv in deliveries)
+        if deadline > self.dispatch.clock():
+            self.arm(deadline)  # their leases' expiry
         for dv in deliveries:
             if c.outlet.holds(dv.id, dv.receipt):
                 # A connection settles by (id, receipt) alone. Another group of this topic claimed the same message
@@ -231,6 +271,56 @@ class GroupDispatcher:
         sent = len(deliveries) - len(back)
         metrics.child(metrics.delivered, self.topic, self.group).inc(sent)
         self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
+
+    # ---- the timer -----------------------------------------------------------------------------------------
+
+    def arm(self, due: int) -> None:
+        """Make the timer fire at ``due`` (epoch ms) at the latest: it only ever moves earlier; a fire that finds
+        nothing due costs one sweep step, which arms the timer at the true next head."""
+        self.dispatch.note_due(self.topic, self.group, due)
+        if not self.consumers or self.dispatch.stopping:
+            return
+        if self._timer is not None and self.due is not None and self.due <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self.due = due
+        delay = max(0.001, (due - self.dispatch.clock()) / 1000)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self.due, self.timed = None, None, False
+
+    def _fire(self) -> None:
+        due, self._timer, self.due = self.due, None, None
+        if due is not None and due > self.dispatch.clock():  # early (the loop's clock is not the wall clock)
+            self.arm(due)
+            return
+        self.dispatch.spawn(self._step())
+
+    async def _step(self) -> None:
+        """One sweep step for this group (expire + promote, atomic scripts, safe next to other nodes' sweeps)."""
+        d = self.dispatch
+        try:
+            (swept,) = await d.store.sweep_due([(self.topic, self.group)])
+        except Exception as e:
+            # Not lost: the periodic sweep covers a group without a working timer; try again after its interval.
+            code = e.code if isinstance(e, BrokerError) else "internal"
+            metrics.store_errors.labels("timer", code).inc()
+            if self.timed or code != "unavailable":  # an outage is loud already (breaker, /readyz): once
+                log.warning(
+                    "group_timer_failed",
+                    topic=self.topic,
+                    group=self.group,
+                    error=e.message if isinstance(e, BrokerError) else repr(e),
+                    exc_info=not isinstance(e, BrokerError),
+                )
+            self.timed = False
+            self.arm(d.clock() + d.settings.delivery.sweep_interval_ms)
+            return
+        d.swept(self.topic, self.group, swept)
 
 
 class Dispatch:
@@ -255,6 +345,11 @@ class Dispatch:
         self._acks: dict[tuple[str, str], Coalescer[AckItem, bool]] = {}
         self._nacks: dict[tuple[str, str], Coalescer[tuple[NackItem, int, str], NackOutcome]] = {}
         self._bg: set[asyncio.Task[None]] = set()
+        self.wakes_live = False  # the node's wake-up listener is subscribed (recovery.py): idle polls need no claim
+        # Per (topic, group): the earliest work due that this node knows of (epoch ms; None: none), from sweep
+        # steps (exact) and from what this node did since (earlier only). The periodic sweep visits a group without
+        # a timer here only when this is due or unknown (recovery.py).
+        self.known_due: dict[tuple[str, str], int | None] = {}
         # totals since start, per "topic/group" (published: per topic), shown as rates by `broker stats`
         self.counts: dict[str, dict[str, int]] = {}
 
@@ -282,6 +377,7 @@ class Dispatch:
         if gd is not None and consumer in gd.consumers:
             gd.consumers.remove(consumer)
             if not gd.consumers:
+                gd.stop_timer()  # the periodic sweep covers the group again
                 gd.wake.set()  # lets the loop see it has no consumers and end
                 if gd.task is None or gd.task.done():
                     del self.dispatchers[(consumer.topic, consumer.group)]
@@ -294,6 +390,68 @@ class Dispatch:
     def wake_all(self) -> None:
         for gd in self.dispatchers.values():
             gd.wake.set()
+
+    def arm(self, topic: str, due: int, group: str | None = None) -> None:
+        """Work comes due at ``due`` (epoch ms) in these groups (all of the topic's with None): arm their timers,
+        and tell the periodic sweep about the groups that have none here."""
+        if group is not None:
+            gd = self.dispatchers.get((topic, group))
+            if gd is not None:
+                gd.arm(due)
+            self.note_due(topic, group, due)
+            return
+        for (t, _), gd in self.dispatchers.items():
+            if t == topic:
+                gd.arm(due)
+        for t, g in list(self.known_due):
+            if t == topic:
+                self.note_due(t, g, due)
+
+    def note_due(self, topic: str, group: str, due: int) -> None:
+        key = (topic, group)
+        if key in self.known_due:  # unknown stays unknown: the sweep visits it anyway
+            known = self.known_due[key]
+            self.known_due[key] = due if known is None else min(known, due)
+
+    def sweep_wanted(self, topic: str, group: str, now: int) -> bool:
+        """Whether the periodic sweep should visit the group now (its full pass aside): no timer here, and work is
+        due or not known."""
+        if self.timed(topic, group):
+            return False
+        key = (topic, group)
+        if key not in self.known_due:
+            return True
+        due = self.known_due[key]
+        return due is not None and due <= now
+
+    def timed(self, topic: str, group: str) -> bool:
+        """True while this node's timer keeps the group's due work moving (the periodic sweep may leave it)."""
+        gd = self.dispatchers.get((topic, group))
+        return gd is not None and gd.timed and bool(gd.consumers)
+
+    def swept(self, topic: str, group: str, s: Swept) -> None:
+        """A sweep step of one group ran (the group's timer or the periodic sweep): count and report what moved,
+        wake the group's loop when something became claimable or credit came back, arm its timer at the next head."""
+        if s.retried or s.dead:
+            metrics.lease_expired.labels(topic, group, "retry").inc(s.retried)
+            metrics.lease_expired.labels(topic, group, "dead").inc(s.dead)
+            log.warning("leases_expired", topic=topic, group=group, to_retry=s.retried, to_dlq=s.dead)
+        if s.promoted:
+            metrics.promoted.labels(topic, group).inc(s.promoted)
+        if s.failed:  # nothing is known: the next pass tries again
+            self.known_due.pop((topic, group), None)
+            return
+        self.known_due[(topic, group)] = s.next_due
+        gd = self.dispatchers.get((topic, group))
+        if gd is None:
+            return
+        # promoted: claimable now; dead: the next message of its ordering key may be; retried: credit held by an
+        # expired lease comes back (Consumer.credit); strict order: a retry waiting at the head may be due
+        if s.promoted or s.dead or s.retried or self.store.is_strict(topic, group):
+            gd.wake.set()
+        gd.timed = True
+        if s.next_due is not None:
+            gd.arm(s.next_due)
 
     def notify_paused(self, gd: GroupDispatcher, err: BrokerError) -> None:
         for c in gd.consumers:
@@ -345,6 +503,8 @@ class Dispatch:
         self.count(f"{key[0]}/{key[1]}", "acked", n)
         if AckOutcome.ACKED_NEXT_LIVE in res or (n and self.store.is_strict(*key)):
             self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
+        if AckOutcome.ACKED_NEXT_DELAYED in res:  # the next message of a key waits for its publish delay
+            self.arm(key[0], self.clock(), key[1])  # (its due time is not in the reply: a sweep step reads it)
         return [bool(r) for r in res]
 
     def nack(self, consumer: Consumer, item: NackItem, attempt: int) -> asyncio.Future[NackOutcome]:
@@ -366,7 +526,10 @@ class Dispatch:
     async def _nack_flush(
         self, key: tuple[str, str], items: Sequence[tuple[NackItem, int, str]]
     ) -> Sequence[NackOutcome]:
-        res = await self.store.nack_many(key[0], key[1], items)
+        reply = await self.store.nack_due(key[0], key[1], items)
+        res = reply.outcomes
+        if reply.due is not None:
+            self.arm(key[0], reply.due, key[1])
         for outcome in res:
             metrics.nacked.labels(key[0], key[1], outcome.value).inc()
         self.count(f"{key[0]}/{key[1]}", "nacked", len(res))
@@ -396,7 +559,7 @@ class Dispatch:
             return
         back = [AckItem(i, held[0]) for i, held in consumer.inflight.items() if self.stopping or i in unsent]
         if back:
-            self._spawn(self._release(consumer.topic, consumer.group, back))
+            self.spawn(self._release(consumer.topic, consumer.group, back))
         for msg_id, (receipt, attempt, *_) in list(consumer.inflight.items()):
             if self.stopping or msg_id in unsent:
                 continue
@@ -410,7 +573,7 @@ class Dispatch:
 
     def release_items(self, topic: str, group: str, items: list[AckItem]) -> None:
         if items:
-            self._spawn(self._release(topic, group, items))
+            self.spawn(self._release(topic, group, items))
 
     async def _release(self, topic: str, group: str, items: list[AckItem]) -> None:
         try:
@@ -427,7 +590,7 @@ class Dispatch:
                 note="the leases will expire and the messages will be redelivered",
             )
 
-    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+    def spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = watch_task(asyncio.create_task(coro))
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
@@ -441,6 +604,8 @@ class Dispatch:
     async def stop(self, timeout_s: float) -> None:
         self.stopping = True
         self._stopped.set()
+        for gd in self.dispatchers.values():
+            gd.stop_timer()
         self.wake_all()
         tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
         if tasks:

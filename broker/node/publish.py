@@ -67,7 +67,11 @@ class Publisher:
             self._wake_up(topics, claims)
         out: list[PublishResult | BrokerError] = []
         confirmed: dict[str, int] = {}  # per topic: confirmed publishes (duplicates included), one metric step each
+        now = self.dispatch.clock()  # not before the store's own `now`: the timers fire at or after the due time
+        due: dict[str, int] = {}  # per topic: its earliest delayed publish, where its groups' timers are armed
         for r, one in zip(reqs, res, strict=True):
+            if r.delay_ms and isinstance(one, PublishResult) and one.groups > 0 and not one.duplicate:
+                due[r.topic] = min(due.get(r.topic, now + r.delay_ms), now + r.delay_ms)
             if isinstance(one, PublishResult) and one.groups < 0:  # the store's "no group, policy reject"
                 one = NotFoundError(
                     f"topic {r.topic!r} has no group and delivery.publish_without_group is 'reject'; nothing stored"
@@ -81,6 +85,8 @@ class Publisher:
             out.append(one)
         for topic, n in confirmed.items():
             metrics.child(metrics.published, topic).inc(n)
+        for topic, at in due.items():
+            self.dispatch.arm(topic, at)
         return out
 
     def _riding_claims(self, topics: set[str]) -> list[Riding]:

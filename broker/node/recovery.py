@@ -1,6 +1,13 @@
 """Background upkeep, safe on N nodes (every step is one idempotent script): lease expiry, due-retry promotion,
 orphan sweep, node heartbeats, DLQ index pruning, queue-depth gauges. The steps are plain coroutines; the loops
-around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently."""
+around them are the supervisor's (broker/supervisor.py), so none fails, stalls or ends silently.
+
+The periodic sweep is the safety net behind the groups' timers (broker/node/dispatch.py). Each pass visits the groups
+this node has no working timer for whose next work (as the last visit reported it, or as this node learnt since:
+its own delayed publishes, nacks, claims) is due or unknown; every group when a node died (its leases go at once);
+and every group on a full pass each ``FULL_PASS_S`` (work whose due time this node was not told: an import,
+another node's delayed publish to a group that has consumers here). So a group with nothing due costs no Redis call
+between full passes, with or without consumers."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import structlog
 
 from broker.node.dispatch import Dispatch
 from broker.runtime import metrics
-from broker.runtime.supervisor import DegradedError, Supervisor
+from broker.runtime.supervisor import DegradedError, Loop, Supervisor
 from broker.store import RedisStore
 from broker.store.dead_letters import DeadLetters
 
@@ -21,6 +28,7 @@ PAIRS_REFRESH_S = 2.0
 FORGET_NODE_MS = 3_600_000  # after this long its heartbeat entry is removed
 GAUGE_INTERVAL_S = 5.0  # queue-depth gauges in /metrics are this fresh
 HEARTBEAT_S = 1.0
+FULL_PASS_S = 30.0  # groups with a timer on this node are swept this often too
 
 
 class Recovery:
@@ -43,6 +51,7 @@ class Recovery:
         self._pairs: list[tuple[str, str]] = []
         self._broken: list[str] = []  # "topic: error" for topics whose group set could not be read
         self._pairs_at = 0.0
+        self._full_at = 0.0
 
     def start(self) -> None:
         """Each loop runs under the supervisor (logged, counted, backoff, /readyz; see broker/supervisor.py). The
@@ -55,14 +64,25 @@ class Recovery:
         sup.periodic("depth_gauges", self.gauges_once, GAUGE_INTERVAL_S)
         wakes = sup.loop("wake_listener", 1.0)
         running = lambda: not sup.stopping.is_set()  # noqa: E731
+        sup.run(wakes, lambda: self._listen(wakes, running), running)
 
-        def listening() -> None:
-            # Subscribed and waiting: alive, and healthy again if earlier tries failed. (A listener never ends a
-            # step: without this it would stay "failing" on /readyz after an outage long enough to mark it so.)
-            wakes.beat()
-            wakes.succeeded()
+    async def _listen(self, loop: Loop, running: Callable[[], bool]) -> None:
+        """The wake-up listener. While it is subscribed the delivery loops need no claim on an idle poll; when it
+        (re)subscribes, every loop claims once (a note may have been missed while it was away), and the loop is
+        well again (after an outage it had ended and been restarted: failing, /readyz red, until this)."""
 
-        sup.run(wakes, lambda: self.store.listen_wakes(self.dispatch.wake, listening, running), running)
+        def subscribed() -> None:
+            loop.succeeded()
+            self.dispatch.wakes_live = True
+            self.dispatch.wake_all()
+
+        def due(topic: str) -> None:  # another node stored delayed messages: a sweep step reads their due times
+            self.dispatch.arm(topic, self.dispatch.clock())
+
+        try:
+            await self.store.listen_wakes(self.dispatch.wake, loop.beat, running, subscribed, due)
+        finally:
+            self.dispatch.wakes_live = False
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():
@@ -72,20 +92,22 @@ class Recovery:
             self._broken = []
             self._pairs = await self.store.all_pairs(self._broken)
             self._pairs_at = now
+            known = self.dispatch.known_due
+            for gone in set(known) - set(self._pairs):
+                del known[gone]
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
         failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
-        for i in range(0, len(self._pairs), 100):
-            chunk = self._pairs[i : i + 100]
-            results = await self.store.sweep(chunk, dead_nodes=dead_nodes, failed=failed)
-            for (topic, group), (retry, dead, promoted) in zip(chunk, results, strict=True):
-                if retry or dead:
-                    metrics.lease_expired.labels(topic, group, "retry").inc(retry)
-                    metrics.lease_expired.labels(topic, group, "dead").inc(dead)
-                    log.warning("leases_expired", topic=topic, group=group, to_retry=retry, to_dlq=dead)
-                if promoted:
-                    metrics.promoted.labels(topic, group).inc(promoted)
-                if promoted or dead:  # a dead-lettered message may let the next one of its ordering key go live
-                    self.dispatch.wake(topic, group)
+        pairs = self._pairs
+        if dead_nodes or now - self._full_at >= FULL_PASS_S:
+            self._full_at = now
+        else:  # groups with a timer here, or with nothing due, need no visit
+            at = self.dispatch.clock()
+            pairs = [p for p in pairs if self.dispatch.sweep_wanted(*p, at)]
+        for i in range(0, len(pairs), 100):
+            chunk = pairs[i : i + 100]
+            results = await self.store.sweep_due(chunk, dead_nodes=dead_nodes, failed=failed)
+            for (topic, group), swept in zip(chunk, results, strict=True):
+                self.dispatch.swept(topic, group, swept)
         if dead_nodes and not self._broken and not failed:
             # every pair was swept for these nodes' leases in this pass: they hold nothing any more
             await self.store.forget_nodes(await self.store.dead_nodes(FORGET_NODE_MS))

@@ -31,6 +31,7 @@ class AckOutcome(IntEnum):
     STALE = 0  # not leased, or leased under another receipt
     ACKED = 1
     ACKED_NEXT_LIVE = 2  # acked, and the next message of its ordering key went live (worth a claim)
+    ACKED_NEXT_DELAYED = 3  # acked, and the next message of its ordering key waits for its publish delay
 
 
 @dataclass(slots=True)
@@ -51,6 +52,15 @@ class NackOutcome(StrEnum):
     READY = "ready"
     DEAD = "dead"
     STALE = "stale"
+
+
+@dataclass(slots=True, frozen=True)
+class NackReply:
+    """One nack flush: an outcome per item, and when the group's earliest retry is due (epoch ms; None: nothing
+    waits), so the node can arm its timer for the group (``nack.lua``'s last reply element)."""
+
+    outcomes: list[NackOutcome]
+    due: int | None
 
 
 def error_entry(attempt: int, error: str, at: int, consumer: str) -> str:
@@ -247,6 +257,10 @@ class Messages:
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
         """items: (nack, attempt it was delivered as, consumer). Delay None -> jittered backoff for that attempt,
         computed in the script (a message may carry its own backoff base and max attempts)."""
+        return (await self.nack_due(topic, group, items)).outcomes
+
+    async def nack_due(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> NackReply:
+        """``nack_many``, also saying when the group's earliest retry is due (for the node's timer)."""
         k = self.keys(topic)
         g = k.group(group)
         r = self.settings.retry
@@ -258,7 +272,8 @@ class Messages:
             entry = error_entry(attempt, it.error, now, consumer)
             args += [it.id, it.receipt, entry, delay, "1" if it.dead else "0", jitter_factor(r.jitter, self._rng)]
         res = await self.scripts.call("nack", [g.ready, g.leased, g.delayed, g.dead], args, "nack")
-        return [NackOutcome(x) for x in res]
+        due = int(res[-1])
+        return NackReply([NackOutcome(x) for x in res[:-1]], due if due >= 0 else None)
 
     async def release(self, topic: str, group: str, items: Sequence[AckItem]) -> int:
         if not items:

@@ -74,25 +74,44 @@ class Nodes:
             await self.gateway.call(lambda r: r.zrem(nodes_key(self.prefix), *nodes), "forget_nodes")
 
     async def listen_wakes(
-        self, on_topic: Callable[[str], None], beat: Callable[[], None], should_run: Callable[[], bool]
+        self,
+        on_topic: Callable[[str], None],
+        beat: Callable[[], None],
+        should_run: Callable[[], bool],
+        on_subscribed: Callable[[], None] | None = None,
+        on_due: Callable[[str], None] | None = None,
     ) -> None:
         """Wake-up notes of every topic (Pub/Sub ``<prefix>:{<topic>}:wake``, published by the scripts that make
         messages claimable), so this node claims at once what another node published, promoted or unblocked,
         rather than at its next poll. Notes this node's own publishes sent are skipped (it woke itself already).
         Runs until ``should_run()`` is false; a lost connection raises ``UnavailableError`` (the caller's loop
-        restarts it). Best effort by design: a missed note costs at most one poll interval. Not behind the breaker:
+        restarts it). ``on_subscribed`` is called once the subscription stands: notes sent before it were missed.
+        ``on_due(topic)`` gets the notes ``due:<node id>`` of other nodes: messages of the topic went to delayed
+        sets (their due times are for this node's timers to read).
+        Not behind the breaker:
         a listener waits by design, and its waits are not calls that succeed or fail."""
         pattern = f"{self.prefix}:{{*}}:wake"
         head, tail = len(self.prefix) + 2, -len("}:wake")
+        own_due = f"due:{self.node_id}"
         pubsub = self.gateway.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(pattern)
+            if on_subscribed is not None:
+                on_subscribed()
             while should_run():
                 beat()
                 msg = await pubsub.get_message(timeout=1.0)
-                if msg is None or msg.get("type") != "pmessage" or msg.get("data") == self.node_id:
+                if msg is None or msg.get("type") != "pmessage":
                     continue
-                on_topic(str(msg["channel"])[head:tail])
+                data = msg.get("data")
+                if data == self.node_id or data == own_due:
+                    continue
+                topic = str(msg["channel"])[head:tail]
+                if isinstance(data, str) and data.startswith("due:"):
+                    if on_due is not None:
+                        on_due(topic)
+                    continue
+                on_topic(topic)
         except OUTAGES as e:
             raise UnavailableError(f"redis unreachable (wake-up listener): {e}", retry_after_ms=1_000) from None
         finally:

@@ -28,11 +28,11 @@ from broker.core.model import AckItem, Delivery, GroupDepth, NackItem, PublishRe
 from broker.runtime.resilience import Breaker
 from broker.store.gateway import Gateway
 from broker.store.keys import TopicKeys
-from broker.store.messages import AckOutcome, ClaimRequest, Messages, NackOutcome, StrictOrder
+from broker.store.messages import AckOutcome, ClaimRequest, Messages, NackOutcome, NackReply, StrictOrder
 from broker.store.nodes import Nodes
 from broker.store.reads import Reads
 from broker.store.scripts import Scripts
-from broker.store.sweep import Sweeper
+from broker.store.sweep import Sweeper, Swept
 from broker.store.topology import Topology
 
 Clock = Callable[[], int]
@@ -131,6 +131,9 @@ class RedisStore:
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
         return await self.messages.nack_many(topic, group, items)
 
+    async def nack_due(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> NackReply:
+        return await self.messages.nack_due(topic, group, items)
+
     async def release(self, topic: str, group: str, items: Sequence[AckItem]) -> int:
         return await self.messages.release(topic, group, items)
 
@@ -148,6 +151,15 @@ class RedisStore:
     ) -> list[tuple[int, int, int]]:
         return await self.sweeper.sweep(pairs, limit, dead_nodes, failed)
 
+    async def sweep_due(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        limit: int = 500,
+        dead_nodes: Sequence[str] = (),
+        failed: list[str] | None = None,
+    ) -> list[Swept]:
+        return await self.sweeper.sweep_due(pairs, limit, dead_nodes, failed)
+
     async def heartbeat(self, status: dict[str, str] | None = None) -> None:
         await self.nodes.heartbeat(status)
 
@@ -161,9 +173,14 @@ class RedisStore:
         await self.nodes.forget_nodes(nodes)
 
     async def listen_wakes(
-        self, on_topic: Callable[[str], None], beat: Callable[[], None], should_run: Callable[[], bool]
+        self,
+        on_topic: Callable[[str], None],
+        beat: Callable[[], None],
+        should_run: Callable[[], bool],
+        on_subscribed: Callable[[], None] | None = None,
+        on_due: Callable[[str], None] | None = None,
     ) -> None:
-        await self.nodes.listen_wakes(on_topic, beat, should_run)
+        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed, on_due)
 
     # ---- reads ---------------------------------------------------------------------------------------------
 

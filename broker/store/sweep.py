@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -16,6 +17,18 @@ from broker.store.scripts import ScriptCall, Scripts
 from broker.store.topology import Topology
 
 log = structlog.get_logger("broker.store")
+
+
+@dataclass(slots=True, frozen=True)
+class Swept:
+    """What one sweep step did to one (topic, group), and when its next work is due: ``next_due`` is the earlier of
+    its lease set's and its delayed set's heads (epoch ms; None: both empty), where the node arms its timer."""
+
+    retried: int  # leases expired -> retry
+    dead: int  # leases expired -> dead letter
+    promoted: int  # due retries and delayed messages -> ready
+    next_due: int | None
+    failed: bool = False  # its scripts failed (``failed`` given to ``sweep_due``): nothing is known
 
 
 class Sweeper:
@@ -36,10 +49,21 @@ class Sweeper:
         dead_nodes: Sequence[str] = (),
         failed: list[str] | None = None,
     ) -> list[tuple[int, int, int]]:
+        """``sweep_due`` as (expired->retry, expired->dead, promoted) per pair."""
+        return [(s.retried, s.dead, s.promoted) for s in await self.sweep_due(pairs, limit, dead_nodes, failed)]
+
+    async def sweep_due(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        limit: int = 500,
+        dead_nodes: Sequence[str] = (),
+        failed: list[str] | None = None,
+    ) -> list[Swept]:
         """Expire due leases (and every lease held by one of ``dead_nodes``) and promote due retries for many
-        (topic, group) pairs in one pipeline. Returns per pair (expired->retry, expired->dead, promoted).
+        (topic, group) pairs in one pipeline. Returns per pair what was done and when its next work is due.
         A pair whose scripts fail (an error reply, e.g. WRONGTYPE on a damaged key) fails the call, unless
-        ``failed`` is given: then it counts (0, 0, 0) and "topic/group: error" is appended there."""
+        ``failed`` is given: then it counts nothing (next due unknown: None) and "topic/group: error" is appended
+        there."""
         if not pairs:
             return []
         r = self.settings.retry
@@ -55,7 +79,7 @@ class Sweeper:
             expire_args += [len(dead_nodes), *dead_nodes, self.strict.flag(topic, group)]
             expire_args += [r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, *jitters]
             calls.append((expire, [g.leased, g.delayed, g.dead, g.ready], expire_args))
-            calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake]))
+            calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake, k.base, group]))
 
         res = await self.scripts.run(calls, "sweep", keep_errors=failed is not None)
         for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):
@@ -64,7 +88,7 @@ class Sweeper:
                 assert failed is not None
                 self.scripts.gateway.log_bounded("redis_error_reply", "sweep", bad)
                 failed.append(f"{topic}/{group}: {bad}")
-                res[i], res[i + 1] = (0, 0, 0), 0
+                res[i] = None
                 continue
             if int(res[i][2]):
                 log.warning(
@@ -74,4 +98,11 @@ class Sweeper:
                     count=int(res[i][2]),
                     dead_nodes=list(dead_nodes),
                 )
-        return [(int(res[i][0]), int(res[i][1]), int(res[i + 1])) for i in range(0, len(res), 2)]
+        out = []
+        for i in range(0, len(res), 2):
+            if res[i] is None:
+                out.append(Swept(0, 0, 0, None, failed=True))
+                continue
+            heads = [h for h in (int(res[i][3]), int(res[i + 1][1])) if h >= 0]
+            out.append(Swept(int(res[i][0]), int(res[i][1]), int(res[i + 1][0]), min(heads) if heads else None))
+        return out

@@ -102,18 +102,19 @@ local function key_join(q, okey, id)
 end
 
 -- Make a message live in a group: the ready tail, or the delayed set while its publish delay (body field
--- deliver_at) has not passed.
+-- deliver_at) has not passed. Returns 'ready' or 'delayed' (where it went).
 local function make_live(q, id, now)
   local due = tonumber(redis.call('HGET', key(q.base, 'msg', id), 'deliver_at') or '0')
   if due > now then
     redis.call('ZADD', q.delayed, due, id)
-  else
-    redis.call('RPUSH', q.ready, id)
+    return 'delayed'
   end
+  redis.call('RPUSH', q.ready, id)
+  return 'ready'
 end
 
 -- The head of key K's line is finished in this group (acked or dead): the next message of K goes live.
--- Returns true when one did.
+-- Returns false when none did, else where it went ('ready' or 'delayed', both true).
 local function key_done(q, okey, id, now)
   local line = key(q.gb, 'key', okey)
   if redis.call('LINDEX', line, 0) ~= id then  -- not the head (should not happen): just leave the line
@@ -123,8 +124,7 @@ local function key_done(q, okey, id, now)
   redis.call('LPOP', line)
   local nxt = redis.call('LINDEX', line, 0)
   if not nxt then return false end
-  make_live(q, nxt, now)
-  return true
+  return make_live(q, nxt, now)
 end
 
 -- The body fields a dead letter carries under the body's own names (the ones after published_at only when the

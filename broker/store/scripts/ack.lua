@@ -8,7 +8,8 @@
 --          <gb>key:<okey>; channel <base>wake
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), ARGV[4] audit max (0: off), ARGV[5] audit ttl (s),
 --          then pairs: id, receipt
--- Returns  array of 1 (acked) | 2 (acked, and the next message of its ordering key went live) | 0 (stale: not
+-- Returns  array of 1 (acked) | 2 (acked, and the next message of its ordering key went live) | 3 (acked, and the
+--          next message of its ordering key went to the delayed set: its publish delay runs) | 0 (stale: not
 --          leased, or leased under another receipt)
 local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -29,7 +30,9 @@ for i = 6, #ARGV, 2 do
     release_body(base, id, gone)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
-    if next_live then
+    if next_live == 'delayed' then
+      out[#out + 1] = 3
+    elseif next_live then
       woke = true
       out[#out + 1] = 2
     else

@@ -11,7 +11,14 @@
 -- ARGV[10+K] backoff base (ms), ARGV[11+K] backoff multiplier, ARGV[12+K] backoff cap (ms),
 -- ARGV[13+K..] jitter factors (drawn by the caller from [1 - jitter, 1 + jitter]), used in turn so that leases
 -- expiring together do not all retry together. A message with its own retry policy (body fields) uses it.
--- Returns {expired_to_retry, expired_to_dead, of which orphaned by a dead node}
+-- Returns {expired_to_retry, expired_to_dead, of which orphaned by a dead node, deadline (epoch ms) of the lease
+--         set's new head, -1 when it is empty}: the caller's timer for this group is armed at that time
+-- The lowest score of sorted set k (epoch ms), -1 when it is empty (the group's timer is armed there).
+local function zset_head(k)
+  local head = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+  if head[2] then return tonumber(head[2]) end
+  return -1
+end
 local base, topic, group, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
 local limit, k = tonumber(ARGV[7]), tonumber(ARGV[8])
 local strict = ARGV[9 + k]
@@ -55,4 +62,4 @@ for n, id in ipairs(ids) do
   end
 end
 if woke then redis.call('PUBLISH', key(base, 'wake'), 'k') end
-return {retried, dead, orphaned}
+return {retried, dead, orphaned, zset_head(KEYS[1])}

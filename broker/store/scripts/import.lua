@@ -21,6 +21,7 @@
 --       appended to the history (a lease cut by the export), nb/nd: body / delivery hash fields ("refs" excluded)
 --   D group id died_at ttl_s|"" nf (field value)*nf
 --   I idempotency_key id ttl_s|""
+-- A note on the wake channel when anything was written.
 -- Returns one verdict per op: "imported" | "present" (this Redis holds it) | "ledger" (imported before);
 --         a dry run returns what a real run would.
 
@@ -150,5 +151,8 @@ while i <= #ARGV do
     return redis.error_reply('ERR import.lua: unknown op ' .. tostring(kind) .. ' at ARGV[' .. i .. ']')
   end
 end
-if wrote then redis.call('PEXPIRE', ledger, ttl) end
+if wrote then
+  redis.call('PEXPIRE', ledger, ttl)
+  redis.call('PUBLISH', key(base, 'wake'), 'i')  -- the groups' idle loops claim what came back READY
+end
 return out

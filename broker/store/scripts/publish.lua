@@ -12,7 +12,8 @@
 --          backoff_base_ms|""   (the last two: the message's own retry policy, validated by the caller)
 -- then     S, then S names: the topic's strict-order groups. There a key adds nothing (one message of the whole
 --          group is in flight, in publish order) and a key line would reorder: keyed messages queue like others.
--- then     the publishing node's id: the payload of the wake-up note, so that node can skip its own notes
+-- then     the publishing node's id: the payload of the wake-up note, so that node can skip its own notes; when
+--          a message went to a delayed set, a second note "due:<node id>" (the other nodes' timers read the heads)
 -- Returns  flat array, 3 per message: id, duplicate (0|1), groups stored in (-1: rejected, no group)
 local base, now, ttl, policy_, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local W = 8
@@ -38,6 +39,7 @@ local ready = {}          -- group -> ids that go live now, in publish order
 local q = {}              -- group -> its keys (group_keys)
 for _, g in ipairs(groups) do ready[g] = {}; q[g] = group_keys(base, g) end
 local live = false
+local delayed = false
 for i = 0, n - 1 do
   local o = 6 + i * W
   local id, payload, headers, idem = ARGV[o], ARGV[o+1], ARGV[o+2], ARGV[o+3]
@@ -60,6 +62,7 @@ for i = 0, n - 1 do
         if strict[g] or key_join(q[g], okey, id) then
           if delay > 0 then
             redis.call('ZADD', q[g].delayed, now + delay, id)
+            delayed = true
           else
             local l = ready[g]; l[#l + 1] = id; live = true
           end
@@ -67,6 +70,7 @@ for i = 0, n - 1 do
       end
     elseif delay > 0 then
       for _, g in ipairs(groups) do redis.call('ZADD', q[g].delayed, now + delay, id) end
+      delayed = true
     else
       for _, g in ipairs(groups) do local l = ready[g]; l[#l + 1] = id end
       live = true
@@ -78,4 +82,5 @@ for _, g in ipairs(groups) do
   if #ready[g] > 0 then call_chunked('RPUSH', q[g].ready, ready[g]) end
 end
 if live then redis.call('PUBLISH', key(base, 'wake'), origin) end
+if delayed then redis.call('PUBLISH', key(base, 'wake'), 'due:' .. origin) end
 return out

@@ -3,6 +3,7 @@
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>
 -- ARGV[1] base, ARGV[2] group, then pairs: id, receipt (in delivery order)
+-- A note on the wake channel when any went back (other nodes' idle loops of the group claim them).
 -- Returns number released
 local q = group_keys(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 local n = 0
@@ -15,4 +16,5 @@ for i = #ARGV - 1, 3, -2 do
     n = n + 1
   end
 end
+if n > 0 then redis.call('PUBLISH', key(ARGV[1], 'wake'), 'l') end
 return n

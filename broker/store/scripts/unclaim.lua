@@ -4,6 +4,7 @@
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>
 -- ARGV[1] base, ARGV[2] group, ARGV[3] consumer, ARGV[4] receipt prefix ("<claim tag>-"), ARGV[5] lease deadline
+-- A note on the wake channel when any went back (other nodes' idle loops of the group claim them).
 -- Returns number of deliveries given back
 local q = group_keys(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[5], ARGV[5])
@@ -18,4 +19,5 @@ for _, id in ipairs(ids) do
   end
 end
 for i = #back, 1, -1 do redis.call('LPUSH', KEYS[1], back[i]) end
+if #back > 0 then redis.call('PUBLISH', key(ARGV[1], 'wake'), 'l') end
 return #back
