@@ -12,8 +12,9 @@ Given a broker with a 4 s grace period, a consumer holding 10 deliveries that it
       the broker's outbox, and a publisher sending a message every 20 ms
 When the broker gets SIGTERM
 Then it logs shutdown_started and shutdown_complete and exits 0 within the grace; the 10 late acks are accepted;
-     the consumer sees close code 1001; a new connection is refused; every publish error is `unavailable`; every stalled delivery is back in the ready
-     queue, the unsent ones with their attempt uncounted; and after a restart every message that is not acked,
+     the consumer sees close code 1001; a new connection is refused; every publish error is `unavailable`; every
+     stalled delivery is back in the ready queue, the unsent ones with their attempt uncounted; and after a restart
+     every message that is not acked,
      including every publish confirmed during the shutdown, is delivered: the acked ones never again, the released
      ones as attempt 1; a publish that got no answer is nowhere.
 """
