@@ -1,0 +1,45 @@
+"""A consumer process for chaos tests (``python -m tests.chaos_consumer URL TOPIC GROUP PREFETCH WORK_MS``): it
+subscribes with the bundled client (reconnecting), works on each message for WORK_MS (several at a time) and writes
+one line per event to stdout, flushed at once so a ``kill -9`` loses none: ``r <id>`` when a delivery arrives
+(before anything else is done with it), ``a <id>`` when its ack was sent, ``f <id> <error class>`` when the ack
+could not be sent (its connection is gone: the broker redelivers it). When the process dies, what it held is its
+``r`` without ``a`` or ``f``: the broker keeps at most ``prefetch`` deliveries unacked per consumer, so that is at
+most the prefetch. (An ack sent but lost with a broker or Redis failure is that failure's: the delivery was leased
+in Redis then.)"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from broker.client.client import BrokerClient, Message
+
+
+async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) -> None:
+    out = sys.stdout
+    working: set[asyncio.Task[None]] = set()
+
+    async def handle(m: Message) -> None:
+        await asyncio.sleep(work_ms / 1000)  # the work: up to ``prefetch`` messages at a time
+        try:
+            await m.ack()
+        except Exception as e:  # stale: its connection died, so it comes back
+            out.write(f"f {m.id} {type(e).__name__}\n")
+        else:
+            out.write(f"a {m.id}\n")
+        out.flush()
+
+    async with BrokerClient(url, reconnect_deadline_s=600) as c:
+        sub = await c.subscribe(topic, group, prefetch=prefetch)
+        out.write("ready\n")
+        out.flush()
+        async for m in sub:
+            out.write(f"r {m.id}\n")
+            out.flush()
+            t = asyncio.create_task(handle(m))
+            working.add(t)
+            t.add_done_callback(working.discard)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
