@@ -167,6 +167,9 @@ class _Run:
         rng = self.rng
         if what == "consumer_kill":
             live = [c for c in self.consumers if c.proc.poll() is None]
+            assert live, "every consumer process has exited: " + "; ".join(
+                c.log.read_text()[-300:] for c in self.consumers
+            )
             victim = live[rng.randrange(len(live))]
             victim.proc.kill()
             await asyncio.to_thread(victim.proc.wait, 10)

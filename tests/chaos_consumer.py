@@ -13,6 +13,7 @@ import asyncio
 import sys
 
 from broker.client.client import BrokerClient, Message
+from broker.core.errors import UnavailableError
 
 
 async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) -> None:
@@ -30,7 +31,14 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
         out.flush()
 
     async with BrokerClient(url, reconnect_deadline_s=600) as c:
-        sub = await c.subscribe(topic, group, prefetch=prefetch)
+        for _ in range(600):  # a consumer started during a Redis outage subscribes once Redis answers again
+            try:
+                sub = await c.subscribe(topic, group, prefetch=prefetch)
+                break
+            except UnavailableError:
+                await asyncio.sleep(0.2)
+        else:
+            raise SystemExit("could not subscribe in 120 s")
         out.write("ready\n")
         out.flush()
         async for m in sub:
