@@ -15,10 +15,11 @@ When one seeded schedule (the seed is printed; CHAOS_SEED=<seed> replays it) kil
 Then every message is confirmed exactly once (no publish retry stored a copy), every confirmed message is received,
      the group ends empty with nothing dead-lettered; and the duplicates are bounded by what was in flight at each
      fault: every message received twice was in flight at some fault, a message is received at most once more
-     than the number of faults it was in flight at, and a killed consumer held at most its prefetch. In flight at a
-     fault: for a consumer kill, what that process had received and not acked (its own log); for a broker kill, what
-     Redis held leased right after it; for a Redis fault, what Redis held leased right before it and right after it
-     came back.
+     than the number of faults it was in flight at, and what came back after a consumer kill is at most its
+     prefetch (the deliveries the broker counted as unacked for it). In flight at a fault: for a consumer kill, what
+     that process had received without a confirmed ack (its own log); for a broker kill, what Redis held leased
+     right after it; for a Redis fault, what Redis held leased right before it and from its end until both brokers
+     were ready again (their breakers closed).
 
 N is CHAOS_MESSAGES (default 20,000 under `make test`, about a minute; the issue's full run is 100,000).
 """
@@ -98,7 +99,7 @@ def _read_log(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.timeout(max(300, N // 250))
+@pytest.mark.timeout(max(300, N // 100))
 async def test_chaos_loses_no_confirmed_message_and_duplicates_only_what_was_in_flight(
     redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -110,7 +111,7 @@ async def test_chaos_loses_no_confirmed_message_and_duplicates_only_what_was_in_
         try:
             for b in brokers:
                 b.start()
-            async with asyncio.timeout(max(240, N // 250)):
+            async with asyncio.timeout(max(240, N // 110)):
                 await run.go()
         finally:
             run.stop_consumers()
@@ -209,7 +210,24 @@ class _Run:
                 self.proxy.cut()
                 await asyncio.sleep(down)
                 self.proxy.restore()
-            f.in_flight = before | await asyncio.to_thread(self.leased)
+            f.in_flight = before | await self.leased_until_ready()
+
+    async def leased_until_ready(self) -> set[str]:
+        """Every id Redis holds leased from now until both brokers are ready again (their breakers closed: until
+        then a claim may still go out and its ack fail), read every 50 ms (a lease whose ack failed stays for the
+        lease time, 5 s, so none is missed)."""
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            seen |= await asyncio.to_thread(self.leased)
+            codes = [(await asyncio.to_thread(b.get, "/readyz"))[0] for b in self.brokers]
+            if all(c == 200 for c in codes):
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(10):  # and a moment after
+            seen |= await asyncio.to_thread(self.leased)
+            await asyncio.sleep(0.05)
+        return seen
 
     async def chaos(self, faults: list[str], every_s: float) -> None:
         for what in faults:
@@ -292,7 +310,8 @@ class _Run:
         assert len(self.confirmed) == N  # every publish confirmed in the end (idempotent retries)
         assert set(received) == self.confirmed  # and no publish retry stored a second copy
         assert self.dead == 0 and self.left == 0
-        assert all(held <= PREFETCH for held in self.killed_held), self.killed_held
+        again = [sum(1 for m in f.in_flight if m in twice) for f in self.faults if f.what.startswith("consumer_kill")]
+        assert all(n <= PREFETCH for n in again), again  # redelivered after a consumer kill: its unacked credit
         unexplained = {m: n for m, n in twice.items() if n - 1 > caught[m]}
         assert not unexplained, f"{len(unexplained)} received more often than faults caught them in flight: " + str(
             [(m, n, caught[m]) for m, n in list(unexplained.items())[:10]]

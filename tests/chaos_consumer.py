@@ -1,11 +1,10 @@
 """A consumer process for chaos tests (``python -m tests.chaos_consumer URL TOPIC GROUP PREFETCH WORK_MS``): it
 subscribes with the bundled client (reconnecting), works on each message for WORK_MS (several at a time) and writes
 one line per event to stdout, flushed at once so a ``kill -9`` loses none: ``r <id>`` when a delivery arrives
-(before anything else is done with it), ``a <id>`` when its ack was sent, ``f <id> <error class>`` when the ack
-could not be sent (its connection is gone: the broker redelivers it). When the process dies, what it held is its
-``r`` without ``a`` or ``f``: the broker keeps at most ``prefetch`` deliveries unacked per consumer, so that is at
-most the prefetch. (An ack sent but lost with a broker or Redis failure is that failure's: the delivery was leased
-in Redis then.)"""
+(before anything else is done with it), ``a <id>`` when the broker confirmed its ack, ``f <id> <error class>`` when
+the ack failed (refused as stale, or Redis unavailable: the broker redelivers it). When the process dies, what it
+may have held is its ``r`` without ``a`` or ``f``: the deliveries the broker counts as unacked for it (at most its
+prefetch), plus acks the broker had taken but not yet confirmed (those it still applies)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
     async def handle(m: Message) -> None:
         await asyncio.sleep(work_ms / 1000)  # the work: up to ``prefetch`` messages at a time
         try:
-            await m.ack()
+            await m.ack(wait=True)
         except Exception as e:  # stale: its connection died, so it comes back
             out.write(f"f {m.id} {type(e).__name__}\n")
         else:
