@@ -257,8 +257,8 @@ class Broker:
                     "shutdown_inflight_cut", deliveries=cut, note="given back, no attempt counted; delivered again"
                 )
         publisher: Publisher | None = getattr(self, "publisher", None)
-        if publisher is not None and not await publisher.drain(budget(0.25)):
-            log.warning("shutdown_publishes_cut", pending=len(publisher))
+        if publisher is not None and (cut := await publisher.stop(budget(0.25))):
+            log.warning("shutdown_publishes_cut", pending=cut)
         if server is not None:
             await server.close_all(budget(0.25))
         if dispatch is not None:

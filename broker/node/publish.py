@@ -14,6 +14,10 @@ recognised), or the ``BrokerError`` to answer with. In between, here:
 4. **The answer per publish**: a topic with no group under ``delivery.publish_without_group = "reject"`` is a
    ``NotFoundError`` (nothing stored), never a sentinel; the confirmation metrics (``broker_published_total``,
    ``broker_publish_failed_total``, the per-topic count ``broker stats`` shows) are counted here, once per publish.
+5. **Shutdown** (``stop``): a publish is answered ``unavailable`` (retryable), never ``internal`` and never left
+   unanswered. From ``stop`` on nothing new goes to Redis: a new or still-unflushed publish is refused as not stored;
+   the flush already in Redis gets the rest of the budget, and if Redis has not answered by then its publishes are
+   answered ``unavailable`` as not confirmed (they may be stored: a retry with the same idempotency key is safe).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from broker.core.errors import BrokerError, NotFoundError
+from broker.core.errors import BrokerError, NotFoundError, UnavailableError
 from broker.core.model import PublishRequest, PublishResult
 from broker.node.dispatch import Consumer, Dispatch, GroupDispatcher
 from broker.runtime import metrics
 from broker.runtime.batching import Coalescer
 from broker.store import ClaimRequest, RedisStore
 
+SHUTDOWN_RETRY_AFTER_MS = 1_000  # a refused publish may go to another node (or this one, restarted) at once
 MAX_BATCH = 1000  # publishes per flush (one script round trip)
 EAGER_CLAIM_MAX_BATCH = 8  # flushes up to this size carry claims for idle groups (see the module's docstring)
 
@@ -39,6 +44,7 @@ class Publisher:
         self.store = store
         self.dispatch = dispatch
         self._coalescer: Coalescer[PublishRequest, PublishResult] = Coalescer(self._flush, MAX_BATCH)
+        self.stopping = False
 
     def __len__(self) -> int:
         """Publishes submitted and not yet flushed."""
@@ -46,13 +52,33 @@ class Publisher:
 
     def submit(self, req: PublishRequest) -> asyncio.Future[PublishResult]:
         """Queue a validated publish: its future holds the ``PublishResult`` or the ``BrokerError`` to answer."""
+        if self.stopping:
+            metrics.publish_failed.labels(UnavailableError.code).inc()
+            fut: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+            fut.set_exception(_refused())
+            return fut
         return self._coalescer.submit(req)
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until every submitted publish is answered (shutdown). True if done in time."""
-        return await self._coalescer.drain(timeout_s)
+    async def stop(self, timeout_s: float) -> int:
+        """Shutdown: take nothing new, give the flush in Redis up to ``timeout_s``, then answer every publish still
+        waiting ``unavailable``. Returns how many were cut that way (0: Redis answered all of them in time)."""
+        self.stopping = True
+        if await self._coalescer.drain(timeout_s):
+            return 0
+        cut = self._coalescer.fail_all(
+            UnavailableError(
+                "broker shutting down before Redis answered; not confirmed (it may be stored: publish again with "
+                "the same idempotency_key)",
+                retry_after_ms=SHUTDOWN_RETRY_AFTER_MS,
+            )
+        )
+        metrics.publish_failed.labels(UnavailableError.code).inc(cut)
+        return cut
 
     async def _flush(self, reqs: Sequence[PublishRequest]) -> list[PublishResult | BrokerError]:
+        if self.stopping:  # queued before the stop, not sent to Redis yet: refused as not stored
+            metrics.publish_failed.labels(UnavailableError.code).inc(len(reqs))
+            return [_refused()] * len(reqs)
         topics = {r.topic for r in reqs}
         claims = self._riding_claims(topics) if len(reqs) <= EAGER_CLAIM_MAX_BATCH else []
         try:
@@ -121,3 +147,7 @@ class Publisher:
                 failed = failed or e
         if failed is not None:
             raise failed
+
+
+def _refused() -> UnavailableError:
+    return UnavailableError("broker shutting down; not stored", retry_after_ms=SHUTDOWN_RETRY_AFTER_MS)

@@ -225,14 +225,15 @@ class WsServer:
             self.server.server.close()
 
     async def close_all(self, timeout_s: float) -> None:
-        """Close every connection with 1001 (going away), bounded; then the server itself.
+        """Close every connection with 1001 (going away) once its replies are out (``Session.goodbye``), bounded; then
+        the server itself.
 
         A connection that cannot finish the closing handshake in time (a client that stopped reading: the close
         frame waits behind a full socket buffer, and websockets' close() waits for it without a deadline) is
         aborted, so its session ends and gives back what it holds while Redis is still open."""
         sessions = list(self.sessions)
         if sessions:
-            closing = {asyncio.create_task(s.ws.close(1001, "broker shutting down")): s for s in sessions}
+            closing = {asyncio.create_task(s.goodbye(1001, "broker shutting down")): s for s in sessions}
             _, pending = await asyncio.wait(closing, timeout=timeout_s)
             if pending:
                 log.warning("connections_cut", remaining=len(pending))

@@ -6,6 +6,10 @@ frames go through one bounded outbox; a consumer whose outbox is over the high-w
 
 A session gets the few parts of the node it works with (``SessionParts``), not the node. ``pull`` and ``status``
 requests answer through its public side: ``send``, ``reply_error``, ``forbidden``.
+
+A shutdown closes a session with ``goodbye``: every publish it took is answered (``published`` or ``unavailable``,
+never left without an answer) and those answers and the other replies queued so far leave before the close frame;
+deliveries not written yet are withheld and given back uncounted.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ LOOKUPS_IN_FLIGHT = 8  # status requests of one connection reading Redis at once
 _OWN_COUNTER = frozenset({StaleReceiptError.code, NotFoundError.code})
 
 
+class _Marker(str):
+    """An outbox entry that is no frame (compared by identity)."""
+
+
+_GOODBYE = _Marker("goodbye")  # the writer stops at it: every frame queued before it has been written (``goodbye``)
+
+
 @dataclass(frozen=True)
 class SessionParts:
     """What a connection works with on its node."""
@@ -83,6 +94,9 @@ class Session:
         self.high_water = s.server.outbox_high_water
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
         self._out_ready = asyncio.Event()
+        self._leaving = False  # goodbye() started: deliveries are withheld, not written
+        self._withheld: list[str | tuple[Consumer, Delivery]] = []  # deliveries kept back by goodbye() (unsent)
+        self._written_all = asyncio.Event()  # the writer reached the goodbye marker
         self._max_unconfirmed = s.server.max_unconfirmed_publishes
         self._unconfirmed = 0  # publishes of this connection not answered yet
         self._room = asyncio.Event()  # set while _unconfirmed < _max_unconfirmed
@@ -99,6 +113,9 @@ class Session:
     # ---- Outlet --------------------------------------------------------------------------------------------
 
     def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
+        if self._leaving:
+            self._withheld.append((consumer, delivery))
+            return
         self.out.append((consumer, delivery))
         self._out_ready.set()
 
@@ -124,8 +141,32 @@ class Session:
     # ---- I/O -----------------------------------------------------------------------------------------------
 
     def send(self, frame: str) -> None:
+        if self._leaving and isinstance(frame, PullFrame):
+            self._withheld.append(frame)
+            return
         self.out.append(frame)
         self._out_ready.set()
+
+    async def goodbye(self, code: int, reason: str) -> None:
+        """Shutdown (the node's publisher is stopped first, so every publish of this connection gets its answer
+        soon): wait for those answers, let every reply queued before them leave, then close with ``code``.
+        Deliveries not written yet are withheld: given back uncounted when the session ends. Unbounded on its own
+        (a client that reads nothing never takes the replies): the caller bounds it and aborts the connection."""
+        self._leaving = True
+        queued = list(self.out)
+        self.out.clear()
+        for item in queued:
+            if isinstance(item, str) and not isinstance(item, PullFrame):
+                self.out.append(item)
+            else:
+                self._withheld.append(item)
+        while self._unconfirmed > 0 and not self._closed:  # noqa: ASYNC110 (each is answered within a loop turn)
+            await asyncio.sleep(0.005)
+        self.out.append(_GOODBYE)
+        self._out_ready.set()
+        if not self._closed:
+            await self._written_all.wait()
+        await self.ws.close(code, reason)
 
     async def _writer(self) -> None:
         """Flush the outbox in bursts: every frame queued so far goes out in one socket write (websockets'
@@ -143,6 +184,9 @@ class Session:
                     batch: list[bytes] = []
                     for _ in range(min(len(out), WRITE_BURST)):
                         item = out.popleft()
+                        if item is _GOODBYE:
+                            self._written_all.set()
+                            break
                         if isinstance(item, str):
                             data = item.encode()
                         else:
@@ -163,6 +207,8 @@ class Session:
                         send_text(protocol.messages_bytes(batch))
                         frames += 1
                 metrics.frames_out.inc(frames)
+                if self._written_all.is_set():
+                    return  # goodbye: nothing after its marker is written
             if self._was_congested:
                 self._was_congested = False
                 for c in self.consumers:
@@ -198,7 +244,7 @@ class Session:
 
     def unsent(self) -> dict[Consumer, set[str]]:
         unsent: dict[Consumer, set[str]] = {}
-        for item in self.out:
+        for item in itertools.chain(self.out, self._withheld):
             if not isinstance(item, str):
                 unsent.setdefault(item[0], set()).add(item[1].id)
             elif isinstance(item, PullFrame):
@@ -321,8 +367,7 @@ class Session:
         results: list[dict[str, Any]] = []
         for res in done:
             if isinstance(res, BaseException):
-                err = res if isinstance(res, BrokerError) else BrokerError(f"internal error: {res!r}; not confirmed")
-                results.append({"error": protocol.error_fields(err)})
+                results.append({"error": protocol.error_fields(_publish_error(res))})
             else:
                 results.append({"id": res.id, "duplicate": True} if res.duplicate else {"id": res.id})
         self.send(protocol.reply("published", req.ref, results=results))
@@ -341,18 +386,11 @@ class Session:
     def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
         """Confirm one publish, or answer why not (the ``Publisher`` has counted it either way)."""
         self._confirmed(1)
-        if fut.cancelled() or isinstance(fut.exception(), asyncio.CancelledError):
-            self.reply_error(
-                UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000),
-                req.ref,
-            )
-            return
-        exc = fut.exception()
-        if isinstance(exc, BrokerError):
-            self.reply_error(exc, req.ref)
-        elif exc is not None:
-            self.log.error("publish_failed", topic=req.topic, error=repr(exc))
-            self.reply_error(BrokerError(f"internal error: {exc!r}; not confirmed"), req.ref)
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:
+            if not isinstance(exc, BrokerError | asyncio.CancelledError):
+                self.log.error("publish_failed", topic=req.topic, error=repr(exc))
+            self.reply_error(_publish_error(exc), req.ref)
         else:
             res = fut.result()
             self.send(protocol.published(req.ref, res.id, res.duplicate))
@@ -492,6 +530,16 @@ class Session:
                     self.dispatch.release_items(c.topic, c.group, back)
                 n += 1
         self.send(protocol.reply("unsubscribed", req.ref, topics=list(req.topics), group=req.group, removed=n))
+
+
+def _publish_error(exc: BaseException) -> BrokerError:
+    """The error a publish that failed with ``exc`` is answered with. Cancelled means the broker is shutting down:
+    ``unavailable`` (retryable), never ``internal``."""
+    if isinstance(exc, BrokerError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return UnavailableError("publish cancelled (broker shutting down); not confirmed", retry_after_ms=1_000)
+    return BrokerError(f"internal error: {exc!r}; not confirmed")
 
 
 _NODE_PREFIX = os.urandom(2).hex()  # conn ids are unique across nodes and restarts (logs from many nodes merge)

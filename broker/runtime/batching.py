@@ -44,6 +44,7 @@ class Coalescer(Generic[Req, Res]):
         self._max = max_batch
         self._pending: deque[tuple[Req, asyncio.Future[Res] | _Many[Res], int]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._flushing: list[tuple[Req, asyncio.Future[Res] | _Many[Res], int]] = []  # the batch being flushed
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -74,7 +75,7 @@ class Coalescer(Generic[Req, Res]):
         try:
             while self._pending:
                 n = min(self._max, len(self._pending))
-                batch = [self._pending.popleft() for _ in range(n)]
+                batch = self._flushing = [self._pending.popleft() for _ in range(n)]
                 try:
                     results = await self._flush([r for r, _, _ in batch])
                 except BaseException as e:  # every waiter hears about the failure; nothing is dropped silently
@@ -90,6 +91,7 @@ class Coalescer(Generic[Req, Res]):
                     _answer(sink, i, res)
         finally:
             self._task = None
+            self._flushing = []
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is pending (shutdown). True if drained in time."""
@@ -98,6 +100,18 @@ class Coalescer(Generic[Req, Res]):
         while (self._pending or self._task is not None) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         return not self._pending and self._task is None
+
+
+    def fail_all(self, exc: BaseException) -> int:
+        """Answer ``exc`` to every waiter not answered yet: the batch being flushed (its late result is then ignored)
+        and everything pending (dropped unflushed). Returns how many were answered (shutdown)."""
+        n = 0
+        for _, sink, i in [*self._flushing, *self._pending]:
+            if not (sink.fut if isinstance(sink, _Many) else sink).done():
+                n += 1
+            _answer(sink, i, exc)
+        self._pending.clear()
+        return n
 
 
 def _answer(sink: asyncio.Future[Res] | _Many[Res], i: int, res: Res | BaseException) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -61,6 +62,20 @@ loops_unhealthy = Gauge(
     "broker_loops_unhealthy", "Background loops failing or stalled (they make /readyz 503)", ["loop"],
     registry=REGISTRY,
 )  # fmt: skip
+asyncio_tasks = Gauge(
+    "broker_asyncio_tasks", "asyncio tasks alive in this process (counted when /metrics is read)", registry=REGISTRY
+)
+
+
+def _count_tasks() -> float:
+    """Read on the event loop (``/metrics`` is served there); a leak of tasks shows as a slope (bench/soak.py)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no running loop (rendered outside the broker's loop)
+        return 0.0
+
+
+asyncio_tasks.set_function(_count_tasks)
 task_errors = Counter(
     "broker_task_errors_total", "Fire-and-forget tasks that ended with an exception", registry=REGISTRY
 )

@@ -1,9 +1,11 @@
 """Redis side of ``broker export`` / ``broker import``: read one topic's pending messages, dead letters and
 idempotency keys as export records; write records back with ``import.lua`` in batches (docs/export.md).
 
-Reading is a snapshot per group: one MULTI/EXEC reads the group's ready list, lease, delay and dead-letter indexes and
-its per-key lists together, so a message moving between them while brokers run is seen once. Bodies, delivery
-hashes and dead letters are read after that, in pipelines; one acked in between is left out (it is done).
+Reading is a snapshot per group: one script (``_snapshot.lua``) reads the group's ready list, lease, delay and
+dead-letter indexes and every per-key list in one atomic step, so a message moving between them while brokers run is
+seen once and none is missed (a SCAN for the lines before reading them would miss a line born in between: a torn
+snapshot). Bodies, delivery hashes and dead letters are read after that, in pipelines; one acked in between is left
+out (it is done).
 """
 
 from __future__ import annotations
@@ -42,19 +44,19 @@ class _GroupSnapshot:
     dead: list[tuple[str, int]]  # (id, died_at)
 
 
-async def _snapshot(store: RedisStore, g: GroupKeys) -> _GroupSnapshot:
-    async def go(r: aioredis.Redis) -> list[Any]:
-        key_lists = sorted([str(k) async for k in r.scan_iter(match=g.key_line("*"), count=1000)])
-        async with r.pipeline(transaction=True) as p:
-            p.zrange(g.leased, 0, -1, withscores=True)
-            p.lrange(g.ready, 0, -1)
-            p.zrange(g.delayed, 0, -1, withscores=True)
-            p.zrange(g.dead, 0, -1, withscores=True)
-            for k in key_lists:
-                p.lrange(k, 0, -1)
-            return list(await p.execute())
+async def _snapshot(store: RedisStore, base: str, group: str, g: GroupKeys) -> _GroupSnapshot:
+    """The group at one moment: ``_snapshot.lua`` reads its queues and every ordering-key line in one step (a line
+    is found from its live first message; the SCAN adds only damaged lines whose first message is in no state)."""
 
-    leased, ready, delayed, dead, *lists = await store.gateway.call(go, "export_snapshot")
+    async def scan(r: aioredis.Redis) -> list[str]:
+        return sorted([str(k) async for k in r.scan_iter(match=g.key_line("*"), count=1000)])
+
+    scanned = await store.gateway.call(scan, "export_scan")
+    keys = [g.leased, g.ready, g.delayed, g.dead]
+    flat_leased, ready, flat_delayed, flat_dead, lines = await store.scripts.call(
+        "_snapshot", keys, [base, group, *scanned], "export_snapshot"
+    )
+    leased, delayed, dead = (_pairs(x) for x in (flat_leased, flat_delayed, flat_dead))
     seen: set[str] = set()
     pending: list[tuple[str, str, int | None]] = []
 
@@ -70,10 +72,15 @@ async def _snapshot(store: RedisStore, g: GroupKeys) -> _GroupSnapshot:
         add(msg_id, "ready", None)
     for msg_id, due in delayed:
         add(msg_id, "delayed", int(due))
-    for ids in lists:  # the heads are queued above; the rest wait behind them, in key order
+    for ids in lines:  # the heads are queued above; the rest wait behind them, in key order
         for msg_id in ids:
             add(msg_id, "waiting", None)
-    return _GroupSnapshot(pending, [(str(m), int(s)) for m, s in dead])
+    return _GroupSnapshot(pending, [(m, int(s)) for m, s in dead])
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[str, float]]:
+    """``ZRANGE ... WITHSCORES`` as a script returns it (id, score, id, score, ...) as (id, score) pairs."""
+    return [(str(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def _ttl_s(pttl_ms: int) -> int | None:
@@ -126,7 +133,7 @@ async def read_topic(store: RedisStore, topic: str) -> TopicDump:
     per_group: dict[str, dict[str, Pending]] = {}  # id -> group -> pending, ids in first-seen order
     for group in groups:
         g = k.group(group)
-        snap = await _snapshot(store, g)
+        snap = await _snapshot(store, k.base, group, g)
         deliveries = await _hgetall_many(store, [g.delivery(m) for m, _, _ in snap.pending])
         for pos, ((msg_id, state, when), dlv) in enumerate(zip(snap.pending, deliveries, strict=True)):
             p = Pending(
