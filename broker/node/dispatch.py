@@ -109,7 +109,7 @@ class GroupDispatcher:
             sup = self.dispatch.supervisor
             poll_s = self.dispatch.settings.delivery.poll_interval_ms / 1000
             loop = sup.loop(f"dispatch:{self.topic}/{self.group}", poll_s)
-            self.task = sup.run(loop, lambda: self._run(loop), self._should_run)
+            self.task = sup.run(loop, lambda: self._deliver(loop), self._should_run)
             self.task.add_done_callback(self._ended)
 
     def _should_run(self) -> bool:
@@ -119,7 +119,7 @@ class GroupDispatcher:
         if self.task is task:
             self.task = None
 
-    async def _run(self, loop: Loop) -> None:
+    async def _deliver(self, loop: Loop) -> None:
         """Claim rounds while this node has consumers for the group. Redis unavailable: consumers get ``paused``
         once, the loop waits (the breaker's retry hint, at most 5 s) and sends ``resumed`` after the next good
         claim. Any other failure goes to the supervisor (logged, counted, backoff; /readyz after repeated ones)."""
