@@ -20,7 +20,7 @@ import orjson
 
 from . import BenchError
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_shape_measures, cpu_meter, latency_summary
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, peer_scenario
 from .wsclient import Abort, DeliveryTracker, payload_text, perf, wait_for_event
 
 # ---- NATS JetStream ------------------------------------------------------------------------------------------
@@ -205,35 +205,7 @@ async def _nats_once(ctx: Context, messages: int, groups: int, rate: float | Non
 
 
 async def _nats_scenario(ctx: Context, name: str, messages: int, groups: int, rate: float | None) -> ScenarioResult:
-    s = ctx.sizes
-    res = ScenarioResult(name)
-    cpu = cpu_meter(ctx, "nats")
-    try:
-        if s.warmup_messages > 0:
-            await _nats_once(ctx, s.warmup_messages, groups, None)
-        run = await _nats_once(ctx, messages, groups, rate, cpu)
-    except NatsSkipped as e:
-        res.status = "skipped"
-        res.note = f"baseline skipped: {e}"
-        return res
-    for i, tracker in enumerate(run.trackers):
-        for p in tracker.problems(f"NATS consumer {i}"):
-            res.problem(p)
-    latencies = [x for t in run.trackers for x in t.latencies]
-    add_shape_measures(
-        res, cpu, messages=messages, groups=groups, rate=rate, elapsed_s=run.elapsed, latencies_s=latencies,
-        sent_span_s=run.sent_span, max_lag_s=run.max_lag,
-    )
-    res.extra.update(
-        run.info,
-        messages=messages,
-        groups=groups,
-        payload_bytes=s.payload_bytes,
-        elapsed_s=run.elapsed,
-        delivery=[t.summary() for t in run.trackers],
-        delivery_latency=latency_summary(latencies),
-    )
-    return res
+    return await peer_scenario(ctx, name, "nats", "NATS", _nats_once, NatsSkipped, messages, groups, rate)
 
 
 NATS = "NATS JetStream (file storage, publish_async <=1,000 pending, explicit acks)"

@@ -22,10 +22,9 @@ from typing import Any
 
 import orjson
 
-from . import BenchError
 from .cpumon import CpuMeter
 from .registry import Context, ScenarioResult, scenario
-from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, add_shape_measures, cpu_meter, latency_summary
+from .scenarios import S1_TITLE, S2_TITLE, S3_TITLE, peer_scenario
 from .wsclient import Abort, DeliveryTracker, before, payload_text, perf, wait_for_event
 
 RABBIT = "RabbitMQ (durable queues, persistent messages, publisher confirms, manual acks)"
@@ -164,37 +163,7 @@ async def _rabbit_once(
 
 
 async def _rabbit_scenario(ctx: Context, name: str, messages: int, groups: int, rate: float | None) -> ScenarioResult:
-    s = ctx.sizes
-    res = ScenarioResult(name)
-    cpu = cpu_meter(ctx, "rabbitmq")
-    try:
-        if s.warmup_messages > 0:
-            await _rabbit_once(ctx, s.warmup_messages, groups, None)
-        run = await _rabbit_once(ctx, messages, groups, rate, cpu)
-    except RabbitSkipped as e:
-        res.status = "skipped"
-        res.note = f"baseline skipped: {e}"
-        return res
-    except BenchError:
-        raise
-    for i, tracker in enumerate(run.trackers):
-        for p in tracker.problems(f"RabbitMQ consumer {i}"):
-            res.problem(p)
-    latencies = [x for t in run.trackers for x in t.latencies]
-    add_shape_measures(
-        res, cpu, messages=messages, groups=groups, rate=rate, elapsed_s=run.elapsed, latencies_s=latencies,
-        sent_span_s=run.sent_span, max_lag_s=run.max_lag,
-    )
-    res.extra.update(
-        run.info,
-        messages=messages,
-        groups=groups,
-        payload_bytes=s.payload_bytes,
-        elapsed_s=run.elapsed,
-        delivery=[t.summary() for t in run.trackers],
-        delivery_latency=latency_summary(latencies),
-    )
-    return res
+    return await peer_scenario(ctx, name, "rabbitmq", "RabbitMQ", _rabbit_once, RabbitSkipped, messages, groups, rate)
 
 
 @scenario("rabbitmq", needs=("rabbitmq",), title=f"{RABBIT}, S1: {S1_TITLE}", system="rabbitmq", shape="s1")

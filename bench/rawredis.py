@@ -264,8 +264,15 @@ async def _rawredis(ctx: Context, name: str, messages: int, groups: int, rate: f
         res.problem(e)
     latencies = [x for t in run.trackers for x in t.latencies]
     add_shape_measures(
-        res, cpu, messages=messages, groups=groups, rate=rate, elapsed_s=t_end - t0, latencies_s=latencies,
-        sent_span_s=sent_span, max_lag_s=max_lag,
+        res,
+        cpu,
+        messages=messages,
+        groups=groups,
+        rate=rate,
+        elapsed_s=t_end - t0,
+        latencies_s=latencies,
+        sent_span_s=sent_span,
+        max_lag_s=max_lag,
     )
     res.extra.update(
         messages=messages,

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from . import BenchError
 from .cpumon import CpuMeter, find_pids
 from .registry import CPU_REDIS, CPU_SERVER, CPU_TOTAL, Context, ScenarioResult, System, percentile, scenario
-from .wsclient import Abort, AckingConsumer, BrokerConn, WindowedPublisher, before, perf, wait_for_event
+from .wsclient import (
+    Abort,
+    AckingConsumer,
+    BrokerConn,
+    DeliveryTracker,
+    WindowedPublisher,
+    before,
+    perf,
+    wait_for_event,
+)
 
 #: Process names of the system services the baselines use (their CPU is the server CPU of those baselines).
 SERVICE_PROCESSES: dict[str, tuple[str, ...]] = {
@@ -76,6 +86,72 @@ def add_shape_measures(
     else:
         res.add("throughput", messages / elapsed_s, "msg/s")
         add_cpu(res, cpu, messages)
+
+
+class PeerRun(Protocol):
+    """One timed run of a peer (NATS, RabbitMQ): what ``peer_scenario`` reads from it."""
+
+    @property
+    def trackers(self) -> Sequence[DeliveryTracker]: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def sent_span(self) -> float: ...
+    @property
+    def max_lag(self) -> float: ...
+    @property
+    def info(self) -> dict[str, Any]: ...
+
+
+async def peer_scenario(
+    ctx: Context,
+    name: str,
+    system: System,
+    label: str,
+    once: Callable[[Context, int, int, float | None, CpuMeter | None], Awaitable[PeerRun]],
+    skipped: type[Exception],
+    messages: int,
+    groups: int,
+    rate: float | None,
+) -> ScenarioResult:
+    """A peer's S1/S2/S3 scenario: an untimed warm-up run, the timed run with the CPU meter, delivery checks and the
+    shape's measures; ``skipped`` (the peer is not there) makes the result `skipped`, not failed."""
+    s = ctx.sizes
+    res = ScenarioResult(name)
+    cpu = cpu_meter(ctx, system)
+    try:
+        if s.warmup_messages > 0:
+            await once(ctx, s.warmup_messages, groups, None, None)
+        run = await once(ctx, messages, groups, rate, cpu)
+    except skipped as e:
+        res.status = "skipped"
+        res.note = f"baseline skipped: {e}"
+        return res
+    for i, tracker in enumerate(run.trackers):
+        for p in tracker.problems(f"{label} consumer {i}"):
+            res.problem(p)
+    latencies = [x for t in run.trackers for x in t.latencies]
+    add_shape_measures(
+        res,
+        cpu,
+        messages=messages,
+        groups=groups,
+        rate=rate,
+        elapsed_s=run.elapsed,
+        latencies_s=latencies,
+        sent_span_s=run.sent_span,
+        max_lag_s=run.max_lag,
+    )
+    res.extra.update(
+        run.info,
+        messages=messages,
+        groups=groups,
+        payload_bytes=s.payload_bytes,
+        elapsed_s=run.elapsed,
+        delivery=[t.summary() for t in run.trackers],
+        delivery_latency=latency_summary(latencies),
+    )
+    return res
 
 
 def new_topic(tag: str) -> str:
