@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="extra environment for the broker, e.g. BROKER_DELIVERY_CLAIM_BATCH=500 (repeatable)",
     )
+    proc.add_argument(
+        "--broker-token",
+        default="",
+        help="connect to the broker with this token (?token=), for a broker run with auth.mode = tokens",
+    )
     proc.add_argument("--startup-timeout", type=float, default=30.0, help="seconds to wait for /healthz")
     proc.add_argument(
         "--redis-fsync",
@@ -506,7 +511,9 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
             return 2
         ctx = Context(
             sizes=sizes,
-            broker_url=res.broker.ws_url if res.broker else "",
+            broker_url=(res.broker.ws_url + (f"/?token={args.broker_token}" if args.broker_token else ""))
+            if res.broker
+            else "",
             redis_url=res.redis.url if res.redis else "",
             broker_env=dict(args.broker_env),
             broker_cmd=res.broker.argv if res.broker else [],
