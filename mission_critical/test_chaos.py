@@ -19,7 +19,9 @@ Then every message is confirmed exactly once (no publish retry stored a copy), e
      prefetch (the deliveries the broker counted as unacked for it). In flight at a fault: for a consumer kill, what
      that process had received without a confirmed ack (its own log); for a broker kill, what Redis held leased
      right after it; for a Redis fault, what Redis held leased right before it and from its end until both brokers
-     were ready again (their breakers closed).
+     were ready again (their breakers closed). Besides faults, the guarantee allows one cause of a repeat: a lease
+     that ran out (a consumer or broker too slow under load); a receipt whose ack was not confirmed within the lease
+     explains one repeat (consumers log each event with the machine's monotonic time).
 
 N is CHAOS_MESSAGES (default 20,000 under `make test`, about a minute; the issue's full run is 100,000).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import random
 import subprocess
@@ -91,11 +94,36 @@ def _schedule(rng: random.Random, seconds: float) -> list[str]:
 
 
 def _read_log(path: Path) -> list[tuple[str, str]]:
+    return [(kind, m) for kind, m, _ in _read_timed_log(path)]
+
+
+def _read_timed_log(path: Path) -> list[tuple[str, str, float]]:
+    """(kind, id, time.monotonic() of the event) per line of a consumer's log."""
     out = []
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("r", "a", "f"):
-            out.append((parts[0], parts[1]))
+        if len(parts) >= 3 and parts[0] in ("r", "a", "f"):
+            out.append((parts[0], parts[1], float(parts[2])))
+    return out
+
+
+def _lease_ran_out(logs: list[Path], lease_s: float) -> collections.Counter[str]:
+    """Per message, how many of its receipts (all but its last) had no confirmed ack within the lease: each such
+    receipt may have come back because its lease expired (a consumer or broker too slow under load), which the
+    guarantee allows without any fault. Times are one machine-wide monotonic clock."""
+    receipts: dict[str, list[float]] = collections.defaultdict(list)
+    acks: dict[str, list[float]] = collections.defaultdict(list)
+    for log in logs:
+        for kind, m, t in _read_timed_log(log):
+            (receipts if kind == "r" else acks if kind == "a" else {}).setdefault(m, []).append(t)
+    out: collections.Counter[str] = collections.Counter()
+    for m, ts in receipts.items():
+        ts.sort()
+        for r, again in itertools.pairwise(ts):
+            # a lease runs out no sooner than the lease after its claim (which came just before the receipt: 1 s
+            # of margin), and only if no ack was confirmed in that time; a repeat sooner than that is no expiry
+            if again >= r + lease_s - 1.0 and not any(r <= a <= r + lease_s for a in acks.get(m, [])):
+                out[m] += 1
     return out
 
 
@@ -312,8 +340,10 @@ class _Run:
         assert self.dead == 0 and self.left == 0
         again = [sum(1 for m in f.in_flight if m in twice) for f in self.faults if f.what.startswith("consumer_kill")]
         assert all(n <= PREFETCH for n in again), again  # redelivered after a consumer kill: its unacked credit
-        unexplained = {m: n for m, n in twice.items() if n - 1 > caught[m]}
+        lease = _lease_ran_out(self.logs, int(ENV["BROKER_DELIVERY_LEASE_MS"]) / 1000)
+        print(f"received again after a lease ran out without a fault: {sum(lease[m] for m in twice)}")
+        unexplained = {m: n for m, n in twice.items() if n - 1 > caught[m] + lease[m]}
         assert not unexplained, f"{len(unexplained)} received more often than faults caught them in flight: " + str(
             [(m, n, caught[m]) for m, n in list(unexplained.items())[:10]]
         )
-        assert duplicates <= bound
+        assert duplicates <= bound + sum(lease[m] for m in twice)

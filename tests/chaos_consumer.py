@@ -1,8 +1,9 @@
 """A consumer process for chaos tests (``python -m tests.chaos_consumer URL TOPIC GROUP PREFETCH WORK_MS``): it
 subscribes with the bundled client (reconnecting), works on each message for WORK_MS (several at a time) and writes
-one line per event to stdout, flushed at once so a ``kill -9`` loses none: ``r <id>`` when a delivery arrives
-(before anything else is done with it), ``a <id>`` when the broker confirmed its ack, ``f <id> <error class>`` when
-the ack failed (refused as stale, or Redis unavailable: the broker redelivers it). When the process dies, what it
+one line per event to stdout, flushed at once so a ``kill -9`` loses none, each ending with the time
+(``time.monotonic()``, one clock for every process of the machine): ``r <id> <t>`` when a delivery arrives
+(before anything else is done with it), ``a <id> <t>`` when the broker confirmed its ack, ``f <id> <t> <error class>``
+when the ack failed (refused as stale, or Redis unavailable: the broker redelivers it). When the process dies, what it
 may have held is its ``r`` without ``a`` or ``f``: the deliveries the broker counts as unacked for it (at most its
 prefetch), plus acks the broker had taken but not yet confirmed (those it still applies)."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 from broker.client.client import BrokerClient, Message
 from broker.core.errors import UnavailableError
@@ -24,9 +26,9 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
         try:
             await m.ack(wait=True)
         except Exception as e:  # stale: its connection died, so it comes back
-            out.write(f"f {m.id} {type(e).__name__}\n")
+            out.write(f"f {m.id} {time.monotonic():.3f} {type(e).__name__}\n")
         else:
-            out.write(f"a {m.id}\n")
+            out.write(f"a {m.id} {time.monotonic():.3f}\n")
         out.flush()
 
     async with BrokerClient(url, reconnect_deadline_s=600) as c:
@@ -41,7 +43,7 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
         out.write("ready\n")
         out.flush()
         async for m in sub:
-            out.write(f"r {m.id}\n")
+            out.write(f"r {m.id} {time.monotonic():.3f}\n")
             out.flush()
             t = asyncio.create_task(handle(m))
             working.add(t)
