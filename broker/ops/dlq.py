@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from broker.core.model import now_ms
 from broker.store import RedisStore
 from broker.store.dead_letters import DeadLetter, DeadLetters
@@ -70,6 +72,11 @@ async def select(store: RedisStore, f: Filter, limit: int | None = None) -> list
                 if limit is not None and len(out) >= limit:
                     return out
     return out
+
+
+def export_lines(letters: Sequence[DeadLetter]) -> bytes:
+    """``broker dlq export``'s file: one dead letter per line, as JSON (``DeadLetter.to_json``)."""
+    return b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters)
 
 
 Progress = Callable[[int, int], None]
