@@ -10,9 +10,10 @@ Rules, checked here before the console sees a request:
   a ``?token=`` in its URL is refused (URLs end up in logs and browser history). Other tokens get 403. In open mode
   (no tokens at all) only a caller on this machine that names this machine in ``Host`` is let in (local
   development; the page says so); a ``Host`` naming any other machine is refused (DNS rebinding).
-- The configured origin rules apply as to WebSocket handshakes (``auth.allowed_origins``). A mutating call (POST)
-  must also come from the broker's own origin (or an allowed one) when the browser names one: a page elsewhere
-  cannot make a logged-in operator's browser reprocess or purge.
+- The configured origin rules apply as to WebSocket handshakes (``auth.allowed_origins``); the broker's own origin
+  (its console page) is always allowed. A mutating call (POST) must come from the broker's own origin (or an
+  allowed one) whenever the browser names one, even when no origin list is configured: a page elsewhere cannot
+  make an operator's browser reprocess or purge.
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ class Gate:
         if "token" in query:
             return Refusal(400, "the console takes its token in the Authorization header, never in the URL")
         origin = headers.get("origin")
-        # the configured origin rules, and the token (or open mode), as for a WebSocket handshake; the query is not
-        # passed on, so no token is ever read from a console URL
-        verdict = self.auth.check(path, headers.get("authorization"), origin)
+        ours = origin is not None and same_origin(origin, headers.get("host"))
+        # the configured origin rules (the console's own page, served from here, is never foreign), and the token (or
+        # open mode), as for a WebSocket handshake; the query is not passed on: no token is ever read from its URL
+        verdict = self.auth.check(path, headers.get("authorization"), None if ours else origin)
         if isinstance(verdict, Refusal):
             return verdict
-        own = origin is None or same_origin(origin, headers.get("host")) or origin in self.auth.origins
-        if method == "POST" and not own:
+        if method == "POST" and not (origin is None or ours or origin in self.auth.origins):
             return Refusal(403, f"origin {origin!r} may not change anything here (not this broker's origin)")
         if self.open_mode:
             if not (is_loopback_address(peer_host) and names_this_machine(headers.get("host"))):
