@@ -324,6 +324,11 @@ async def test_every_script_touches_only_declared_or_run_time_keys_in_its_slot(
     (fresh,) = await store.publish_many([PublishRequest("fresh", "1")])
     assert isinstance(fresh, PublishResult) and fresh.groups == 1
 
+    # _depths.lua (reads only): each group of the topic, its depths and the publish time of its ready head
+    stats = await store.group_stats([T, "fresh"])
+    assert [(d.topic, d.group) for d, _ in stats] == [(T, "g1"), (T, "g2"), ("fresh", "default")]
+    assert all(d.ready >= 1 and at is not None for d, at in stats), stats
+
     # claim.lua, ack.lua (a keyed ack lets the next of its key go live), nack.lua (retry, ready, dead), release.lua,
     # extend.lua
     got = {d.payload: d for d in await store.claim(T, "g1", 10, 30_000, "c1")}
