@@ -168,7 +168,9 @@ async def test_one_refresh_takes_the_same_few_round_trips_for_200_topics_as_for_
     assert small == big == 4, (small, big)  # the topics, their groups' stats (one pipeline), the nodes (2)
 
 
-async def test_group_stats_equal_the_per_command_reads_and_skip_an_unreadable_topic(store_factory: StoreFactory) -> None:
+async def test_group_stats_equal_the_per_command_reads_and_skip_an_unreadable_topic(
+    store_factory: StoreFactory,
+) -> None:
     # Given two topics with groups in every state, a topic without groups, and one whose group set is damaged
     store = await store_factory()
     for t, g in (("orders", "billing"), ("orders", "audit"), ("mail", "default")):
