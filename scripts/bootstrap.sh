@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the venv, install exactly the locked dependency set (requirements/lock.txt, every package pinned with its
-# hashes), install the project on top of it without resolving anything, make sure a redis-server binary exists, and
-# (where Node is) install the JavaScript client's locked test dependency.
+# hashes), install the project on top of it without resolving anything, make sure a redis-server binary and Chromium
+# (for the browser tests) exist, and (where Node is) install the JavaScript client's locked test dependency.
 # Safe to run repeatedly; used by `make run` / `make test` and therefore by CI. Refresh the lock with scripts/lock.sh.
 set -euo pipefail
 VENV="${1:-.venv}"
@@ -26,6 +26,25 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 command -v redis-server >/dev/null 2>&1 && redis-server --version >&2 || true
+
+# Chromium for the real-browser tests (tests/browser.py drives it through Playwright's `executable_path`; Playwright's
+# own browser download is never used). Debian's package; `apt-get update` only when apt knows no candidate for it.
+CHROMIUM="${BROKER_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$CHROMIUM" ]; then
+    echo "bootstrap: $CHROMIUM not found, installing Debian's chromium package for the browser tests" >&2
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        if ! apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+            $SUDO apt-get update -q >/dev/null
+        fi
+        if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation >/dev/null; then
+            echo "bootstrap: installing chromium failed: the browser tests will be SKIPPED (loudly)" >&2
+        fi
+    else
+        echo "bootstrap: no apt-get; install Chromium at $CHROMIUM yourself or the browser tests are skipped" >&2
+    fi
+fi
+[ -x "$CHROMIUM" ] && "$CHROMIUM" --version >&2 || true
 
 # The JavaScript client's test dependency (the `ws` package, as locked in its package-lock.json), where Node is
 # installed (CI machines have Node 20 and npm): `make test` runs the client's `node --test` suite.
