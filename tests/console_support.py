@@ -7,13 +7,39 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from broker.client.client import BrokerClient, Subscription
+from broker.node.auth import token_hash
 
 from .brokers import BrokerProcess
+
+ADMIN = "admin-token-for-console-tests"
+APP = "app-token-without-admin"
+ALLOWED = "https://ops.example.com"
+
+
+def console_config(path: Path) -> Path:
+    """A broker config with an admin token ("ops": ``ADMIN``), a token without admin ("app": ``APP``) and one
+    allowed browser origin besides the broker's own."""
+    path.write_text(f"""
+[auth]
+mode = "tokens"
+allowed_origins = ["{ALLOWED}"]
+
+[[tokens]]
+name = "ops"
+sha256 = "{token_hash(ADMIN)}"
+admin = true
+
+[[tokens]]
+name = "app"
+sha256 = "{token_hash(APP)}"
+""")
+    return path
 
 
 def call(

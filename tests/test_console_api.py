@@ -23,15 +23,11 @@ import orjson
 import pytest
 
 from broker.client.client import BrokerClient
-from broker.node.auth import token_hash
 
 from .brokers import BrokerProcess
-from .console_support import call, reject, wait_job
+from .console_support import ADMIN, ALLOWED, APP, call, console_config, reject, wait_job
 from .support import Cli, RedisServer
 
-ADMIN = "admin-token-for-console-tests"
-APP = "app-token-without-admin"
-ALLOWED = "https://ops.example.com"
 FAST = {
     "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "50",
     "BROKER_DELIVERY_POLL_INTERVAL_MS": "50",
@@ -40,21 +36,7 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, RedisServer]]:
-    cfg: Path = tmp_path_factory.mktemp("console") / "broker.toml"
-    cfg.write_text(f"""
-[auth]
-mode = "tokens"
-allowed_origins = ["{ALLOWED}"]
-
-[[tokens]]
-name = "ops"
-sha256 = "{token_hash(ADMIN)}"
-admin = true
-
-[[tokens]]
-name = "app"
-sha256 = "{token_hash(APP)}"
-""")
+    cfg = console_config(tmp_path_factory.mktemp("console") / "broker.toml")
     with RedisServer() as redis, BrokerProcess(redis.url, env=FAST, config=cfg) as b:
         yield b, redis
 

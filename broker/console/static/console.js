@@ -61,7 +61,7 @@ function problem(where, err) {
   else problems.delete(where);
   const box = $("#problem");
   box.hidden = problems.size === 0;
-  box.textContent = [...problems.values()].join(" · ");
+  box.textContent = [...new Set(problems.values())].join(" · ");
 }
 
 // ---- live view -------------------------------------------------------------------------------------------------
