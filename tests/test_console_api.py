@@ -242,3 +242,15 @@ def test_in_open_mode_the_console_serves_this_machine_only(redis: RedisServer) -
         # When a page names another host (DNS rebinding to 127.0.0.1), Then it is refused
         status, body = call(b, "overview", headers={"Host": "attacker.example"})
         assert status == 403 and "this machine" in body["message"]
+
+
+def test_with_redis_down_the_console_answers_unavailable_and_says_so(tmp_path: Path) -> None:
+    cfg = console_config(tmp_path / "broker.toml")
+    with RedisServer() as redis, BrokerProcess(redis.url, env=FAST, config=cfg) as b:
+        assert call(b, "overview", ADMIN)[0] == 200
+        # When Redis goes away, Then each call is a 503 naming the outage (the page shows it), and the log has it
+        redis.stop()
+        for path in ("overview", "dlq"):
+            status, body = call(b, path, ADMIN)
+            assert status == 503 and body["error"] == "unavailable", body
+        assert "console_call_failed" in b.log_text()

@@ -128,14 +128,21 @@ function renderGroups() {
   }));
 }
 
+// One refresh loop: every second; every 5 s while the token is missing or refused (a page left open without one
+// does not fill the broker's log), and at once when a token is entered.
+let timer = null;
 async function refresh() {
+  clearTimeout(timer);
+  let wait = REFRESH_MS;
   try {
     renderOverview(await api("overview"));
     problem("refresh", null);
   } catch (e) {
     problem("refresh", e);
+    if (e instanceof ApiError && (e.status === 401 || e.status === 403)) wait = 5 * REFRESH_MS;
   } finally {
-    setTimeout(refresh, REFRESH_MS);
+    clearTimeout(timer);
+    timer = setTimeout(refresh, wait);
   }
 }
 
@@ -368,6 +375,7 @@ $("#token-form").addEventListener("submit", (ev) => {
     sessionStorage.setItem(TOKEN_KEY, token);
     $("#token").value = "********";
   }
+  refresh();
   loadLetters();
 });
 $("#forget").addEventListener("click", () => { token = ""; sessionStorage.removeItem(TOKEN_KEY); $("#token").value = ""; });
