@@ -237,7 +237,7 @@ for _, k in ipairs(KEYS) do
   __declared[k] = true
 end
 local __RUNTIME = {'^msg:[^:]+$', '^idem:.*$', '^g:[^:]+:dlv:[^:]+$', '^g:[^:]+:dead:[^:]+$', '^g:[^:]+:key:.*$'}
-local __RUNTIME_GROUPS = {publish = true, import = true}
+local __RUNTIME_GROUPS = {publish = true, import = true, _depths = true}
 local function __check(k)
   if __declared[k] then return end
   if string.sub(k, 1, #__base) ~= __base then error('audit: ' .. __name .. ': key outside the slot: ' .. k) end
