@@ -83,6 +83,35 @@ window.brokerReady = true;
 </body></html>"""
 
 
+# A consumer running in the page: connects, subscribes, and acks every delivery (without waiting), recording each
+# one in window.consumers[name] = {received: [{id, payload, attempt}], states, stale, errors, done}.
+CONSUMER_JS = """async ({name, topic, group, prefetch, token}) => {
+  const client = await broker.connect(wsUrl, {token, reconnectDeadlineMs: 120000});
+  const run = {received: [], states: [], stale: 0, errors: [], done: false};
+  client.addEventListener("statechange", (e) => run.states.push(e.detail.state));
+  const sub = await client.subscribe(topic, {group, prefetch});
+  (window.consumers ??= {})[name] = run;
+  (window.clients ??= {})[name] = client;
+  (async () => {
+    try {
+      for await (const m of sub) {
+        run.received.push({id: m.id, payload: m.payload, attempt: m.attempt});
+        try {
+          await m.ack();
+        } catch (e) {
+          if (e instanceof broker.StaleReceiptError) run.stale++;  // its connection died: it comes back
+          else run.errors.push(String(e));
+        }
+      }
+    } catch (e) {
+      run.errors.push(String(e));
+    }
+    run.done = true;
+  })();
+  return true;
+}"""
+
+
 class BrowserPage:
     """A Playwright page on the broker's origin, with the client imported, and what it said on its console."""
 
@@ -103,6 +132,18 @@ class BrowserPage:
         """Wait until the JS function ``predicate(arg)`` is truthy (``timeout_ms`` is a safety bound)."""
         handle = await self.page.wait_for_function(predicate, arg=arg, timeout=timeout_ms, polling=50)
         return await handle.json_value()
+
+    async def start_consumer(
+        self, topic: str, group: str, prefetch: int = 10, name: str = "main", token: str | None = None
+    ) -> None:
+        """Subscribe in the page and ack everything that arrives (see CONSUMER_JS); read it with ``consumed()``."""
+        await self.evaluate(
+            CONSUMER_JS, {"name": name, "topic": topic, "group": group, "prefetch": prefetch, "token": token}
+        )
+
+    async def consumed(self, name: str = "main") -> dict[str, Any]:
+        """What the page's consumer ``name`` has received so far, and its connection states."""
+        return dict(await self.evaluate("(name) => window.consumers[name]", name))
 
     def check(self) -> None:
         """Fail with what the page threw, if it threw anything uncaught."""
