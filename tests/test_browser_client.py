@@ -106,3 +106,26 @@ async def test_8_pages_each_get_every_broadcast(pages: Pages, broker: BrokerProc
         assert [m["payload"]["round"] for m in run["received"]] == list(range(ROUNDS)), (i, run)
         assert run["errors"] == [] and run["stale"] == 0
         p.check()
+
+
+BIG = 2**60 + 1  # above 2^53: a JavaScript number cannot hold it
+
+
+async def test_integers_above_2_53_lose_precision_in_javascript_strings_do_not(
+    pages: Pages, broker: BrokerProcess
+) -> None:
+    """What docs/clients.md tells users: send such numbers (and ids from other systems) as strings."""
+    page = await pages.open(broker.http)
+    await page.start_consumer("ints", "js")
+    async with BrokerClient(broker.url) as py:
+        await py.publish("ints", {"big": BIG, "text": str(BIG), "safe": 2**53 - 1})
+    await page.wait_for("() => window.consumers.main.received.length >= 1")
+    seen = await page.evaluate(
+        """() => {
+            const p = window.consumers.main.received[0].payload;
+            return {big: String(p.big), text: p.text, safe: String(p.safe), bigSafe: Number.isSafeInteger(p.big)};
+        }"""
+    )
+    assert seen["big"] != str(BIG) and float(seen["big"]) == float(BIG)  # the nearest double: 1152921504606847000
+    assert (seen["text"], seen["safe"], seen["bigSafe"]) == (str(BIG), str(2**53 - 1), False)
+    page.check()
