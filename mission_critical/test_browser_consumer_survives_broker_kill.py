@@ -31,7 +31,7 @@ ENV = {
 }
 
 
-async def test_a_page_keeps_consuming_across_a_broker_kill(pages: Pages, redis: RedisServer) -> None:
+async def test_a_page_keeps_consuming_across_a_broker_kill(redis: RedisServer, pages: Pages) -> None:
     broker = BrokerProcess(redis.url, env=ENV).start()
     confirmed: set[str] = set()
     try:

@@ -158,8 +158,11 @@ class Pages:
         self.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)[:120]
         self.opened: list[BrowserPage] = []
 
-    async def open(self, origin: str, body: str = "", label: str | None = None) -> BrowserPage:
-        """A new page (its own context: no shared storage) on ``origin`` with the client imported."""
+    async def open(
+        self, origin: str, body: str = "", label: str | None = None, html: str | None = None
+    ) -> BrowserPage:
+        """A new page (its own context: no shared storage) on ``origin`` with the client imported; with ``html``,
+        that whole document instead (not waited for: the test waits for what it shows)."""
         context = await self.browser.new_context(viewport={"width": 1024, "height": 700})
         page = await context.new_page()
         bp = BrowserPage(context, page, label or f"page{len(self.opened)}")
@@ -169,7 +172,9 @@ class Pages:
         # route's fulfilled body or a data: URL), then the test's HTML written into that same document.
         response = await page.goto(origin.rstrip("/") + LANDING_PATH, timeout=LOAD_TIMEOUT_MS)
         assert response is not None and response.ok, f"{origin}{LANDING_PATH}: {response and response.status}"
-        await page.set_content(page_html(body), timeout=LOAD_TIMEOUT_MS)
+        await page.set_content(page_html(body) if html is None else html, timeout=LOAD_TIMEOUT_MS)
+        if html is not None:
+            return bp
         try:
             await page.wait_for_function("() => window.brokerReady === true", timeout=LOAD_TIMEOUT_MS)
         except Exception as e:

@@ -8,15 +8,17 @@ Then each group gets every message once, the acked ones are gone, the nacked one
      with the typed error;
 When 8 pages subscribe at once (one group each) and a Python publisher broadcasts 20 rounds
 Then every page gets every round: 8/8 each round, 160/160, no duplicates.
+The README's browser page, run as printed, publishes, receives and acks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 from broker.client.client import BrokerClient
 
-from .brokers import BrokerProcess
+from .brokers import ROOT, BrokerProcess
 from .browser import BROWSER, Pages
 from .support import Cli, RedisServer
 
@@ -60,7 +62,7 @@ TWO_GROUPS_JS = """async () => {
 
 
 async def test_a_page_publishes_consumes_in_two_groups_acks_and_nacks_into_the_dlq(
-    pages: Pages, broker: BrokerProcess, redis: RedisServer
+    broker: BrokerProcess, redis: RedisServer, pages: Pages
 ) -> None:
     page = await pages.open(broker.http)
     r = await page.evaluate(TWO_GROUPS_JS)
@@ -84,7 +86,7 @@ PAGES = 8
 ROUNDS = 20
 
 
-async def test_8_pages_each_get_every_broadcast(pages: Pages, broker: BrokerProcess) -> None:
+async def test_8_pages_each_get_every_broadcast(broker: BrokerProcess, pages: Pages) -> None:
     opened = [await pages.open(broker.http, label=f"agent{i}") for i in range(PAGES)]
     # Given: 8 pages subscribe at once, each in its own group (a broadcast reaches every group)
     await asyncio.gather(*(p.start_consumer("broadcast", f"agent{i}", prefetch=5) for i, p in enumerate(opened)))
@@ -112,7 +114,7 @@ BIG = 2**60 + 1  # above 2^53: a JavaScript number cannot hold it
 
 
 async def test_integers_above_2_53_lose_precision_in_javascript_strings_do_not(
-    pages: Pages, broker: BrokerProcess
+    broker: BrokerProcess, pages: Pages
 ) -> None:
     """What docs/clients.md tells users: send such numbers (and ids from other systems) as strings."""
     page = await pages.open(broker.http)
@@ -128,4 +130,15 @@ async def test_integers_above_2_53_lose_precision_in_javascript_strings_do_not(
     )
     assert seen["big"] != str(BIG) and float(seen["big"]) == float(BIG)  # the nearest double: 1152921504606847000
     assert (seen["text"], seen["safe"], seen["bigSafe"]) == (str(BIG), str(2**53 - 1), False)
+    page.check()
+
+
+async def test_the_readme_browser_page_publishes_and_consumes(broker: BrokerProcess, pages: Pages) -> None:
+    """The README's page, as printed there, against this test's broker (its port in place of 8765)."""
+    (html,) = re.findall(r"```html\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert html.count("\n") <= 25, "the README promises a page of about 20 lines"
+    page = await pages.open(broker.http, html=html.replace("127.0.0.1:8765", f"127.0.0.1:{broker.port}"))
+    await page.wait_for("() => document.getElementById('out').textContent.includes('acked')")
+    lines = (await page.page.inner_text("#out")).splitlines()
+    assert lines[0].startswith("published ") and lines[1:] == ['received {"id":17,"total":9.5}, attempt 1', "acked"]
     page.check()
