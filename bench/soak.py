@@ -52,7 +52,7 @@ class SoakConfig:
     window_s: float = 10.0
     prefetch: int = 10
     payload_bytes: int = 100
-    drain_s: float = 60.0  # after the last publish: at most this long for every group to get everything
+    stall_s: float = 60.0  # waits (the last confirmations, the drain) end when nothing moved for this long
 
 
 @dataclass
@@ -65,7 +65,9 @@ class SoakResult:
     deliveries: int = 0
     achieved_rate: float = 0.0
     max_send_lag_ms: float = 0.0
-    samples: list[dict[str, float]] = field(default_factory=list)  # t, rss_kb, fds, tasks, redis_kb
+    samples: list[dict[str, float]] = field(default_factory=list)  # t, delivered, rss_kb, fds, tasks, redis_kb
+    before: dict[str, float] = field(default_factory=dict)  # the same, once the connections are up, before traffic
+    after: dict[str, float] = field(default_factory=dict)  # and once everything is delivered and acked
     windows: list[dict[str, float]] = field(default_factory=list)  # t, n, p50_ms, p99_ms
     slopes: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -138,18 +140,46 @@ async def _broker_tasks(port: int) -> float:
     return math.nan
 
 
-async def _redis_used_kb(port: int) -> float:
+async def _redis(port: int, *args: str) -> bytes:
+    """One command on its own connection; the reply's payload (a bulk string's bytes, an integer's digits)."""
     r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
     try:
-        w.write(b"*2\r\n$4\r\nINFO\r\n$6\r\nmemory\r\n")
-        head = await asyncio.wait_for(r.readline(), 5)  # $<len>
-        body = await asyncio.wait_for(r.readexactly(int(head[1:]) + 2), 5)
+        w.write(f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args))
+        head = await asyncio.wait_for(r.readline(), 5)  # $<len> or :<int>
+        if head[:1] == b"$":
+            return (await asyncio.wait_for(r.readexactly(int(head[1:]) + 2), 5))[:-2]
+        return head[1:].strip()
     finally:
         w.close()
-    for line in body.decode().splitlines():
+
+
+async def _redis_used_kb(port: int) -> float:
+    for line in (await _redis(port, "INFO", "memory")).decode().splitlines():
         if line.startswith("used_memory:"):
             return float(line.split(":")[1]) / 1024
     return math.nan
+
+
+async def _sample(t: float, delivered: int, broker_pid: int, broker_port: int, redis_port: int) -> dict[str, float]:
+    return {
+        "t": round(t, 1), "delivered": delivered, "rss_kb": _rss_kb(broker_pid), "fds": _fds(broker_pid),
+        "tasks": await _broker_tasks(broker_port), "redis_kb": await _redis_used_kb(redis_port),
+        "redis_keys": float(await _redis(redis_port, "DBSIZE")),
+    }  # fmt: skip
+
+
+async def _until(done: Any, progress: Any, stall_s: float, poll_s: float = 0.2) -> bool:
+    """Wait until ``done()``, or until ``progress()`` (any value that changes while work moves) stayed the same for
+    ``stall_s``: bounded by progress, not by a deadline a loaded machine could miss while everything still flows."""
+    last, since = progress(), time.monotonic()
+    while not done():
+        await asyncio.sleep(poll_s)
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            return False
+    return True
 
 
 # ---- the load -----------------------------------------------------------------------------------------------------
@@ -225,13 +255,41 @@ class _Load:
                 pending[seq] = seq
                 frame = {"op": "publish", "ref": seq, "topic": TOPIC, "payload": {"s": seq, "t": time.time(), "p": pad}}
                 await ws.send(orjson.dumps(frame).decode())
-            async with asyncio.timeout(30):
-                while pending:  # noqa: ASYNC110 (the last confirmations, bounded)
-                    await asyncio.sleep(0.05)
-        except (ConnectionClosed, TimeoutError):
+            await _until(lambda: not pending, lambda: len(pending), cfg.stall_s)  # the last confirmations
+        except ConnectionClosed:
             pass
         finally:
             reader.cancel()
+
+
+async def _traffic(cfg: SoakConfig, load: _Load, res: SoakResult, pubs: list[asyncio.Task[None]]) -> None:
+    # a safety bound only: the publishers keep their schedule or send as fast as the machine lets them
+    async with asyncio.timeout(cfg.duration_s * 5 + 10 * cfg.stall_s):
+        await asyncio.gather(*pubs)
+    published_at = time.monotonic()
+    res.confirmed = sum(load.confirmed)
+    res.achieved_rate = res.confirmed / max(1e-9, published_at - load.t0)
+    want = res.confirmed * cfg.groups
+
+    def delivered() -> int:
+        return sum(sum(c & g for c, g in zip(load.confirmed, got, strict=True)) for got in load.got.values())
+
+    # the drain: until every group got every confirmed message, or deliveries stopped moving (then: lost)
+    await _until(lambda: delivered() == want, lambda: load.deliveries, cfg.stall_s, poll_s=1.0)
+
+
+async def _settled(
+    res: SoakResult, load: _Load, broker_pid: int, broker_port: int, redis_port: int
+) -> dict[str, float]:
+    """The last sample, once every ack is applied: Redis's keys back to what they were before the traffic, or no
+    longer changing (10 s); the connections are still open, as they were for ``before``."""
+    last, since = float(await _redis(redis_port, "DBSIZE")), time.monotonic()
+    while last != res.before["redis_keys"] and time.monotonic() - since < 10:
+        await asyncio.sleep(0.5)
+        now = float(await _redis(redis_port, "DBSIZE"))
+        if now != last:
+            last, since = now, time.monotonic()
+    return await _sample(time.monotonic() - load.t0, load.deliveries, broker_pid, broker_port, redis_port)
 
 
 async def run(
@@ -251,6 +309,7 @@ async def run(
     log(f"{len(conns)} connections open")
     tasks = [asyncio.create_task(load.consumer(ws, f"g{i % cfg.groups}")) for i, ws in enumerate(conns[:n_consumers])]
     await asyncio.sleep(2.0)  # the subscriptions are in (every group exists before the first publish)
+    res.before = await _sample(0.0, 0, broker_pid, broker_port, redis_port)
     load.t0 = time.monotonic() + 0.5
     pubs = [asyncio.create_task(load.publisher(ws, k)) for k, ws in enumerate(conns[n_consumers:])]
 
@@ -264,31 +323,23 @@ async def run(
                                     "p99_ms": percentile(w, 0.99) * 1000})  # fmt: skip
                 next_window += cfg.window_s
             if now >= next_sample:
-                res.samples.append({
-                    "t": round(now - load.t0, 1), "rss_kb": _rss_kb(broker_pid), "fds": _fds(broker_pid),
-                    "tasks": await _broker_tasks(broker_port), "redis_kb": await _redis_used_kb(redis_port),
-                })  # fmt: skip
-                s = res.samples[-1]
+                try:
+                    s = await _sample(now - load.t0, load.deliveries, broker_pid, broker_port, redis_port)
+                except (OSError, TimeoutError, ValueError) as e:  # a /metrics or INFO that did not answer in 5 s
+                    log(f"  t={now - load.t0:.0f}s: no sample ({e!r})")
+                    next_sample += cfg.sample_s
+                    continue
+                res.samples.append(s)
                 if len(res.samples) % max(1, int(60 / cfg.sample_s)) == 0:
                     log(f"  t={s['t']:.0f}s rss={s['rss_kb']:.0f}kB fds={s['fds']:.0f} tasks={s['tasks']:.0f} "
                         f"redis={s['redis_kb']:.0f}kB p99={res.windows[-1]['p99_ms'] if res.windows else 0:.1f}ms")
                 next_sample += cfg.sample_s
-            await asyncio.sleep(min(next_sample, next_window) - time.monotonic())
+            await asyncio.sleep(max(0.0, min(next_sample, next_window) - time.monotonic()))
 
     sampling = asyncio.create_task(sampler())
     try:
-        async with asyncio.timeout(cfg.duration_s + 60):
-            await asyncio.gather(*pubs)
-        published_at = time.monotonic()
-        res.confirmed = sum(load.confirmed)
-        res.achieved_rate = res.confirmed / max(1e-9, published_at - load.t0)
-        confirmed = load.confirmed
-        deadline = time.monotonic() + cfg.drain_s
-        while time.monotonic() < deadline:
-            if all(sum(c & g for c, g in zip(confirmed, got, strict=True)) == res.confirmed
-                   for got in load.got.values()):  # fmt: skip
-                break
-            await asyncio.sleep(1.0)
+        await _traffic(cfg, load, res, pubs)
+        res.after = await _settled(res, load, broker_pid, broker_port, redis_port)
     finally:
         sampling.cancel()
         for ws in conns:
@@ -304,6 +355,46 @@ async def run(
     for name in ("rss_kb", "fds", "tasks", "redis_kb"):
         res.slopes[name] = slope([(s["t"], s[name]) for s in after if not math.isnan(s[name])])
     return res
+
+
+# ---- the verdict ---------------------------------------------------------------------------------------------------
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least squares y = a + k x: (a, k, standard deviation of the residuals)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    k = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    a = my - k * mx
+    sd = math.sqrt(sum((y - a - k * x) ** 2 for x, y in points) / max(1, n - 2))
+    return a, k, sd
+
+
+def judge(res: SoakResult, floors: dict[str, float], k_noise: float = 4.0) -> dict[str, dict[str, float]]:
+    """Does a resource grow with the work done? Per resource: its least-squares slope against the deliveries made
+    (not against time: a loaded machine delivers less per second, a leak grows per message or per delivery),
+    times the deliveries of the measured part (after the warm-up): ``growth``. The tolerance is ``k_noise`` times
+    the noise seen in the second half of the warm-up (the residuals' standard deviation about their own line: the
+    jitter of a resource that is already moving with the traffic), and never below ``floors[name]`` (a resource
+    that did not move at all in the warm-up still may by a connection or a task). ``ok`` when growth <= tolerance.
+    Redis memory follows the backlog (messages waiting), so its slope is reported only: Redis is judged by its
+    keys and memory once everything was delivered and acked (``after`` against ``before``, see the test)."""
+    warm = [s for s in res.samples if res.config["warmup_s"] / 2 <= s["t"] < res.config["warmup_s"]]
+    meas = [s for s in res.samples if s["t"] >= res.config["warmup_s"]]
+    out = {}
+    for name, floor in floors.items():
+        w = [(s["delivered"], s[name]) for s in warm if not math.isnan(s[name])]
+        m = [(s["delivered"], s[name]) for s in meas if not math.isnan(s[name])]
+        if len(w) < 3 or len(m) < 3:
+            raise ValueError(f"too few samples to judge {name}: {len(w)} in the warm-up, {len(m)} after it")
+        noise = _fit(w)[2]
+        _, k, _ = _fit(m)
+        growth = k * (m[-1][0] - m[0][0])
+        tolerance = max(floor, k_noise * noise)
+        out[name] = {"growth": growth, "noise": noise, "tolerance": tolerance, "per_1k_deliveries": k * 1000,
+                     "ok": float(growth <= tolerance)}  # fmt: skip
+    return out
 
 
 # ---- the picture --------------------------------------------------------------------------------------------------
