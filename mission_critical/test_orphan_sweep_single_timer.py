@@ -104,6 +104,10 @@ async def test_orphan_sweep_on_three_nodes_reschedules_each_message_once(redis: 
         assert events, "no orphaned_leases_recovered log event on B, C or D"
         assert all(e["dead_nodes"] == [node_a] and e["topic"] == TOPIC and e["group"] == GROUP for e in events)
         assert sum(int(str(e["count"])) for e in events) == N, events  # the three sweeps together: 200, not 600
+        # each survivor said whom it took for dead before expiring (the one record if that sweep's reply is lost)
+        for b in survivors:
+            judged = [orjson.loads(x) for x in b.log_text().splitlines() if '"nodes_taken_for_dead"' in x]
+            assert [e["nodes"] for e in judged] == [[node_a]], (b.port, judged)
 
         # And: redelivered once each, attempt 2, to consumers on any of B, C, D
         received: collections.Counter[str] = collections.Counter()

@@ -52,6 +52,7 @@ class Recovery:
         self._broken: list[str] = []  # "topic: error" for topics whose group set could not be read
         self._pairs_at = 0.0
         self._full_at = 0.0
+        self._judged_dead: set[str] = set()  # the nodes this node's sweep last took for dead
 
     def start(self) -> None:
         """Each loop runs under the supervisor (logged, counted, backoff, /readyz; see broker/supervisor.py). The
@@ -96,6 +97,7 @@ class Recovery:
             for gone in set(known) - set(self._pairs):
                 del known[gone]
         dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
+        self._judge(dead_nodes)
         failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
         pairs = self._pairs
         if dead_nodes or now - self._full_at >= FULL_PASS_S:
@@ -114,6 +116,19 @@ class Recovery:
         problems = self._broken + failed
         if problems:  # everything else was swept; these cannot be until someone repairs them: say so
             raise DegradedError(f"{len(problems)} topic(s)/group(s) not swept: {'; '.join(problems[:3])}")
+
+    def _judge(self, dead_nodes: list[str]) -> None:
+        """Say when this node starts taking another for dead (before the sweep expires its leases: that sweep's
+        reply may be lost, its ``orphaned_leases_recovered`` with it), and when one leaves the list: it heartbeats
+        again (it was alive, its heartbeats late, e.g. through an outage of its own), or it was forgotten after
+        ``FORGET_NODE_MS``. Logged on change only: a dead node stays in the list until it is forgotten."""
+        now = set(dead_nodes)
+        if now - self._judged_dead:
+            log.warning("nodes_taken_for_dead", nodes=sorted(now - self._judged_dead),
+                        timeout_ms=self.node_timeout_ms)  # fmt: skip
+        if self._judged_dead - now:
+            log.info("nodes_no_longer_taken_for_dead", nodes=sorted(self._judged_dead - now))
+        self._judged_dead = now
 
     async def gauges_once(self) -> None:
         pairs = await self.store.all_pairs([])  # an unreadable topic is the sweep's to report
