@@ -1,9 +1,11 @@
 """A consumer process for chaos tests (``python -m tests.chaos_consumer URL TOPIC GROUP PREFETCH WORK_MS``): it
 subscribes with the bundled client (reconnecting), works on each message for WORK_MS (several at a time) and writes
-one line per event to stdout, flushed at once so a ``kill -9`` loses none, each ending with the time
-(``time.monotonic()``, one clock for every process of the machine): ``r <id> <t>`` when a delivery arrives
-(before anything else is done with it), ``a <id> <t>`` when the broker confirmed its ack, ``f <id> <t> <error class>``
-when the ack failed (refused as stale, or Redis unavailable: the broker redelivers it). When the process dies, what it
+one line per event to stdout, flushed at once so a ``kill -9`` loses none: ``r <id> <mono> <receipt>
+<lease deadline, epoch ms> <epoch ms>`` when a delivery arrives (before anything else is done with it), ``a <id>
+<mono> <receipt> <epoch ms>`` when the broker confirmed its ack, ``f <id> <mono> <receipt> <epoch ms> <error class>``
+when the ack failed (refused as stale, or Redis unavailable: the broker redelivers it). ``<mono>`` is
+``time.monotonic()`` (one clock for every process of the machine), epoch ms the wall clock the brokers stamp claims
+and leases with (a receipt starts with its claim's time). When the process dies, what it
 may have held is its ``r`` without ``a`` or ``f``: the deliveries the broker counts as unacked for it (at most its
 prefetch), plus acks the broker had taken but not yet confirmed (those it still applies)."""
 
@@ -26,9 +28,9 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
         try:
             await m.ack(wait=True)
         except Exception as e:  # stale: its connection died, so it comes back
-            out.write(f"f {m.id} {time.monotonic():.3f} {type(e).__name__}\n")
+            out.write(f"f {m.id} {time.monotonic():.3f} {m.receipt} {time.time() * 1000:.0f} {type(e).__name__}\n")
         else:
-            out.write(f"a {m.id} {time.monotonic():.3f}\n")
+            out.write(f"a {m.id} {time.monotonic():.3f} {m.receipt} {time.time() * 1000:.0f}\n")
         out.flush()
 
     async with BrokerClient(url, reconnect_deadline_s=600) as c:
@@ -43,7 +45,7 @@ async def main(url: str, topic: str, group: str, prefetch: int, work_ms: int) ->
         out.write("ready\n")
         out.flush()
         async for m in sub:
-            out.write(f"r {m.id} {time.monotonic():.3f}\n")
+            out.write(f"r {m.id} {time.monotonic():.3f} {m.receipt} {m.lease_expires_at} {time.time() * 1000:.0f}\n")
             out.flush()
             t = asyncio.create_task(handle(m))
             working.add(t)
