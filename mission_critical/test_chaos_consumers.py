@@ -456,7 +456,8 @@ class _Run:
         starts = [_incarnations(log) for log in self.broker_logs]
 
         def holder(r: Receipt) -> str:  # the node (incarnation) of the broker its consumer used, at its claim
-            return [node for at, node in starts[self.log_broker[r.consumer]] if at <= r.claimed_ms][-1]
+            incarnations = starts[self.log_broker[r.consumer]]
+            return ([node for at, node in incarnations if at <= r.claimed_ms] or [incarnations[0][1]])[-1]
 
         for d in deaths:
             print(f"  {(d.at_ms / 1000 - time.time() + time.monotonic() - self.t0):6.1f}s {d.node} taken for dead, "
