@@ -7,12 +7,16 @@ schedule (``rate`` msg/s in all, each waiting for its confirmations), and the re
 to every group. Every ``sample_s`` it samples the broker's RSS and open file descriptors (``/proc``), its asyncio
 task count (``broker_asyncio_tasks`` from ``/metrics``) and Redis's ``used_memory``; every ``window_s`` the
 publish-to-delivery latency's p50 and p99 (the payload carries its send time). At the end, after a drain:
-no loss (every confirmed message reached every group), duplicates counted, and each resource's slope after the
-warm-up (least squares, per minute, and as the change over the measured span relative to its mean). ``--png``
+no loss (every confirmed message reached every group), duplicates counted, each resource's slope after the
+warm-up (least squares, per minute, and as the change over the measured span relative to its mean), ``judge``'s
+verdict (the slope against the deliveries made, within a tolerance from the warm-up's noise), and a sample before
+the traffic and once everything is delivered and acked (Redis's key count included). ``--png``
 writes the latency over time as a PNG (drawn here: no plotting library needed), ``--json`` the whole result.
 
 The same ``run`` drives the 60-second version in ``tests/test_soak.py`` against a ``BrokerProcess``.
-Everything is bounded: the run's length, the drain (``drain_s``), every connect and every wait.
+Everything is bounded by progress, not by a deadline a loaded machine could miss: the last confirmations and the
+drain end when nothing moved for ``stall_s``; every connect and every Redis or HTTP read has its own timeout, and
+the whole run a generous safety bound.
 """
 
 from __future__ import annotations
@@ -504,6 +508,11 @@ async def _main(args: argparse.Namespace) -> SoakResult:
 
 def _report(res: SoakResult, args: argparse.Namespace) -> int:
     print(res.text())
+    floors = {"rss_kb": 0.02 * res.before.get("rss_kb", 0.0), "fds": 4.0, "tasks": 16.0}  # as tests/test_soak.py
+    for name, v in judge(res, floors).items():
+        print(f"{name}: {v['per_1k_deliveries']:+.3f} per 1,000 deliveries, {v['growth']:+.1f} over the measured "
+              f"part (tolerance {v['tolerance']:.1f}: warm-up noise {v['noise']:.1f}) {'ok' if v['ok'] else 'GROWS'}")
+    print(f"before the traffic: {res.before}\nafter it, all acked: {res.after}")
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(res), indent=1))
     if args.png:
