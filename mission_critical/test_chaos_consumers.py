@@ -409,8 +409,13 @@ class _Run:
                     self.confirmed.add(res.id)
                     self.confirmed_at[res.id] = (round(time.monotonic() - self.t0, 2), i, res.duplicate)
 
-            await asyncio.gather(*(publish(i) for i in range(N)))
+            publishing = asyncio.ensure_future(asyncio.gather(*(publish(i) for i in range(N))))
+            await asyncio.wait({publishing, chaos}, return_when=asyncio.FIRST_EXCEPTION)
+            if chaos.done() and chaos.exception() is not None:  # a fault that could not be undone: stop at once
+                publishing.cancel()
+                await asyncio.gather(publishing, return_exceptions=True)
             await chaos
+            await publishing
             print(f"published and faults done at {time.monotonic() - self.t0:.1f}s")
         finally:
             for p in publishers:

@@ -30,6 +30,7 @@ from broker.store import Clock, RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
+LOADING_TIMEOUT_S = 180.0  # a restart that answers -LOADING is reading its AOF: it may take this long in all
 STOP_TIMEOUT_S = 10.0
 
 
@@ -42,12 +43,17 @@ def free_port() -> int:
 
 def _ping(port: int, timeout_s: float = 0.5) -> bool:
     """True when a Redis on ``port`` answers PING with PONG (raw RESP, no client library state involved)."""
+    return _ping_reply(port, timeout_s).startswith(b"+PONG")
+
+
+def _ping_reply(port: int, timeout_s: float = 0.5) -> bytes:
+    """What a Redis on ``port`` answers PING (b"" when nothing answers): ``-LOADING`` while it loads its AOF."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64)
     except OSError:
-        return False
+        return b""
 
 
 class RedisServer:
@@ -104,15 +110,19 @@ class RedisServer:
         ]  # fmt: skip
         self._out = open(self.dir / "redis.stdout", "ab")  # noqa: SIM115 - closed in _reap
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
+        started = time.monotonic()
+        deadline = started + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
                 self._reap()
                 out = (self.dir / "redis.stdout").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server on port {self.port} exited with {code}: {out}\n{self._log_tail()}")
-            if _ping(self.port):
+            reply = _ping_reply(self.port)
+            if reply.startswith(b"+PONG"):
                 return
+            if reply.startswith(b"-LOADING"):  # alive, reading its AOF (tens of MB after a long chaos run)
+                deadline = max(deadline, min(time.monotonic() + 1.0, started + LOADING_TIMEOUT_S))
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(
