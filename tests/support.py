@@ -112,6 +112,7 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
         started = time.monotonic()
         deadline = started + START_TIMEOUT_S
+        log_from = self.logfile.stat().st_size if self.logfile.exists() else 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 code = self.proc.returncode
@@ -121,13 +122,24 @@ class RedisServer:
             reply = _ping_reply(self.port)
             if reply.startswith(b"+PONG"):
                 return
-            if reply.startswith(b"-LOADING"):  # alive, reading its AOF (tens of MB after a long chaos run)
+            if reply.startswith(b"-LOADING") or self._loading(log_from):  # alive, reading its AOF (tens of MB after
+                # a long chaos run; while it loads it may not even answer: only its log says so)
                 deadline = max(deadline, min(time.monotonic() + 1.0, started + LOADING_TIMEOUT_S))
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(
             f"redis-server on port {self.port} did not answer PING in {START_TIMEOUT_S}s\n{self._log_tail()}"
         )
+
+    def _loading(self, log_from: int) -> bool:
+        """This start's log says it is loading its data and not yet ready."""
+        try:
+            with self.logfile.open("rb") as f:
+                f.seek(log_from)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        return "AOF loading" in text and "Ready to accept connections" not in text
 
     def _wait_exit(self, timeout_s: float) -> bool:
         assert self.proc is not None
