@@ -28,7 +28,8 @@ running broker too (after a Redis fault every node's heartbeat is late; on a loa
 proxy, a thread of this test's process, can exceed the short timeouts set here without any fault), and the other
 broker's sweep expires its leases at once. The brokers log each such judgement (``nodes_taken_for_dead``, before the
 sweep acts on it) and its end; a repeat is attributed to one when the node it names held the delivery (the broker
-its consumer was connected to), at most that node's consumers' credit per judgement. So the duplicates are bounded
+its consumer was connected to), at most what the sweeps reported expiring for it (or its consumers' credit if
+more) per judgement. So the duplicates are bounded
 by the in-flight sets of the scheduled faults, plus the credit of the nodes taken for dead, plus the leases that
 ran out, and the numbers are printed.
 
@@ -160,11 +161,18 @@ class NodeDeath:
     broker is taken for dead too when its heartbeats are late (on a loaded machine a Redis call can exceed the short
     timeouts set here without any scheduled fault, and after a Redis fault every node's heartbeat is late): a
     failure the schedule did not make, but a failure. What that node held may come again, at most its consumers'
-    credit (``NODE_CREDIT``) per such event."""
+    credit (``NODE_CREDIT``) per such event, or what the sweeps reported expiring for it if more."""
 
     at_ms: float
     until_ms: float
     node: str
+    expired: int = 0  # leases the sweeps reported expiring for it meanwhile (``orphaned_leases_recovered``)
+
+    @property
+    def budget(self) -> int:
+        """Repeats it may explain: what the sweeps said they expired, at least its consumers' credit (a sweep whose
+        reply was lost reported nothing)."""
+        return max(NODE_CREDIT, self.expired)
 
 
 NODE_CREDIT = PREFETCH * CONSUMERS // 2  # deliveries one broker's consumers can hold (2 of the 4 consumers each)
@@ -195,6 +203,13 @@ def _node_deaths(broker_logs: list[str]) -> list[NodeDeath]:
                 back = [_ms(x) for x in es[i:] if x.get("event") == "nodes_no_longer_taken_for_dead"
                         and node in x["nodes"]]  # fmt: skip
                 out.append(NodeDeath(_ms(e), back[0] if back else math.inf, node))
+    # what the sweeps said they expired of it while it was taken for dead (a node holds more than its consumers'
+    # credit when acks failed in an outage: those leases stay until they expire); a count names all the nodes of
+    # its sweep together, so each of them may take all of it
+    recovered = [(_ms(e), set(e["dead_nodes"]), int(e["count"])) for log in broker_logs for e in _events(log)
+                 if e.get("event") == "orphaned_leases_recovered"]  # fmt: skip
+    for d in out:
+        d.expired = sum(n for at, nodes, n in recovered if d.node in nodes and d.at_ms <= at <= d.until_ms)
     return out
 
 
@@ -208,13 +223,13 @@ def _attribute(
       (checked apart: a confirmed ack followed by a delivery is a broker bug); by then the lease had run out, whatever
       else happened;
     - the broker that held delivery k (``holder``: the node its consumer was connected to at its claim) taken for
-      dead (``NodeDeath``) while delivery k was leased and before the next claim, at most ``NODE_CREDIT`` repeats
-      each.
+      dead (``NodeDeath``) while delivery k was leased and before the next claim, at most ``NodeDeath.budget``
+      repeats each.
     "Between the two claims" is from delivery k's claim time to delivery k+1's arrival (see ``Receipt``).
     Returns the causes counted, the repeats each fault explained, and the repeats without a cause."""
     causes: collections.Counter[str] = collections.Counter()
     per_fault = [0] * len(faults)
-    budget = [NODE_CREDIT] * len(deaths)
+    budget = [d.budget for d in deaths]
     unexplained = []
     for m, rs in receipts.items():
         used: set[int] = set()
@@ -470,10 +485,10 @@ class _Run:
         causes, per_fault, unexplained = _attribute(receipts, self.faults, deaths, holder)
         for f, n in zip(self.faults, per_fault, strict=True):
             print(f"  {f.at_s:6.1f}s {f.what}: in flight {len(f.in_flight)}, repeats it explains {n}")
-        bound = sum(len(f.in_flight) for f in self.faults) + NODE_CREDIT * len(deaths) + causes["lease ran out"]
+        bound = sum(len(f.in_flight) for f in self.faults) + sum(d.budget for d in deaths) + causes["lease ran out"]
         print(f"confirmed={len(self.confirmed)} received={len(received)} duplicates={duplicates} (bound: in flight "
               f"at the faults {sum(len(f.in_flight) for f in self.faults)} + leases of nodes taken for dead "
-              f"{NODE_CREDIT * len(deaths)} + leases run out {causes['lease ran out']} = {bound}), repeats by "
+              f"{sum(d.budget for d in deaths)} + leases run out {causes['lease ran out']} = {bound}), repeats by "
               f"cause {dict(causes)}, consumer processes={len(self.logs)} dead_lettered={self.dead}")  # fmt: skip
         assert not self.confirmed - set(received), f"{len(self.confirmed - set(received))} confirmed messages lost"
         assert len(self.confirmed) == N  # every publish confirmed in the end (idempotent retries)

@@ -107,7 +107,7 @@ async def test_orphan_sweep_on_three_nodes_reschedules_each_message_once(redis: 
         # each survivor said whom it took for dead before expiring (the one record if that sweep's reply is lost)
         for b in survivors:
             judged = [orjson.loads(x) for x in b.log_text().splitlines() if '"nodes_taken_for_dead"' in x]
-            assert [e["nodes"] for e in judged] == [[node_a]], (b.port, judged)
+            assert sum(e["nodes"].count(node_a) for e in judged) == 1, (b.port, judged)
 
         # And: redelivered once each, attempt 2, to consumers on any of B, C, D
         received: collections.Counter[str] = collections.Counter()
