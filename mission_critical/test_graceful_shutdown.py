@@ -154,8 +154,12 @@ async def _scenario(redis: RedisServer, broker: BrokerProcess) -> None:
     log = broker.log_text()
     print(f"exit={code} after {elapsed:.2f}s (grace {GRACE_MS / 1000}s)")
     assert code == 0, broker.log_tail()
-    assert elapsed <= GRACE_MS / 1000 + 0.5, (elapsed, broker.log_tail())
     assert '"shutdown_started"' in log and '"shutdown_complete"' in log
+    # Within the grace by the broker's own clock (shutdown_started to shutdown_complete): the wall time around it also
+    # holds the interpreter's exit and the OS's scheduling, which a loaded machine stretches by seconds.
+    (done,) = [orjson.loads(line) for line in log.splitlines() if '"shutdown_complete"' in line]
+    assert float(done["took_s"]) <= GRACE_MS / 1000 + 0.5, (done, broker.log_tail())
+    assert elapsed <= GRACE_MS / 1000 + 10, (elapsed, broker.log_tail())
     for t in pub_tasks:
         await asyncio.wait_for(t, 10)
     stalled.transport.abort()  # it reads nothing, so it would not even notice the broker is gone

@@ -244,7 +244,8 @@ class Broker:
         self.stopping = True
         grace = self.settings.server.shutdown_grace_ms / 1000
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        started = loop.time()
+        deadline = started + grace
 
         def budget(share: float, floor: float = 0.05) -> float:
             """A phase gets its share of the grace, never past the overall deadline (but at least ``floor``)."""
@@ -285,7 +286,7 @@ class Broker:
             await store.close()
         if self.embedded:
             self.embedded.stop()
-        log.info("shutdown_complete")
+        log.info("shutdown_complete", took_s=round(loop.time() - started, 3))
 
     async def _wait_inflight(self, timeout_s: float) -> int:
         """Let consumers ack what they hold (up to the deadline). Returns how many deliveries were still held."""
