@@ -25,6 +25,7 @@ from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.config import Settings
+from broker.store.cluster import connect_cluster
 
 try:
     import hiredis
@@ -38,7 +39,10 @@ SAFE_EVICTION = {"noeviction"}
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
-    """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries."""
+    """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries.
+    With ``redis.cluster``, ``url`` is a seed node and the client is a cluster client (``cluster.py``)."""
+    if settings.redis.cluster:
+        return connect_cluster(url, settings)
     extra: dict[str, Any] = {"connection_class": connection_class()} if url.startswith("redis://") else {}
     return aioredis.Redis.from_url(
         url,
