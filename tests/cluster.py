@@ -145,7 +145,5 @@ class RedisCluster:
     def __enter__(self) -> RedisCluster:
         return self
 
-    def __exit__(
-        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
