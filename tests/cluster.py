@@ -95,7 +95,8 @@ class RedisCluster:
                 rows = []
                 for line in out.splitlines():
                     f = line.split()
-                    role = "master" if "master" in f[2] and "fail" not in f[2] else f[2]
+                    flags = f[2].split(",")
+                    role = "fail" if "fail" in flags else "master" if "master" in flags else "slave"
                     rows.append((int(f[1].split("@")[0].rsplit(":", 1)[1]), role, f[3]))
                 return rows
         raise RuntimeError("no cluster node answers CLUSTER NODES")

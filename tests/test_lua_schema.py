@@ -252,7 +252,7 @@ end
 local __ALL_KEYS = {DEL = true, EXISTS = true}
 local redis = setmetatable({call = function(cmd, ...)
   local c, args = string.upper(cmd), {...}
-  if c == 'PUBLISH' then
+  if c == 'PUBLISH' or c == 'SPUBLISH' then
     if string.sub(args[1], 1, #__base) ~= __base then error('audit: ' .. __name .. ': channel ' .. args[1]) end
   elseif __ALL_KEYS[c] then
     for _, k in ipairs(args) do __check(k) end

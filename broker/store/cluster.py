@@ -48,6 +48,16 @@ CLUSTER_OUTAGES: tuple[type[BaseException], ...] = (
 CLUSTER_BUGS = RedisClusterException
 
 
+_PUBLISH = "redis.call('PUBLISH', "
+
+
+def sharded(text: str) -> str:
+    """A script's text for a cluster: its wake-up notes go out with ``SPUBLISH`` (sharded Pub/Sub: only the shard that
+    owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to every node of the cluster). Every
+    ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds them to it)."""
+    return text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+
+
 def connect_cluster(url: str, settings: Settings) -> aioredis.Redis:
     """A cluster client seeded by ``url`` (it discovers the other nodes), retries off like ``connect_redis``."""
     client = RedisCluster.from_url(
@@ -81,7 +91,7 @@ def node_of(client: aioredis.Redis, key: str) -> ClusterNode:
     return _owner(as_cluster(client), key)
 
 
-async def _ready(client: aioredis.Redis) -> RedisCluster:
+async def ready(client: aioredis.Redis) -> RedisCluster:
     """The cluster client, initialized: a new client learns the slot map on its first command, and the routing
     done here (which master holds a key) needs it before that."""
     rc = as_cluster(client)
@@ -98,7 +108,7 @@ def _owner(rc: RedisCluster, key: str) -> ClusterNode:
 
 async def load_script_where(client: aioredis.Redis, text: str, keys: Sequence[str]) -> None:
     """``SCRIPT LOAD`` on the master of ``keys[0]``'s slot only (the one that answered NOSCRIPT)."""
-    rc = await _ready(client)
+    rc = await ready(client)
     await rc.execute_command("SCRIPT LOAD", text, target_nodes=_owner(rc, keys[0]))
 
 
@@ -110,7 +120,7 @@ async def scan_slot_of(client: aioredis.Redis, key: str, match: str, count: int 
         async for k in client.scan_iter(match=match, count=count):
             yield str(k)
         return
-    rc = await _ready(client)
+    rc = await ready(client)
     node = _owner(rc, key)
     async for k in rc.scan_iter(match=match, count=count, target_nodes=node):
         yield str(k)
@@ -119,7 +129,7 @@ async def scan_slot_of(client: aioredis.Redis, key: str, match: str, count: int 
 async def on_each_master(client: aioredis.Redis, *command: Any) -> dict[str, Any]:
     """One command on every master, its answer per master (``host:port``). A master that cannot be reached raises:
     a caller asking every master wants every answer, not a partial one shown as whole."""
-    rc = await _ready(client)
+    rc = await ready(client)
     out: dict[str, Any] = {}
     for node in rc.get_primaries():
         out[node.name] = await rc.execute_command(*command, target_nodes=node)
@@ -133,7 +143,7 @@ async def eval_pass(
     one write on one connection, the masters in parallel, and follows MOVED / ASK. With ``wait``, a ``WAIT`` goes
     to each master the first ``wait.calls`` calls reached, after them on the same connection. Returns the replies
     in order (error replies as values) and, per call, its master's ``WAIT`` count (None without ``wait``)."""
-    rc = await _ready(client)
+    rc = await ready(client)
     owners = [_owner(rc, keys[0]) for _, keys, _ in calls]
     waited: dict[str, ClusterNode] = {}
     if wait is not None:

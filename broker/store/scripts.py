@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from broker.store.cluster import eval_pass, is_cluster, load_script_where, node_of
+from broker.store.cluster import eval_pass, is_cluster, load_script_where, node_of, sharded
 from broker.store.gateway import Gateway, is_outage, is_refusal
 from broker.store.replication import Wait, mark_unreplicated
 
@@ -35,7 +35,9 @@ class Scripts:
         """The script ``scripts/<name>.lua`` (registered on first use; the text is read once)."""
         script = self._loaded.get(name)
         if script is None:
-            script = self._loaded[name] = self.gateway.client.register_script(load_script(name))
+            client = self.gateway.client
+            text = sharded(load_script(name)) if is_cluster(client) else load_script(name)
+            script = self._loaded[name] = client.register_script(text)
         return script
 
     async def call(self, name: str, keys: list[str], args: list[Any], what: str) -> Any:
