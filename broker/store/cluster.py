@@ -112,18 +112,39 @@ async def load_script_where(client: aioredis.Redis, text: str, keys: Sequence[st
     await rc.execute_command("SCRIPT LOAD", text, target_nodes=_owner(rc, keys[0]))
 
 
+async def scan_targets(client: aioredis.Redis, key: str | None = None) -> list[ClusterNode | None]:
+    """Where a SCAN must go: the one server of a single Redis (``None``); on a cluster the master of ``key``'s slot
+    (a topic's keys live there) or, without ``key``, every master."""
+    if not is_cluster(client):
+        return [None]
+    rc = await ready(client)
+    return [_owner(rc, key)] if key is not None else list(rc.get_primaries())
+
+
+async def scan_page(
+    client: aioredis.Redis, target: ClusterNode | None, cursor: int, match: str, count: int
+) -> tuple[int, list[str]]:
+    """One ``SCAN`` page on ``target`` (see ``scan_targets``): the next cursor (0: done) and the names."""
+    if target is None:
+        nxt, names = await client.scan(cursor, match=match, count=count)
+        return int(nxt), [str(k) for k in names]
+    rc = as_cluster(client)
+    cursors, names = await rc.execute_command("SCAN", cursor, "MATCH", match, "COUNT", count, target_nodes=target)
+    return int(cursors[target.name]), [str(k) for k in names]  # the cluster client keys cursors by node
+
+
 async def scan_slot_of(client: aioredis.Redis, key: str, match: str, count: int = 1000) -> AsyncIterator[str]:
     """``SCAN MATCH`` over the one node that holds ``key``'s slot (a topic's keys), on a cluster; the whole server
     on a single Redis. Scanning every master for one topic would cost N times the work and fail when any master is
     unreachable, although the topic lives on one."""
-    if not is_cluster(client):
-        async for k in client.scan_iter(match=match, count=count):
-            yield str(k)
-        return
-    rc = await ready(client)
-    node = _owner(rc, key)
-    async for k in rc.scan_iter(match=match, count=count, target_nodes=node):
-        yield str(k)
+    (target,) = await scan_targets(client, key)
+    cursor = 0
+    while True:
+        cursor, names = await scan_page(client, target, cursor, match, count)
+        for name in names:
+            yield name
+        if cursor == 0:
+            return
 
 
 async def on_each_master(client: aioredis.Redis, *command: Any) -> dict[str, Any]:
@@ -163,3 +184,12 @@ async def eval_pass(
         got = acks.get(node.name)
         counts.append(got if isinstance(got, int) else None)
     return replies, counts
+
+
+async def config_of_each_master(client: aioredis.Redis, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``CONFIG GET`` of each setting in ``names`` on every master: {master: {setting: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        for master, cfg in (await on_each_master(client, "CONFIG", "GET", name)).items():
+            out.setdefault(master, {}).update({str(k): str(v) for k, v in dict(cfg).items()})
+    return out

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - hiredis is a declared dependency
 
 Redis = aioredis.Redis
 SAFE_EVICTION = {"noeviction"}
+PERSISTENCE_SETTINGS = ("appendonly", "save", "maxmemory-policy")
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
@@ -66,9 +67,9 @@ def fake_client() -> aioredis.Redis:
 
 async def persistence_config(client: aioredis.Redis) -> dict[str, str]:
     """``appendonly``, ``save`` and ``maxmemory-policy`` as CONFIG GET answers them (run it through the gateway)."""
-    cfg = dict(await client.config_get("appendonly"))
-    cfg.update(await client.config_get("save"))
-    cfg.update(await client.config_get("maxmemory-policy"))
+    cfg: dict[Any, Any] = {}
+    for name in PERSISTENCE_SETTINGS:
+        cfg.update(await client.config_get(name))
     return {str(k): str(v) for k, v in cfg.items()}
 
 
