@@ -124,6 +124,21 @@ class RedisCluster:
                         return True
         return False
 
+    def pid(self, port: int) -> int:
+        return int((self.dir / str(port) / "redis.pid").read_text().strip())
+
+    def signal(self, port: int, sig: int) -> None:
+        os.kill(self.pid(port), sig)
+
+    def restart(self, port: int) -> None:
+        """Start the node on ``port`` again (after a kill), with its own data folder and cluster config: it rejoins
+        (as a replica when its replica was promoted meanwhile). ``start`` leaves the running nodes alone."""
+        self._run("start", timeout_s=60)
+
+    def replica_of(self, master_port: int) -> int:
+        master_id = self.cli(master_port, "CLUSTER", "MYID")
+        return next(p for p, role, m in self.nodes() if role == "slave" and m == master_id)
+
     def wait_state_ok(self, timeout_s: float = 20) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ cluster can show.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,14 @@ from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from broker.core.config import load_settings
 from broker.core.errors import BrokerError, ConfigError, UnavailableError
-from broker.core.model import PublishRequest, PublishResult
+from broker.core.model import NackItem, PublishRequest, PublishResult
+from broker.ops import dlq, transfer
+from broker.ops import stats as ops_stats
 from broker.store import RedisStore, connect_redis
 from broker.store.cluster import sharded
+from broker.store.diagnose import diagnose
 from broker.store.keys import TopicKeys
+from broker.store.queues import Queues
 from broker.store.scripts import load_script
 
 from .cluster import RedisCluster
@@ -256,3 +261,68 @@ def test_every_publish_of_the_scripts_becomes_a_sharded_publish_on_a_cluster() -
         sent += code.count("PUBLISH")
         assert "PUBLISH" not in sharded(code).replace("SPUBLISH", ""), path.name
     assert sent >= 10  # publish, promote, reprocess, ack, nack, expire, release, unclaim, import, repair_key
+
+
+# ---- everything that scans, across every master ----------------------------------------------------------------
+
+
+async def test_operator_views_cover_every_master(cstore: RedisStore, redis_cluster: RedisCluster) -> None:
+    # Given 12 topics over the three masters, each with a group, 3 messages and one dead letter
+    topics = [f"ops{i}" for i in range(12)]
+    assert len({redis_cluster.port_of_slot_owner(cstore.keys(t).groups) for t in topics}) == 3
+    for t in topics:
+        await cstore.ensure_group(t, "g")
+    await cstore.publish_many([PublishRequest(t, f'"{t}-{n}"') for t in topics for n in range(3)])
+    for t in topics:
+        (d,) = await cstore.claim(t, "g", 1, 30_000, "c1")
+        await cstore.nack_many(t, "g", [(NackItem(d.id, d.receipt, "bad", dead=True), 1, "c1")])
+    # When an operator looks, Then stats, memory per topic and the DLQ show every topic, each on its own master
+    snap = await ops_stats.collect(cstore, memory=True)
+    assert {(r["topic"], r["ready"], r["dead"]) for r in snap.groups} == {(t, 2, 1) for t in topics}
+    assert {m["topic"] for m in snap.topics} == set(topics) and all(m["keys"] > 0 for m in snap.topics)
+    letters = await dlq.select(cstore, dlq.Filter())
+    assert sorted(d.topic for d in letters) == sorted(topics)
+    # And diagnose reads every master (persistence: each runs with AOF) and finds damage wherever it is
+    assert await diagnose(cstore) == []
+    damaged = topics[-1]
+    await cstore.redis.hset(cstore.keys(damaged).body("0" * 28), mapping={"payload": "1", "refs": "1"})
+    findings = await diagnose(cstore)
+    assert [(f.check, f.details.get("ids")) for f in findings] == [("orphan_bodies", [f"{damaged}/{'0' * 28}"])]
+    await cstore.redis.delete(cstore.keys(damaged).body("0" * 28))
+    # And an export of every topic comes back whole after the topics are deleted
+    exported, _ = await transfer.export(cstore, topics)
+    for t in topics:
+        await Queues(cstore).delete_topic(t)
+    assert (await ops_stats.collect(cstore)).groups == []
+    summary = (await transfer.import_file(cstore, exported)).to_json()
+    assert summary["deliveries"]["imported"] == 24 and summary["dead_letters"]["imported"] == 12, summary
+    assert {(r["topic"], r["ready"], r["dead"]) for r in (await ops_stats.collect(cstore)).groups} == {
+        (t, 2, 1) for t in topics
+    }
+
+
+async def test_a_master_that_does_not_answer_is_named_not_left_out() -> None:
+    # Given a cluster whose replicas would not take over for a long while, and one master frozen (SIGSTOP)
+    with RedisCluster(node_timeout_ms=60_000) as cluster:
+        settings = cluster.settings().replace("redis", socket_timeout_ms=300, connect_timeout_ms=300)
+        settings = settings.replace("breakers", redis_fail_max=100)  # each ask on its own: no breaker in the way
+        store = make_store(connect_redis(cluster.url, settings), settings)
+        try:
+            topics = [f"t{i}" for i in range(12)]
+            await store.publish_many([PublishRequest(t, '"x"') for t in topics])
+            frozen = cluster.port_of_slot_owner(store.keys(topics[0]).groups)
+            cluster.signal(frozen, signal.SIGSTOP)
+            try:
+                # When an operator asks for stats, memory or a diagnosis, Then the answer is an error that names
+                # the master, not the other masters' topics shown as the whole
+                for ask in (
+                    lambda: ops_stats.collect(store, memory=True),
+                    lambda: ops_stats.collect(store),
+                    lambda: diagnose(store),
+                ):
+                    with pytest.raises(UnavailableError, match=str(frozen)):
+                        await ask()
+            finally:
+                cluster.signal(frozen, signal.SIGCONT)
+        finally:
+            await store.close()
