@@ -326,3 +326,35 @@ async def test_a_master_that_does_not_answer_is_named_not_left_out() -> None:
                 cluster.signal(frozen, signal.SIGCONT)
         finally:
             await store.close()
+
+
+# ---- confirms that survive a failover: WAIT per master ----------------------------------------------------------
+
+
+async def test_replicas_to_ack_waits_on_each_master_and_refuses_only_where_replicas_lag(
+    redis_cluster: RedisCluster,
+) -> None:
+    # Given replicas_to_ack = 1 on the cluster, and 30 topics over the three masters
+    settings = redis_cluster.settings().replace("redis", key_prefix=f"r{uuid.uuid4().hex[:10]}", replicas_to_ack=1)
+    settings = settings.replace("redis", replicas_ack_timeout_ms=300)
+    store = make_store(connect_redis(redis_cluster.url, settings), settings)
+    try:
+        topics = [f"r{i}" for i in range(30)]
+        res = await store.publish_many([PublishRequest(t, '"1"') for t in topics])
+        # Then one batch is confirmed on every master (a WAIT on each, after its writes, on the same connection)
+        assert all(isinstance(r, PublishResult) for r in res), res
+        # When one master's replica stops answering
+        lagging = redis_cluster.port_of_slot_owner(store.keys(topics[0]).groups)
+        replica = redis_cluster.replica_of(lagging)
+        redis_cluster.signal(replica, signal.SIGSTOP)
+        try:
+            res = await store.publish_many([PublishRequest(t, '"2"') for t in topics])
+        finally:
+            redis_cluster.signal(replica, signal.SIGCONT)
+        # Then that master's topics are refused (unavailable: the publisher retries), the others confirmed
+        for t, r in zip(topics, res, strict=True):
+            on_lagging = redis_cluster.port_of_slot_owner(store.keys(t).groups) == lagging
+            assert isinstance(r, UnavailableError) if on_lagging else isinstance(r, PublishResult), (t, r)
+        assert store.breaker.state == "closed"
+    finally:
+        await store.close()
