@@ -396,6 +396,8 @@ def validate(settings: Settings) -> Settings:
         problems.append("server.tls_cert_file and server.tls_key_file go together")
     if rd.url and not rd.url.startswith(REDIS_URL_SCHEMES):
         problems.append(f"redis.url must start with {', '.join(REDIS_URL_SCHEMES)} (got {rd.url!r})")
+    if rd.replicas_to_ack and rd.replicas_ack_timeout_ms >= rd.socket_timeout_ms:
+        problems.append("redis.replicas_ack_timeout_ms must be below redis.socket_timeout_ms (WAIT blocks that long)")
     if rd.cluster and not rd.url.startswith(("redis://", "rediss://")):
         problems.append("redis.cluster needs redis.url: a seed node of the cluster (redis:// or rediss://)")
     if settings.auth.mode not in ("tokens", "open"):
