@@ -8,14 +8,10 @@ from __future__ import annotations
 import pytest
 
 from .test_dlq import *  # noqa: F403
-from .test_dlq_rate import *  # noqa: F403
 from .test_export_snapshot import *  # noqa: F403
 from .test_key_order import *  # noqa: F403
 from .test_lua_schema import *  # noqa: F403
-from .test_retention import *  # noqa: F403
 from .test_store import *  # noqa: F403
-from .test_strict_order import *  # noqa: F403
-from .test_timers import *  # noqa: F403
 
 
 @pytest.fixture
