@@ -1,6 +1,7 @@
 """The layer table, held against every module of ``broker/`` by reading its imports with ``ast``.
 
-Given the layers, lowest first: core (pure) < runtime (asyncio building blocks) < store (Redis) < node < ops < cli,
+Given the layers, lowest first: core (pure) < runtime (asyncio building blocks) < store (Redis) < node < ops < console
+(the web console, which the node serves through a handler it is given) < cli,
 and the client apart (it runs in the application's process and imports nothing of the server side but the error
 table), when every ``import`` in ``broker/`` is read, then no module imports from a layer above its own, only the
 store talks to Redis, only ``runtime/resilience.py`` (and the client) imports the retry and breaker libraries, the
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 BROKER = REPO / "broker"
 
 # The layer table, lowest first: a module may import from its own layer and the layers before it.
-LAYERS = ("core", "runtime", "store", "node", "ops", "cli")
+LAYERS = ("core", "runtime", "store", "node", "ops", "console", "cli")
 # Modules at the package root, and the layer they belong to.
 ROOT_MODULES = {"broker": "core", "broker.__main__": "cli"}
 # The client is apart: it imports broker.client.* and these, nothing else of broker; only these layers import it.

@@ -238,7 +238,7 @@ for _, k in ipairs(KEYS) do
   __declared[k] = true
 end
 local __RUNTIME = {'^msg:[^:]+$', '^idem:.*$', '^g:[^:]+:dlv:[^:]+$', '^g:[^:]+:dead:[^:]+$', '^g:[^:]+:key:.*$'}
-local __RUNTIME_GROUPS = {publish = true, import = true}
+local __RUNTIME_GROUPS = {publish = true, import = true, _depths = true}
 local function __check(k)
   if __declared[k] then return end
   if string.sub(k, 1, #__base) ~= __base then error('audit: ' .. __name .. ': key outside the slot: ' .. k) end
@@ -327,6 +327,11 @@ async def test_every_script_touches_only_declared_or_run_time_keys_in_its_slot(
     assert isinstance(dup, PublishResult) and dup.duplicate
     (fresh,) = await store.publish_many([PublishRequest("fresh", "1")])
     assert isinstance(fresh, PublishResult) and fresh.groups == 1
+
+    # _depths.lua (reads only): each group of the topic, its depths and the publish time of its ready head
+    stats = await store.group_stats([T, "fresh"])
+    assert [(d.topic, d.group) for d, _ in stats] == [(T, "g1"), (T, "g2"), ("fresh", "default")]
+    assert all(d.ready >= 1 and at is not None for d, at in stats), stats
 
     # claim.lua, ack.lua (a keyed ack lets the next of its key go live), nack.lua (retry, ready, dead), release.lua,
     # extend.lua

@@ -157,6 +157,6 @@ async def dlq_move(args: argparse.Namespace) -> int:
 async def dlq_export(args: argparse.Namespace) -> int:
     async with store(args) as s:
         letters = await dlq_ops.select(s, _filter(args))
-    await write_output(args.out, b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters))
+    await write_output(args.out, dlq_ops.export_lines(letters))
     print(f"exported {len(letters)} dead letter(s)", file=sys.stderr)
     return EXIT_OK

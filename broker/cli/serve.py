@@ -9,10 +9,11 @@ from broker.cli.exits import EXIT_OK
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from broker.console import mount
     from broker.node.app import Broker
     from broker.runtime.logs import configure
 
     s = settings(args)
     configure(s.log.level, s.log.format)
-    await Broker(s).run_until_signalled()
+    await Broker(s, console=mount).run_until_signalled()
     return EXIT_OK

@@ -119,7 +119,7 @@ class TokenSettings:
     sha256: str = ""
     publish: tuple[str, ...] = ("*",)  # topic patterns (fnmatch: `orders.*`) this token may publish to
     subscribe: tuple[str, ...] = ("*",)  # topic patterns it may subscribe to
-    admin: bool = False  # operator commands over WebSocket (none yet)
+    admin: bool = False  # the web console at /console and its API (docs/console.md); others get 403 there
     expires: str = ""  # ISO 8601 date or time (UTC if no zone); empty: never. After it, the token is refused
 
 

@@ -14,6 +14,7 @@ import structlog
 from broker.core.config import Settings
 from broker.core.errors import BrokerError, ConfigError, UnavailableError
 from broker.core.protocol import Limits
+from broker.node.console_gate import ConsoleContext, ConsoleHandler, ConsoleMount
 from broker.node.dispatch import Dispatch
 from broker.node.embedded import EmbeddedRedis
 from broker.node.handlers import HandlerRunner, load_target, start_handlers
@@ -71,9 +72,13 @@ def connect_hint(settings: Settings, port: int) -> str:
 
 
 class Broker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, console: ConsoleMount | None = None) -> None:
+        """``console``: the web console to serve at ``/console`` (``broker.console.mount``, which ``broker serve``
+        passes); the node is below the operator library the console is built on, so it is handed in."""
         check_auth(settings)
         self.settings = settings
+        self.console_mount = console
+        self.console: ConsoleHandler | None = None
         self.node_id = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(2).hex()}"
         s = settings
         self.limits = Limits(
@@ -171,7 +176,10 @@ class Broker:
         self.recovery.start()
         self.handlers = await start_handlers(self.settings, self.dispatch)
         parts = SessionParts(self.settings, self.limits, self.publisher, self.dispatch, self.store)
-        self.server = WsServer(parts, self.node_id, self.readiness)
+        if self.console_mount is not None:
+            ctx = ConsoleContext(self.store, self.node_id, self.readiness, self.settings.auth.mode)
+            self.console = self.console_mount(ctx)
+        self.server = WsServer(parts, self.node_id, self.readiness, self.console)
         if self.settings.auth.mode == "open":
             log.warning("auth_open_mode", message="authentication is OFF (auth.mode = open): anyone who can reach "
                         "this port can publish and consume. Configure [[tokens]] and auth.mode = tokens.")  # fmt: skip
@@ -261,6 +269,8 @@ class Broker:
             log.warning("shutdown_publishes_cut", pending=cut)
         if server is not None:
             await server.close_all(budget(0.25))
+        if self.console is not None:  # a console job (reprocess, purge) still running stops between its batches
+            await self.console.close()
         if dispatch is not None:
             # settle what the closed sessions handed back: worth a short overrun (else their attempts are burned)
             await dispatch.stop(budget(0.25, floor=1.0))

@@ -1,4 +1,5 @@
-"""WebSocket server: handshake, sessions, and HTTP /healthz, /readyz, /metrics and /client/ on the same port."""
+"""WebSocket server: handshake, sessions, and HTTP /healthz, /readyz, /metrics, /client/ and /console on the same
+port."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 import http
 import ssl
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -22,11 +23,14 @@ from broker.core.errors import (
     ConfigError,
     ForbiddenError,
     NotFoundError,
+    ProtocolError,
     RateLimitedError,
     UnauthorizedError,
     UnavailableError,
 )
 from broker.node.auth import ANONYMOUS, Authenticator, Principal, Refusal
+from broker.node.console_gate import PREFIX as CONSOLE
+from broker.node.console_gate import ConsoleHandler, Gate
 from broker.node.session import Session, SessionParts, new_conn_id
 from broker.runtime import metrics
 
@@ -117,7 +121,13 @@ class WsServer:
     """The node's listening side. It gets what its sessions work with (``parts``), the node's id for /healthz and
     its readiness for /readyz; from ``stop_accepting`` on it refuses new connections."""
 
-    def __init__(self, parts: SessionParts, node_id: str, readiness: Callable[[], tuple[bool, list[str]]]) -> None:
+    def __init__(
+        self,
+        parts: SessionParts,
+        node_id: str,
+        readiness: Callable[[], tuple[bool, list[str]]],
+        console: ConsoleHandler | None = None,
+    ) -> None:
         self.parts = parts
         self.settings = parts.settings
         self.node_id = node_id
@@ -129,6 +139,8 @@ class WsServer:
         self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = weakref.WeakKeyDictionary()
         self._per_token: dict[str, int] = {}
         self.client_files = ClientFiles()
+        self.console = console
+        self.console_gate = Gate(self.auth, parts.settings.auth.mode == "open")
 
     async def start(self) -> None:
         s = self.settings.server
@@ -160,7 +172,7 @@ class WsServer:
         assert self.server is not None
         return int(next(iter(self.server.sockets)).getsockname()[1])
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | Awaitable[Response] | None:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return _json(http.HTTPStatus.OK, {"status": "alive", "node": self.node_id})
@@ -172,6 +184,8 @@ class WsServer:
             return _response(http.HTTPStatus.OK, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path.startswith("/client/"):
             return self.client_files.response(path.removeprefix("/client/"), request.headers.get("If-None-Match"))
+        if path == CONSOLE or path.startswith(CONSOLE + "/"):
+            return self._console_request(conn, request, path)
         if path not in WS_PATHS:
             log.info("connection_refused", peer=_peer(conn), path=path, reason="unknown path")
             metrics.connections_total.labels("refused_path").inc()
@@ -200,6 +214,30 @@ class WsServer:
             return _refused(busy[0], RateLimitedError(busy[1], retry_after_ms=1000))
         self._principals[conn] = verdict
         return None
+
+    async def _console_request(self, conn: ServerConnection, request: Request, path: str) -> Response:
+        """A request for the console, past its gate (``console_gate``), answered by the mounted console."""
+        if self.console is None:
+            return _refused(http.HTTPStatus.NOT_FOUND, NotFoundError("no console here (`broker serve` mounts it)"))
+        headers = {k: v for k in ("authorization", "origin", "host") if (v := request.headers.get(k)) is not None}
+        verdict = self.console_gate.admit(request.method, request.path, headers, _peer_host(conn))
+        if isinstance(verdict, Refusal):
+            log.info("console_refused", peer=_peer(conn), path=path, reason=verdict.reason, status=verdict.status)
+            metrics.console_requests.labels("refused").inc()
+            cls = {401: UnauthorizedError, 403: ForbiddenError}.get(verdict.status, ProtocolError)
+            return _refused(http.HTTPStatus(verdict.status), cls(verdict.reason))
+        try:
+            answer = await self.console(verdict)
+        except Exception as e:  # a bug in the console: said, counted, answered; the node carries on
+            log.exception("console_failed", path=path, method=request.method)
+            metrics.console_requests.labels("failed").inc()
+            return _refused(http.HTTPStatus.INTERNAL_SERVER_ERROR, BrokerError(f"internal error: {e!r}"))
+        metrics.console_requests.labels("answered").inc()
+        status = http.HTTPStatus(answer.status)
+        headers_out = Headers([("Content-Type", answer.content_type), ("Content-Length", str(len(answer.body))),
+                               ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-cache"),
+                               *answer.headers])  # fmt: skip
+        return Response(status.value, status.phrase, headers_out, answer.body)
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn_id = new_conn_id()
@@ -256,3 +294,10 @@ def _peer(conn: ServerConnection) -> str:
         return f"{host}:{port}"
     except Exception:
         return "?"
+
+
+def _peer_host(conn: ServerConnection) -> str:
+    try:
+        return str(conn.remote_address[0])
+    except Exception:
+        return ""

@@ -11,12 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from broker.core.model import now_ms
 from broker.store import RedisStore
 from broker.store.dead_letters import DeadLetter, DeadLetters
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+SELECT_CHUNK = 500  # dead letters read per round trip by select
 
 
 def parse_duration_ms(text: str) -> int:
@@ -64,12 +67,19 @@ async def select(store: RedisStore, f: Filter, limit: int | None = None) -> list
         if not f.pair_ok(topic, group):
             continue
         ids = [i for i, died in await dl.ids(topic, group) if f.index_ok(i, died, now)]
-        for d in await dl.get_many(topic, group, ids):
-            if f.letter_ok(d):
-                out.append(d)
-                if limit is not None and len(out) >= limit:
-                    return out
+        # read in chunks: with a limit (a console page, `dlq list --limit`) a big DLQ is not read whole
+        for start in range(0, len(ids), SELECT_CHUNK):
+            for d in await dl.get_many(topic, group, ids[start : start + SELECT_CHUNK]):
+                if f.letter_ok(d):
+                    out.append(d)
+                    if limit is not None and len(out) >= limit:
+                        return out
     return out
+
+
+def export_lines(letters: Sequence[DeadLetter]) -> bytes:
+    """``broker dlq export``'s file: one dead letter per line, as JSON (``DeadLetter.to_json``)."""
+    return b"".join(orjson.dumps(d.to_json()) + b"\n" for d in letters)
 
 
 Progress = Callable[[int, int], None]

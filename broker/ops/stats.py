@@ -37,15 +37,12 @@ class Stats:
 async def collect(store: RedisStore, topic: str | None = None, *, memory: bool = False) -> Stats:
     """A snapshot of every topic, or of ``topic`` only; ``memory`` adds the memory per topic (a SCAN)."""
     broken: list[str] = []
-    pairs = await store.all_pairs(broken)
-    if topic:
-        pairs = [p for p in pairs if p[0] == topic]
+    topics = [t for t in await store.topics() if not topic or t == topic]
     mem_rows: list[Row] = []
     if memory:
-        topics = [t for t in await store.topics() if not topic or t == topic]
         mem_rows = [m.to_json() for m in await topic_memory(store, topics)]
-    depths = await store.depths(pairs)
-    oldest = await store.oldest_ready(pairs)
+    # one script call per topic, in one pipeline: a refresh's Redis round trips do not grow with the groups
+    groups = await store.group_stats(topics, broken)
     nodes = await store.node_status()
     consumers, counts = _node_totals(nodes)
     now = time.time() * 1000
@@ -57,7 +54,7 @@ async def collect(store: RedisStore, topic: str | None = None, *, memory: bool =
             "published": counts.get(d.topic, {}).get("published", 0),
             **{w: counts.get(f"{d.topic}/{d.group}", {}).get(w, 0) for w in ("delivered", "acked", "nacked")},
         }
-        for d, o in zip(depths, oldest, strict=True)
+        for d, o in groups
     ]  # fmt: skip
     by_topic = {m["topic"]: m for m in mem_rows}
     for r in rows:  # the topic's memory on each of its rows (bodies and idempotency keys are shared by its groups)

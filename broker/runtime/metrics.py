@@ -17,6 +17,10 @@ connections = Gauge("broker_open_connections", "Open WebSocket connections", reg
 connections_total = Counter(
     "broker_connections_total", "WebSocket connections by outcome", ["outcome"], registry=REGISTRY
 )
+console_requests = Counter(
+    "broker_console_requests_total", "Web console requests by outcome (answered, refused, failed)", ["outcome"],
+    registry=REGISTRY,
+)  # fmt: skip
 frames_out = Counter("broker_frames_out_total", "Frames written to clients", registry=REGISTRY)
 queue_depth = Gauge(
     "broker_queue_depth", "Messages per topic, group and state (refreshed every few seconds)",

@@ -60,7 +60,7 @@ class RedisStore:
         self.messages = Messages(self.scripts, self.topology, settings, strict, node_id, clock)
         self.sweeper = Sweeper(self.scripts, self.topology, settings, strict, clock)
         self.nodes = Nodes(self.gateway, settings, self.prefix, node_id, clock)
-        self.reads = Reads(self.gateway, self.topology)
+        self.reads = Reads(self.gateway, self.topology, self.scripts)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -190,6 +190,11 @@ class RedisStore:
 
     async def oldest_ready(self, pairs: Sequence[tuple[str, str]]) -> list[int | None]:
         return await self.reads.oldest_ready(pairs)
+
+    async def group_stats(
+        self, topics: Sequence[str], broken: list[str] | None = None
+    ) -> list[tuple[GroupDepth, int | None]]:
+        return await self.reads.group_stats(topics, broken)
 
     async def persistence_warnings(self) -> list[str]:
         return await self.reads.persistence_warnings()
