@@ -83,6 +83,35 @@ window.brokerReady = true;
 </body></html>"""
 
 
+# A consumer running in the page: connects, subscribes, and acks every delivery (without waiting), recording each
+# one in window.consumers[name] = {received: [{id, payload, attempt}], states, stale, errors, done}.
+CONSUMER_JS = """async ({name, topic, group, prefetch, token}) => {
+  const client = await broker.connect(wsUrl, {token, reconnectDeadlineMs: 120000});
+  const run = {received: [], states: [], stale: 0, errors: [], done: false};
+  client.addEventListener("statechange", (e) => run.states.push(e.detail.state));
+  const sub = await client.subscribe(topic, {group, prefetch});
+  (window.consumers ??= {})[name] = run;
+  (window.clients ??= {})[name] = client;
+  (async () => {
+    try {
+      for await (const m of sub) {
+        run.received.push({id: m.id, payload: m.payload, attempt: m.attempt});
+        try {
+          await m.ack();
+        } catch (e) {
+          if (e instanceof broker.StaleReceiptError) run.stale++;  // its connection died: it comes back
+          else run.errors.push(String(e));
+        }
+      }
+    } catch (e) {
+      run.errors.push(String(e));
+    }
+    run.done = true;
+  })();
+  return true;
+}"""
+
+
 class BrowserPage:
     """A Playwright page on the broker's origin, with the client imported, and what it said on its console."""
 
@@ -104,6 +133,18 @@ class BrowserPage:
         handle = await self.page.wait_for_function(predicate, arg=arg, timeout=timeout_ms, polling=50)
         return await handle.json_value()
 
+    async def start_consumer(
+        self, topic: str, group: str, prefetch: int = 10, name: str = "main", token: str | None = None
+    ) -> None:
+        """Subscribe in the page and ack everything that arrives (see CONSUMER_JS); read it with ``consumed()``."""
+        await self.evaluate(
+            CONSUMER_JS, {"name": name, "topic": topic, "group": group, "prefetch": prefetch, "token": token}
+        )
+
+    async def consumed(self, name: str = "main") -> dict[str, Any]:
+        """What the page's consumer ``name`` has received so far, and its connection states."""
+        return dict(await self.evaluate("(name) => window.consumers[name]", name))
+
     def check(self) -> None:
         """Fail with what the page threw, if it threw anything uncaught."""
         assert not self.errors, f"{self.label}: uncaught errors in the page: {self.errors}\nconsole: {self.console}"
@@ -117,8 +158,11 @@ class Pages:
         self.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)[:120]
         self.opened: list[BrowserPage] = []
 
-    async def open(self, origin: str, body: str = "", label: str | None = None) -> BrowserPage:
-        """A new page (its own context: no shared storage) on ``origin`` with the client imported."""
+    async def open(
+        self, origin: str, body: str = "", label: str | None = None, html: str | None = None
+    ) -> BrowserPage:
+        """A new page (its own context: no shared storage) on ``origin`` with the client imported; with ``html``,
+        that whole document instead (not waited for: the test waits for what it shows)."""
         context = await self.browser.new_context(viewport={"width": 1024, "height": 700})
         page = await context.new_page()
         bp = BrowserPage(context, page, label or f"page{len(self.opened)}")
@@ -128,7 +172,9 @@ class Pages:
         # route's fulfilled body or a data: URL), then the test's HTML written into that same document.
         response = await page.goto(origin.rstrip("/") + LANDING_PATH, timeout=LOAD_TIMEOUT_MS)
         assert response is not None and response.ok, f"{origin}{LANDING_PATH}: {response and response.status}"
-        await page.set_content(page_html(body), timeout=LOAD_TIMEOUT_MS)
+        await page.set_content(page_html(body) if html is None else html, timeout=LOAD_TIMEOUT_MS)
+        if html is not None:
+            return bp
         try:
             await page.wait_for_function("() => window.brokerReady === true", timeout=LOAD_TIMEOUT_MS)
         except Exception as e:

@@ -20,7 +20,7 @@ from .browser import BROWSER, Pages
 
 @BROWSER
 async def test_a_page_on_the_broker_origin_imports_the_client_and_connects(
-    pages: Pages, broker: BrokerProcess
+    broker: BrokerProcess, pages: Pages
 ) -> None:
     page = await pages.open(broker.http)
     result = await page.evaluate(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import BrokerClient
@@ -63,3 +64,23 @@ async def test_a_lone_publish_is_sent_at_once(broker: BrokerProcess) -> None:
         before = publish_frames(broker)
         await asyncio.wait_for(client.publish("alone", 1), 5)
         assert publish_frames(broker) - before == 1
+
+
+async def test_a_payload_json_cannot_encode_fails_at_once_and_alone(broker: BrokerProcess) -> None:
+    """An object orjson cannot encode (or an integer beyond 64 bits) is the caller's error: a TypeError at once for
+    that publish, the others of the same turn still stored (it used to leave every publish of the turn pending)."""
+    async with BrokerClient(broker.url) as client:
+        async with asyncio.timeout(20):  # a safety bound: the bug was a wait without end
+            results = await asyncio.gather(
+                client.publish("encode", 1),
+                client.publish("encode", {"x": object()}),
+                client.publish("encode", 2**70),
+                client.publish("encode", 3),
+                return_exceptions=True,
+            )
+            assert [isinstance(r, TypeError) for r in results] == [False, True, True, False], results
+            assert len({r.id for r in (results[0], results[3])}) == 2  # type: ignore[union-attr]
+            with pytest.raises(TypeError):
+                await client.publish("encode", {"alone": object()})
+            with pytest.raises(TypeError):
+                await client.publish_batch([{"topic": "encode", "payload": object()}])

@@ -485,7 +485,11 @@ class _PublishBatcher:
         for frame, fut in queued:
             if fut.done():  # its caller gave up (cancelled) before it left: nothing to send
                 continue
-            text = orjson.dumps({k: v for k, v in frame.items() if k != "op"})
+            try:
+                text = orjson.dumps({k: v for k, v in frame.items() if k != "op"})
+            except TypeError as e:  # JSON cannot encode this payload (orjson.JSONEncodeError): it alone fails
+                fut.set_exception(e)
+                continue
             if chunk and (len(chunk) >= self.MAX_BATCH or size + len(text) > self.MAX_BATCH_BYTES):
                 self._spawn(self._send(chunk))
                 chunk, size = [], 0

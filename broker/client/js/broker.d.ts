@@ -206,6 +206,11 @@ export class BrokerClient extends EventTarget {
   /** Open the first connection (connect() does this); rejects with a typed error when it cannot. */
   connect(): Promise<this>;
   close(): Promise<void>;
+  /**
+   * Resolves once Redis holds the message. Rejects with a typed BrokerError, or at once with the TypeError of
+   * JSON.stringify for a payload JSON cannot encode (a BigInt, a cycle). Integers above 2^53 lose precision in
+   * JavaScript: send them as strings.
+   */
   publish(topic: string, payload: Json, opts?: PublishOptions): Promise<Published>;
   /** One result per message, in order: Published, or the BrokerError of that message. */
   publishBatch(messages: BatchMessage[], opts?: { retry?: boolean }): Promise<Array<Published | BrokerError>>;

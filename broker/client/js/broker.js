@@ -469,6 +469,13 @@ export class BrokerClient extends EventTarget {
   /** Send `frame` with a fresh ref on `conn` (`encode(ref)`: its JSON text, when already encoded) and wait. */
   _requestOn(conn, frame, extraWaitMs, encode = null) {
     const ref = this._refs++;
+    let text;
+    try {
+      text = encode ? encode(ref) : JSON.stringify({ ...frame, ref });
+    } catch (e) {
+      // JSON cannot encode it (a BigInt, a cycle): the caller's mistake, final, never retried as an outage
+      return Promise.reject(e);
+    }
     if (!conn || !conn.open || conn.ws.readyState !== 1) {
       // a closing socket would swallow the frame silently: fail now, as the connection's loss would
       return Promise.reject(new UnavailableError("connection lost", { retryAfterMs: 100 }));
@@ -480,7 +487,7 @@ export class BrokerClient extends EventTarget {
       }, this.requestTimeoutMs + extraWaitMs);
       this._waiting.set(ref, { resolve, reject, timer, conn });
       try {
-        conn.ws.send(encode ? encode(ref) : JSON.stringify({ ...frame, ref }));
+        conn.ws.send(text);
       } catch (e) {
         this._waiting.delete(ref);
         clearTimeout(timer);
@@ -650,7 +657,12 @@ class PublishBatcher {
     let size = 0;
     for (const entry of queued) {
       const { op, ...message } = entry.frame;
-      entry.text = JSON.stringify(message);
+      try {
+        entry.text = JSON.stringify(message);
+      } catch (e) { // JSON cannot encode this one (a BigInt, a cycle): it alone fails, the others still leave
+        entry.reject(e);
+        continue;
+      }
       if (chunk.length && (chunk.length >= PublishBatcher.MAX_BATCH ||
           size + entry.text.length > PublishBatcher.MAX_BATCH_BYTES)) {
         this._send(chunk);

@@ -141,6 +141,23 @@ describe("JavaScript client against a real broker", { timeout: 120_000 }, () => 
     assert.deepEqual(sent.map((f) => f.messages?.length ?? 1), [1, 1]);
   });
 
+  test("a payload JSON cannot encode (BigInt, a cycle) rejects at once with TypeError; the others are stored", async () => {
+    const c = await open();
+    const cyclic = {};
+    cyclic.self = cyclic;
+    const turn = await within(T, Promise.allSettled([
+      c.publish("js.json", 1), c.publish("js.json", { n: 10n }), c.publish("js.json", cyclic), c.publish("js.json", 4),
+    ]), "one turn of publishes");
+    assert.deepEqual(turn.map((r) => r.status), ["fulfilled", "rejected", "rejected", "fulfilled"]);
+    assert.ok(turn[1].reason instanceof TypeError && turn[2].reason instanceof TypeError, String(turn[1].reason));
+    const alone = await within(T, c.publish("js.json", 2n ** 64n).catch((e) => e), "a lone publish");
+    assert.ok(alone instanceof TypeError, String(alone));
+    const plain = await open({ autoBatch: false });
+    assert.ok((await within(T, plain.publish("js.json", 1n).catch((e) => e), "no batcher")) instanceof TypeError);
+    const batch = await within(T, c.publishBatch([{ topic: "js.json", payload: 1n }]).catch((e) => e), "batch");
+    assert.ok(batch instanceof TypeError, String(batch));
+  });
+
   test("errors are typed and carry the code", async () => {
     const c = await open();
     const err = await c.publish("bad topic!", 1).catch((e) => e);
