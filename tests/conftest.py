@@ -18,6 +18,7 @@ from broker.core.model import now_ms
 from broker.store import RedisStore, connect_redis
 
 from .brokers import BrokerProcess
+from .cluster import RedisCluster
 from .support import FakeClock, RedisServer, make_store
 
 StoreFactory = Callable[..., Awaitable[RedisStore]]
@@ -27,6 +28,13 @@ StoreFactory = Callable[..., Awaitable[RedisStore]]
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One 3-master Redis Cluster per session (for the modules that run the store on a cluster too)."""
+    with RedisCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -50,6 +58,7 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
     prefix = f"t{uuid.uuid4().hex[:12]}"
     fake_server = fakeredis.FakeServer(version=(7, 0)) if backend == "fake" else None
     server: RedisServer | None = request.getfixturevalue("redis_server") if backend == "real" else None
+    cluster: RedisCluster | None = request.getfixturevalue("redis_cluster") if backend == "cluster" else None
     made: list[RedisStore] = []
 
     async def factory(settings: Settings | None = None, clock: Callable[[], int] | None = None) -> RedisStore:
@@ -57,6 +66,8 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
         client: Any
         if fake_server is not None:
             client = fakeredis.FakeAsyncRedis(server=fake_server, decode_responses=True)
+        elif cluster is not None:
+            client = connect_redis(cluster.url, cluster.settings(settings))
         else:
             assert server is not None
             client = connect_redis(server.url, settings)
@@ -66,7 +77,7 @@ async def store_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIt
 
     yield factory
 
-    if server is not None and made:
+    if (server is not None or cluster is not None) and made:
         r = made[0].redis
         keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
         if keys:

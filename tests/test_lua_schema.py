@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from broker.core.config import Settings
 from broker.core.model import AckItem, NackItem, PublishRequest, PublishResult, now_ms
@@ -251,7 +252,7 @@ end
 local __ALL_KEYS = {DEL = true, EXISTS = true}
 local redis = setmetatable({call = function(cmd, ...)
   local c, args = string.upper(cmd), {...}
-  if c == 'PUBLISH' then
+  if c == 'PUBLISH' or c == 'SPUBLISH' then
     if string.sub(args[1], 1, #__base) ~= __base then error('audit: ' .. __name .. ': channel ' .. args[1]) end
   elseif __ALL_KEYS[c] then
     for _, k in ipairs(args) do __check(k) end
@@ -271,13 +272,16 @@ def audited(text: str) -> str:
 @pytest.fixture
 def audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every script registered while the test runs is wrapped in the audit (fakeredis's client is a subclass)."""
-    register = aioredis.Redis.register_script
+    for cls in (aioredis.Redis, RedisCluster):
+        monkeypatch.setattr(cls, "register_script", _audited_register(cls.register_script))
+    yield
 
-    def register_audited(self: aioredis.Redis, script: Any) -> Any:
+
+def _audited_register(register: Any) -> Any:
+    def register_audited(self: Any, script: Any) -> Any:
         return register(self, audited(script))
 
-    monkeypatch.setattr(aioredis.Redis, "register_script", register_audited)
-    yield
+    return register_audited
 
 
 async def test_the_audit_catches_an_undeclared_key(store_factory: StoreFactory, audit: None) -> None:
@@ -372,7 +376,7 @@ async def test_every_script_touches_only_declared_or_run_time_keys_in_its_slot(
 
     # repair_key.lua: a keyed head that is in no state (its lease entry lost) is made ready again (diagnose reads
     # INFO, which fakeredis lacks)
-    if backend == "real":
+    if backend != "fake":
         keyed = [d for d in await store.claim(T, "g2", 10, 60_000, "c2") if d.key]
         assert keyed, "a keyed message leased in g2"
         await store.redis.zrem(store.keys(T).group("g2").leased, keyed[0].id)

@@ -52,6 +52,9 @@ class RedisSettings:
     data_dir: str = ".data/redis"  # embedded mode only
     embedded_port: int = 0  # embedded mode only; 0 picks a free loopback port
     startup_wait_s: float = 30.0  # at start, how long to keep trying an unreachable Redis before giving up (exit 4)
+    cluster: bool = False  # true: url is a seed node of a Redis Cluster (docs/scaling.md)
+    replicas_to_ack: int = 0  # >= 1: a publish is confirmed only after WAIT saw this many replicas take it
+    replicas_ack_timeout_ms: int = 1_000  # how long WAIT may wait for them; short of them: unavailable
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,8 @@ def validate(settings: Settings) -> Settings:
         ("redis.socket_timeout_ms", rd.socket_timeout_ms, 1),
         ("redis.connect_timeout_ms", rd.connect_timeout_ms, 1),
         ("redis.startup_wait_s", rd.startup_wait_s, 0),
+        ("redis.replicas_to_ack", rd.replicas_to_ack, 0),
+        ("redis.replicas_ack_timeout_ms", rd.replicas_ack_timeout_ms, 1),
         ("delivery.lease_ms", d.lease_ms, 100),
         ("delivery.claim_batch", d.claim_batch, 1),
         ("delivery.poll_interval_ms", d.poll_interval_ms, 1),
@@ -391,6 +396,10 @@ def validate(settings: Settings) -> Settings:
         problems.append("server.tls_cert_file and server.tls_key_file go together")
     if rd.url and not rd.url.startswith(REDIS_URL_SCHEMES):
         problems.append(f"redis.url must start with {', '.join(REDIS_URL_SCHEMES)} (got {rd.url!r})")
+    if rd.replicas_to_ack and rd.replicas_ack_timeout_ms >= rd.socket_timeout_ms:
+        problems.append("redis.replicas_ack_timeout_ms must be below redis.socket_timeout_ms (WAIT blocks that long)")
+    if rd.cluster and not rd.url.startswith(("redis://", "rediss://")):
+        problems.append("redis.cluster needs redis.url: a seed node of the cluster (redis:// or rediss://)")
     if settings.auth.mode not in ("tokens", "open"):
         problems.append("auth.mode must be 'tokens' or 'open'")
     if d.publish_without_group not in ("default", "reject"):

@@ -81,9 +81,13 @@ class Recovery:
             self.dispatch.arm(topic, self.dispatch.clock())
 
         try:
-            await self.store.listen_wakes(self.dispatch.wake, loop.beat, running, subscribed, due)
+            await self.store.listen_wakes(self.dispatch.wake, loop.beat, running, subscribed, due, self._topics)
         finally:
             self.dispatch.wakes_live = False
+
+    def _topics(self) -> set[str]:
+        """The topics this node has delivery loops for (a cluster's listener subscribes to each one's channel)."""
+        return {topic for topic, _ in self.dispatch.dispatchers}
 
     async def sweep_once(self) -> None:
         if await self.store.reconcile_claims():

@@ -25,6 +25,7 @@ from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.config import Settings
+from broker.store.cluster import connect_cluster
 
 try:
     import hiredis
@@ -35,10 +36,14 @@ except ImportError:  # pragma: no cover - hiredis is a declared dependency
 
 Redis = aioredis.Redis
 SAFE_EVICTION = {"noeviction"}
+PERSISTENCE_SETTINGS = ("appendonly", "save", "maxmemory-policy")
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
-    """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries."""
+    """A client whose own retries are off: an outage must reach the breaker at once, not after 10 silent tries.
+    With ``redis.cluster``, ``url`` is a seed node and the client is a cluster client (``cluster.py``)."""
+    if settings.redis.cluster:
+        return connect_cluster(url, settings)
     extra: dict[str, Any] = {"connection_class": connection_class()} if url.startswith("redis://") else {}
     return aioredis.Redis.from_url(
         url,
@@ -62,9 +67,9 @@ def fake_client() -> aioredis.Redis:
 
 async def persistence_config(client: aioredis.Redis) -> dict[str, str]:
     """``appendonly``, ``save`` and ``maxmemory-policy`` as CONFIG GET answers them (run it through the gateway)."""
-    cfg = dict(await client.config_get("appendonly"))
-    cfg.update(await client.config_get("save"))
-    cfg.update(await client.config_get("maxmemory-policy"))
+    cfg: dict[Any, Any] = {}
+    for name in PERSISTENCE_SETTINGS:
+        cfg.update(await client.config_get(name))
     return {str(k): str(v) for k, v in cfg.items()}
 
 

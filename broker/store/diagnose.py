@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
+from broker.store.cluster import scan_slot_of
 from broker.store.dead_letters import DeadLetters
 from broker.store.keys import SCHEMA_VERSION, GroupKeys
 from broker.store.redis_store import RedisStore
@@ -229,7 +230,7 @@ async def _orphan_bodies(store: RedisStore, topics: Sequence[str], referenced: s
         orphans: list[str] = []
         for topic in topics:
             prefix = store.keys(topic).body("")
-            async for key in r.scan_iter(match=prefix + "*", count=1000):
+            async for key in scan_slot_of(r, store.keys(topic).groups, prefix + "*"):
                 msg_id = str(key)[len(prefix) :]
                 if (topic, msg_id) not in referenced:
                     orphans.append(f"{topic}/{msg_id}")
@@ -254,7 +255,7 @@ async def _check_key_lines(
     async def scan(r: aioredis.Redis) -> tuple[list[str], list[str]]:
         waiting: list[str] = []
         candidates: list[str] = []  # line keys whose head looked not live
-        async for line in r.scan_iter(match=prefix + "*", count=1000):
+        async for line in scan_slot_of(r, g.ready, prefix + "*"):
             members = [str(x) for x in await r.lrange(line, 0, SCAN_LIMIT - 1)]
             waiting += members
             if members and members[0] not in live:

@@ -27,13 +27,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerOpenError
+from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")
 
 _REFUSALS = ("OOM", "MISCONF", "READONLY", "NOREPLICAS", "BUSY")
 _PIPELINE_ERROR = re.compile(r"of pipeline caused error: \(['\"]-?(\S+)")
-OUTAGES = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+_LOST = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+OUTAGES: tuple[type[BaseException], ...] = (*_LOST, *CLUSTER_OUTAGES)
 
 
 def is_refusal(exc: BaseException) -> bool:
@@ -55,8 +57,9 @@ def is_refusal(exc: BaseException) -> bool:
 
 
 def is_outage(value: Any) -> bool:
-    """A reply (or exception) that means Redis could not be reached, as opposed to an error reply."""
-    return isinstance(value, RedisConnectionError | RedisTimeoutError)
+    """A reply (or exception) that means Redis could not be reached, as opposed to an error reply (on a cluster
+    also: the slot's master is failing over, CLUSTERDOWN / TRYAGAIN)."""
+    return isinstance(value, (RedisConnectionError, RedisTimeoutError, *CLUSTER_OUTAGES))
 
 
 def raise_outages(replies: Sequence[Any]) -> None:
@@ -73,7 +76,7 @@ class _Answered:
 
     __slots__ = ("error",)
 
-    def __init__(self, error: ResponseError) -> None:
+    def __init__(self, error: Exception) -> None:
         self.error = error
 
 
@@ -99,6 +102,12 @@ class Gateway:
             try:
                 return await fn(client)
             except ResponseError as e:  # refusals too: Redis is up and answering (reads, acks, deletes still work)
+                if is_outage(e):  # CLUSTERDOWN and TRYAGAIN are error replies, but of a slot nobody serves now
+                    raise
+                return _Answered(e)
+            except CLUSTER_BUGS as e:  # keys of one call in two slots, no key to route by: a bug, not an outage
+                if isinstance(e, CLUSTER_OUTAGES):
+                    raise
                 return _Answered(e)
             finally:
                 metrics.child(metrics.redis_latency, what).observe(time.perf_counter() - t0)

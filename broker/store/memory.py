@@ -21,7 +21,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode
 
+from broker.store.cluster import scan_page, scan_targets
 from broker.store.redis_store import RedisStore
 
 EXACT_KEYS = 1_000
@@ -95,15 +97,17 @@ async def topic_memory(
     tallies = {t: _Tally(exact_keys, sample_keys, rng) for t in topics}
     head = len(store.prefix) + 2  # after "<prefix>:{"
     pattern = f"{_escape(store.prefix)}:{{{_escape(topics[0])}}}:*" if len(topics) == 1 else f"{store.prefix}:{{*"
-    cursor: int = 0
-    while True:
-        cursor, keys = await store.gateway.call(_scan_page(cursor, pattern), "scan")
-        for key in keys:
-            tally = tallies.get(_topic_of(str(key), head) or "")
-            if tally is not None:
-                tally.add(str(key))
-        if int(cursor) == 0:
-            break
+    route = store.keys(topics[0]).groups if len(topics) == 1 else None  # one topic: its master; else every one
+    for target in await store.gateway.call(lambda r: scan_targets(r, route), "scan"):
+        cursor: int = 0
+        while True:
+            cursor, keys = await store.gateway.call(_scan_page(target, cursor, pattern), "scan")
+            for key in keys:
+                tally = tallies.get(_topic_of(key, head) or "")
+                if tally is not None:
+                    tally.add(key)
+            if cursor == 0:
+                break
     out = []
     for topic, tally in tallies.items():
         measure = sorted(tally.names) if tally.exact else tally.sample
@@ -116,9 +120,11 @@ async def topic_memory(
     return out
 
 
-def _scan_page(cursor: int, pattern: str) -> Callable[[aioredis.Redis], Awaitable[Any]]:
-    async def go(r: aioredis.Redis) -> Any:
-        return await r.scan(cursor, match=pattern, count=SCAN_COUNT)
+def _scan_page(
+    target: ClusterNode | None, cursor: int, pattern: str
+) -> Callable[[aioredis.Redis], Awaitable[tuple[int, list[str]]]]:
+    async def go(r: aioredis.Redis) -> tuple[int, list[str]]:
+        return await scan_page(r, target, cursor, pattern, SCAN_COUNT)
 
     return go
 

@@ -21,6 +21,7 @@ from broker.core.model import AckItem, Delivery, NackItem, PublishRequest, Publi
 from broker.runtime import metrics
 from broker.runtime.resilience import jitter_factor
 from broker.store.keys import TopicKeys
+from broker.store.replication import Wait
 from broker.store.scripts import ScriptCall, Scripts
 from broker.store.topology import Topology
 
@@ -148,7 +149,11 @@ class Messages:
         try:
             # with claims, a refusal (a full Redis refusing the publish) must not discard the replies of claims
             # that did run: each reply is handled on its own below
-            replies = await self.scripts.run(calls, "publish", keep_errors=True, keep_refusals=bool(claims))
+            # (and with a WAIT, each topic's publish is refused or confirmed on its own: on a cluster, by its master)
+            wait = self._wait(len(by_topic))
+            replies = await self.scripts.run(
+                calls, "publish", keep_errors=True, keep_refusals=bool(claims) or wait is not None, wait=wait
+            )
         except UnavailableError:  # the claims may have run with their replies lost
             for c in claims:
                 self.uncertain(c, now)
@@ -168,6 +173,11 @@ class Messages:
             for j, i in enumerate(idxs):
                 out[i] = PublishResult(str(flat[3 * j]), bool(int(flat[3 * j + 1])), int(flat[3 * j + 2]))
         return out
+
+    def _wait(self, publishes: int) -> Wait | None:
+        """With ``redis.replicas_to_ack``: the WAIT that must vouch for a batch's ``publishes`` (replication.py)."""
+        rd = self.settings.redis
+        return Wait(rd.replicas_to_ack, rd.replicas_ack_timeout_ms, publishes) if rd.replicas_to_ack else None
 
     # ---- claims --------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ read), and the wake-up listener (Pub/Sub notes of the scripts that make messages
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -13,8 +13,10 @@ from redis.exceptions import RedisError
 
 from broker.core.config import Settings
 from broker.core.errors import UnavailableError
+from broker.store.cluster import is_cluster
 from broker.store.gateway import OUTAGES, Gateway
 from broker.store.keys import node_key, nodes_key
+from broker.store.sharded_wakes import listen_sharded
 
 
 class Nodes:
@@ -80,6 +82,7 @@ class Nodes:
         should_run: Callable[[], bool],
         on_subscribed: Callable[[], None] | None = None,
         on_due: Callable[[str], None] | None = None,
+        topics: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         """Wake-up notes of every topic (Pub/Sub ``<prefix>:{<topic>}:wake``, published by the scripts that make
         messages claimable), so this node claims at once what another node published, promoted or unblocked,
@@ -89,7 +92,12 @@ class Nodes:
         ``on_due(topic)`` gets the notes ``due:<node id>`` of other nodes: messages of the topic went to delayed
         sets (their due times are for this node's timers to read).
         Not behind the breaker:
-        a listener waits by design, and its waits are not calls that succeed or fail."""
+        a listener waits by design, and its waits are not calls that succeed or fail.
+        On a Redis Cluster: sharded Pub/Sub on the channels of ``topics()`` (``sharded_wakes.py``)."""
+        if is_cluster(self.gateway.client):
+            await listen_sharded(self.gateway.client, self.prefix, self.node_id, topics, on_topic, beat, should_run,
+                                 on_subscribed, on_due)  # fmt: skip
+            return
         pattern = f"{self.prefix}:{{*}}:wake"
         head, tail = len(self.prefix) + 2, -len("}:wake")
         own_due = f"due:{self.node_id}"

@@ -9,6 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker.store.cluster import scan_slot_of
 from broker.store.redis_store import RedisStore
 
 CHUNK = 500  # ids one purge_group.lua call removes at most: ~10-20 ms of Redis time, then others get their turn
@@ -133,7 +134,7 @@ class Queues:
         async def rest(r: aioredis.Redis) -> int:
             n = 0
             batch: list[str] = []
-            async for name in r.scan_iter(match=_glob_escape(k.base) + "*", count=1_000):
+            async for name in scan_slot_of(r, k.groups, _glob_escape(k.base) + "*"):
                 batch.append(name)
                 if len(batch) >= 500:
                     n += int(await r.delete(*batch))

@@ -11,7 +11,8 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from broker.core.model import GroupDepth
-from broker.store.connection import persistence_config, persistence_problems
+from broker.store.cluster import config_of_each_master, is_cluster, on_each_master
+from broker.store.connection import PERSISTENCE_SETTINGS, persistence_config, persistence_problems
 from broker.store.gateway import Gateway
 from broker.store.scripts import Scripts
 from broker.store.topology import Topology
@@ -86,18 +87,28 @@ class Reads:
         """Problems that can lose queued messages: no persistence, an eviction policy that may drop keys. Managed
         Redis often forbids CONFIG: then the one warning says we could not check. Redis down raises."""
 
-        async def go(r: aioredis.Redis) -> dict[str, str] | str:
+        async def go(r: aioredis.Redis) -> dict[str, dict[str, str]] | str:
             try:
-                return await persistence_config(r)
+                if is_cluster(r):  # each master has its own settings: every one is checked, named in the warning
+                    return await config_of_each_master(r, PERSISTENCE_SETTINGS)
+                return {"": await persistence_config(r)}
             except ResponseError as e:  # an answer, not a failure: not logged or counted as a bad reply
                 return str(e)
 
-        cfg = await self.gateway.call(go, "persistence_config")
-        if isinstance(cfg, str):
-            return [f"could not read Redis persistence settings ({cfg}); check them by hand"]
-        return persistence_problems(cfg)
+        cfgs = await self.gateway.call(go, "persistence_config")
+        if isinstance(cfgs, str):
+            return [f"could not read Redis persistence settings ({cfgs}); check them by hand"]
+        return [f"master {m}: {p}" if m else p for m, cfg in cfgs.items() for p in persistence_problems(cfg)]
 
     async def memory_info(self) -> tuple[int, int]:
-        """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit."""
-        info: dict[str, Any] = await self.gateway.call(lambda r: r.info("memory"), "memory_info")
-        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit. On a cluster, of the master nearest its
+        limit (each master has its own; one unreachable fails the call rather than answer for the others)."""
+
+        async def go(r: aioredis.Redis) -> list[dict[str, Any]]:
+            if is_cluster(r):
+                return list((await on_each_master(r, "INFO", "memory")).values())
+            return [await r.info("memory")]
+
+        infos = await self.gateway.call(go, "memory_info")
+        pairs = [(int(i.get("used_memory", 0)), int(i.get("maxmemory", 0))) for i in infos]
+        return max(pairs, key=lambda p: (p[0] / p[1] if p[1] else -1.0, p[0]))

@@ -18,7 +18,7 @@ default the wall clock), so tests step time instead of sleeping. Redis keeps rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import redis.asyncio as aioredis
 
@@ -179,8 +179,9 @@ class RedisStore:
         should_run: Callable[[], bool],
         on_subscribed: Callable[[], None] | None = None,
         on_due: Callable[[str], None] | None = None,
+        topics: Callable[[], Collection[str]] = frozenset,
     ) -> None:
-        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed, on_due)
+        await self.nodes.listen_wakes(on_topic, beat, should_run, on_subscribed, on_due, topics)
 
     # ---- reads ---------------------------------------------------------------------------------------------
 

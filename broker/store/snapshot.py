@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from broker.core.records import DeadRecord, IdempotencyRecord, MessageRecord, Pending, TopicRecord
+from broker.store.cluster import scan_slot_of
 from broker.store.dead_letters import DeadLetters
 from broker.store.keys import GroupKeys
 from broker.store.redis_store import RedisStore
@@ -49,7 +50,7 @@ async def _snapshot(store: RedisStore, base: str, group: str, g: GroupKeys) -> _
     is found from its live first message; the SCAN adds only damaged lines whose first message is in no state)."""
 
     async def scan(r: aioredis.Redis) -> list[str]:
-        return sorted([str(k) async for k in r.scan_iter(match=g.key_line("*"), count=1000)])
+        return sorted([k async for k in scan_slot_of(r, g.ready, g.key_line("*"))])
 
     scanned = await store.gateway.call(scan, "export_scan")
     keys = [g.leased, g.ready, g.delayed, g.dead]
@@ -106,7 +107,7 @@ async def _idempotency(store: RedisStore, topic: str) -> list[IdempotencyRecord]
     prefix = k.idem("")
 
     async def go(r: aioredis.Redis) -> list[tuple[str, Any, Any]]:
-        names = sorted([str(x) async for x in r.scan_iter(match=k.idem("*"), count=1000)])
+        names = sorted([x async for x in scan_slot_of(r, k.groups, k.idem("*"))])
         rows: list[tuple[str, Any, Any]] = []
         for i in range(0, len(names), READ_CHUNK):
             async with r.pipeline(transaction=False) as p:

@@ -1,0 +1,195 @@
+"""Redis Cluster (``redis.cluster = true``): the client, and the few places where the store must know it runs on one.
+
+The client is redis-py's asyncio ``RedisCluster`` with the single client's policy: its own retries are off
+(``Retry(NoBackoff(), 0)``), so an unreachable master reaches the breaker at once instead of after silent tries.
+``MOVED`` and ``ASK`` are not retries of a failed call but redirections the client follows (bounded by its request
+TTL), so a slot that moved (resharding, a failover) costs one more hop, not an error.
+
+It is handed around typed as the single client (``redis.asyncio.Redis``): the store calls only commands both clients
+share, and the cluster-only forms (a command on one node, a node's slot) are in this module. The store's tests run on
+a real 3-master cluster too (``tests/test_cluster.py``), which is what keeps that true.
+
+Routing: every key of one topic carries the hash tag ``{<topic>}`` (``keys.py``), so a topic lives in one slot, on
+one master. A script call is routed by its first key, and every key it declares or builds is in that slot
+(docs/keys.md, docs/scaling.md). Scripts are loaded on the master that answered ``NOSCRIPT`` (a promoted replica
+starts with an empty script cache), not on every master: one unreachable master must not fail a call to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+
+from broker.core.config import Settings
+from broker.store.replication import Wait
+
+# Errors of a cluster that is (for a moment) not serving a slot: outages for the breaker, like a lost connection.
+# CLUSTERDOWN / MASTERDOWN (a failover in progress), TRYAGAIN (a multi-key call during a slot migration), a slot no
+# node covers, no node reachable at all.
+CLUSTER_OUTAGES: tuple[type[BaseException], ...] = (
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    RedisClusterUnreachableError,
+)
+# Any other client-side cluster error (keys of one call in two slots, a command with no key to route by) is a bug.
+CLUSTER_BUGS = RedisClusterException
+
+
+_PUBLISH = "redis.call('PUBLISH', "
+
+
+def sharded(text: str) -> str:
+    """A script's text for a cluster: its wake-up notes go out with ``SPUBLISH`` (sharded Pub/Sub: only the shard that
+    owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to every node of the cluster). Every
+    ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds them to it)."""
+    return text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+
+
+def connect_cluster(url: str, settings: Settings) -> aioredis.Redis:
+    """A cluster client seeded by ``url`` (it discovers the other nodes), retries off like ``connect_redis``."""
+    client = RedisCluster.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        socket_connect_timeout=settings.redis.connect_timeout_ms / 1000,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        require_full_coverage=True,
+    )
+    return cast(aioredis.Redis, client)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def as_cluster(client: object) -> RedisCluster:
+    assert isinstance(client, RedisCluster), "a cluster operation on a single Redis"
+    return client
+
+
+def masters(client: aioredis.Redis) -> list[ClusterNode]:
+    """Every master the client knows (after ``initialize``; the store's first call initializes it)."""
+    return list(as_cluster(client).get_primaries())
+
+
+def node_of(client: aioredis.Redis, key: str) -> ClusterNode:
+    """The master that holds ``key``'s slot (for a topic: any of its keys, e.g. ``TopicKeys.groups``)."""
+    return _owner(as_cluster(client), key)
+
+
+async def ready(client: aioredis.Redis) -> RedisCluster:
+    """The cluster client, initialized: a new client learns the slot map on its first command, and the routing
+    done here (which master holds a key) needs it before that."""
+    rc = as_cluster(client)
+    await rc.initialize()  # a no-op once done
+    return rc
+
+
+def _owner(rc: RedisCluster, key: str) -> ClusterNode:
+    node = rc.get_node_from_key(key)
+    if node is None:
+        raise SlotNotCoveredError(f"no master serves the slot of {key!r}")
+    return node
+
+
+async def load_script_where(client: aioredis.Redis, text: str, keys: Sequence[str]) -> None:
+    """``SCRIPT LOAD`` on the master of ``keys[0]``'s slot only (the one that answered NOSCRIPT)."""
+    rc = await ready(client)
+    await rc.execute_command("SCRIPT LOAD", text, target_nodes=_owner(rc, keys[0]))
+
+
+async def scan_targets(client: aioredis.Redis, key: str | None = None) -> list[ClusterNode | None]:
+    """Where a SCAN must go: the one server of a single Redis (``None``); on a cluster the master of ``key``'s slot
+    (a topic's keys live there) or, without ``key``, every master."""
+    if not is_cluster(client):
+        return [None]
+    rc = await ready(client)
+    return [_owner(rc, key)] if key is not None else list(rc.get_primaries())
+
+
+async def scan_page(
+    client: aioredis.Redis, target: ClusterNode | None, cursor: int, match: str, count: int
+) -> tuple[int, list[str]]:
+    """One ``SCAN`` page on ``target`` (see ``scan_targets``): the next cursor (0: done) and the names."""
+    if target is None:
+        nxt, names = await client.scan(cursor, match=match, count=count)
+        return int(nxt), [str(k) for k in names]
+    rc = as_cluster(client)
+    cursors, names = await rc.execute_command("SCAN", cursor, "MATCH", match, "COUNT", count, target_nodes=target)
+    return int(cursors[target.name]), [str(k) for k in names]  # the cluster client keys cursors by node
+
+
+async def scan_slot_of(client: aioredis.Redis, key: str, match: str, count: int = 1000) -> AsyncIterator[str]:
+    """``SCAN MATCH`` over the one node that holds ``key``'s slot (a topic's keys), on a cluster; the whole server
+    on a single Redis. Scanning every master for one topic would cost N times the work and fail when any master is
+    unreachable, although the topic lives on one."""
+    (target,) = await scan_targets(client, key)
+    cursor = 0
+    while True:
+        cursor, names = await scan_page(client, target, cursor, match, count)
+        for name in names:
+            yield name
+        if cursor == 0:
+            return
+
+
+async def on_each_master(client: aioredis.Redis, *command: Any) -> dict[str, Any]:
+    """One command on every master, its answer per master (``host:port``). A master that cannot be reached raises:
+    a caller asking every master wants every answer, not a partial one shown as whole."""
+    rc = await ready(client)
+    out: dict[str, Any] = {}
+    for node in rc.get_primaries():
+        out[node.name] = await rc.execute_command(*command, target_nodes=node)
+    return out
+
+
+async def eval_pass(
+    client: aioredis.Redis, calls: Sequence[tuple[str, list[str], list[Any]]], wait: Wait | None
+) -> tuple[list[Any], list[int | None]]:
+    """One round of script calls (sha, keys, args) in a cluster pipeline: redis-py sends each master its calls in
+    one write on one connection, the masters in parallel, and follows MOVED / ASK. With ``wait``, a ``WAIT`` goes
+    to each master the first ``wait.calls`` calls reached, after them on the same connection. Returns the replies
+    in order (error replies as values) and, per call, its master's ``WAIT`` count (None without ``wait``)."""
+    rc = await ready(client)
+    owners = [_owner(rc, keys[0]) for _, keys, _ in calls]
+    waited: dict[str, ClusterNode] = {}
+    if wait is not None:
+        waited = {n.name: n for n in owners[: wait.calls]}
+    async with rc.pipeline(transaction=False) as p:
+        for sha, keys, args in calls:
+            p.evalsha(sha, len(keys), *keys, *args)
+        for node in waited.values():
+            p.execute_command(*wait.command, target_nodes=node)  # type: ignore[union-attr]
+        res: list[Any] = list(await p.execute(raise_on_error=False))
+    replies, acks = res[: len(calls)], dict(zip(waited, res[len(calls) :], strict=True))
+    for got in acks.values():
+        if isinstance(got, Exception):  # the master's connection failed after the writes: nothing is vouched for
+            raise got
+    counts: list[int | None] = []
+    for node in owners:
+        got = acks.get(node.name)
+        counts.append(got if isinstance(got, int) else None)
+    return replies, counts
+
+
+async def config_of_each_master(client: aioredis.Redis, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``CONFIG GET`` of each setting in ``names`` on every master: {master: {setting: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        for master, cfg in (await on_each_master(client, "CONFIG", "GET", name)).items():
+            out.setdefault(master, {}).update({str(k): str(v) for k, v in dict(cfg).items()})
+    return out
