@@ -26,6 +26,7 @@ with load and cost nothing extra when idle), writes them with one ``send_packed_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -90,10 +91,8 @@ class ScriptPipe:
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         self._fail(list(self._queue), UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000))
         self._queue.clear()
         await self._drop()
@@ -159,7 +158,7 @@ class ScriptPipe:
         NOSCRIPT once more behind a load of their scripts. Any failure drops the connection."""
         conn = self._conn
         if conn is None:
-            conn = self._conn = self.gateway.client.connection_pool.make_connection()
+            conn = self._conn = self.gateway.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             cmds = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
             replies = await self._send(conn, cmds)

@@ -57,7 +57,9 @@ class Scripts:
                     raise self.gateway.reply_error(x, what)
         return res
 
-    async def eval_many(self, calls: Sequence[ScriptCall], keep_refusals: bool = False, what: str = "script") -> list[Any]:
+    async def eval_many(
+        self, calls: Sequence[ScriptCall], keep_refusals: bool = False, what: str = "script"
+    ) -> list[Any]:
         """Run scripts by SHA in one round trip (``ScriptPipe``). Error replies come back as exception values, in
         place; a refusal (OOM, READONLY...) fails the whole call (``StoreRefusedError``) unless ``keep_refusals``
         (the caller then handles each reply, e.g. claims that did run). An outage raises ``UnavailableError``."""
