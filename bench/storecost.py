@@ -115,7 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["batch", "single", "concurrent"], default="single")
     ap.add_argument("--messages", type=int, default=5000)
-    ap.add_argument("--redis-port", type=int, default=0, help="an existing throwaway redis-server (else one is started)")
+    ap.add_argument("--redis-port", type=int, default=0, help="a throwaway redis-server (default: start one)")
     a = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # stdout is the JSON
     port, proc, tmp = a.redis_port, None, None
