@@ -202,7 +202,11 @@ async def _hmget(store: RedisStore, key: str, fields: Sequence[str]) -> list[str
     out: list[str | None] = []
     for i in range(0, len(fields), REPAIR_BATCH):
         chunk = list(fields[i : i + REPAIR_BATCH])
-        values = await store.gateway.call(lambda r, chunk=chunk: r.hmget(key, chunk), "diagnose_hget")
+
+        async def read(r: aioredis.Redis, chunk: list[str] = chunk) -> list[Any]:
+            return list(await r.hmget(key, chunk))
+
+        values = await store.gateway.call(read, "diagnose_hget")
         out += [None if x is None else str(x) for x in values]
     return out
 

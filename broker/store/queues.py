@@ -163,9 +163,9 @@ async def _holders(
             p.hget(held_key, m)  # a first delivery's lease record stands for its delivery hash
         replies = await p.execute()
     states: list[list[str | None]] = []
-    for dlv, held in zip(replies[::2], replies[1::2], strict=True):
-        h = held_state(held)
-        states.append([h["consumer"], h["node"], h["attempts"]] if h else dlv)
+    for dlv, first in zip(replies[::2], replies[1::2], strict=True):
+        lease = held_state(first)
+        states.append([lease["consumer"], lease["node"], lease["attempts"]] if lease else dlv)
     by: dict[str, Holder] = {}
     for (_, deadline), (consumer, node, attempts) in zip(members, states, strict=True):
         h = by.get(str(consumer))

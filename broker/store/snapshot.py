@@ -107,7 +107,11 @@ async def _held(store: RedisStore, held_key: str, ids: Sequence[str]) -> dict[st
     out: dict[str, str] = {}
     for i in range(0, len(ids), READ_CHUNK):
         chunk = list(ids[i : i + READ_CHUNK])
-        values = await store.gateway.call(lambda r, chunk=chunk: r.hmget(held_key, chunk), "export_read")
+
+        async def read(r: aioredis.Redis, chunk: list[str] = chunk) -> list[Any]:
+            return list(await r.hmget(held_key, chunk))
+
+        values = await store.gateway.call(read, "export_read")
         out.update({m: str(v) for m, v in zip(chunk, values, strict=True) if v is not None})
     return out
 
