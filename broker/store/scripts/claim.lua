@@ -29,11 +29,18 @@ local out = {}
 local lease_args = {}     -- ZADD pairs (deadline, id): one call for the whole claim
 local held = {}           -- HSET pairs (id, state) of the first deliveries: one call for the whole claim
 local holder = '|' .. ARGV[7] .. '|' .. ARGV[6] .. '|'
-for _, id in ipairs(ids) do
+-- One EXISTS over the batch's delivery hashes: none (the usual case, every id on its first delivery) saves a read
+-- per message; otherwise each is read.
+local dkeys = {}
+for i, id in ipairs(ids) do dkeys[i] = key(q.gb, 'dlv', id) end
+local later = 0
+for s = 1, #dkeys, 1000 do later = later + redis.call('EXISTS', unpack(dkeys, s, math.min(s + 999, #dkeys))) end
+local NONE = {false, false, false}
+for i, id in ipairs(ids) do
   local b = redis.call('HMGET', key(base, 'msg', id), 'payload', 'headers', 'published_at', 'key')
   if b[1] then
-    local dkey = key(q.gb, 'dlv', id)
-    local d = redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before')
+    local dkey = dkeys[i]
+    local d = later > 0 and redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before') or NONE
     local attempt, claims = (tonumber(d[1]) or 0) + 1, (tonumber(d[2]) or 0) + 1
     local receipt = ARGV[9] .. '-' .. claims
     if not d[1] and not d[2] then
