@@ -817,15 +817,17 @@ async def test_a_failed_first_delivery_gets_its_delivery_hash_and_the_retry_uses
     assert await store.redis.exists(g.delivery(a), g.delivery(b), store.keys(T).body(a)) == 0
 
 
-async def test_a_released_first_delivery_goes_back_without_any_state(store: RedisStore) -> None:
+async def test_a_released_first_delivery_goes_back_uncounted(store: RedisStore) -> None:
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, '"a"')
     g = store.keys(T).group("g1")
     (d,) = await store.claim(T, "g1", 1, 30_000, "c1")
     assert await store.release(T, "g1", [AckItem(mid, d.receipt)]) == 1
-    assert await store.redis.exists(g.held, g.delivery(mid), g.leased) == 0
+    # its state moved to a delivery hash (attempt uncounted, claim count kept), as for any released delivery
+    assert await store.redis.exists(g.held, g.leased) == 0
+    assert await store.redis.hmget(g.delivery(mid), "attempts", "claims") == ["0", "1"]
     (again,) = await store.claim(T, "g1", 1, 30_000, "c1")
-    assert again.attempt == 1 and again.receipt != d.receipt
+    assert again.attempt == 1 and again.receipt != d.receipt and again.receipt.endswith("-2")
     assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [False]  # the old receipt is stale
     assert await store.ack_many(T, "g1", [AckItem(mid, again.receipt)]) == [True]
 

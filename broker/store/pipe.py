@@ -158,7 +158,9 @@ class ScriptPipe:
         NOSCRIPT once more behind a load of their scripts. Any failure drops the connection."""
         conn = self._conn
         if conn is None:
-            conn = self._conn = self.gateway.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            # one of the client's pooled connections, kept for the pipe (an idle one when there is: the pipe adds no
+            # client to Redis, whose every client costs memory that counts against maxmemory)
+            conn = self._conn = await self.gateway.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             cmds = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
             replies = await self._send(conn, cmds)
@@ -190,12 +192,15 @@ class ScriptPipe:
         return out
 
     async def _drop(self) -> None:
+        """Disconnect the pipe's connection (its stream can no longer be trusted) and hand it back to the pool, which
+        connects it again when it is next used."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 await conn.disconnect(nowait=True)
             except Exception as e:  # closing a broken socket: nothing left to save, but say so
                 log.debug("redis_pipe_disconnect_failed", error=repr(e))
+            await self.gateway.client.connection_pool.release(conn)
 
     @staticmethod
     def _fail(waiting: Sequence[_Waiting], err: BaseException) -> None:

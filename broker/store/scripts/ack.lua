@@ -28,29 +28,41 @@ for s = 1, #ids, 1000 do
   local part = redis.call('HMGET', KEYS[5], unpack(ids, s, math.min(s + 999, #ids)))
   for j = 1, #part do held[s + j - 1] = part[j] end
 end
+-- First pass: which deliveries the receipts hold, and their leases released (ZREM, HDEL: writes that free memory
+-- come first, so at maxmemory an ack still runs: Redis refuses a script whose first write could grow memory).
 local done = {}           -- ids acked in this call (an id twice in one batch is acked once)
+local okeys = {}          -- n -> ordering key ('' none) of each acked item
 for n, id in ipairs(ids) do
   local receipt = ARGV[5 + 2 * n]
-  local ok, okey = false, nil
   local v = not done[id] and held[n]
   if v then
     local r, _, _, k = held_fields(v)
     if r == receipt then
-      ok, okey = true, k
+      okeys[n] = k
       unheld[#unheld + 1] = id
+      done[id] = true
     end
   elseif not done[id] then
     local dkey = key(q.gb, 'dlv', id)
     local d = redis.call('HMGET', dkey, 'receipt', 'key')
     if d[1] == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
-      ok, okey = true, d[2]
+      local okey = d[2]
+      if not okey then okey = redis.call('HGET', key(base, 'msg', id), 'key') or '' end  -- a lease from an older build
+      okeys[n] = okey
       gone[#gone + 1] = dkey
-      if not okey then okey = redis.call('HGET', key(base, 'msg', id), 'key') end  -- a lease from an older build
+      done[id] = true
     end
   end
-  if ok then
-    done[id] = true
-    local next_live = okey and okey ~= '' and key_done(q, okey, id, now)
+end
+if #unheld > 0 then
+  call_chunked('ZREM', KEYS[1], unheld)
+  call_chunked('HDEL', KEYS[5], unheld)
+end
+-- Second pass, in order: the next message of each ordering key, the bodies, the audit record.
+for n, id in ipairs(ids) do
+  local okey = okeys[n]
+  if okey then
+    local next_live = okey ~= '' and key_done(q, okey, id, now)
     release_body(base, id, gone)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1
@@ -65,10 +77,6 @@ for n, id in ipairs(ids) do
   else
     out[#out + 1] = 0
   end
-end
-if #unheld > 0 then
-  call_chunked('HDEL', KEYS[5], unheld)
-  call_chunked('ZREM', KEYS[1], unheld)
 end
 call_chunked('DEL', false, gone)
 if woke then redis.call('PUBLISH', key(base, 'wake'), 'k') end

@@ -1,6 +1,7 @@
 -- release.lua: transition LEASED -> READY without counting an attempt: deliveries claimed but never sent
 -- (consumer gone before the send, graceful shutdown). They go back to the head of the queue in their order.
--- A held first delivery (_lib.lua, "First deliveries") goes back as it came: never delivered, no state at all.
+-- A held first delivery (_lib.lua, "First deliveries") gets its delivery hash first (unhold), so it comes back like
+-- any other: attempts 0 with its claim count kept (its next receipt is new).
 -- KEYS[1] <gb>ready, KEYS[2] <gb>leased, KEYS[3] <gb>held
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>
 -- ARGV[1] base, ARGV[2] group, then pairs: id, receipt (in delivery order)
@@ -11,14 +12,8 @@ local n = 0
 for i = #ARGV - 1, 3, -2 do
   local id, receipt = ARGV[i], ARGV[i + 1]
   local dkey = key(q.gb, 'dlv', id)
-  local v = redis.call('HGET', KEYS[3], id)
-  if v then
-    if held_fields(v) == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
-      redis.call('HDEL', KEYS[3], id)
-      redis.call('LPUSH', KEYS[1], id)
-      n = n + 1
-    end
-  elseif redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
+  unhold(q, id)
+  if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
     redis.call('HINCRBY', dkey, 'attempts', -1)
     redis.call('LPUSH', KEYS[1], id)
     n = n + 1
