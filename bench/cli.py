@@ -284,6 +284,8 @@ def fmt_value(value: float, unit: str) -> str:
         return f"{value:,.3f}"
     if unit.startswith("us/"):
         return f"{value:,.1f}"
+    if unit in ("cmd/msg", "call/msg"):
+        return f"{value:,.2f}"
     return f"{value:,.0f}"
 
 

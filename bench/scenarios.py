@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from . import BenchError
+from .cmdstats import CommandStats
 from .cpumon import CpuMeter, find_pids
 from .registry import CPU_REDIS, CPU_SERVER, CPU_TOTAL, Context, ScenarioResult, System, percentile, scenario
 from .wsclient import (
@@ -336,16 +337,20 @@ async def run_s1(ctx: Context, name: str, system: System) -> ScenarioResult:
     url = url_for(ctx, system)
     await _warmup(ctx, name, ["default"], url)
     cpu = cpu_meter(ctx, system)
+    cmds = CommandStats(ctx.redis_url if system == "broker" else "")
     async with BrokerRun(ctx, name, s.messages, ["default"], ack_batch=s.ack_batch, url=url) as run:
+        await cmds.start()
         cpu.start()
         t0 = await _publish_all(run)
         t_end = await run.finish()
         cpu.stop()
+        await cmds.stop()
         await run.settle()
         run.check(res)
     elapsed = t_end - t0
     res.add("throughput", s.messages / elapsed, "msg/s")
     add_cpu(res, cpu, s.messages)
+    cmds.add(res, s.messages)
     res.extra.update(messages=s.messages, payload_bytes=s.payload_bytes, elapsed_s=elapsed)
     res.extra["delivery_latency"] = latency_summary(run.consumers[0].tracker.latencies)
     return res
@@ -384,16 +389,20 @@ async def run_s3(ctx: Context, name: str, system: System) -> ScenarioResult:
     n = int(s.latency_rate * s.latency_seconds)
     await _warmup(ctx, name, ["default"], url)
     cpu = cpu_meter(ctx, system)
+    cmds = CommandStats(ctx.redis_url if system == "broker" else "")
     async with BrokerRun(ctx, name, n, ["default"], ack_batch=1, url=url) as run:
+        await cmds.start()
         cpu.start()
         sent_at, max_lag = await paced_publish(run.abort, run.publisher, n, s.latency_rate, run.deadline)
         await run.finish()
         cpu.stop()
+        await cmds.stop()
         await run.settle()
         run.check(res)
     latencies = run.consumers[0].tracker.latencies
     add_latency(res, latencies)
     add_cpu(res, cpu, n)
+    cmds.add(res, n)
     res.extra.update(
         messages=n,
         target_rate=s.latency_rate,

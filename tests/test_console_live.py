@@ -25,6 +25,7 @@ from broker.node.auth import ANONYMOUS, Authenticator, Principal, Refusal, token
 from broker.node.console_gate import ConsoleContext, ConsoleRequest, Gate
 from broker.ops.stats import Stats
 from broker.store import RedisStore
+from broker.store.pipe import ScriptPipe
 
 from .conftest import StoreFactory
 
@@ -131,6 +132,14 @@ class RoundTrips:
 
         monkeypatch.setattr(Redis, "execute_command", counted_command)
         monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
+        # script calls go through the store's pipe (broker/store/pipe.py): one write and its replies per _send
+        send = ScriptPipe._send
+
+        async def counted_send(conn: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
+            self.count += 1
+            return await send(conn, cmds)
+
+        monkeypatch.setattr(ScriptPipe, "_send", staticmethod(counted_send))
 
     async def of(self, fn: Callable[[], Any]) -> int:
         before = self.count

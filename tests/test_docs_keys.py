@@ -150,11 +150,18 @@ def check_leased(out: str, st: State) -> None:
     assert member == st.ids["<leased-id>"] and within(score, st.claimed, LEASE_MS)
 
 
+def check_held(out: str, st: State) -> None:
+    ((member, value),) = pairs(out)  # only the message still on its first delivery; the failed two moved out
+    assert member == st.ids["<leased-id>"]
+    receipt, node, consumer, okey = value.split("|", 3)
+    assert (receipt, node, consumer, okey) == (st.receipt, NODE, CONSUMER, "")
+    assert re.fullmatch(r"\d+\.\d+-1", receipt) and within(receipt.split(".")[0], st.claimed)
+
+
 def check_delivery(out: str, st: State) -> None:
-    h = dict(pairs(out))
-    assert set(h) == {"attempts", "claims", "receipt", "consumer", "node", "leased_until", "key"}
+    h = dict(pairs(out))  # the retry: its first delivery's state, moved here by the nack, with its error
+    assert set(h) == {"attempts", "claims", "receipt", "consumer", "node", "leased_until", "key", "errors"}
     assert (h["attempts"], h["claims"], h["consumer"], h["node"], h["key"]) == ("1", "1", CONSUMER, NODE, "")
-    assert h["receipt"] == st.receipt
     assert re.fullmatch(r"\d+\.\d+-1", h["receipt"]) and within(h["receipt"].split(".")[0], st.claimed)
     assert within(h["leased_until"], st.claimed, LEASE_MS)
 
@@ -226,7 +233,7 @@ def check_scan(out: str, st: State) -> None:
         G.leased,
         G.delayed,
         G.dead,
-        G.delivery(i["<leased-id>"]),
+        G.held,
         G.delivery(i["<retry-id>"]),
         G.dead_letter(i["<dead-id>"]),
         *(K.body(m) for m in st.all_ids if m != i["<dead-id>"]),  # a dead letter keeps its own copy of the body
@@ -252,7 +259,8 @@ EXPECTED: dict[tuple[str, ...], Callable[[str, State], None]] = {
     ("ZCARD", G.dead): equals("1"),
     ("LRANGE", G.ready, "0", "9"): equals(lambda st: "\n".join(st.all_ids[3:])),
     ("ZRANGE", G.leased, "0", "-1", "WITHSCORES"): check_leased,
-    ("HGETALL", G.delivery("<leased-id>")): check_delivery,
+    ("HGETALL", G.held): check_held,
+    ("HGETALL", G.delivery("<retry-id>")): check_delivery,
     ("HGET", G.delivery("<retry-id>"), "errors"): check_errors,
     ("ZRANGE", G.delayed, "0", "-1", "WITHSCORES"): check_delayed,
     ("ZRANGE", G.dead, "0", "-1", "WITHSCORES"): check_dead_index,

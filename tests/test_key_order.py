@@ -54,9 +54,15 @@ async def test_a_lease_from_a_build_without_the_key_copy_still_moves_its_key_lin
     await store.publish_many([keyed("a", '"a1"'), keyed("a", '"a2"'), keyed(None, '"x"')])
     a1, x = await claim(store)
     gb = f"{store.prefix}:{{{T}}}:g:g:"
-    assert await store.redis.hget(gb + f"dlv:{a1.id}", "key") == "a"  # what this build writes
-    assert await store.redis.hget(gb + f"dlv:{x.id}", "key") == ""
-    await store.redis.hdel(gb + f"dlv:{a1.id}", "key")
+    # (what this build writes for a first delivery: the key in its lease record of the group's held hash)
+    assert await store.redis.hget(gb + "held", a1.id) == f"{a1.receipt}|test-node|c1|a"
+    assert await store.redis.hget(gb + "held", x.id) == f"{x.receipt}|test-node|c1|"
+    # the older build's lease of a1: a delivery hash without the key
+    await store.redis.hdel(gb + "held", a1.id)
+    await store.redis.hset(
+        gb + f"dlv:{a1.id}",
+        mapping={"attempts": 1, "claims": 1, "receipt": a1.receipt, "consumer": "c1", "node": "test-node"},
+    )
     # When it is acked, Then ack.lua reads the key from the body: a2 goes live and the ack says so
     assert await store.ack_many(T, "g", [AckItem(a1.id, a1.receipt)]) == [AckOutcome.ACKED_NEXT_LIVE]
     assert [d.payload for d in await claim(store)] == ['"a2"']

@@ -70,12 +70,13 @@ async def test_lua_key_builder_names_every_key_as_keys_py(
 local base, group, id, idem, okey = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local q = group_keys(base, group)
 return {key(base, 'groups'), key(base, 'wake'), key(base, 'msg', id), key(base, 'idem', idem),
-  key(base, 'imported'), q.gb, q.ready, q.leased, q.delayed, q.dead, key(q.gb, 'acked'), key(q.gb, 'dlv', id),
+  key(base, 'imported'), q.gb, q.ready, q.leased, q.delayed, q.dead, q.held, key(q.gb, 'acked'), key(q.gb, 'dlv', id),
   key(q.gb, 'dead', id), key(q.gb, 'key', okey)}
 """
     got = await eval_lib(store, body, [], [k.base, group, msg_id, idem, okey])
     # Then each name is the one keys.py builds
     want = [k.groups, k.wake, k.body(msg_id), k.idem(idem), k.imported, g.base, g.ready, g.leased, g.delayed, g.dead]
+    want += [g.held]
     want += [g.acked, g.delivery(msg_id), g.dead_letter(msg_id), g.key_line(okey)]
     assert got == want
 
@@ -293,13 +294,13 @@ async def test_the_audit_catches_an_undeclared_key(store_factory: StoreFactory, 
         "local dkey", "redis.call('LLEN', key(ARGV[1], 'g', ARGV[2], 'ready'))\nlocal dkey"))  # fmt: skip
     # Then the call fails and names the key; a declared one, or a hand-built key outside the slot, too
     with pytest.raises(Exception, match=r"undeclared key .*:g:g:ready"):
-        await script(keys=[g.leased], args=[k.base, "g", "1", "r", 5])
+        await script(keys=[g.leased, g.held], args=[k.base, "g", "1", "r", 5])
     outside = store.redis.register_script(load_script("extend").replace(
         "local dkey", "redis.call('GET', 'elsewhere')\nlocal dkey"))  # fmt: skip
     with pytest.raises(Exception, match="key outside the slot: elsewhere"):
-        await outside(keys=[g.leased], args=[k.base, "g", "1", "r", 5])
+        await outside(keys=[g.leased, g.held], args=[k.base, "g", "1", "r", 5])
     plain = store.redis.register_script(load_script("extend"))
-    assert await plain(keys=[g.leased], args=[k.base, "g", "1", "r", 5]) == 0
+    assert await plain(keys=[g.leased, g.held], args=[k.base, "g", "1", "r", 5]) == 0
 
 
 T = "orders"

@@ -64,10 +64,12 @@ async def test_publish_claim_ack_leaves_nothing_behind(store: RedisStore) -> Non
     # When a consumer claims and acks it
     (d,) = await store.claim(T, "g1", 10, 30_000, "c1")
     assert (d.id, d.payload, d.attempt, d.topic, d.group) == (mid, '{"a":1}', 1, T, "g1")
-    assert await store.redis.exists(g.delivery(mid)) == 1
+    # (a first delivery's lease state is one field of the group's held hash: no delivery hash is written for it)
+    assert await store.redis.exists(g.delivery(mid)) == 0
+    assert await store.redis.hget(g.held, mid) == f"{d.receipt}|test-node|c1|"
     assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [True]
     # Then neither the body nor the delivery state nor any other key for the message remains
-    assert await store.redis.exists(k.body(mid), g.delivery(mid)) == 0
+    assert await store.redis.exists(k.body(mid), g.delivery(mid), g.held) == 0
     remaining = await keys_of(store)
     assert not [key for key in remaining if mid in key]
     assert remaining == {topics_key(store.prefix), k.groups}
@@ -479,7 +481,9 @@ async def test_extend_pushes_the_deadline(store_factory: StoreFactory, clock: Fa
     # Then the lease set holds the new deadline and a sweep after the old deadline expires nothing
     assert deadline is not None and deadline >= d.lease_expires_at + 9_000
     assert await store.redis.zscore(g.leased, mid) == deadline
-    assert await store.redis.hget(g.delivery(mid), "leased_until") == str(deadline)
+    # (a first delivery: its deadline is its score alone, its lease record and delivery hash are untouched)
+    assert await store.redis.hget(g.held, mid) == f"{d.receipt}|test-node|c|"
+    assert await store.redis.exists(g.delivery(mid)) == 0
     clock.advance(150)
     assert await store.sweep([(T, "g1")]) == [(0, 0, 0)]
     assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [True]
@@ -777,3 +781,75 @@ async def test_a_damaged_group_does_not_stop_the_sweep_of_the_others(
     # And without the list the call fails as before (the caller asked for all or nothing)
     with pytest.raises(BrokerError):
         await store.sweep([(T, "g1")])
+
+
+# ---- first deliveries: the lease record (g:<group>:held) -------------------------------------------------------
+
+
+async def test_a_failed_first_delivery_gets_its_delivery_hash_and_the_retry_uses_it(
+    store_factory: StoreFactory, clock: FakeClock
+) -> None:
+    # Given two first deliveries (held: no delivery hash)
+    store = await store_factory(clock=clock)
+    await store.ensure_group(T, "g1")
+    a, b = await publish(store, '"a"', '"b"')
+    g = store.keys(T).group("g1")
+    da, _ = await store.claim(T, "g1", 2, 1_000, "c1")
+    assert await store.redis.hlen(g.held) == 2
+    # When one is nacked and the other's lease runs out
+    assert await store.nack_many(T, "g1", [(NackItem(a, da.receipt, "boom", 5_000), 1, "c1")]) == [NackOutcome.RETRY]
+    clock.advance(1_001)
+    assert await store.sweep([(T, "g1")]) == [(1, 0, 0)]
+    # Then each failure wrote its delivery hash (attempt 1, its error) and left no lease record behind
+    assert await store.redis.exists(g.held) == 0
+    for mid, err in ((a, "boom"), (b, "lease expired")):
+        dlv = await store.redis.hgetall(g.delivery(mid))
+        assert dlv["attempts"] == "1" and dlv["claims"] == "1" and dlv["consumer"] == "c1", dlv
+        assert json.loads(f"[{dlv['errors']}]")[-1]["error"] == err
+    # And the retries are attempt 2 under a new receipt; their ack deletes the delivery hashes
+    clock.advance(10_000)
+    await store.sweep([(T, "g1")])
+    again = await store.claim(T, "g1", 2, 30_000, "c2")
+    assert sorted((d.id, d.attempt) for d in again) == [(a, 2), (b, 2)]
+    assert all(d.receipt.endswith("-2") for d in again)
+    assert await store.redis.exists(g.held) == 0
+    assert await store.ack_many(T, "g1", [AckItem(d.id, d.receipt) for d in again]) == [True, True]
+    assert await store.redis.exists(g.delivery(a), g.delivery(b), store.keys(T).body(a)) == 0
+
+
+async def test_a_released_first_delivery_goes_back_uncounted(store: RedisStore) -> None:
+    await store.ensure_group(T, "g1")
+    (mid,) = await publish(store, '"a"')
+    g = store.keys(T).group("g1")
+    (d,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    assert await store.release(T, "g1", [AckItem(mid, d.receipt)]) == 1
+    # its state moved to a delivery hash (attempt uncounted, claim count kept), as for any released delivery
+    assert await store.redis.exists(g.held, g.leased) == 0
+    assert await store.redis.hmget(g.delivery(mid), "attempts", "claims") == ["0", "1"]
+    (again,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    assert again.attempt == 1 and again.receipt != d.receipt and again.receipt.endswith("-2")
+    assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt)]) == [False]  # the old receipt is stale
+    assert await store.ack_many(T, "g1", [AckItem(mid, again.receipt)]) == [True]
+
+
+async def test_an_id_twice_in_one_ack_batch_is_acked_once(store: RedisStore) -> None:
+    await store.ensure_group(T, "g1")
+    await store.ensure_group(T, "g2")  # the body has two references: a double ack would drop the other group's
+    (mid,) = await publish(store, '"a"')
+    (d,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    assert await store.ack_many(T, "g1", [AckItem(mid, d.receipt), AckItem(mid, d.receipt)]) == [True, False]
+    (other,) = await store.claim(T, "g2", 1, 30_000, "c2")
+    assert other.payload == '"a"'
+
+
+async def test_extending_a_retry_moves_its_delivery_hash_deadline_too(store: RedisStore) -> None:
+    await store.ensure_group(T, "g1")
+    (mid,) = await publish(store, '"a"')
+    g = store.keys(T).group("g1")
+    (d,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    await store.nack_many(T, "g1", [(NackItem(mid, d.receipt, "x", 0), 1, "c1")])
+    (r,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    deadline = await store.extend(T, "g1", mid, r.receipt, 60_000)
+    assert deadline is not None
+    assert await store.redis.hget(g.delivery(mid), "leased_until") == str(deadline)
+    assert await store.redis.zscore(g.leased, mid) == deadline

@@ -11,9 +11,10 @@ from pathlib import Path
 
 BROKER = Path(__file__).resolve().parent.parent / "broker"
 STORE = BROKER / "store"
-# The modules that hold the client: the gateway (every call), the script runner (pipelines of EVALSHA inside a
-# gateway call), the wake-up listener (Pub/Sub, outside the breaker by design) and the facade that builds them.
-CLIENT_HOLDERS = {"gateway.py", "scripts.py", "nodes.py", "redis_store.py"}
+# The modules that hold the client: the gateway (every call), the script runner (registers the scripts) and its
+# pipe (batches of EVALSHA on one pooled connection, each batch inside a gateway call), the wake-up listener (Pub/Sub,
+# outside the breaker by design) and the facade that builds them.
+CLIENT_HOLDERS = {"gateway.py", "scripts.py", "pipe.py", "nodes.py", "redis_store.py"}
 CLIENT_NAMES = ("redis", "gateway", "scripts")  # a store's ways to its client: for the store's own modules only
 
 

@@ -22,6 +22,7 @@ from redis.asyncio.client import Pipeline
 from broker.store.cluster import scan_slot_of
 from broker.store.dead_letters import DeadLetters
 from broker.store.keys import SCHEMA_VERSION, GroupKeys
+from broker.store.leases import held_state
 from broker.store.redis_store import RedisStore
 
 SCAN_LIMIT = 100_000  # most ids looked at per queue; bounded so diagnose never stalls a big Redis
@@ -109,6 +110,8 @@ async def diagnose(store: RedisStore, repair: bool = False) -> list[Finding]:
             )
         if dead_nodes and leased:
             owners = await _hget_many(store, [g.delivery(m) for m, _ in leased], "node")
+            firsts = await _hmget(store, g.held, [m for m, _ in leased])  # first deliveries: their lease records
+            owners = [held_state(v)["node"] if v is not None else o for o, v in zip(owners, firsts, strict=True)]
             held = [m for (m, _), node in zip(leased, owners, strict=True) if node in dead_nodes]
             if held:
                 orphan_lease_pairs.append((topic, group))
@@ -196,6 +199,19 @@ async def _exists_many(store: RedisStore, keys: Sequence[str]) -> list[bool]:
     return out
 
 
+async def _hmget(store: RedisStore, key: str, fields: Sequence[str]) -> list[str | None]:
+    out: list[str | None] = []
+    for i in range(0, len(fields), REPAIR_BATCH):
+        chunk = list(fields[i : i + REPAIR_BATCH])
+
+        async def read(r: aioredis.Redis, chunk: list[str] = chunk) -> list[Any]:
+            return list(await r.hmget(key, chunk))
+
+        values = await store.gateway.call(read, "diagnose_hget")
+        out += [None if x is None else str(x) for x in values]
+    return out
+
+
 async def _hget_many(store: RedisStore, keys: Sequence[str], field: str) -> list[str | None]:
     out: list[str | None] = []
     for i in range(0, len(keys), REPAIR_BATCH):
@@ -216,7 +232,7 @@ async def _drop_bodyless(store: RedisStore, topic: str, group: str, ids: Sequenc
     removed = 0
     for i in range(0, len(ids), REPAIR_BATCH):
         chunk = list(ids[i : i + REPAIR_BATCH])
-        keys = [g.ready, g.delayed, g.leased]
+        keys = [g.ready, g.delayed, g.leased, g.held]
         for msg_id in chunk:
             keys += [k.body(msg_id), g.delivery(msg_id)]
         removed += int(await store.scripts.call("drop_bodyless", keys, chunk, "diagnose_drop_bodyless"))

@@ -76,6 +76,11 @@ class GroupKeys:
         """ZSET id -> acked_at (epoch ms): the optional, bounded "recently acked" audit record."""
         return self.base + "acked"
 
+    @property
+    def held(self) -> str:
+        """HASH id -> a first delivery's lease state ``<receipt>|<node>|<consumer>|<key>`` (``leases.held_state``)."""
+        return self.base + "held"
+
     def delivery(self, msg_id: str) -> str:
         return f"{self.base}dlv:{msg_id}"
 

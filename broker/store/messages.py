@@ -200,7 +200,7 @@ class Messages:
         c.tag = f"{now}.{next(self._claim_seq)}"
         strict = self.strict.flag(c.topic, c.group)
         args = [k.base, c.group, c.n, now, c.lease_ms, c.consumer, self.node_id, strict, c.tag]
-        return self.scripts.get("claim"), [g.ready, g.leased], args
+        return self.scripts.get("claim"), [g.ready, g.leased, g.held], args
 
     def uncertain(self, c: ClaimRequest, now: int) -> None:
         """A claim whose reply was lost: ``reconcile_claims`` gives its leases back (found by consumer, claim tag
@@ -242,7 +242,7 @@ class Messages:
             k = self.keys(topic)
             g = k.group(group)
             n = await self.scripts.call(
-                "unclaim", [g.ready, g.leased], [k.base, group, consumer, prefix, deadline], "unclaim"
+                "unclaim", [g.ready, g.leased, g.held], [k.base, group, consumer, prefix, deadline], "unclaim"
             )
             self._uncertain_claims.pop(0)
             if int(n):
@@ -261,7 +261,7 @@ class Messages:
         args: list[Any] = [k.base, group, self.clock(), rt.acked_audit_max, rt.acked_audit_ttl_s]
         for it in items:
             args += [it.id, it.receipt]
-        res = await self.scripts.call("ack", [g.leased, g.acked, g.ready, g.delayed], args, "ack")
+        res = await self.scripts.call("ack", [g.leased, g.acked, g.ready, g.delayed, g.held], args, "ack")
         return [AckOutcome(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
@@ -281,7 +281,7 @@ class Messages:
             delay = -1 if it.delay_ms is None else it.delay_ms
             entry = error_entry(attempt, it.error, now, consumer)
             args += [it.id, it.receipt, entry, delay, "1" if it.dead else "0", jitter_factor(r.jitter, self._rng)]
-        res = await self.scripts.call("nack", [g.ready, g.leased, g.delayed, g.dead], args, "nack")
+        res = await self.scripts.call("nack", [g.ready, g.leased, g.delayed, g.dead, g.held], args, "nack")
         due = int(res[-1])
         return NackReply([NackOutcome(x) for x in res[:-1]], due if due >= 0 else None)
 
@@ -293,12 +293,11 @@ class Messages:
         args: list[Any] = [k.base, group]
         for it in items:
             args += [it.id, it.receipt]
-        return int(await self.scripts.call("release", [g.ready, g.leased], args, "release"))
+        return int(await self.scripts.call("release", [g.ready, g.leased, g.held], args, "release"))
 
     async def extend(self, topic: str, group: str, msg_id: str, receipt: str, lease_ms: int) -> int | None:
         k = self.keys(topic)
         deadline = self.clock() + lease_ms
-        ok = await self.scripts.call(
-            "extend", [k.group(group).leased], [k.base, group, msg_id, receipt, deadline], "extend"
-        )
+        g = k.group(group)
+        ok = await self.scripts.call("extend", [g.leased, g.held], [k.base, group, msg_id, receipt, deadline], "extend")
         return deadline if int(ok) else None

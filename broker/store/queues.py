@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from broker.store.cluster import scan_slot_of
+from broker.store.leases import held_state
 from broker.store.redis_store import RedisStore
 
 CHUNK = 500  # ids one purge_group.lua call removes at most: ~10-20 ms of Redis time, then others get their turn
@@ -96,7 +97,7 @@ class Queues:
         handler), how many, how many are redeliveries, and the next lease deadline. Read only."""
         g = self.store.keys(topic).group(group)
         result: list[Holder] = await self.store.gateway.call(
-            lambda r: _holders(r, g.leased, g.delivery, limit), "holders"
+            lambda r: _holders(r, g.leased, g.held, g.delivery, limit), "holders"
         )
         return result
 
@@ -107,7 +108,7 @@ class Queues:
         too (leased messages and dead letters included), so later publishes no longer store for it."""
         k = self.store.keys(topic)
         g = k.group(group)
-        keys = [g.ready, g.delayed, g.leased, g.dead, g.acked, k.groups]
+        keys = [g.ready, g.delayed, g.leased, g.dead, g.acked, k.groups, g.held]
         out = Removed()
         while True:
             res = await self.store.scripts.call(
@@ -152,13 +153,20 @@ def _glob_escape(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
-async def _holders(r: aioredis.Redis, leased_key: str, delivery: Callable[[str], str], limit: int) -> list[Holder]:
+async def _holders(
+    r: aioredis.Redis, leased_key: str, held_key: str, delivery: Callable[[str], str], limit: int
+) -> list[Holder]:
     raw: list[Any] = await r.zrange(leased_key, 0, limit - 1, withscores=True)
     members = [(str(m), float(d)) for m, d in raw]
     async with r.pipeline(transaction=False) as p:
         for m, _ in members:
             p.hmget(delivery(m), "consumer", "node", "attempts")
-        states: list[list[str | None]] = await p.execute()
+            p.hget(held_key, m)  # a first delivery's lease record stands for its delivery hash
+        replies = await p.execute()
+    states: list[list[str | None]] = []
+    for dlv, first in zip(replies[::2], replies[1::2], strict=True):
+        lease = held_state(first)
+        states.append([lease["consumer"], lease["node"], lease["attempts"]] if lease else dlv)
     by: dict[str, Holder] = {}
     for (_, deadline), (consumer, node, attempts) in zip(members, states, strict=True):
         h = by.get(str(consumer))

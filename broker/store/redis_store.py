@@ -90,6 +90,7 @@ class RedisStore:
         await self.gateway.probe()
 
     async def close(self) -> None:
+        await self.scripts.close()
         await self.gateway.close()
 
     # ---- topology ------------------------------------------------------------------------------------------

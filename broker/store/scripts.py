@@ -1,7 +1,14 @@
 """Loading and calling the Lua scripts of ``scripts/`` (each one state transition; ``_lib.lua`` is prepended).
 
-Scripts are called by SHA and reloaded on NOSCRIPT (a Redis restart or SCRIPT FLUSH forgets them). Many calls go
-in one pipeline (``run``): one round trip for a publish to several topics, a sweep of many groups, an import.
+Scripts are called by SHA through the store's one pipelined connection (``pipe.ScriptPipe``): concurrent calls share
+one write and one breaker call, and calls answered NOSCRIPT (a Redis restart or SCRIPT FLUSH forgets scripts) are
+loaded and sent again. Many calls of one caller (``run``) stay together and in order: one round trip for a publish to
+several topics with its riding claims, a sweep of many groups, an import.
+
+Two kinds of calls bypass the pipe and go out as one pipeline of their own (``_eval_direct``): on a Redis Cluster
+every call (redis-py's cluster pipeline sends each master its calls, ``cluster.eval_pass``), and a publish batch that
+must be followed by ``WAIT`` (``redis.replicas_to_ack``): ``WAIT`` blocks the connection it is sent on, and the pipe's
+connection is every caller's.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from broker.store.cluster import eval_pass, is_cluster, load_script_where, node_of, sharded
-from broker.store.gateway import Gateway, is_outage, is_refusal
+from broker.store.gateway import Gateway, is_refusal, raise_outages
+from broker.store.pipe import ScriptCall, ScriptPipe
 from broker.store.replication import Wait, mark_unreplicated
 
-ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # (script, keys, args)
+__all__ = ["ScriptCall", "Scripts", "load_script"]
 
 
 def load_script(name: str) -> str:
@@ -29,6 +37,7 @@ def load_script(name: str) -> str:
 class Scripts:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.pipe = ScriptPipe(gateway)
         self._loaded: dict[str, AsyncScript] = {}
 
     def get(self, name: str) -> AsyncScript:
@@ -41,7 +50,7 @@ class Scripts:
         return script
 
     async def call(self, name: str, keys: list[str], args: list[Any], what: str) -> Any:
-        """One script call behind the gateway; an error reply raises (translated)."""
+        """One script call; an error reply raises (translated)."""
         (res,) = await self.run([(self.get(name), keys, args)], what)
         return res
 
@@ -54,32 +63,37 @@ class Scripts:
         keep_refusals: bool = False,
         wait: Wait | None = None,
     ) -> list[Any]:
-        """Many script calls in one pipeline behind the gateway. Without ``keep_errors`` the first error reply fails
-        the call; with it, error replies come back in place as exception values (see ``eval_many``)."""
-
-        async def go(_: aioredis.Redis) -> list[Any]:
-            res = await self.eval_many(calls, keep_refusals=keep_refusals, wait=wait)
-            if not keep_errors:
-                for x in res:
-                    if isinstance(x, Exception):
-                        raise x
-            return res
-
-        return await self.gateway.call(go, what)
+        """Many script calls in one round trip, in order. Without ``keep_errors`` the first error reply fails the
+        call (translated: ``StoreRefusedError`` for a refusal, else ``BrokerError``); with it, error replies come back
+        in place as exception values (see ``eval_many``)."""
+        res = await self.eval_many(calls, keep_refusals=keep_refusals, what=what, wait=wait)
+        if not keep_errors:
+            for x in res:
+                if isinstance(x, Exception):
+                    raise self.gateway.reply_error(x, what)
+        return res
 
     async def eval_many(
-        self, calls: Sequence[ScriptCall], keep_refusals: bool = False, wait: Wait | None = None
+        self, calls: Sequence[ScriptCall], keep_refusals: bool = False, what: str = "script", wait: Wait | None = None
     ) -> list[Any]:
-        """Run scripts in one pipeline by SHA (runs inside a gateway call: ``run``). redis-py's own script
-        pipelining sends SCRIPT EXISTS first on every execute (a second round trip); instead, only calls answered
-        NOSCRIPT (they did not run) are loaded and re-sent. Error replies come back as exception values, in place; a
-        refusal (OOM, READONLY...) fails the whole call unless ``keep_refusals`` (the caller then handles each
-        reply, e.g. claims that did run). With ``wait`` each round ends with ``WAIT`` (``replication.py``). On a
-        cluster each call goes to the master of its first key's slot (``cluster.eval_pass``)."""
-        r = self.gateway.client
+        """Run scripts by SHA in one round trip (``ScriptPipe``; on a cluster or with ``wait``, ``_eval_direct``).
+        Error replies come back as exception values, in place; a refusal (OOM, READONLY...) fails the whole call
+        (``StoreRefusedError``) unless ``keep_refusals`` (the caller then handles each reply, e.g. claims that did
+        run). An outage raises ``UnavailableError``. With ``wait`` the batch ends with ``WAIT`` (``replication.py``)."""
+        if wait is not None or is_cluster(self.gateway.client):
+            res = await self.gateway.call(lambda r: self._eval_direct(r, calls, wait), what)
+        else:
+            res = await self.pipe.run(calls, what)
+        if not keep_refusals:
+            for x in res:
+                if isinstance(x, ResponseError) and is_refusal(x):
+                    raise self.gateway.reply_error(x, what)
+        return res
+
+    async def _eval_direct(self, r: aioredis.Redis, calls: Sequence[ScriptCall], wait: Wait | None) -> list[Any]:
+        """Script calls in one pipeline of their own (inside a gateway call): calls answered NOSCRIPT (they did not
+        run) are loaded (on a cluster, on the master that lacks them only) and sent again, with their own ``WAIT``."""
         routed = is_cluster(r)
-        if len(calls) == 1 and not keep_refusals and wait is None and not routed:
-            return [await self._eval_one(*calls[0])]  # a plain EVALSHA costs a fraction of a pipeline's client work
         one_pass = eval_pass if routed else _eval_pass
         res, counts = await one_pass(r, [(s.sha, k, a) for s, k, a in calls], wait)
         again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError)]
@@ -88,7 +102,7 @@ class Scripts:
             for i in again:
                 script, keys, _ = calls[i]
                 where = node_of(r, keys[0]).name if routed else ""
-                if (script.sha, where) not in loaded:  # on a cluster only the master that lacks it
+                if (script.sha, where) not in loaded:
                     await (load_script_where(r, str(script.script), keys) if routed else r.script_load(script.script))
                     loaded.add((script.sha, where))
             redo = [(calls[i][0].sha, calls[i][1], calls[i][2]) for i in again]
@@ -96,20 +110,11 @@ class Scripts:
             res2, counts2 = await one_pass(r, redo, rewait)
             for i, x, n in zip(again, res2, counts2, strict=True):
                 res[i], counts[i] = x, n
-        res = mark_unreplicated(res, counts, wait)
-        for x in res:  # an outage reaches the breaker as an exception; a refusal fails the call (not the breaker)
-            if is_outage(x) or (not keep_refusals and isinstance(x, ResponseError) and is_refusal(x)):
-                raise x
-        return res
+        raise_outages(res)  # an outage reaches the breaker as an exception
+        return mark_unreplicated(res, counts, wait)
 
-    async def _eval_one(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """``eval_many`` for one call: an error reply comes back as a value, an outage or refusal raises."""
-        try:
-            return await script(keys=keys, args=args)  # EVALSHA, loading the script on NOSCRIPT
-        except ResponseError as e:
-            if is_refusal(e):
-                raise
-            return e
+    async def close(self) -> None:
+        await self.pipe.close()
 
 
 async def _eval_pass(

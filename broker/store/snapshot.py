@@ -21,6 +21,7 @@ from broker.core.records import DeadRecord, IdempotencyRecord, MessageRecord, Pe
 from broker.store.cluster import scan_slot_of
 from broker.store.dead_letters import DeadLetters
 from broker.store.keys import GroupKeys
+from broker.store.leases import delivery_state
 from broker.store.redis_store import RedisStore
 from broker.store.scripts import ScriptCall
 
@@ -102,6 +103,20 @@ async def _hgetall_many(store: RedisStore, keys: Sequence[str]) -> list[dict[str
     return out
 
 
+async def _held(store: RedisStore, held_key: str, ids: Sequence[str]) -> dict[str, str]:
+    """The held lease records (first deliveries) of ``ids``, by id; ids with none are left out."""
+    out: dict[str, str] = {}
+    for i in range(0, len(ids), READ_CHUNK):
+        chunk = list(ids[i : i + READ_CHUNK])
+
+        async def read(r: aioredis.Redis, chunk: list[str] = chunk) -> list[Any]:
+            return list(await r.hmget(held_key, chunk))
+
+        values = await store.gateway.call(read, "export_read")
+        out.update({m: str(v) for m, v in zip(chunk, values, strict=True) if v is not None})
+    return out
+
+
 async def _idempotency(store: RedisStore, topic: str) -> list[IdempotencyRecord]:
     k = store.keys(topic)
     prefix = k.idem("")
@@ -136,6 +151,10 @@ async def read_topic(store: RedisStore, topic: str) -> TopicDump:
         g = k.group(group)
         snap = await _snapshot(store, k.base, group, g)
         deliveries = await _hgetall_many(store, [g.delivery(m) for m, _, _ in snap.pending])
+        held = await _held(store, g.held, [m for m, state, _ in snap.pending if state == "leased"])
+        for pos, (msg_id, _, when) in enumerate(snap.pending):
+            if msg_id in held:  # a first delivery: its lease record stands for its delivery hash
+                deliveries[pos] = delivery_state(deliveries[pos], held[msg_id], when)
         for pos, ((msg_id, state, when), dlv) in enumerate(zip(snap.pending, deliveries, strict=True)):
             p = Pending(
                 state,

@@ -7,9 +7,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from broker.store.leases import delivery_state
 from broker.store.redis_store import RedisStore
 
-_PER_GROUP = 8  # replies per group in the pipeline below
+_PER_GROUP = 9  # replies per group in the pipeline below
 
 
 async def message_status(store: RedisStore, msg_id: str, topic: str | None = None) -> list[dict[str, Any]]:
@@ -42,6 +43,7 @@ async def _topic_rows(store: RedisStore, topic: str, groups: list[str], msg_id: 
                 p.zscore(gk.delayed, msg_id)
                 p.lpos(gk.ready, msg_id)  # O(queue length): an operator's and a client's lookup, not a hot path
                 p.hgetall(gk.delivery(msg_id))
+                p.hget(gk.held, msg_id)  # a first delivery's lease: its state instead of a delivery hash
                 p.hmget(gk.dead_letter(msg_id), "reason", "died_at", "attempts")
                 p.ttl(gk.dead_letter(msg_id))
                 p.lpos(gk.key_line(okey) if okey else gk.ready, msg_id)
@@ -53,7 +55,8 @@ async def _topic_rows(store: RedisStore, topic: str, groups: list[str], msg_id: 
     replies = res[1:]
     rows: list[dict[str, Any]] = []
     for i, g in enumerate(groups):
-        leased, due, pos, dlv, dead, ttl, line_pos, acked_at = replies[_PER_GROUP * i : _PER_GROUP * (i + 1)]
+        leased, due, pos, raw, held, dead, ttl, line_pos, acked_at = replies[_PER_GROUP * i : _PER_GROUP * (i + 1)]
+        dlv = delivery_state(raw, held if leased is not None else None, leased)
         row: dict[str, Any] = {"topic": topic, "group": g, "attempts": int(dlv.get("attempts", 0)) if dlv else 0}
         if leased is not None:
             row.update(state="leased", consumer=dlv.get("consumer"), node=dlv.get("node"), until=int(leased))

@@ -78,7 +78,7 @@ class Sweeper:
             expire_args: list[Any] = [k.base, topic, group, now, r.max_attempts, self.settings.dlq.ttl_s, limit]
             expire_args += [len(dead_nodes), *dead_nodes, self.strict.flag(topic, group)]
             expire_args += [r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, *jitters]
-            calls.append((expire, [g.leased, g.delayed, g.dead, g.ready], expire_args))
+            calls.append((expire, [g.leased, g.delayed, g.dead, g.ready, g.held], expire_args))
             calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake, k.base, group]))
 
         res = await self.scripts.run(calls, "sweep", keep_errors=failed is not None)

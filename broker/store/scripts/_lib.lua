@@ -12,9 +12,9 @@
 -- Names (base = "<prefix>:{<topic>}:", gb = group base = key(base, 'g', group, '') = base.."g:<group>:"):
 --   key(base, 'groups') SET, key(base, 'msg', id) HASH body, key(base, 'idem', k) STRING, key(base, 'imported')
 --   ZSET, key(base, 'wake') Pub/Sub channel; key(gb, 'ready') LIST, key(gb, 'leased') ZSET, key(gb, 'delayed') ZSET,
---   key(gb, 'dead') ZSET index, key(gb, 'acked') ZSET, key(gb, 'dlv', id) HASH delivery state, key(gb, 'dead', id)
---   HASH dead letter (with TTL), key(gb, 'key', K) LIST the group's unfinished ids of ordering key K, in publish
---   order (only its head is live).
+--   key(gb, 'dead') ZSET index, key(gb, 'acked') ZSET, key(gb, 'held') HASH first deliveries' leases (below),
+--   key(gb, 'dlv', id) HASH delivery state, key(gb, 'dead', id) HASH dead letter (with TTL), key(gb, 'key', K) LIST
+--   the group's unfinished ids of ordering key K, in publish order (only its head is live).
 -- Records built here and nowhere else: error entries (error_entry) and dead letters (dead_letter, put_dead_letter).
 
 -- The one key builder: base followed by the parts joined with ':' (base ends with ':'). Plain concatenation for up
@@ -28,13 +28,44 @@ local function key(base, a, b, c, d, ...)
   return base .. table.concat({a, b, c, d, ...}, ':')
 end
 
--- One group's keys: q.ready, q.leased, q.delayed, q.dead (pass the declared ones from KEYS; nil: built by key(),
--- for groups known only at run time) and q.gb, its base for per-message keys; q.base is the topic's base.
-local function group_keys(base, group, ready, leased, delayed, dead)
+-- One group's keys: q.ready, q.leased, q.delayed, q.dead, q.held (pass the declared ones from KEYS; nil: built by
+-- key(), for groups known only at run time) and q.gb, its base for per-message keys; q.base is the topic's base.
+local function group_keys(base, group, ready, leased, delayed, dead, held)
   local gb = key(base, 'g', group, '')
   return {base = base, name = group, gb = gb,
     ready = ready or key(gb, 'ready'), leased = leased or key(gb, 'leased'),
-    delayed = delayed or key(gb, 'delayed'), dead = dead or key(gb, 'dead')}
+    delayed = delayed or key(gb, 'delayed'), dead = dead or key(gb, 'dead'), held = held or key(gb, 'held')}
+end
+
+-- First deliveries. A message claimed for the first time in a group (no delivery hash: never claimed, nothing
+-- failed) keeps its lease state in one field of the group's hash key(gb, 'held'): id -> "<receipt>|<node>|<consumer>|
+-- <okey>" (okey '' for none; receipt, node and consumer ids never hold '|', the key may), its deadline being its
+-- score in leased, its attempt 1. Nothing else is written for it, and an ack deletes that one field: no per-message
+-- hash is created only to be deleted. Its delivery hash key(gb, 'dlv', id) is written only when the delivery fails
+-- (nack, lease expiry: unhold() below), and from then on holds its state as for every later attempt.
+-- The fields of a held value: receipt, node, consumer, okey.
+local function held_fields(v)
+  return string.match(v, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A held first delivery's lease state moves to its own delivery hash (attempts 1, claims 1, receipt, consumer, node,
+-- leased_until, key), the fields claim.lua writes for a later attempt: the transition that called this then works
+-- on the delivery hash alone. Call it before the id leaves leased (its score is the deadline). No-op when not held.
+local function unhold(q, id)
+  local v = redis.call('HGET', q.held, id)
+  if not v then return end
+  local receipt, node, consumer, okey = held_fields(v)
+  redis.call('HDEL', q.held, id)
+  redis.call('HSET', key(q.gb, 'dlv', id), 'attempts', 1, 'claims', 1, 'receipt', receipt, 'consumer', consumer,
+    'node', node, 'leased_until', redis.call('ZSCORE', q.leased, id) or 0, 'key', okey)
+end
+
+-- The receipt, node, consumer and ordering key ('' none, nil unknown) of a leased id, held or not.
+local function lease_of(q, id)
+  local v = redis.call('HGET', q.held, id)
+  if v then return held_fields(v) end
+  local d = redis.call('HMGET', key(q.gb, 'dlv', id), 'receipt', 'node', 'consumer', 'key')
+  return d[1], d[2], d[3], d[4]
 end
 
 -- redis.call(cmd, key, ...list) in chunks (key false: redis.call(cmd, ...list), e.g. DEL of many keys): unpack() of

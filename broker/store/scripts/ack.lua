@@ -2,8 +2,10 @@
 -- the next message of its key go live (KEY_WAIT -> READY).
 -- With the audit record on (retention.acked_audit_max > 0), each ack is also noted in <gb>acked (id -> acked_at),
 -- trimmed to the newest max entries and to the last ttl seconds.
+-- A first delivery (held: _lib.lua, "First deliveries") is acked by deleting its field of <gb>held and its lease
+-- (one HDEL and one ZREM for the whole batch); a later one by deleting its delivery hash and its lease.
 -- KEYS[1]  <gb>leased ZSET, KEYS[2] <gb>acked ZSET (audit record), KEYS[3] <gb>ready LIST, KEYS[4] <gb>delayed
---          ZSET (where the next message of an ordering key goes live)
+--          ZSET (where the next message of an ordering key goes live), KEYS[5] <gb>held HASH
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>, body <base>msg:<id>, ordering key line
 --          <gb>key:<okey>; channel <base>wake
 -- ARGV[1]  base, ARGV[2] group, ARGV[3] now (epoch ms), ARGV[4] audit max (0: off), ARGV[5] audit ttl (s),
@@ -13,20 +15,54 @@
 --          leased, or leased under another receipt)
 local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local q = group_keys(base, group, KEYS[3], KEYS[1], KEYS[4])
+local q = group_keys(base, group, KEYS[3], KEYS[1], KEYS[4], nil, KEYS[5])
 local out = {}
 local woke = false
 local acked = 0
 local gone = {}           -- delivery hashes and bodies to delete: one DEL for the whole batch
-for i = 6, #ARGV, 2 do
-  local id, receipt = ARGV[i], ARGV[i + 1]
-  local dkey = key(q.gb, 'dlv', id)
-  local d = redis.call('HMGET', dkey, 'receipt', 'key')
-  if d[1] == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
-    gone[#gone + 1] = dkey
-    local okey = d[2]
-    if not okey then okey = redis.call('HGET', key(base, 'msg', id), 'key') end  -- a lease from an older build
-    local next_live = okey and okey ~= '' and key_done(q, okey, id, now)
+local unheld = {}         -- held first deliveries acked: one HDEL and one ZREM for the whole batch
+local ids = {}
+for i = 6, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local held = {}
+for s = 1, #ids, 1000 do
+  local part = redis.call('HMGET', KEYS[5], unpack(ids, s, math.min(s + 999, #ids)))
+  for j = 1, #part do held[s + j - 1] = part[j] end
+end
+-- First pass: which deliveries the receipts hold, and their leases released (ZREM, HDEL: writes that free memory
+-- come first, so at maxmemory an ack still runs: Redis refuses a script whose first write could grow memory).
+local done = {}           -- ids acked in this call (an id twice in one batch is acked once)
+local okeys = {}          -- n -> ordering key ('' none) of each acked item
+for n, id in ipairs(ids) do
+  local receipt = ARGV[5 + 2 * n]
+  local v = not done[id] and held[n]
+  if v then
+    local r, _, _, k = held_fields(v)
+    if r == receipt then
+      okeys[n] = k
+      unheld[#unheld + 1] = id
+      done[id] = true
+    end
+  elseif not done[id] then
+    local dkey = key(q.gb, 'dlv', id)
+    local d = redis.call('HMGET', dkey, 'receipt', 'key')
+    if d[1] == receipt and redis.call('ZREM', KEYS[1], id) == 1 then
+      local okey = d[2]
+      if not okey then okey = redis.call('HGET', key(base, 'msg', id), 'key') or '' end  -- a lease from an older build
+      okeys[n] = okey
+      gone[#gone + 1] = dkey
+      done[id] = true
+    end
+  end
+end
+if #unheld > 0 then
+  call_chunked('ZREM', KEYS[1], unheld)
+  call_chunked('HDEL', KEYS[5], unheld)
+end
+-- Second pass, in order: the next message of each ordering key, the bodies, the audit record.
+for n, id in ipairs(ids) do
+  local okey = okeys[n]
+  if okey then
+    local next_live = okey ~= '' and key_done(q, okey, id, now)
     release_body(base, id, gone)
     if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
     acked = acked + 1

@@ -3,7 +3,8 @@
 -- A dead message with an ordering key lets the next one of its key go live (KEY_WAIT -> READY).
 -- Safe on N nodes at once: each id is removed from the lease set in the same step that reschedules it, so a
 -- message gets exactly one retry schedule however many nodes sweep together.
--- KEYS[1] <gb>leased, KEYS[2] <gb>delayed, KEYS[3] <gb>dead, KEYS[4] <gb>ready
+-- KEYS[1] <gb>leased, KEYS[2] <gb>delayed, KEYS[3] <gb>dead, KEYS[4] <gb>ready, KEYS[5] <gb>held (a first delivery's
+--         lease state moves to its delivery hash first: _lib.lua unhold)
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>, body <base>msg:<id>, dead letter <gb>dead:<id>,
 --         ordering key line <gb>key:<okey>; channel <base>wake
 -- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
@@ -24,7 +25,7 @@ local limit, k = tonumber(ARGV[7]), tonumber(ARGV[8])
 local strict = ARGV[9 + k]
 local bbase0, mult, cap = tonumber(ARGV[10 + k]), tonumber(ARGV[11 + k]), tonumber(ARGV[12 + k])
 local u0, nu = 12 + k, #ARGV - 12 - k
-local q = group_keys(base, group, KEYS[4], KEYS[1], KEYS[2], KEYS[3])
+local q = group_keys(base, group, KEYS[4], KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local why = {}
 for _, id in ipairs(ids) do why[id] = 'lease expired' end
@@ -34,7 +35,7 @@ if k > 0 then
   for i = 9, 8 + k do dead_nodes[ARGV[i]] = true end
   for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     if not why[id] then
-      local node = redis.call('HGET', key(q.gb, 'dlv', id), 'node')
+      local _, node = lease_of(q, id)
       if node and dead_nodes[node] then
         ids[#ids + 1] = id
         why[id] = 'broker node ' .. node .. ' died holding the lease'
@@ -46,6 +47,7 @@ end
 local retried, dead = 0, 0
 local woke = false
 for n, id in ipairs(ids) do
+  unhold(q, id)
   redis.call('ZREM', KEYS[1], id)
   local dkey = key(q.gb, 'dlv', id)
   local d = redis.call('HMGET', dkey, 'attempts', 'consumer')

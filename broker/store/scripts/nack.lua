@@ -2,7 +2,8 @@
 -- or LEASED -> DEAD (dead flag, or attempts >= the message's max_attempts). Also used for consumers that
 -- disconnect. A message with its own retry policy (body fields max_attempts, backoff_base_ms) uses it. A dead
 -- message with an ordering key lets the next one of its key go live (KEY_WAIT -> READY).
--- KEYS[1] <gb>ready, KEYS[2] <gb>leased, KEYS[3] <gb>delayed, KEYS[4] <gb>dead
+-- KEYS[1] <gb>ready, KEYS[2] <gb>leased, KEYS[3] <gb>delayed, KEYS[4] <gb>dead, KEYS[5] <gb>held (a first delivery's
+--         lease state moves to its delivery hash first: _lib.lua unhold)
 -- Built (_lib.lua key(), from ARGV[1]): each delivery <gb>dlv:<id>, body <base>msg:<id>, dead letter <gb>dead:<id>,
 --         ordering key line <gb>key:<okey>; channel <base>wake
 -- ARGV[1] base, ARGV[2] topic, ARGV[3] group, ARGV[4] now, ARGV[5] max_attempts, ARGV[6] dlq ttl (s),
@@ -20,7 +21,7 @@ local function zset_head(k)
   return -1
 end
 local base, topic, group, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[6]
-local q = group_keys(base, group, KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local q = group_keys(base, group, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local out = {}
 local woke = false
 local strict = ARGV[7]
@@ -30,6 +31,7 @@ local delayed = false     -- something may have entered the delayed set
 for i = 11, #ARGV, 6 do
   local id, receipt, entry, delay, dead = ARGV[i], ARGV[i+1], ARGV[i+2], tonumber(ARGV[i+3]), ARGV[i+4]
   local dkey = key(q.gb, 'dlv', id)
+  unhold(q, id)
   if redis.call('HGET', dkey, 'receipt') == receipt and redis.call('ZREM', KEYS[2], id) == 1 then
     add_error(dkey, entry)
     local attempts = tonumber(redis.call('HGET', dkey, 'attempts') or '0')

@@ -6,7 +6,7 @@
 -- messages are left alone by a purge (their consumers may still ack them), and so are the messages waiting behind a
 -- leased head. At most ARGV[3] ids per call, so Redis is never blocked long: the caller calls again while more = 1.
 -- KEYS[1] <gb>ready, KEYS[2] <gb>delayed, KEYS[3] <gb>leased, KEYS[4] <gb>dead (index), KEYS[5] <gb>acked,
--- KEYS[6] <base>groups
+-- KEYS[6] <base>groups, KEYS[7] <gb>held (first deliveries' leases)
 -- Built (_lib.lua key(), from ARGV[1]): each message's body <base>msg:<id>, its delivery <gb>dlv:<id>, its ordering
 -- key line <gb>key:<okey>, each dead letter <gb>dead:<id>
 -- ARGV[1] topic base "<prefix>:{<topic>}:" (TopicKeys.base), ARGV[2] group, ARGV[3] most ids this call removes,
@@ -23,6 +23,7 @@ local gone = {}
 -- waiting behind it (it is the head of that line).
 local function drop(id)
   redis.call('DEL', key(gb, 'dlv', id))
+  redis.call('HDEL', KEYS[7], id)
   local okey = redis.call('HGET', key(base, 'msg', id), 'key')
   release_body(base, id, gone)
   if okey and okey ~= '' then
@@ -67,7 +68,7 @@ if #gone > 0 then call_chunked('DEL', false, gone) end
 local left = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 if whole then
   left = left + redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
-  if left == 0 then redis.call('DEL', KEYS[5]) end
+  if left == 0 then redis.call('DEL', KEYS[5], KEYS[7]) end
 end
 counts[6] = left > 0 and 1 or 0
 return counts
