@@ -10,7 +10,8 @@ Given Redis cut off behind a proxy
 When a broker starts, and Redis comes back once the broker has logged that it waits for it (read from its log, so
      no start-up time is assumed: on a loaded machine a broker can take seconds to reach Redis at all)
 Then the broker becomes healthy and serves publishes; and with `startup_wait_s = 1` and Redis staying away, it
-     exits 4 after about that long, its last line saying why, without a traceback.
+     exits 4 once its planned waits reach that bound (read from its log, not timed), its last line saying why,
+     without a traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import orjson
-import pytest
 
 from broker.client import BrokerClient
 from tests.brokers import ROOT, BrokerProcess
@@ -42,6 +43,10 @@ def _restore_when_waiting(proxy: TcpProxy, broker: BrokerProcess, done: threadin
         done.wait(0.05)
 
 
+def _events(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(x) for x in text.splitlines() if x.startswith("{")]
+
+
 WAITING_BOUND_S = 60.0  # safety bound on the watcher only; the broker's own start is bounded by tests/brokers.py
 
 
@@ -57,8 +62,7 @@ async def test_a_broker_started_during_an_outage_comes_up_when_redis_does(redis:
             done.set()
             watcher.join(5)
             assert restored, "the broker came up while Redis was cut off"
-            events = [orjson.loads(x) for x in broker.log_text().splitlines() if x.startswith("{")]
-            names = [e["event"] for e in events]
+            names = [e["event"] for e in _events(broker.log_text())]
             assert "redis_waiting" in names and "broker_started" in names, names
             assert names.index("redis_waiting") < names.index("broker_started")
             async with BrokerClient(broker.url) as client:
@@ -76,17 +80,20 @@ def test_a_broker_gives_up_after_startup_wait_s_with_one_line(redis: RedisServer
     with TcpProxy(redis.port) as proxy:
         proxy.cut()
         env = {"BROKER_REDIS_URL": proxy.url, "BROKER_REDIS_STARTUP_WAIT_S": "1", "BROKER_LOG_FORMAT": "json"}
-        t = time.monotonic()
+        # the timeout is a safety bound only: a loaded machine takes seconds just to start Python
         p = subprocess.run(
             [sys.executable, "-m", "broker", "--config", str(ROOT / "config/broker.toml"), "serve", "--port", "0"],
-            cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60,
+            cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        took = time.monotonic() - t
-    print(f"gave up after {took:.1f} s")
     assert p.returncode == 4, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     out = p.stdout + p.stderr
     assert "redis_waiting" in out and "Traceback" not in out, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("error (unavailable): redis unreachable"), last  # one line saying what failed
-    if took > 30:
-        pytest.fail(f"startup_wait_s = 1 but it waited {took:.1f} s")
+    # Bounded by startup_wait_s, not by the default 30 s, and no wall clock needed: the broker plans a wait only
+    # while less than startup_wait_s has passed since its first try, and it has waited at least all the waits
+    # before, so every planned wait but the last adds up to less than startup_wait_s (a slow machine makes fewer
+    # tries, never more; each wait is logged rounded to 0.01 s).
+    waits = [float(e["retry_in_s"]) for e in _events(out) if e.get("event") == "redis_waiting"]
+    print(f"gave up after {len(waits) + 1} tries, waits {waits}")
+    assert sum(waits[:-1]) < 1.0 + 0.005 * len(waits), waits
