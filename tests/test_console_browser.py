@@ -12,9 +12,11 @@ Each page's screenshot is saved (git-ignored ``.artifacts/screenshots/``); no as
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
+from playwright.async_api import Route
 
 from broker.client.client import BrokerClient
 
@@ -157,4 +159,40 @@ async def test_a_token_without_admin_gets_403_and_no_data(pages: Pages, broker: 
         "(t) => fetch('api/overview', {headers: {Authorization: `Bearer ${t}`}}).then((r) => r.status)", APP
     )
     assert status == 403
+    page.check()
+
+
+async def test_an_older_dead_letter_list_answering_late_does_not_replace_the_filtered_one(
+    pages: Pages, broker: BrokerProcess
+) -> None:
+    # Given two dead letters, and the page's unfiltered list (sent when the token is entered) held back by 1.5 s
+    async with BrokerClient(broker.url, ADMIN) as c:
+        sub = await c.subscribe("orders", group="billing")
+        declined = await reject(c, sub, "orders", {"order": 7}, "card declined: insufficient funds")
+        await reject(c, sub, "orders", {"order": 8}, "timeout talking to the bank")
+    late_answered = asyncio.Event()
+    page = await pages.open(broker.http, label="console-late-list")
+    p = page.page
+
+    async def hold_unfiltered(route: Route) -> None:
+        held = "error=" not in route.request.url and "authorization" in route.request.headers
+        if held:  # the list the token's entry asks for (the one before it, with no token, is refused at once)
+            await asyncio.sleep(1.5)
+        await route.continue_()
+        if held:
+            late_answered.set()
+
+    await p.route("**/console/api/dlq*", hold_unfiltered)
+    await p.goto(f"{broker.http}/console/")
+    await p.fill("#token", ADMIN)
+    await p.click("#token-form button[type=submit]")
+    # When the operator searches for "declined" while the unfiltered list is still on its way
+    await p.fill("#dlq-form input[name=error]", "declined")
+    await p.click("#dlq-search")
+    await page.wait_for("() => document.querySelectorAll('#letters tbody tr').length === 1")
+    await asyncio.wait_for(late_answered.wait(), 10)
+    await asyncio.sleep(0.5)  # the late answer has reached the page's code
+    # Then the table still shows the search's one row, not the late unfiltered two
+    rows = await p.eval_on_selector_all("#letters tbody tr", "(trs) => trs.map((tr) => tr.dataset.id)")
+    assert rows == [declined]
     page.check()

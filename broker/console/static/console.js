@@ -162,9 +162,14 @@ function updateButtons() {
   $("#purge-selected").disabled = selected.size === 0;
 }
 
+// Only the newest search renders: an older one (the page's first load, the token's) that answers after it would
+// otherwise show its unfiltered rows under the operator's filter.
+let lettersSeq = 0;
 async function loadLetters() {
+  const seq = ++lettersSeq;
   try {
     const res = await api("dlq", dlqFilters());
+    if (seq !== lettersSeq) return;
     letters = res.letters;
     problem("dlq", null);
     const ids = new Set(letters.map((d) => d.id));
@@ -193,7 +198,7 @@ async function loadLetters() {
       : `${letters.length} shown${res.more ? " (more match: narrow the filter, or export them all)" : ""}.`;
     updateButtons();
   } catch (e) {
-    problem("dlq", e);
+    if (seq === lettersSeq) problem("dlq", e);
   }
 }
 
