@@ -154,11 +154,12 @@ OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping", "
 class _Fields:
     """Typed field access over one decoded frame; every failure is a ProtocolError with the frame's ref."""
 
-    __slots__ = ("d", "ref")
+    __slots__ = ("checked", "d", "ref")
 
-    def __init__(self, d: dict[str, Any], ref: Ref) -> None:
+    def __init__(self, d: dict[str, Any], ref: Ref, checked: bool = True) -> None:
         self.d = d
         self.ref = ref
+        self.checked = checked  # False: a publish payload in here may hold a rounded integer (``_publish`` checks)
 
     def fail(self, message: str, cls: type[ProtocolError] = ProtocolError) -> ProtocolError:
         err = cls(message)
@@ -226,8 +227,14 @@ def _read_ref(d: dict[str, Any]) -> Ref:
 # orjson reads integers outside [-2**63, 2**64) as floats, which would round them: a payload must arrive as sent.
 # Such an integer always becomes a float of magnitude >= 2**63; only when the decoded frame holds one is the text
 # re-read with exact integers (a genuine float that large re-reads to the same float). Cheaper than scanning the
-# text for long digit runs, which cost more than the JSON parse itself.
+# text for long digit runs, which cost more than the JSON parse itself. The payload of a single publish, the bulk
+# of the hot frames, is not walked at all unless its re-encoded text has an exponent (``e+``): orjson writes every
+# float of magnitude >= 1e16 with one, so without it the payload holds no such float.
 _HUGE = float(2**63)
+
+
+class _Inexact(Exception):
+    """A publish payload holds a float that may be a rounded integer: the frame is read again, exactly."""
 
 
 def _has_huge_float(value: Any) -> bool:
@@ -243,16 +250,34 @@ def _has_huge_float(value: Any) -> bool:
     return False
 
 
+def _needs_exact(d: dict[str, Any]) -> bool:
+    """Whether frame ``d`` holds a float that may be a rounded integer, a single publish's payload aside."""
+    for k, v in d.items():
+        t = type(v)
+        if t is float:
+            if not -_HUGE < v < _HUGE:
+                return True
+        elif (t is dict or t is list) and k != "payload" and _has_huge_float(v):
+            return True
+    return False
+
+
+def _loads_exact(data: str) -> Any:
+    try:
+        return json.loads(data)  # orjson already validated the text (no NaN/Infinity, depth <= 1024)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+
+
 def _loads(data: str) -> Any:
     try:
         d = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
+    if type(d) is dict:
+        return _loads_exact(data) if _needs_exact(d) else d
     if _has_huge_float(d):
-        try:
-            d = json.loads(data)  # orjson already validated the text (no NaN/Infinity, depth <= 1024)
-        except (ValueError, RecursionError) as e:
-            raise ProtocolError(f"malformed JSON: {e}") from None
+        return _loads_exact(data)
     return d
 
 
@@ -274,8 +299,15 @@ def parse_frame(data: str | bytes, limits: Limits) -> Request:
     d = _loads(data)
     if not isinstance(d, dict):
         raise ProtocolError("a frame must be a JSON object")
+    try:
+        return _parse(d, limits, checked=False)
+    except _Inexact:
+        return _parse(_loads_exact(data), limits, checked=True)
+
+
+def _parse(d: dict[str, Any], limits: Limits, checked: bool) -> Request:
     ref = _read_ref(d)
-    f = _Fields(d, ref)
+    f = _Fields(d, ref, checked)
     op = d.get("op")
     if op == "publish":
         return _publish_any(f, limits)
@@ -356,6 +388,8 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
         raw = _dumps(d["payload"], "payload")
     except ProtocolError as e:
         raise f.fail(e.message) from None
+    if not f.checked and b"e+" in raw and _has_huge_float(d["payload"]):
+        raise _Inexact
     if len(raw) > limits.max_payload_bytes:
         raise f.fail(f"payload is {len(raw)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
     payload = raw.decode()

@@ -16,7 +16,9 @@ import orjson
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Event
 
 from broker.core.errors import (
     BrokerError,
@@ -90,12 +92,47 @@ class ClientFiles:
 
 class BrokerConnection(ServerConnection):
     """websockets' ``ServerConnection`` (passed to ``serve`` as its documented ``create_connection`` factory) with
-    one change, how queued bytes reach the socket.
+    three changes, all on the per-frame path:
 
-    websockets writes every frame with its own ``transport.write``, and an unbuffered transport makes each of them a
-    ``send`` system call. The session's writer queues a burst of frames (replies, deliveries) before the bytes are
-    sent; here the burst leaves in one write. The end-of-stream marker (an empty chunk) is handled as websockets
-    does."""
+    - **Frames in, without the reader task.** websockets hands every frame to its message assembler and wakes the
+      task waiting in ``recv()``: a future, a task step and a loop turn per frame. The session may install
+      ``frame_sink``: a complete text frame with nothing queued ahead of it in the assembler is offered to it right
+      here, in the read callback, and the sink serves it at once (returning True) or declines it (False, e.g. a
+      request that has to wait); a declined frame, and every frame behind it until the assembler is empty again, takes
+      websockets' own path to ``recv()``. So frames are served in the order they came, and the assembler's flow
+      control (``max_queue``) still pauses reading while the reader is held up.
+    - **Frames out in one write.** websockets writes every frame with its own ``transport.write``, and an unbuffered
+      transport makes each of them a ``send`` system call. The session queues a burst of frames (replies,
+      deliveries) before the bytes are sent; here the burst leaves in one write. The end-of-stream marker (an empty
+      chunk) is handled as websockets does.
+    - **Told when writable again**: ``on_writable`` (the session's flush) is called when the transport's buffer has
+      drained below its low-water mark after a pause."""
+
+    frame_sink: Callable[[str], bool] | None = None
+    on_writable: Callable[[], None] | None = None
+
+    def process_event(self, event: Event) -> None:
+        sink = self.frame_sink
+        if (
+            sink is not None
+            and type(event) is Frame
+            and event.opcode is Opcode.TEXT
+            and event.fin
+            and not len(self.recv_messages.frames)
+        ):
+            try:
+                text = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                pass  # websockets' path reports it as it always has
+            else:
+                if sink(text):
+                    return
+        super().process_event(event)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
 
     def send_data(self) -> None:
         pending: list[bytes] = []  # frames written together; an empty chunk is the end-of-stream marker (closing)
