@@ -60,6 +60,7 @@ WRITE_BURST = 256  # most frames written per socket write
 _NOW = frozenset({protocol.Publish, protocol.PublishBatch, protocol.Ack, protocol.Nack, protocol.Extend,
                   protocol.Unsubscribe, protocol.Ping})  # fmt: skip
 _PUBLISHES = (protocol.Publish, protocol.PublishBatch)
+_FRAMES_OUT = metrics.tally(metrics.frames_out)
 LOOKUPS_IN_FLIGHT = 8  # status requests of one connection reading Redis at once; beyond it the reader waits
 # Codes with a counter of their own (broker_stale_receipts_total, broker_publish_failed_total), not counted again in
 # broker_frame_errors_total (docs/operations.md).
@@ -115,7 +116,7 @@ class Session:
         self._closed = False
         self._reading = False  # the reader task is serving a frame: later frames queue behind it (take_frame)
         self._declined: tuple[str, protocol.Request] | None = None  # parsed by take_frame, served by the reader
-        self._frame_counters: dict[type, Any] = {}  # frames_in children per request type
+        self._frames_in: dict[type, metrics.Tally] = {}  # per request type
         self._was_congested = False
         self._bad_frames = 0
         self._abusive = False
@@ -235,8 +236,7 @@ class Session:
             ws.transport.abort()
             return
         finally:
-            if frames:
-                metrics.frames_out.inc(frames)
+            _FRAMES_OUT.n += frames
         if self._was_congested and not out:
             self._was_congested = False
             for c in self.consumers:
@@ -325,10 +325,10 @@ class Session:
         if t not in _NOW or (t in _PUBLISHES and self._unconfirmed >= self._max_unconfirmed):
             self._declined = (frame, req)  # not parsed twice
             return False
-        counter = self._frame_counters.get(t)
-        if counter is None:
-            counter = self._frame_counters[t] = metrics.child(metrics.frames_in, t.__name__.lower())
-        counter.inc()
+        counted = self._frames_in.get(t)
+        if counted is None:
+            counted = self._frames_in[t] = metrics.tally(metrics.frames_in, t.__name__.lower())
+        counted.n += 1
         try:
             if t is protocol.Publish:
                 self._publish_now(req)  # type: ignore[arg-type]
@@ -516,13 +516,21 @@ class Session:
 
     def _ack(self, req: protocol.Ack) -> None:
         """One waiter per consumer of the frame (normally one), not one per item."""
+        if len(req.items) == 1:  # the common frame: one delivery, no grouping needed
+            it = req.items[0]
+            c = self._find(it.id, it.receipt)
+            if c is None:
+                self._stale("ack", req.ref, it.id)
+                return
+            self.dispatch.ack_many(c, req.items).add_done_callback(partial(self._acked, req.ref, [it.id]))
+            return
         held: dict[Consumer, list[AckItem]] = {}
         for it in req.items:
             c = self._find(it.id, it.receipt)
             if c is None:
                 self._stale("ack", req.ref, it.id)
                 continue
-            held.setdefault(c, []).append(AckItem(it.id, it.receipt))
+            held.setdefault(c, []).append(it)
         if not held:
             return
         futs = [self.dispatch.ack_many(c, items) for c, items in held.items()]
