@@ -148,6 +148,11 @@ Request = Publish | PublishBatch | Subscribe | Unsubscribe | Ack | Nack | Extend
 OPS = ("publish", "subscribe", "unsubscribe", "ack", "nack", "extend", "ping", "pull", "status")
 
 
+# Topic and group names that passed ``validate_name`` (the same rule for both kinds): the hot frames repeat a few.
+_GOOD_NAMES: set[str] = set()
+_GOOD_NAMES_MAX = 10_000
+
+
 class _Fields:
     """Typed field access over one decoded frame; every failure is a ProtocolError with the frame's ref."""
 
@@ -192,10 +197,16 @@ class _Fields:
         return v
 
     def name(self, kind: str, value: object) -> str:
+        if type(value) is str and value in _GOOD_NAMES:  # a name seen valid before: no second regex match
+            return value
         try:
-            return validate_name(kind, value)
+            name = validate_name(kind, value)
         except ProtocolError as e:
             raise self.fail(e.message, type(e)) from None
+        if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
+            _GOOD_NAMES.clear()  # bounded: a client inventing names cannot grow it
+        _GOOD_NAMES.add(name)
+        return name
 
     def topics(self) -> tuple[str, ...]:
         if "topics" in self.d:
