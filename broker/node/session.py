@@ -4,6 +4,12 @@ The reader never waits on Redis for a publish: publishes go to the node's ``Publ
 are sent when Redis has them, so one connection can keep up to ``max_unconfirmed_publishes`` in flight. Outgoing
 frames go through one bounded outbox; a consumer whose outbox is over the high-water mark gets no new deliveries.
 
+Frames in are served in the connection's read callback (``take_frame``, offered by ``node/server``'s
+``BrokerConnection``) whenever that needs no waiting and nothing is queued ahead of them: no task wake-up per frame.
+A request that may wait (subscribe, pull, status, a publish over the window) is declined there and served by the
+reader task, and every frame behind it waits its turn on that path, so frames are always served in order. Frames out
+are written by ``_flush``, scheduled once per loop turn by whatever queues one, not by a writer task.
+
 A session gets the few parts of the node it works with (``SessionParts``), not the node. ``pull`` and ``status``
 requests answer through its public side: ``send``, ``reply_error``, ``forbidden``.
 
