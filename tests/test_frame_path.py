@@ -143,3 +143,83 @@ async def test_a_closing_connection_writes_nothing_and_keeps_what_is_queued_for_
     await asyncio.sleep(0)
     # Then it is not written, and it is still in the outbox (what ``unsent`` reads when the session ends)
     assert transport.writes == [] and list(session.out) == ["late"]
+
+
+# ---- the connection's own framing ------------------------------------------------------------------------------
+
+
+async def test_frames_cut_at_any_byte_arrive_whole_and_in_order_whatever_their_length() -> None:
+    # Given frames with a 7-bit, a 16-bit and a 64-bit length, sent one byte per read
+    conn, _ = open_connection()
+    sink = Sink()
+    conn.frame_sink = sink
+    texts = ["a", "b" * 200, "c" * 70_000, "d"]
+    for byte in client_frames(*texts):
+        conn.data_received(bytes([byte]))
+    # Then each is served whole, in order, and nothing is left over
+    assert sink.served == texts
+    assert conn._inbuf == bytearray()
+
+
+async def test_a_ping_between_text_frames_is_answered_and_the_frames_around_it_served() -> None:
+    conn, transport = open_connection()
+    sink = Sink()
+    conn.frame_sink = sink
+    ping = Frame(Opcode.PING, b"hi").serialize(mask=True)
+    conn.data_received(client_frames("a") + ping + client_frames("b"))
+    assert sink.served == ["a", "b"]
+    assert transport.writes == [Frame(Opcode.PONG, b"hi").serialize(mask=False)]
+
+
+async def test_after_a_close_frame_websockets_has_every_byte_and_nothing_more_is_served() -> None:
+    conn, transport = open_connection()
+    sink = Sink()
+    conn.frame_sink = sink
+    close = Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(mask=True)
+    conn.data_received(client_frames("a") + close + client_frames("after"))
+    assert sink.served == ["a"]
+    assert conn.protocol.state is State.CLOSING and conn.protocol.close_rcvd is not None
+    assert transport.writes[0].startswith(b"\x88")  # the close frame echoed, as websockets does
+
+
+async def test_a_frame_over_the_size_limit_fails_the_connection_with_1009_as_websockets_does() -> None:
+    conn, transport = open_connection()
+    conn.frame_sink = Sink()
+    header = Frame(Opcode.TEXT, b"x" * (conn.protocol.max_message_size + 1)).serialize(mask=True)[:14]
+    conn.data_received(header)  # only the header: the length alone is refused, nothing is buffered
+    assert conn.protocol.close_sent is not None and conn.protocol.close_sent.code == 1009
+    assert conn._inbuf is None
+
+
+async def test_an_unmasked_client_frame_fails_the_connection_with_1002() -> None:
+    conn, _ = open_connection()
+    conn.frame_sink = Sink()
+    conn.data_received(Frame(Opcode.TEXT, b"x").serialize(mask=False))
+    assert conn.protocol.close_sent is not None and conn.protocol.close_sent.code == 1002
+
+
+async def test_framing_starts_only_between_two_frames() -> None:
+    # Given half a frame already read by websockets before the session installed its sink
+    conn, _ = open_connection()
+    wire = client_frames("first", "second")
+    half = len(client_frames("first")) // 2
+    conn.data_received(wire[:half])
+    sink = Sink()
+    conn.frame_sink = sink
+    # When the rest arrives
+    conn.data_received(wire[half:])
+    # Then websockets finishes the half-read frame (it is not misread as the start of a new one), both are served
+    assert sink.served == ["first", "second"]
+    assert not conn._framing  # the connection could not know where the next frame would start...
+    # And from the next read on (websockets' parser now waits between two frames) the connection cuts frames itself
+    conn.data_received(client_frames("third"))
+    assert sink.served == ["first", "second", "third"]
+    assert conn._framing
+
+
+async def test_text_frames_are_framed_byte_for_byte_as_websockets_frames_them() -> None:
+    conn, transport = open_connection()
+    texts = [b"a", b"b" * 200, b"c" * 70_000]
+    conn.write_texts(texts)
+    expected = b"".join(Frame(Opcode.TEXT, t).serialize(mask=False) for t in texts)
+    assert transport.writes == [expected]

@@ -108,6 +108,8 @@ class Session:
         self.high_water = s.server.outbox_high_water
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
         self._loop = asyncio.get_running_loop()
+        # node/server's BrokerConnection frames text itself; any other connection through websockets' protocol
+        self._write_texts = getattr(ws, "write_texts", None) or self._write_through_protocol
         self._flush_due = False  # a flush of the outbox is scheduled (call_soon) for this loop turn
         self._leaving = False  # goodbye() started: deliveries are withheld, not written
         self._withheld: list[str | tuple[Consumer, Delivery]] = []  # deliveries kept back by goodbye() (unsent)
@@ -191,8 +193,8 @@ class Session:
 
     def _flush(self) -> None:
         """Write the outbox: scheduled once per loop turn by whatever queues a frame (``call_soon``, no writer task),
-        so every frame queued in that turn leaves in one socket write (websockets' ``protocol.send_text``, then
-        ``send_data``). Consecutive deliveries of batch subscriptions share one ``messages`` frame.
+        so every frame queued in that turn leaves in one socket write (framed by the connection's ``write_texts``).
+        Consecutive deliveries of batch subscriptions share one ``messages`` frame.
 
         Flow control as websockets' ``send_context`` does it: while the transport's buffer is over its high-water
         mark nothing is written (the outbox fills, the consumers' credit stops at ``outbox_high_water``) and the
@@ -203,10 +205,11 @@ class Session:
         out = self.out
         if not out or self._closed or self._written_all.is_set() or ws.protocol.state is not OPEN:
             return
-        send_text = ws.protocol.send_text
+        write = self._write_texts
         frames = 0
         try:
             while out and not ws.paused:
+                texts: list[bytes] = []
                 batch: list[bytes] = []
                 for _ in range(min(len(out), WRITE_BURST)):
                     item = out.popleft()
@@ -224,15 +227,14 @@ class Session:
                             continue
                         data = protocol.message_bytes(dv)
                     if batch:
-                        send_text(protocol.messages_bytes(batch))
-                        frames += 1
+                        texts.append(protocol.messages_bytes(batch))
                         batch = []
-                    send_text(data)
-                    frames += 1
+                    texts.append(data)
                 if batch:
-                    send_text(protocol.messages_bytes(batch))
-                    frames += 1
-                ws.send_data()
+                    texts.append(protocol.messages_bytes(batch))
+                if texts:
+                    write(texts)
+                    frames += len(texts)
                 if self._written_all.is_set():
                     break  # goodbye: nothing after its marker is written
         except Exception as exc:  # a bug or a failed socket write: the connection is cut, as send_context does
@@ -247,6 +249,11 @@ class Session:
             self._was_congested = False
             for c in self.consumers:
                 self.dispatch.wake(c.topic, c.group)
+
+    def _write_through_protocol(self, texts: list[bytes]) -> None:
+        for data in texts:
+            self.ws.protocol.send_text(data)
+        self.ws.send_data()
 
     async def run(self) -> None:
         ws = self.ws
