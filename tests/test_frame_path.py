@@ -183,7 +183,7 @@ async def test_after_a_close_frame_websockets_has_every_byte_and_nothing_more_is
 
 
 async def test_a_frame_over_the_size_limit_fails_the_connection_with_1009_as_websockets_does() -> None:
-    conn, transport = open_connection()
+    conn, _ = open_connection()
     conn.frame_sink = Sink()
     header = Frame(Opcode.TEXT, b"x" * (conn.protocol.max_message_size + 1)).serialize(mask=True)[:14]
     conn.data_received(header)  # only the header: the length alone is refused, nothing is buffered
