@@ -30,7 +30,11 @@ _tallies: list[Tally] = []
 
 
 class _AddTallies:
-    """Registered first, so it runs before the counters are read: moves what the tallies hold into them."""
+    """Registered first, so it runs before the counters are read: moves what the tallies hold into them. It serves
+    no series of its own."""
+
+    def describe(self) -> list[Any]:
+        return []
 
     def collect(self) -> list[Any]:
         for t in _tallies:
