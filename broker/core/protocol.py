@@ -156,12 +156,12 @@ _GOOD_NAMES_MAX = 10_000
 class _Fields:
     """Typed field access over one decoded frame; every failure is a ProtocolError with the frame's ref."""
 
-    __slots__ = ("checked", "d", "ref")
+    __slots__ = ("d", "payload_raw", "ref")
 
-    def __init__(self, d: dict[str, Any], ref: Ref, checked: bool = True) -> None:
+    def __init__(self, d: dict[str, Any], ref: Ref, payload_raw: bytes | None = None) -> None:
         self.d = d
         self.ref = ref
-        self.checked = checked  # False: a publish payload in here may hold a rounded integer (``_publish`` checks)
+        self.payload_raw = payload_raw  # d["payload"] encoded already (by ``_loads``), or None
 
     def fail(self, message: str, cls: type[ProtocolError] = ProtocolError) -> ProtocolError:
         err = cls(message)
@@ -235,14 +235,11 @@ def _read_ref(d: dict[str, Any]) -> Ref:
 # orjson reads integers outside [-2**63, 2**64) as floats, which would round them: a payload must arrive as sent.
 # Such an integer always becomes a float of magnitude >= 2**63; only when the decoded frame holds one is the text
 # re-read with exact integers (a genuine float that large re-reads to the same float). Cheaper than scanning the
-# text for long digit runs, which cost more than the JSON parse itself. The payload of a single publish, the bulk
-# of the hot frames, is not walked at all unless its re-encoded text has an exponent (``e+``): orjson writes every
-# float of magnitude >= 1e16 with one, so without it the payload holds no such float.
+# text for long digit runs, which cost more than the JSON parse itself. A payload, the bulk of a publish frame, is
+# encoded (as a publish needs it anyway) instead of walked: orjson writes every float of magnitude >= 1e16 with an
+# exponent, so only a payload whose text has ``e+`` (or that cannot be encoded) is walked. The decision is the same
+# as walking the whole frame, and is made before anything in the frame is checked.
 _HUGE = float(2**63)
-
-
-class _Inexact(Exception):
-    """A publish payload holds a float that may be a rounded integer: the frame is read again, exactly."""
 
 
 def _has_huge_float(value: Any) -> bool:
@@ -259,7 +256,7 @@ def _has_huge_float(value: Any) -> bool:
 
 
 def _needs_exact(d: dict[str, Any]) -> bool:
-    """Whether frame ``d`` holds a float that may be a rounded integer, a single publish's payload aside."""
+    """Whether frame ``d`` holds a float that may be a rounded integer, a ``payload`` object or array aside."""
     for k, v in d.items():
         t = type(v)
         if t is float:
@@ -277,16 +274,26 @@ def _loads_exact(data: str) -> Any:
         raise ProtocolError(f"malformed JSON: {e}") from None
 
 
-def _loads(data: str) -> Any:
+def _loads(data: str) -> tuple[Any, bytes | None]:
+    """The decoded frame, and its ``payload`` encoded when that was done on the way (else None)."""
     try:
         d = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
-    if type(d) is dict:
-        return _loads_exact(data) if _needs_exact(d) else d
-    if _has_huge_float(d):
-        return _loads_exact(data)
-    return d
+    if type(d) is not dict:
+        return (_loads_exact(data) if _has_huge_float(d) else d), None
+    raw: bytes | None = None
+    payload = d.get("payload")
+    if type(payload) is dict or type(payload) is list:
+        try:
+            raw = orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            raw = None  # too deep: the publish says so (after the exact re-read, if one is due)
+        if (raw is None or b"e+" in raw) and _has_huge_float(payload):
+            return _loads_exact(data), None
+    if _needs_exact(d):
+        return _loads_exact(data), None
+    return d, raw
 
 
 def _dumps(value: Any, what: str) -> bytes:
@@ -304,18 +311,11 @@ def _dumps(value: Any, what: str) -> bytes:
 def parse_frame(data: str | bytes, limits: Limits) -> Request:
     if isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("binary frames are not supported: send JSON text frames")
-    d = _loads(data)
+    d, payload_raw = _loads(data)
     if not isinstance(d, dict):
         raise ProtocolError("a frame must be a JSON object")
-    try:
-        return _parse(d, limits, checked=False)
-    except _Inexact:
-        return _parse(_loads_exact(data), limits, checked=True)
-
-
-def _parse(d: dict[str, Any], limits: Limits, checked: bool) -> Request:
     ref = _read_ref(d)
-    f = _Fields(d, ref, checked)
+    f = _Fields(d, ref, payload_raw)
     op = d.get("op")
     if op == "publish":
         return _publish_any(f, limits)
@@ -395,12 +395,12 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
     topic = f.name("topic", d.get("topic"))
     if "payload" not in d:
         raise f.fail("missing field 'payload'")
-    try:
-        raw = _dumps(d["payload"], "payload")
-    except ProtocolError as e:
-        raise f.fail(e.message) from None
-    if not f.checked and b"e+" in raw and _has_huge_float(d["payload"]):
-        raise _Inexact
+    raw = f.payload_raw
+    if raw is None:
+        try:
+            raw = _dumps(d["payload"], "payload")
+        except ProtocolError as e:
+            raise f.fail(e.message) from None
     if len(raw) > limits.max_payload_bytes:
         raise f.fail(f"payload is {len(raw)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
     payload = raw.decode()
