@@ -387,9 +387,6 @@ def _publish_any(f: _Fields, limits: Limits) -> Publish | PublishBatch:
     return PublishBatch(f.ref, tuple(items))
 
 
-_PLAIN_PUBLISH = frozenset({"op", "ref", "topic", "payload"})
-
-
 def _publish(f: _Fields, limits: Limits) -> Publish:
     d = f.d
     topic = f.name("topic", d.get("topic"))
@@ -404,8 +401,6 @@ def _publish(f: _Fields, limits: Limits) -> Publish:
     if len(raw) > limits.max_payload_bytes:
         raise f.fail(f"payload is {len(raw)} bytes, limit {limits.max_payload_bytes}", PayloadTooLargeError)
     payload = raw.decode()
-    if d.keys() <= _PLAIN_PUBLISH:  # the usual publish: none of the optional fields below
-        return Publish(f.ref, topic, payload, "{}", None, 0, None)
     headers_raw = d.get("headers")
     if headers_raw is None:
         headers = "{}"
