@@ -32,6 +32,18 @@ from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, Swep
 log = structlog.get_logger("broker.dispatch")
 
 
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    """``event.wait()`` for at most ``timeout_s``. ``asyncio.timeout``, not ``wait_for``: on Python 3.11 ``wait_for``
+    makes a task per call, and a delivery loop waits once or twice per message when messages come one by one. Like
+    ``wait_for``, it always yields to the loop once, even when the event is already set."""
+    if event.is_set():
+        await asyncio.sleep(0)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 class Outlet(Protocol):
     """Where a consumer's deliveries go (a WebSocket session)."""
 
@@ -130,17 +142,14 @@ class GroupDispatcher:
             loop.beat()
             if self.eager is not None:  # a publish is claiming for this group: one claim at a time keeps order
                 loop.beat(poll)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.eager_over.wait(), poll)
+                await _wait(self.eager_over, poll)
                 if self.eager is None and not self.wake.is_set():  # nothing new meanwhile: back to waiting
                     loop.beat(poll)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.wake.wait(), poll)
+                    await _wait(self.wake, poll)
                 continue
             if not self.wake.is_set() and not self._poll_claims():
                 loop.beat(poll)  # nothing can be waiting: no claim, only a wake-up or the next poll
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), poll)
+                await _wait(self.wake, poll)
                 continue
             self.wake.clear()  # before the round: a wake-up that arrives during it starts the next round
             self.maybe_ready = True
@@ -173,8 +182,7 @@ class GroupDispatcher:
                 await asyncio.sleep(0)  # let acks and publishes in
                 continue
             loop.beat(poll)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), poll)
+            await _wait(self.wake, poll)
 
     def _poll_claims(self) -> bool:
         """Whether a poll (no wake-up came) claims: when the ready list may hold messages, when a wake-up note may

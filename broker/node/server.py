@@ -11,12 +11,20 @@ import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, Event
+
+try:  # websockets' C unmasking, as its own parser uses
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover (a build without the extension)
+    from websockets.utils import apply_mask
 
 from broker.core.errors import (
     BrokerError,
@@ -88,14 +96,164 @@ class ClientFiles:
         return Response(200, "OK", headers, body)
 
 
+_TEXT_HEADS = [bytes((0x81, n)) for n in range(126)]  # the header of an unmasked final text frame of n < 126 bytes
+
+
 class BrokerConnection(ServerConnection):
     """websockets' ``ServerConnection`` (passed to ``serve`` as its documented ``create_connection`` factory) with
-    one change, how queued bytes reach the socket.
+    three changes, all on the per-frame path:
 
-    websockets writes every frame with its own ``transport.write``, and an unbuffered transport makes each of them a
-    ``send`` system call. The session's writer queues a burst of frames (replies, deliveries) before the bytes are
-    sent; here the burst leaves in one write. The end-of-stream marker (an empty chunk) is handled as websockets
-    does."""
+    - **Frames in, without the reader task.** websockets hands every frame to its message assembler and wakes the
+      task waiting in ``recv()``: a future, a task step and a loop turn per frame. The session may install
+      ``frame_sink``: a complete text frame with nothing queued ahead of it in the assembler is offered to it right
+      here, in the read callback, and the sink serves it at once (returning True) or declines it (False, e.g. a
+      request that has to wait); a declined frame, and every frame behind it until the assembler is empty again, takes
+      websockets' own path to ``recv()``. So frames are served in the order they came, and the assembler's flow
+      control (``max_queue``) still pauses reading while the reader is held up.
+    - **Frames out in one write.** websockets writes every frame with its own ``transport.write``, and an unbuffered
+      transport makes each of them a ``send`` system call. The session queues a burst of frames (replies,
+      deliveries) before the bytes are sent; here the burst leaves in one write. The end-of-stream marker (an empty
+      chunk) is handled as websockets does.
+    - **Told when writable again**: ``on_writable`` (the session's flush) is called when the transport's buffer has
+      drained below its low-water mark after a pause.
+
+    And once a session has installed its sink and websockets' parser stands between two frames, the connection cuts
+    the incoming bytes into frames itself (``data_received``): a complete, unfragmented, masked text frame within the
+    size limit is unmasked and decoded here (websockets' generator-based parser cost several times more per frame);
+    every other frame (control frames, fragments, anything malformed or too big) is handed to websockets' protocol
+    whole, so its parser is always back between two frames and does what it always does (pongs, the closing
+    handshake, failing the connection with the right close code). When the connection stops being open, all further
+    bytes go to websockets. Outgoing text frames are framed here too (``write_texts``): a server frame is a header
+    and the bytes (no mask; the connection has no extensions)."""
+
+    frame_sink: Callable[[str], bool] | None = None
+    on_writable: Callable[[], None] | None = None
+    _framing = False  # the incoming bytes are cut into frames here (see above)
+    _inbuf: bytearray | None = None  # the start of a frame not complete yet (framing only)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._framing:
+            if self.frame_sink is None or not self._between_frames():
+                super().data_received(data)
+                return
+            self._framing = True
+            self._inbuf = bytearray()
+        buf = self._inbuf
+        assert buf is not None
+        buf += data
+        p = self.protocol
+        limit = p.max_message_size
+        assert limit is not None  # _between_frames() checked it
+        end = len(buf)
+        pos = 0
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if b1 & 0x80:
+                head += 4
+            if n > limit:  # websockets refuses it (1009) as soon as it reads the header
+                self._give_up_framing(bytes(buf[pos:]))
+                return
+            total = head + n
+            if end - pos < total:
+                break
+            if b0 == 0x81 and b1 & 0x80 and p.state is OPEN and p.current_size is None:  # FIN, text, masked
+                data_at = pos + head
+                payload = apply_mask(buf[data_at : data_at + n], buf[data_at - 4 : data_at])
+                pos += total
+                sink = self.frame_sink
+                if sink is not None and not len(self.recv_messages.frames):
+                    try:
+                        text = payload.decode()
+                    except UnicodeDecodeError:
+                        pass  # the reader's recv() reports it, as websockets' own path does
+                    else:
+                        if sink(text):
+                            continue
+                super().process_event(Frame(Opcode.TEXT, payload))  # to the assembler, in order
+                continue
+            frame = bytes(buf[pos : pos + total])
+            pos += total
+            super().data_received(frame)  # a whole frame: websockets' parser ends between two frames again
+            if p.state is not OPEN:  # closing or failed: everything after goes to websockets too
+                self._give_up_framing(bytes(buf[pos:]))
+                return
+        del buf[:pos]
+
+    def _give_up_framing(self, rest: bytes) -> None:
+        self._framing = False
+        self._inbuf = None
+        if rest:
+            super().data_received(rest)
+
+    def _between_frames(self) -> bool:
+        """Whether websockets' parser has consumed every byte it was given and waits for the next frame's first."""
+        p = self.protocol
+        if p.state is not OPEN or p.extensions or p.current_size is not None or p.reader.buffer:
+            return False
+        if p.max_message_size is None or p.max_fragment_size is not None:
+            return False
+        gen: Any = p.parser
+        while getattr(gen, "gi_yieldfrom", None) is not None:
+            gen = gen.gi_yieldfrom
+        return getattr(getattr(gen, "gi_code", None), "co_name", "") == "at_eof"
+
+    def write_texts(self, frames: list[bytes]) -> None:
+        """Write text frames (UTF-8 bytes each) in one socket write, after anything websockets has queued."""
+        if self.protocol.extensions:  # never with compression=None: websockets frames them (compressed)
+            for data in frames:
+                self.protocol.send_text(data)
+            self.send_data()
+            return
+        if self.protocol.writes:
+            self.send_data()
+        parts: list[bytes] = []
+        append = parts.append
+        for data in frames:
+            n = len(data)
+            if n < 126:
+                append(_TEXT_HEADS[n])
+            elif n < 65536:
+                append(b"\x81\x7e" + n.to_bytes(2, "big"))
+            else:
+                append(b"\x81\x7f" + n.to_bytes(8, "big"))
+            append(data)
+        self.transport.write(b"".join(parts))
+
+    def process_event(self, event: Event) -> None:
+        sink = self.frame_sink
+        if (
+            sink is not None
+            and type(event) is Frame
+            and event.opcode is Opcode.TEXT
+            and event.fin
+            and not len(self.recv_messages.frames)
+        ):
+            try:
+                text = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                pass  # websockets' path reports it as it always has
+            else:
+                if sink(text):
+                    return
+        super().process_event(event)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
 
     def send_data(self) -> None:
         pending: list[bytes] = []  # frames written together; an empty chunk is the end-of-stream marker (closing)

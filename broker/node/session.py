@@ -4,6 +4,12 @@ The reader never waits on Redis for a publish: publishes go to the node's ``Publ
 are sent when Redis has them, so one connection can keep up to ``max_unconfirmed_publishes`` in flight. Outgoing
 frames go through one bounded outbox; a consumer whose outbox is over the high-water mark gets no new deliveries.
 
+Frames in are served in the connection's read callback (``take_frame``, offered by ``node/server``'s
+``BrokerConnection``) whenever that needs no waiting and nothing is queued ahead of them: no task wake-up per frame.
+A request that may wait (subscribe, pull, status, a publish over the window) is declined there and served by the
+reader task, and every frame behind it waits its turn on that path, so frames are always served in order. Frames out
+are written by ``_flush``, scheduled once per loop turn by whatever queues one, not by a writer task.
+
 A session gets the few parts of the node it works with (``SessionParts``), not the node. ``pull`` and ``status``
 requests answer through its public side: ``send``, ``reply_error``, ``forbidden``.
 
@@ -26,6 +32,7 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.protocol import OPEN
 
 from broker.core import protocol
 from broker.core.config import Settings
@@ -53,6 +60,13 @@ from broker.store import NackOutcome, RedisStore
 log = structlog.get_logger("broker.session")
 _conn_seq = itertools.count(1)
 WRITE_BURST = 256  # most frames written per socket write
+# Requests the read callback serves at once (``Session.take_frame``); the others (subscribe, pull, status) may
+# wait on Redis or on a semaphore and go through the reader task. Publishes are served at once while the connection
+# has room for more unconfirmed ones.
+_NOW = frozenset({protocol.Publish, protocol.PublishBatch, protocol.Ack, protocol.Nack, protocol.Extend,
+                  protocol.Unsubscribe, protocol.Ping})  # fmt: skip
+_PUBLISHES = (protocol.Publish, protocol.PublishBatch)
+_FRAMES_OUT = metrics.tally(metrics.frames_out)
 LOOKUPS_IN_FLIGHT = 8  # status requests of one connection reading Redis at once; beyond it the reader waits
 # Codes with a counter of their own (broker_stale_receipts_total, broker_publish_failed_total), not counted again in
 # broker_frame_errors_total (docs/operations.md).
@@ -93,7 +107,10 @@ class Session:
         self.limits = parts.limits
         self.high_water = s.server.outbox_high_water
         self.out: deque[str | tuple[Consumer, Delivery]] = deque()
-        self._out_ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        # node/server's BrokerConnection frames text itself; any other connection through websockets' protocol
+        self._write_texts = getattr(ws, "write_texts", None) or self._write_through_protocol
+        self._flush_due = False  # a flush of the outbox is scheduled (call_soon) for this loop turn
         self._leaving = False  # goodbye() started: deliveries are withheld, not written
         self._withheld: list[str | tuple[Consumer, Delivery]] = []  # deliveries kept back by goodbye() (unsent)
         self._written_all = asyncio.Event()  # the writer reached the goodbye marker
@@ -105,6 +122,9 @@ class Session:
         self.consumers: list[Consumer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._reading = False  # the reader task is serving a frame: later frames queue behind it (take_frame)
+        self._declined: tuple[str, protocol.Request] | None = None  # parsed by take_frame, served by the reader
+        self._frames_in: dict[type, metrics.Tally] = {}  # per request type
         self._was_congested = False
         self._bad_frames = 0
         self._abusive = False
@@ -117,7 +137,9 @@ class Session:
             self._withheld.append((consumer, delivery))
             return
         self.out.append((consumer, delivery))
-        self._out_ready.set()
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
 
     def holds(self, msg_id: str, receipt: str) -> bool:
         return self._find(msg_id, receipt) is not None
@@ -145,7 +167,9 @@ class Session:
             self._withheld.append(frame)
             return
         self.out.append(frame)
-        self._out_ready.set()
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
 
     async def goodbye(self, code: int, reason: str) -> None:
         """Shutdown (the node's publisher is stopped first, so every publish of this connection gets its answer
@@ -162,66 +186,92 @@ class Session:
                 self._withheld.append(item)
         while self._unconfirmed > 0 and not self._closed:  # noqa: ASYNC110 (each is answered within a loop turn)
             await asyncio.sleep(0.005)
-        self.out.append(_GOODBYE)
-        self._out_ready.set()
+        self.send(_GOODBYE)
         if not self._closed:
             await self._written_all.wait()
         await self.ws.close(code, reason)
 
-    async def _writer(self) -> None:
-        """Flush the outbox in bursts: every frame queued so far goes out in one socket write (websockets'
-        documented ``send_context`` + ``protocol.send_text``), not one write and one await per frame. Consecutive
-        deliveries of batch subscriptions share one ``messages`` frame."""
+    def _flush(self) -> None:
+        """Write the outbox: scheduled once per loop turn by whatever queues a frame (``call_soon``, no writer task),
+        so every frame queued in that turn leaves in one socket write (framed by the connection's ``write_texts``).
+        Consecutive deliveries of batch subscriptions share one ``messages`` frame.
+
+        Flow control as websockets' ``send_context`` does it: while the transport's buffer is over its high-water
+        mark nothing is written (the outbox fills, the consumers' credit stops at ``outbox_high_water``) and the
+        connection calls ``on_writable`` when it drains. A connection that is no longer open writes nothing: what is
+        still queued is given back unsent when the session ends."""
+        self._flush_due = False
         ws = self.ws
         out = self.out
-        send_text = ws.protocol.send_text
-        while True:
-            await self._out_ready.wait()
-            self._out_ready.clear()
-            while out:
-                frames = 0
-                async with ws.send_context():
-                    batch: list[bytes] = []
-                    for _ in range(min(len(out), WRITE_BURST)):
-                        item = out.popleft()
-                        if item is _GOODBYE:
-                            self._written_all.set()
-                            break
-                        if isinstance(item, str):
-                            data = item.encode()
-                        else:
-                            c, dv = item
-                            if not (c.active and dv.id in c.inflight):
-                                continue
-                            if c.batch:
-                                batch.append(protocol.message_bytes(dv))
-                                continue
-                            data = protocol.message_bytes(dv)
-                        if batch:
-                            send_text(protocol.messages_bytes(batch))
-                            frames += 1
-                            batch = []
-                        send_text(data)
-                        frames += 1
+        if not out or self._closed or self._written_all.is_set() or ws.protocol.state is not OPEN:
+            return
+        write = self._write_texts
+        frames = 0
+        try:
+            while out and not ws.paused:
+                texts: list[bytes] = []
+                batch: list[bytes] = []
+                for _ in range(min(len(out), WRITE_BURST)):
+                    item = out.popleft()
+                    if item is _GOODBYE:
+                        self._written_all.set()
+                        break
+                    if isinstance(item, str):
+                        data = item.encode()
+                    else:
+                        c, dv = item
+                        if not (c.active and dv.id in c.inflight):
+                            continue
+                        if c.batch:
+                            batch.append(protocol.message_bytes(dv))
+                            continue
+                        data = protocol.message_bytes(dv)
                     if batch:
-                        send_text(protocol.messages_bytes(batch))
-                        frames += 1
-                metrics.frames_out.inc(frames)
+                        texts.append(protocol.messages_bytes(batch))
+                        batch = []
+                    texts.append(data)
+                if batch:
+                    texts.append(protocol.messages_bytes(batch))
+                if texts:
+                    write(texts)
+                    frames += len(texts)
                 if self._written_all.is_set():
-                    return  # goodbye: nothing after its marker is written
-            if self._was_congested:
-                self._was_congested = False
-                for c in self.consumers:
-                    self.dispatch.wake(c.topic, c.group)
+                    break  # goodbye: nothing after its marker is written
+        except Exception as exc:  # a bug or a failed socket write: the connection is cut, as send_context does
+            self.log.exception("write_failed")
+            metrics.task_errors.inc()
+            ws.set_connection_exc(exc)
+            ws.transport.abort()
+            return
+        finally:
+            _FRAMES_OUT.n += frames
+        if self._was_congested and not out:
+            self._was_congested = False
+            for c in self.consumers:
+                self.dispatch.wake(c.topic, c.group)
+
+    def _write_through_protocol(self, texts: list[bytes]) -> None:
+        for data in texts:
+            self.ws.protocol.send_text(data)
+        self.ws.send_data()
 
     async def run(self) -> None:
-        writer = watch_task(asyncio.create_task(self._writer(), name=f"writer:{self.conn_id}"))
+        ws = self.ws
+        hooks: Any = ws if hasattr(ws, "frame_sink") else None  # a BrokerConnection (node/server) has the hooks
         close_reason = "client closed"
         idle = self.settings.server.idle_timeout_s
+        if hooks is not None:
+            hooks.on_writable = self._kick
+            if idle <= 0:  # with an idle timeout every frame passes through recv(), which that timeout watches
+                hooks.frame_sink = self.take_frame
         try:
             if idle <= 0:
-                async for frame in self.ws:
-                    await self.handle(frame)
+                async for frame in ws:
+                    self._reading = True
+                    try:
+                        await self.handle(frame)
+                    finally:
+                        self._reading = False
             else:
                 while True:
                     try:
@@ -238,8 +288,10 @@ class Session:
             close_reason = f"connection lost: {e}"
         finally:
             self._closed = True
+            if hooks is not None:
+                hooks.frame_sink = None
+                hooks.on_writable = None
             self._give_back("consumer disconnected")
-            writer.cancel()
             self.log.info("connection_closed", reason=close_reason, code=self.ws.close_code)
 
     def unsent(self) -> dict[Consumer, set[str]]:
@@ -265,11 +317,64 @@ class Session:
 
     # ---- frames --------------------------------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def take_frame(self, frame: str) -> bool:
+        """The connection's read callback offers each text frame that has nothing queued ahead of it: served here
+        at once when that needs no waiting (True), else declined (False) and served by the reader task in its
+        turn (``handle``), with every frame behind it. No task, no wake-up of the reader, per frame."""
+        if self._reading:
+            return False
+        if self._abusive:
+            return True  # closing with 1008: nothing more from this client is served
+        try:
+            req = protocol.parse_frame(frame, self.limits)
+        except ProtocolError:
+            return False  # answered (and counted as a bad frame) by the reader
+        t = type(req)
+        if t not in _NOW or (t in _PUBLISHES and self._unconfirmed >= self._max_unconfirmed):
+            self._declined = (frame, req)  # not parsed twice
+            return False
+        counted = self._frames_in.get(t)
+        if counted is None:
+            counted = self._frames_in[t] = metrics.tally(metrics.frames_in, t.__name__.lower())
+        counted.n += 1
+        try:
+            if t is protocol.Publish:
+                self._publish_now(req)  # type: ignore[arg-type]
+            elif t is protocol.Ack:
+                self._ack(req)  # type: ignore[arg-type]
+            elif t is protocol.PublishBatch:
+                self._publish_batch_now(req)  # type: ignore[arg-type]
+            elif t is protocol.Nack:
+                self._nack(req)  # type: ignore[arg-type]
+            elif t is protocol.Extend:
+                self._spawn(self._extend(req))  # type: ignore[arg-type]
+            elif t is protocol.Unsubscribe:
+                self._unsubscribe(req)  # type: ignore[arg-type]
+            else:
+                self.send(protocol.reply("pong", req.ref))
+        except BrokerError as e:  # the request is refused as a whole (forbidden, rate limited, over a cap, ...)
+            self.reply_error(e, req.ref)
+        except Exception:  # a bug: the connection ends as when the reader task fails (1011), never silently
+            self.log.exception("frame_failed", op=t.__name__.lower())
+            metrics.task_errors.inc()
+            self._abusive = True  # nothing more from this connection is served
+            self._spawn(self.ws.close(1011, "internal error"))
+        return True
+
     async def handle(self, frame: str | bytes) -> None:
         if self._abusive:
             return  # closing with 1008: nothing more from this client is served
+        declined, self._declined = self._declined, None
         try:
-            req = protocol.parse_frame(frame, self.limits)
+            if declined is not None and declined[0] == frame:
+                req = declined[1]
+            else:
+                req = protocol.parse_frame(frame, self.limits)
         except ProtocolError as e:
             metrics.frames_in.labels("invalid").inc()
             self.reply_error(e)
@@ -344,17 +449,37 @@ class Session:
         self._take_rate(1)
         if self._unconfirmed >= self._max_unconfirmed:
             await self._wait_for_room()
+        self._submit(req)
+
+    def _publish_now(self, req: protocol.Publish) -> None:
+        """``_publish`` when the connection has room (``take_frame``): the same checks, in the same order."""
+        if not self.principal.may_publish(req.topic):
+            raise self.forbidden("publish to", req.topic)
+        self._take_rate(1)
+        self._submit(req)
+
+    def _submit(self, req: protocol.Publish) -> None:
         self._unconfirmed += 1
         fut = self.publisher.submit(req.to_request())
         fut.add_done_callback(partial(self._published, req))
 
     async def _publish_batch(self, req: protocol.PublishBatch) -> None:
+        self._batch_checks(req)
+        if self._unconfirmed >= self._max_unconfirmed:
+            await self._wait_for_room()
+        self._submit_batch(req)
+
+    def _publish_batch_now(self, req: protocol.PublishBatch) -> None:
+        self._batch_checks(req)
+        self._submit_batch(req)
+
+    def _batch_checks(self, req: protocol.PublishBatch) -> None:
         for p in req.items:  # all or nothing: one forbidden topic refuses the frame
             if not self.principal.may_publish(p.topic):
                 raise self.forbidden("publish to", p.topic)
         self._take_rate(len(req.items))
-        if self._unconfirmed >= self._max_unconfirmed:
-            await self._wait_for_room()
+
+    def _submit_batch(self, req: protocol.PublishBatch) -> None:
         self._unconfirmed += len(req.items)  # a batch is let in whole: at most one batch over the limit
         submit = self.publisher.submit
         futs = [submit(p.to_request()) for p in req.items]
@@ -404,13 +529,21 @@ class Session:
 
     def _ack(self, req: protocol.Ack) -> None:
         """One waiter per consumer of the frame (normally one), not one per item."""
+        if len(req.items) == 1:  # the common frame: one delivery, no grouping needed
+            it = req.items[0]
+            c = self._find(it.id, it.receipt)
+            if c is None:
+                self._stale("ack", req.ref, it.id)
+                return
+            self.dispatch.ack_many(c, req.items).add_done_callback(partial(self._acked, req.ref, [it.id]))
+            return
         held: dict[Consumer, list[AckItem]] = {}
         for it in req.items:
             c = self._find(it.id, it.receipt)
             if c is None:
                 self._stale("ack", req.ref, it.id)
                 continue
-            held.setdefault(c, []).append(AckItem(it.id, it.receipt))
+            held.setdefault(c, []).append(it)
         if not held:
             return
         futs = [self.dispatch.ack_many(c, items) for c, items in held.items()]
