@@ -299,6 +299,8 @@ class BrokerClient:
                 return await fut
         finally:
             self._waiting.pop(ref, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed by the reader (connection lost) while the send raised: already reported
 
     async def _settle(self, frame: dict[str, Any], wait: bool, via: ClientConnection | None) -> None:
         gone = StaleReceiptError(
