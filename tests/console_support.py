@@ -7,6 +7,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,12 @@ from broker.client.client import BrokerClient, Subscription
 from broker.node.auth import token_hash
 
 from .brokers import BrokerProcess
+from .support import RedisServer
 
 ADMIN = "admin-token-for-console-tests"
 APP = "app-token-without-admin"
 ALLOWED = "https://ops.example.com"
+FAST = {"BROKER_DELIVERY_SWEEP_INTERVAL_MS": "50", "BROKER_DELIVERY_POLL_INTERVAL_MS": "50"}
 
 
 def console_config(path: Path) -> Path:
@@ -84,3 +88,11 @@ async def reject(client: BrokerClient, sub: Subscription, topic: str, payload: A
     assert m.id == pub.id
     await m.nack(error, dead=True, wait=True)
     return pub.id
+
+
+@contextmanager
+def console_broker(folder: Path) -> Iterator[tuple[BrokerProcess, RedisServer]]:
+    """A redis-server and a broker with ``console_config`` in ``folder`` (fast sweeps), for a test module."""
+    cfg = console_config(folder / "broker.toml")
+    with RedisServer() as redis, BrokerProcess(redis.url, env=FAST, config=cfg) as b:
+        yield b, redis

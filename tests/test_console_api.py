@@ -25,20 +25,14 @@ import pytest
 from broker.client.client import BrokerClient
 
 from .brokers import BrokerProcess
-from .console_support import ADMIN, ALLOWED, APP, call, console_config, reject, wait_job
+from .console_support import ADMIN, ALLOWED, APP, FAST, call, console_broker, console_config, reject, wait_job
 from .support import Cli, RedisServer
-
-FAST = {
-    "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "50",
-    "BROKER_DELIVERY_POLL_INTERVAL_MS": "50",
-}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, RedisServer]]:
-    cfg = console_config(tmp_path_factory.mktemp("console") / "broker.toml")
-    with RedisServer() as redis, BrokerProcess(redis.url, env=FAST, config=cfg) as b:
-        yield b, redis
+    with console_broker(tmp_path_factory.mktemp("console")) as pair:
+        yield pair
 
 
 @pytest.fixture

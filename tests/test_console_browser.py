@@ -22,20 +22,18 @@ from broker.client.client import BrokerClient
 
 from .brokers import BrokerProcess
 from .browser import BROWSER, BrowserPage, Pages
-from .console_support import ADMIN, APP, console_config, reject
+from .console_support import ADMIN, APP, console_broker, reject
 from .support import RedisServer
 
 pytestmark = BROWSER
 
-FAST = {"BROKER_DELIVERY_SWEEP_INTERVAL_MS": "50", "BROKER_DELIVERY_POLL_INTERVAL_MS": "50"}
 SEEN_WITHIN_MS = 2_000
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerProcess, RedisServer]]:
-    cfg = console_config(tmp_path_factory.mktemp("console-browser") / "broker.toml")
-    with RedisServer() as redis, BrokerProcess(redis.url, env=FAST, config=cfg) as b:
-        yield b, redis
+    with console_broker(tmp_path_factory.mktemp("console-browser")) as pair:
+        yield pair
 
 
 @pytest.fixture
