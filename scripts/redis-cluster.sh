@@ -6,7 +6,8 @@
 #   scripts/redis-cluster.sh stop     # SHUTDOWN NOSAVE every node (the data folder stays; `clean` removes it)
 #   scripts/redis-cluster.sh clean    # stop, then remove the data folder
 #
-# Every node runs with AOF (appendfsync everysec) and a short cluster-node-timeout (REDIS_CLUSTER_NODE_TIMEOUT_MS,
+# Every node runs with AOF (appendfsync everysec), replicas sync at once (no diskless-sync delay; `start` returns
+# only when every replica is in sync) and a short cluster-node-timeout (REDIS_CLUSTER_NODE_TIMEOUT_MS,
 # 2000 by default) so a killed master's replica is promoted within seconds. Seed URL for the broker:
 #   redis://127.0.0.1:7100 with redis.cluster = true (docs/scaling.md).
 set -euo pipefail
@@ -32,7 +33,7 @@ start() {
         redis-server --port "$port" --bind 127.0.0.1 --daemonize yes \
             --dir "$(cd "$DIR/$port" && pwd)" --logfile redis.log --pidfile "$(cd "$DIR/$port" && pwd)/redis.pid" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout "$TIMEOUT_MS" \
-            --appendonly yes --appendfsync everysec --save ""
+            --appendonly yes --appendfsync everysec --save "" --repl-diskless-sync-delay 0
     done
     for port in "${PORTS[@]}"; do
         for _ in $(seq 1 50); do up "$port" && break; sleep 0.1; done
@@ -55,6 +56,18 @@ start() {
     for _ in $(seq 1 100); do
         [ "$(cli "${PORTS[0]}" CLUSTER NODES | grep -c ' slave ')" -ge 3 ] && break
         sleep 0.1
+    done
+    # ... and until every replica has synced: a replica that never completed its first sync cannot be promoted
+    # (its data counts as too old), so a master killed before that would never fail over.
+    for port in "${PORTS[@]}"; do
+        for _ in $(seq 1 300); do
+            info="$(cli "$port" INFO replication | tr -d '\r')"
+            grep -q '^role:master' <<<"$info" && break
+            grep -q '^master_link_status:up' <<<"$info" && break
+            sleep 0.1
+        done
+        grep -q -e '^role:master' -e '^master_link_status:up' <<<"$info" \
+            || { echo "redis-cluster: replica $port did not sync with its master; see $DIR/$port/redis.log" >&2; exit 1; }
     done
     echo "redis-cluster: 3 masters + 3 replicas on 127.0.0.1:${PORTS[0]}-${PORTS[5]} (data in $DIR)"
 }

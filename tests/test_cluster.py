@@ -8,6 +8,7 @@ cluster can show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
@@ -117,12 +118,8 @@ async def test_scripts_survive_a_failover_to_a_replica_with_an_empty_script_cach
     await cstore.ensure_group(T, "g")
     (first,) = await cstore.publish_many([PublishRequest(T, '"1"')])
     assert isinstance(first, PublishResult)
-    old = redis_cluster.port_of_slot_owner(cstore.keys(T).groups)
-    old_id = _id(redis_cluster, old)
-    replica = next(p for p, role, master in redis_cluster.nodes() if role == "slave" and master == old_id)
     # When its replica takes over (CLUSTER FAILOVER) and has never seen the scripts
-    assert redis_cluster.cli(replica, "CLUSTER", "FAILOVER") == "OK"
-    _wait(lambda: redis_cluster.port_of_slot_owner(cstore.keys(T).groups) == replica, "the replica to be promoted")
+    _, replica = _fail_over(redis_cluster, cstore.keys(T).groups)
     sha = cstore.scripts.get("publish").sha
     assert redis_cluster.cli(replica, "SCRIPT", "EXISTS", str(sha)) == "0"
     # Then the same store, on the same client, follows the slot (MOVED) and loads its scripts there (NOSCRIPT)
@@ -132,6 +129,49 @@ async def test_scripts_survive_a_failover_to_a_replica_with_an_empty_script_cach
     assert [d.payload for d in got] == ['"1"', '"2"']
     assert redis_cluster.cli(replica, "SCRIPT", "EXISTS", str(sha)) == "1"
     assert cstore.breaker.state == "closed"
+
+
+async def test_a_publish_waiting_for_replicas_after_a_failover_is_vouched_for_by_the_new_master(
+    redis_cluster: RedisCluster,
+) -> None:
+    # Given replicas_to_ack = 1 and a topic published to: the store's slot map names the topic's master
+    settings = redis_cluster.settings().replace("redis", key_prefix=f"w{uuid.uuid4().hex[:10]}", replicas_to_ack=1)
+    settings = settings.replace("redis", replicas_ack_timeout_ms=2_000)
+    store = make_store(connect_redis(redis_cluster.url, settings), settings)
+    try:
+        await store.ensure_group(T, "g")
+        (first,) = await store.publish_many([PublishRequest(T, '"1"')])
+        assert isinstance(first, PublishResult), first
+        # When its replica takes over, the old master becomes its replica, and the store's map is now stale
+        _fail_over(redis_cluster, store.keys(T).groups)
+        # Then the next publish runs on the new master (MOVED, then NOSCRIPT) and its WAIT goes there too, on the
+        # connection of the write: confirmed, not failed by a WAIT sent to the demoted master (a replica refuses it)
+        (second,) = await store.publish_many([PublishRequest(T, '"2"')])
+        assert isinstance(second, PublishResult), second
+        got = await store.claim(T, "g", 10, 30_000, "c1")
+        assert [d.payload for d in got] == ['"1"', '"2"']
+        assert store.breaker.state == "closed"
+    finally:
+        await store.close()
+
+
+def _fail_over(cluster: RedisCluster, key: str) -> tuple[int, int]:
+    """Promote the replica of ``key``'s master (CLUSTER FAILOVER: the old master becomes its replica) and wait until
+    the old master is in sync as the new one's replica (a manual failover needs a replica in sync: the next test's
+    would fail otherwise); returns (old master, new master)."""
+    old = cluster.port_of_slot_owner(key)
+    old_id = _id(cluster, old)
+    replica = next(p for p, role, master in cluster.nodes() if role == "slave" and master == old_id)
+    # A failover of a shard that failed over a moment ago can lose its election (the masters vote for one shard's
+    # failover once per 2 x cluster-node-timeout): asked again until it takes
+    for _ in range(4):
+        assert cluster.cli(replica, "CLUSTER", "FAILOVER") == "OK"
+        with contextlib.suppress(AssertionError):
+            _wait(lambda: cluster.port_of_slot_owner(key) == replica, "the replica to be promoted", timeout_s=5)
+            break
+    _wait(lambda: cluster.port_of_slot_owner(key) == replica, "the replica to be promoted")
+    _wait(lambda: "master_link_status:up" in cluster.cli(old, "INFO", "replication"), "the demoted master in sync")
+    return old, replica
 
 
 def _id(cluster: RedisCluster, port: int) -> str:
@@ -235,11 +275,7 @@ async def test_the_listener_follows_a_failover(
     heard = Listener(a, {T})
     await heard.until(lambda: heard.subscribed == 1, "the subscription")
     # When the topic's master fails over to its replica, and node A's own calls meet the new owner (its sweep does)
-    old = redis_cluster.port_of_slot_owner(a.keys(T).groups)
-    old_id = _id(redis_cluster, old)
-    replica = next(p for p, role, master in redis_cluster.nodes() if role == "slave" and master == old_id)
-    assert redis_cluster.cli(replica, "CLUSTER", "FAILOVER") == "OK"
-    _wait(lambda: redis_cluster.port_of_slot_owner(a.keys(T).groups) == replica, "the replica to be promoted")
+    _fail_over(redis_cluster, a.keys(T).groups)
     await a.sweep([(T, "g")])
     # Then A subscribes again on the new owner (and wakes every loop once: notes may have been missed)
     await heard.until(lambda: heard.subscribed == 2, "the subscription on the new owner")

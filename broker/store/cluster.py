@@ -25,9 +25,12 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    MovedError,
     RedisClusterException,
     RedisClusterUnreachableError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -161,9 +164,15 @@ async def eval_pass(
     client: aioredis.Redis, calls: Sequence[tuple[str, list[str], list[Any]]], wait: Wait | None
 ) -> tuple[list[Any], list[int | None]]:
     """One round of script calls (sha, keys, args) in a cluster pipeline: redis-py sends each master its calls in
-    one write on one connection, the masters in parallel, and follows MOVED / ASK. With ``wait``, a ``WAIT`` goes
-    to each master the first ``wait.calls`` calls reached, after them on the same connection. Returns the replies
-    in order (error replies as values) and, per call, its master's ``WAIT`` count (None without ``wait``)."""
+    one write on one connection, the masters in parallel. Returns the replies in order (error replies as values)
+    and, per call, its master's ``WAIT`` count (None without ``wait``, or when that ``WAIT`` vouches for nothing).
+
+    Without ``wait`` the pipeline follows MOVED / ASK. With ``wait``, a ``WAIT`` goes to each master the first
+    ``wait.calls`` calls were sent to, after them on the same connection, and redirections are *not* followed: a
+    redirected call would run on another connection, which that ``WAIT`` does not cover (a false confirm), and the
+    old master may even be a replica by now (``WAIT`` is an error there). Such a call did not run: it comes back as
+    its ``MovedError`` / ``AskError`` (``is_redirect``), the slot map is patched for a MOVED, and the caller sends it
+    again (``scripts._eval_direct``)."""
     rc = await ready(client)
     owners = [_owner(rc, keys[0]) for _, keys, _ in calls]
     waited: dict[str, ClusterNode] = {}
@@ -174,16 +183,25 @@ async def eval_pass(
             p.evalsha(sha, len(keys), *keys, *args)
         for node in waited.values():
             p.execute_command(*wait.command, target_nodes=node)  # type: ignore[union-attr]
-        res: list[Any] = list(await p.execute(raise_on_error=False))
+        res: list[Any] = list(await p.execute(raise_on_error=False, allow_redirections=wait is None))
     replies, acks = res[: len(calls)], dict(zip(waited, res[len(calls) :], strict=True))
     for got in acks.values():
-        if isinstance(got, Exception):  # the master's connection failed after the writes: nothing is vouched for
+        # the master's connection failed after the writes: nothing is vouched for, and the writes' fate is unknown
+        if isinstance(got, Exception) and (not isinstance(got, ResponseError) or isinstance(got, CLUSTER_OUTAGES)):
             raise got
+    for r in replies:
+        if isinstance(r, MovedError):
+            await rc.nodes_manager.move_slot(r)  # the next pass goes to the slot's new master
     counts: list[int | None] = []
     for node in owners:
-        got = acks.get(node.name)
+        got = acks.get(node.name)  # an error reply (e.g. a master demoted meanwhile) vouches for nothing
         counts.append(got if isinstance(got, int) else None)
     return replies, counts
+
+
+def is_redirect(reply: object) -> bool:
+    """A call a cluster master did not run because its slot is served elsewhere (MOVED) or migrating (ASK)."""
+    return isinstance(reply, AskError)  # MovedError is an AskError
 
 
 async def config_of_each_master(client: aioredis.Redis, names: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -50,3 +50,8 @@ def mark_unreplicated(replies: list[Any], counts: Sequence[int | None], wait: Wa
         if not isinstance(out[i], Exception) and (got is None or got < wait.replicas):
             out[i] = not_replicated(wait, got or 0)
     return out
+
+
+def moved_away(redirect: Exception) -> ResponseError:
+    """The refusal for a call whose slot kept moving while a ``WAIT`` was to vouch for it (it did not run)."""
+    return ResponseError(f"NOREPLICAS the slot moved ({redirect}) before the write could be confirmed; not confirmed")

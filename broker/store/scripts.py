@@ -21,12 +21,16 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from broker.store.cluster import eval_pass, is_cluster, load_script_where, node_of, sharded
+from broker.store.cluster import eval_pass, is_cluster, is_redirect, load_script_where, node_of, sharded
 from broker.store.gateway import Gateway, is_refusal, raise_outages
 from broker.store.pipe import ScriptCall, ScriptPipe
-from broker.store.replication import Wait, mark_unreplicated
+from broker.store.replication import Wait, mark_unreplicated, moved_away
 
 __all__ = ["ScriptCall", "Scripts", "load_script"]
+
+# Passes after the first for calls that did not run (NOSCRIPT, a slot that moved): a failover can need two (MOVED to
+# the promoted replica, then NOSCRIPT there).
+_REDO_PASSES = 3
 
 
 def load_script(name: str) -> str:
@@ -91,25 +95,32 @@ class Scripts:
         return res
 
     async def _eval_direct(self, r: aioredis.Redis, calls: Sequence[ScriptCall], wait: Wait | None) -> list[Any]:
-        """Script calls in one pipeline of their own (inside a gateway call): calls answered NOSCRIPT (they did not
-        run) are loaded (on a cluster, on the master that lacks them only) and sent again, with their own ``WAIT``."""
+        """Script calls in one pipeline of their own (inside a gateway call). Calls that did not run are sent again,
+        with their own ``WAIT``: those answered NOSCRIPT (a restarted Redis, a promoted replica) once their script is
+        loaded (on a cluster, on the master that lacks it only), and on a cluster those a waited pass did not follow
+        to the slot's new master (``cluster.eval_pass``). A call still redirected after a few passes (a slot that
+        keeps moving) is refused (``replication.moved_away``): the publisher retries with its idempotency key."""
         routed = is_cluster(r)
         one_pass = eval_pass if routed else _eval_pass
         res, counts = await one_pass(r, [(s.sha, k, a) for s, k, a in calls], wait)
-        again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError)]
-        if again:
+        for _ in range(_REDO_PASSES):
+            again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError) or is_redirect(x)]
+            if not again:
+                break
             loaded: set[tuple[str, str]] = set()
             for i in again:
                 script, keys, _ = calls[i]
                 where = node_of(r, keys[0]).name if routed else ""
-                if (script.sha, where) not in loaded:
+                if isinstance(res[i], NoScriptError) and (script.sha, where) not in loaded:
                     await (load_script_where(r, str(script.script), keys) if routed else r.script_load(script.script))
                     loaded.add((script.sha, where))
             redo = [(calls[i][0].sha, calls[i][1], calls[i][2]) for i in again]
-            rewait = None if wait is None else Wait(wait.replicas, wait.timeout_ms, len(redo))
+            # the calls a WAIT vouches for come first (the publishes), so they do in the redo too
+            rewait = None if wait is None else Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in again))
             res2, counts2 = await one_pass(r, redo, rewait)
             for i, x, n in zip(again, res2, counts2, strict=True):
                 res[i], counts[i] = x, n
+        res = [moved_away(x) if is_redirect(x) else x for x in res]
         raise_outages(res)  # an outage reaches the breaker as an exception
         return mark_unreplicated(res, counts, wait)
 
@@ -130,6 +141,7 @@ async def _eval_pass(
     if wait is None:
         return res, [None] * len(calls)
     got = res.pop()
-    if isinstance(got, Exception):  # the connection failed after the writes: nothing is vouched for
-        raise got
-    return res, [int(got)] * len(calls)
+    if isinstance(got, Exception) and not isinstance(got, ResponseError):
+        raise got  # the connection failed after the writes: their fate is unknown, an outage
+    # an error reply (e.g. this Redis was made a replica) vouches for nothing: the publishes are refused
+    return res, [got if isinstance(got, int) else None] * len(calls)
