@@ -53,6 +53,11 @@ class Recovery:
         self._pairs_at = 0.0
         self._full_at = 0.0
         self._judged_dead: set[str] = set()  # the nodes this node's sweep last took for dead
+        # After this node's own heartbeats failed (a Redis outage it saw; every other node's heartbeats likely failed
+        # too), it judges no other node dead until one node timeout after they succeed again (``_dead_nodes``)
+        self._beats_failed = False
+        self._judge_after = 0.0  # time.monotonic()
+        self._deferral_logged = 0.0
 
     def start(self) -> None:
         """Each loop runs under the supervisor (logged, counted, backoff, /readyz; see broker/supervisor.py). The
@@ -100,7 +105,7 @@ class Recovery:
             known = self.dispatch.known_due
             for gone in set(known) - set(self._pairs):
                 del known[gone]
-        dead_nodes = await self.store.dead_nodes(self.node_timeout_ms)
+        dead_nodes = await self._dead_nodes()
         self._judge(dead_nodes)
         failed: list[str] = []  # "topic/group: error" for pairs whose scripts failed this pass
         pairs = self._pairs
@@ -120,6 +125,21 @@ class Recovery:
         problems = self._broken + failed
         if problems:  # everything else was swept; these cannot be until someone repairs them: say so
             raise DegradedError(f"{len(problems)} topic(s)/group(s) not swept: {'; '.join(problems[:3])}")
+
+    async def _dead_nodes(self) -> list[str]:
+        """The nodes without a heartbeat for a node timeout, unless this node's own heartbeats resumed less than a
+        node timeout ago: after an outage of Redis every node's last heartbeat is old, and the first sweep to run
+        would take every node whose heartbeat had not landed yet for dead, expiring the leases of its live
+        consumers (redeliveries, attempts spent). Leases still expire at their deadlines meanwhile."""
+        dead = await self.store.dead_nodes(self.node_timeout_ms)
+        wait_s = self._judge_after - time.monotonic()
+        if dead and wait_s > 0:
+            if self._deferral_logged != self._judge_after:  # once per deferral
+                self._deferral_logged = self._judge_after
+                log.info("dead_node_judgement_deferred", nodes=sorted(dead), wait_s=round(wait_s, 2),
+                         reason="this node's own heartbeats resumed after failing")  # fmt: skip
+            return []
+        return dead
 
     def _judge(self, dead_nodes: list[str]) -> None:
         """Say when this node starts taking another for dead (before the sweep expires its leases: that sweep's
@@ -142,7 +162,14 @@ class Recovery:
                     metrics.child(metrics.queue_depth, d.topic, d.group, state).set(n)
 
     async def heartbeat_once(self) -> None:
-        await self.store.heartbeat(self.status() if self.status is not None else None)
+        try:
+            await self.store.heartbeat(self.status() if self.status is not None else None)
+        except Exception:
+            self._beats_failed = True
+            raise
+        if self._beats_failed:  # the others' heartbeats may have failed as long: give them a node timeout to land
+            self._beats_failed = False
+            self._judge_after = time.monotonic() + self.node_timeout_ms / 1000
 
     async def prune_once(self) -> None:
         pairs = await self.store.all_pairs([])  # an unreadable topic is the sweep's to report
