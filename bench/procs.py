@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.store.connection import BODY_LISTPACK_VALUE
+
 from . import SetupError
 
 LOOPBACK = "127.0.0.1"
@@ -224,6 +226,7 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
             "--save", "",
             "--appendonly", "yes",
             "--appendfsync", fsync,
+            "--hash-max-listpack-value", str(BODY_LISTPACK_VALUE),  # as the broker's managed redis-server
             "--dir", str(data),
             "--logfile", "",
         ]  # fmt: skip
@@ -237,7 +240,8 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
             continue
         desc = (
             f'redis-server {ver} on {LOOPBACK}:{port}: RDB snapshots off (--save ""), '
-            f"AOF on (--appendonly yes --appendfsync {fsync}), data in {data}"
+            f"AOF on (--appendonly yes --appendfsync {fsync}), hash-max-listpack-value {BODY_LISTPACK_VALUE} (as the "
+            f"broker's managed redis-server), data in {data}"
         )
         return RedisServer(proc, port, desc)
     assert last is not None

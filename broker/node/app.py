@@ -166,6 +166,8 @@ class Broker:
         if self.durable:
             for w in await self.store.persistence_warnings():
                 log.warning("redis_persistence_risk", problem=w)
+            for h in await self.store.memory_hints():
+                log.warning("redis_memory_hint", hint=h)
         else:
             self._nondurable_nag = watch_task(asyncio.create_task(self._nag(), name="nondurable_nag"))
         self.supervisor = Supervisor(self.settings.loops)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import structlog
 
+from broker.store.connection import BODY_LISTPACK_VALUE
+
 log = structlog.get_logger("broker.embedded")
 
 
@@ -63,6 +65,7 @@ class EmbeddedRedis:
             binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
+            "--hash-max-listpack-value", str(BODY_LISTPACK_VALUE),
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         # A session of its own: Ctrl-C in the terminal sends SIGINT to the whole foreground process group, and Redis
@@ -98,4 +101,6 @@ class EmbeddedRedis:
             log.error("embedded_redis_kill", port=self.port, note="did not stop on SIGTERM in time")
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stderr is not None:  # read only when it failed to start; the pipe is ours to close
+            self.proc.stderr.close()
         log.info("embedded_redis_stopped", port=self.port)

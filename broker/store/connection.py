@@ -37,6 +37,12 @@ except ImportError:  # pragma: no cover - hiredis is a declared dependency
 Redis = aioredis.Redis
 SAFE_EVICTION = {"noeviction"}
 PERSISTENCE_SETTINGS = ("appendonly", "save", "maxmemory-policy")
+# A message body is a hash (docs/keys.md) whose payload is usually longer than Redis's default
+# hash-max-listpack-value (64 bytes): Redis then keeps it as a hashtable, about 250 bytes more per message (a 256-byte
+# payload: 790 instead of 540 bytes per queued message, docs/performance.md "backlog"). The managed redis-server runs
+# with this value, and a broker on a Redis with less says so at startup (``memory_hints``).
+BODY_LISTPACK_VALUE = 4096
+MEMORY_SETTINGS = ("hash-max-listpack-value",)
 
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
@@ -65,10 +71,10 @@ def fake_client() -> aioredis.Redis:
     return client
 
 
-async def persistence_config(client: aioredis.Redis) -> dict[str, str]:
-    """``appendonly``, ``save`` and ``maxmemory-policy`` as CONFIG GET answers them (run it through the gateway)."""
+async def config_values(client: aioredis.Redis, names: Iterable[str]) -> dict[str, str]:
+    """Each setting in ``names`` as CONFIG GET answers it (run it through the gateway)."""
     cfg: dict[Any, Any] = {}
-    for name in PERSISTENCE_SETTINGS:
+    for name in names:
         cfg.update(await client.config_get(name))
     return {str(k): str(v) for k, v in cfg.items()}
 
@@ -82,6 +88,17 @@ def persistence_problems(cfg: dict[str, str]) -> list[str]:
     if policy not in SAFE_EVICTION:
         out.append(f"Redis maxmemory-policy is {policy!r}: under memory pressure it may evict queue keys")
     return out
+
+
+def memory_hints(cfg: dict[str, str]) -> list[str]:
+    """Settings that make every queued message cost more memory than it needs to (nothing is at risk)."""
+    value = cfg.get("hash-max-listpack-value", "")
+    if value.isdigit() and int(value) < 1024:
+        return [
+            f"Redis hash-max-listpack-value is {value}: a message body with a payload longer than that is kept as a "
+            f"hashtable, about 250 bytes more per queued message; set it to {BODY_LISTPACK_VALUE}"
+        ]
+    return []
 
 
 class HiredisPackingConnection(Connection):

@@ -12,7 +12,13 @@ from redis.exceptions import ResponseError
 
 from broker.core.model import GroupDepth
 from broker.store.cluster import config_of_each_master, is_cluster, on_each_master
-from broker.store.connection import PERSISTENCE_SETTINGS, persistence_config, persistence_problems
+from broker.store.connection import (
+    MEMORY_SETTINGS,
+    PERSISTENCE_SETTINGS,
+    config_values,
+    memory_hints,
+    persistence_problems,
+)
 from broker.store.gateway import Gateway
 from broker.store.scripts import Scripts
 from broker.store.topology import Topology
@@ -83,22 +89,35 @@ class Reads:
 
         return await self.gateway.call(go, "oldest_ready")
 
-    async def persistence_warnings(self) -> list[str]:
-        """Problems that can lose queued messages: no persistence, an eviction policy that may drop keys. Managed
-        Redis often forbids CONFIG: then the one warning says we could not check. Redis down raises."""
+    async def _configs(self, names: Sequence[str], what: str) -> dict[str, dict[str, str]] | str:
+        """CONFIG GET of ``names``: {master: {setting: value}} ("" for a single Redis; on a cluster every master, each
+        with its own settings), or the error text where CONFIG is forbidden (managed Redis often forbids it)."""
 
         async def go(r: aioredis.Redis) -> dict[str, dict[str, str]] | str:
             try:
-                if is_cluster(r):  # each master has its own settings: every one is checked, named in the warning
-                    return await config_of_each_master(r, PERSISTENCE_SETTINGS)
-                return {"": await persistence_config(r)}
+                if is_cluster(r):
+                    return await config_of_each_master(r, names)
+                return {"": await config_values(r, names)}
             except ResponseError as e:  # an answer, not a failure: not logged or counted as a bad reply
                 return str(e)
 
-        cfgs = await self.gateway.call(go, "persistence_config")
+        return await self.gateway.call(go, what)
+
+    async def persistence_warnings(self) -> list[str]:
+        """Problems that can lose queued messages: no persistence, an eviction policy that may drop keys. Where
+        CONFIG is forbidden the one warning says we could not check. Redis down raises."""
+        cfgs = await self._configs(PERSISTENCE_SETTINGS, "persistence_config")
         if isinstance(cfgs, str):
             return [f"could not read Redis persistence settings ({cfgs}); check them by hand"]
         return [f"master {m}: {p}" if m else p for m, cfg in cfgs.items() for p in persistence_problems(cfg)]
+
+    async def memory_hints(self) -> list[str]:
+        """Settings that make queued messages cost more memory than needed (``connection.memory_hints``); none
+        where CONFIG is forbidden (``persistence_warnings`` says so already)."""
+        cfgs = await self._configs(MEMORY_SETTINGS, "memory_config")
+        if isinstance(cfgs, str):
+            return []
+        return [f"master {m}: {h}" if m else h for m, cfg in cfgs.items() for h in memory_hints(cfg)]
 
     async def memory_info(self) -> tuple[int, int]:
         """(used_memory, maxmemory) in bytes; maxmemory 0 means no limit. On a cluster, of the master nearest its

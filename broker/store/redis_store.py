@@ -199,3 +199,6 @@ class RedisStore:
 
     async def persistence_warnings(self) -> list[str]:
         return await self.reads.persistence_warnings()
+
+    async def memory_hints(self) -> list[str]:
+        return await self.reads.memory_hints()
