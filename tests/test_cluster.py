@@ -135,9 +135,7 @@ async def test_a_publish_waiting_for_replicas_after_a_failover_is_vouched_for_by
     redis_cluster: RedisCluster,
 ) -> None:
     # Given replicas_to_ack = 1 and a topic published to: the store's slot map names the topic's master
-    settings = redis_cluster.settings().replace("redis", key_prefix=f"w{uuid.uuid4().hex[:10]}", replicas_to_ack=1)
-    settings = settings.replace("redis", replicas_ack_timeout_ms=2_000)
-    store = make_store(connect_redis(redis_cluster.url, settings), settings)
+    store = _waiting_store(redis_cluster, ack_timeout_ms=2_000)
     try:
         await store.ensure_group(T, "g")
         (first,) = await store.publish_many([PublishRequest(T, '"1"')])
@@ -153,6 +151,13 @@ async def test_a_publish_waiting_for_replicas_after_a_failover_is_vouched_for_by
         assert store.breaker.state == "closed"
     finally:
         await store.close()
+
+
+def _waiting_store(cluster: RedisCluster, ack_timeout_ms: int) -> RedisStore:
+    """A store on the cluster, under a prefix of its own, with ``redis.replicas_to_ack = 1``."""
+    settings = cluster.settings().replace("redis", key_prefix=f"r{uuid.uuid4().hex[:10]}", replicas_to_ack=1)
+    settings = settings.replace("redis", replicas_ack_timeout_ms=ack_timeout_ms)
+    return make_store(connect_redis(cluster.url, settings), settings)
 
 
 def _fail_over(cluster: RedisCluster, key: str) -> tuple[int, int]:
@@ -371,9 +376,7 @@ async def test_replicas_to_ack_waits_on_each_master_and_refuses_only_where_repli
     redis_cluster: RedisCluster,
 ) -> None:
     # Given replicas_to_ack = 1 on the cluster, and 30 topics over the three masters
-    settings = redis_cluster.settings().replace("redis", key_prefix=f"r{uuid.uuid4().hex[:10]}", replicas_to_ack=1)
-    settings = settings.replace("redis", replicas_ack_timeout_ms=300)
-    store = make_store(connect_redis(redis_cluster.url, settings), settings)
+    store = _waiting_store(redis_cluster, ack_timeout_ms=300)
     try:
         topics = [f"r{i}" for i in range(30)]
         res = await store.publish_many([PublishRequest(t, '"1"') for t in topics])
