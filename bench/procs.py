@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.store.connection import BODY_LISTPACK_VALUE
-
 from . import SetupError
+
+# The broker's managed redis-server runs with this (compact message bodies); the bench imports nothing from broker,
+# so tests/test_memory_hints.py holds it equal to broker.store.connection.BODY_LISTPACK_VALUE.
+HASH_LISTPACK_VALUE = 4096
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +228,7 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
             "--save", "",
             "--appendonly", "yes",
             "--appendfsync", fsync,
-            "--hash-max-listpack-value", str(BODY_LISTPACK_VALUE),  # as the broker's managed redis-server
+            "--hash-max-listpack-value", str(HASH_LISTPACK_VALUE),  # as the broker's managed redis-server
             "--dir", str(data),
             "--logfile", "",
         ]  # fmt: skip
@@ -240,7 +242,7 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
             continue
         desc = (
             f'redis-server {ver} on {LOOPBACK}:{port}: RDB snapshots off (--save ""), '
-            f"AOF on (--appendonly yes --appendfsync {fsync}), hash-max-listpack-value {BODY_LISTPACK_VALUE} (as the "
+            f"AOF on (--appendonly yes --appendfsync {fsync}), hash-max-listpack-value {HASH_LISTPACK_VALUE} (as the "
             f"broker's managed redis-server), data in {data}"
         )
         return RedisServer(proc, port, desc)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from bench.procs import HASH_LISTPACK_VALUE
 from broker.core.config import Settings
 from broker.core.model import PublishRequest
 from broker.node.embedded import EmbeddedRedis
@@ -16,6 +17,10 @@ from broker.store import connect_redis
 from broker.store.connection import BODY_LISTPACK_VALUE, memory_hints
 
 from .support import RedisServer, make_store
+
+
+def test_the_bench_runs_its_redis_server_as_the_managed_one() -> None:
+    assert HASH_LISTPACK_VALUE == BODY_LISTPACK_VALUE
 
 
 def test_a_value_below_1024_is_named_with_the_fix() -> None:
