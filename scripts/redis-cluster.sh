@@ -33,7 +33,8 @@ start() {
         redis-server --port "$port" --bind 127.0.0.1 --daemonize yes \
             --dir "$(cd "$DIR/$port" && pwd)" --logfile redis.log --pidfile "$(cd "$DIR/$port" && pwd)/redis.pid" \
             --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout "$TIMEOUT_MS" \
-            --appendonly yes --appendfsync everysec --save "" --repl-diskless-sync-delay 0
+            --appendonly yes --appendfsync everysec --save "" --repl-diskless-sync-delay 0 \
+            --hash-max-listpack-value 4096
     done
     for port in "${PORTS[@]}"; do
         for _ in $(seq 1 50); do up "$port" && break; sleep 0.1; done
