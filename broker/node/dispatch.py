@@ -114,6 +114,7 @@ class GroupDispatcher:
         # the periodic sweep leaves the group to the timer, until the timer fails or the last consumer leaves.
         self.due: int | None = None
         self.timed = False
+        self.keyed = False  # it has delivered a message with an ordering key: its acks never ride (Dispatch.ack)
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -273,6 +274,8 @@ class GroupDispatcher:
                 back.append(dv)
                 continue
             c.inflight[dv.id] = (dv.receipt, dv.attempt, dv.lease_expires_at, dv.published_at)
+            if dv.key:
+                self.keyed = True
             c.outlet.send_delivery(c, dv)
         if back:
             self.dispatch.release_later(self.topic, self.group, back)
@@ -485,9 +488,12 @@ class Dispatch:
     # not worth a Redis round trip of its own. Its script call waits to share the next script batch's write (a
     # publish, a claim), for at most ``pipe.RIDE_S``: at a low rate, where every message travels alone, this saves
     # one round trip per message. Its lease is held in Redis that much longer; nothing else changes (at-least-once:
-    # an ack lost with the node, before Redis ran it, is a redelivery, as for any ack not yet in Redis).
+    # an ack lost with the node, before Redis ran it, is a redelivery, as for any ack not yet in Redis). Acks of a
+    # strict-order group, or of a group that has delivered messages with an ordering key, never ride: there the ack
+    # is what lets the next message go (one in flight per group or per key), so it goes at once.
 
     def ack(self, consumer: Consumer, item: AckItem, *, ride: bool = False) -> asyncio.Future[bool]:
+        ride = ride and self._may_ride(consumer)
         return self._ack_coalescer(consumer, [item], ride).submit((item, ride))
 
     def ack_many(
@@ -495,7 +501,12 @@ class Dispatch:
     ) -> asyncio.Future[list[bool | BaseException]]:
         """Ack several deliveries of one consumer with one waiter (one ack frame): a result per item, in order.
         ``ride``: the caller does not wait on the answer soon (see "Acks that ride" above)."""
+        ride = ride and self._may_ride(consumer)
         return self._ack_coalescer(consumer, items, ride).submit_many([(it, ride) for it in items])
+
+    def _may_ride(self, consumer: Consumer) -> bool:
+        gd = self.dispatchers.get((consumer.topic, consumer.group))
+        return gd is not None and not gd.keyed and not self.store.is_strict(consumer.topic, consumer.group)
 
     def _ack_coalescer(
         self, consumer: Consumer, items: Sequence[AckItem], ride: bool

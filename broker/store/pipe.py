@@ -50,7 +50,7 @@ log = structlog.get_logger("broker.store")
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # (script, keys, args)
 MAX_BATCH_CALLS = 1000  # script calls per write (a batch never splits one caller's calls)
-RIDE_S = 0.002  # the longest a rider waits for a batch to share (then it goes alone)
+RIDE_S = 0.01  # the longest a rider waits for a batch to share (then it goes alone)
 
 
 @dataclass(slots=True)
