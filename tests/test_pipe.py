@@ -167,3 +167,67 @@ async def test_close_answers_whatever_waits(store_factory: StoreFactory) -> None
     await store.scripts.close()
     with pytest.raises(UnavailableError, match="closed"):
         await store.claim(T, "g", 1, 30_000, "c1")
+
+
+# ---- riders: acks nobody waits on share the next write ------------------------------------------------------------
+
+
+async def _leased(store: RedisStore, n: int) -> list[AckItem]:
+    await store.ensure_group(T, "g")
+    await store.publish_many([req(f'"{i}"') for i in range(n)])
+    return [AckItem(d.id, d.receipt) for d in await store.claim(T, "g", n, 30_000, "c1")]
+
+
+async def test_a_riding_ack_waits_for_the_next_write_and_shares_it(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    (item,) = await _leased(store, 1)
+    pipe = store.scripts.pipe
+    pipe._ride_s = 3600.0
+    before = pipe.batches
+    # Given an ack that rides, queued while nothing else is
+    ack = asyncio.ensure_future(store.ack_many(T, "g", [item], ride=True))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # Then it is not sent on its own
+    assert not ack.done()
+    assert pipe.batches == before
+    # When a call that does not ride comes (a publish)
+    (published,) = await store.publish_many([req('"next"')])
+    # Then both went in one write, and the ack ran
+    assert await ack == [1]
+    assert isinstance(published, PublishResult)
+    assert pipe.batches == before + 1
+    got = await store.claim(T, "g", 10, 30_000, "c2")
+    assert [d.payload for d in got] == ['"next"']  # the acked message is gone, not redelivered
+
+
+async def test_a_lone_rider_goes_on_its_timer(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    items = await _leased(store, 2)
+    # Given acks that ride and nothing else to ride with: they go alone (after RIDE_S, a few ms)
+    res = await asyncio.wait_for(store.ack_many(T, "g", items, ride=True), 30)
+    assert res == [1, 1]
+    assert await store.claim(T, "g", 10, 30_000, "c2") == []
+
+
+async def test_send_riders_sends_them_at_once(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    (item,) = await _leased(store, 1)
+    store.scripts.pipe._ride_s = 3600.0
+    ack = asyncio.ensure_future(store.ack_many(T, "g", [item], ride=True))
+    await asyncio.sleep(0)
+    # When someone waits on one of them (an ack frame with a ref, node/dispatch.py)
+    store.send_riders()
+    # Then they go now (no company, no timer)
+    assert await asyncio.wait_for(ack, 30) == [1]
+
+
+async def test_close_answers_a_waiting_rider(store_factory: StoreFactory) -> None:
+    store = await store_factory()
+    (item,) = await _leased(store, 1)
+    store.scripts.pipe._ride_s = 3600.0
+    ack = asyncio.ensure_future(store.ack_many(T, "g", [item], ride=True))
+    await asyncio.sleep(0)
+    await store.scripts.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        await ack

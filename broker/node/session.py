@@ -535,7 +535,8 @@ class Session:
             if c is None:
                 self._stale("ack", req.ref, it.id)
                 return
-            self.dispatch.ack_many(c, req.items).add_done_callback(partial(self._acked, req.ref, [it.id]))
+            ride = req.ref is None  # nobody waits on the answer: the ack may share the next Redis write
+            self.dispatch.ack_many(c, req.items, ride=ride).add_done_callback(partial(self._acked, req.ref, [it.id]))
             return
         held: dict[Consumer, list[AckItem]] = {}
         for it in req.items:
@@ -546,7 +547,8 @@ class Session:
             held.setdefault(c, []).append(it)
         if not held:
             return
-        futs = [self.dispatch.ack_many(c, items) for c, items in held.items()]
+        ride = req.ref is None
+        futs = [self.dispatch.ack_many(c, items, ride=ride) for c, items in held.items()]
         ids = [it.id for items in held.values() for it in items]
         if len(futs) == 1:
             futs[0].add_done_callback(partial(self._acked, req.ref, ids))

@@ -211,7 +211,10 @@ class Breaker:
         except Exception as e:
             self._report(e)
             raise
-        self._report(None)
+        if self._cb.current_state != "closed" or self._cb.fail_counter:
+            self._report(None)
+        # else: a success changes nothing in pybreaker's closed state without failures (it resets a counter at 0 and
+        # tells listeners, ours listen to state changes only): skipped, as it costs a lock and a generator per call
         return result
 
     def _report(self, exc: Exception | None) -> None:

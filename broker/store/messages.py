@@ -252,16 +252,19 @@ class Messages:
 
     # ---- settling ------------------------------------------------------------------------------------------
 
-    async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[AckOutcome]:
+    async def ack_many(
+        self, topic: str, group: str, items: Sequence[AckItem], *, ride: bool = False
+    ) -> list[AckOutcome]:
         """Per item: ACKED (truthy), ACKED_NEXT_LIVE (truthy: and its ordering key's next message went live), or
-        STALE (0: the receipt no longer holds the lease)."""
+        STALE (0: the receipt no longer holds the lease). ``ride``: no caller waits on the answer, so the call may
+        wait (briefly) to share the next script batch's write (``Scripts.run``)."""
         k = self.keys(topic)
         rt = self.settings.retention
         g = k.group(group)
         args: list[Any] = [k.base, group, self.clock(), rt.acked_audit_max, rt.acked_audit_ttl_s]
         for it in items:
             args += [it.id, it.receipt]
-        res = await self.scripts.call("ack", [g.leased, g.acked, g.ready, g.delayed, g.held], args, "ack")
+        res = await self.scripts.call("ack", [g.leased, g.acked, g.ready, g.delayed, g.held], args, "ack", ride=ride)
         return [AckOutcome(int(x)) for x in res]
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:

@@ -3,12 +3,15 @@ read), and the wake-up listener (Pub/Sub notes of the scripts that make messages
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from broker.core.config import Settings
@@ -106,20 +109,34 @@ class Nodes:
             await pubsub.psubscribe(pattern)
             if on_subscribed is not None:
                 on_subscribed()
+            conn = pubsub.connection
+            assert conn is not None  # psubscribe connected it
+            # The replies are read off the connection directly, within one deadline a second (where the loop beats
+            # and checks should_run), not through get_message: its per-call path (health check, retry wrapper, a
+            # timer per call) ran once or twice per note, and at a low rate every message sends one (this node's own
+            # publishes included, which are skipped). A lost connection raises: the caller's loop subscribes again.
             while should_run():
                 beat()
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is None or msg.get("type") != "pmessage":
-                    continue
-                data = msg.get("data")
-                if data == self.node_id or data == own_due:
-                    continue
-                topic = str(msg["channel"])[head:tail]
-                if isinstance(data, str) and data.startswith("due:"):
-                    if on_due is not None:
-                        on_due(topic)
-                    continue
-                on_topic(topic)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        while True:
+                            # math.inf: no timer of redis-py's own per read (the deadline above covers them)
+                            reply = await conn.read_response(
+                                timeout=math.inf, disconnect_on_error=False, push_request=True
+                            )
+                            if reply is None:  # a client that answers "nothing" (fakeredis, disconnected): lost
+                                raise RedisConnectionError("wake-up listener: the connection answers nothing")
+                            if not isinstance(reply, list) or len(reply) != 4 or reply[0] != "pmessage":
+                                continue  # the subscription's confirmation
+                            data = reply[3]
+                            if data == self.node_id or data == own_due:
+                                continue
+                            topic = str(reply[2])[head:tail]
+                            if isinstance(data, str) and data.startswith("due:"):
+                                if on_due is not None:
+                                    on_due(topic)
+                                continue
+                            on_topic(topic)
         except OUTAGES as e:
             raise UnavailableError(f"redis unreachable (wake-up listener): {e}", retry_after_ms=1_000) from None
         finally:

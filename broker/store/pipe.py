@@ -21,6 +21,10 @@ with load and cost nothing extra when idle), writes them with one ``send_packed_
 - **NOSCRIPT** (a Redis restart or ``SCRIPT FLUSH``): the calls answered so are sent again behind a ``SCRIPT LOAD``
   of their scripts in one more write, within the same batch; they did not run the first time.
 - A caller that gives up (cancelled) before its calls were taken loses nothing: they are skipped, never sent.
+- **Riders** (``run(..., ride=True)``: acks nobody waits on) are not worth a round trip of their own: they wait for the
+  next batch that goes anyway (a publish, a claim) and share its write, or for ``RIDE_S`` at the longest. At a low
+  rate, where every message travels alone, an ack then costs no write, read or wake-up of its own, in the broker or
+  in Redis. A call that is not a rider (or ``send_riders``) sends every rider queued with it at once.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ log = structlog.get_logger("broker.store")
 
 ScriptCall = tuple[AsyncScript, list[str], list[Any]]  # (script, keys, args)
 MAX_BATCH_CALLS = 1000  # script calls per write (a batch never splits one caller's calls)
+RIDE_S = 0.01  # the longest a rider waits for a batch to share (then it goes alone)
 
 
 @dataclass(slots=True)
@@ -53,23 +58,29 @@ class _Waiting:
     calls: Sequence[ScriptCall]
     what: str
     fut: asyncio.Future[list[Any]]
+    ride: bool
 
 
 class ScriptPipe:
-    def __init__(self, gateway: Gateway, max_calls: int = MAX_BATCH_CALLS) -> None:
+    def __init__(self, gateway: Gateway, max_calls: int = MAX_BATCH_CALLS, ride_s: float = RIDE_S) -> None:
         self.gateway = gateway
         self._max = max_calls
+        self._ride_s = ride_s
         self._queue: deque[_Waiting] = deque()
+        self._urgent = 0  # waiters queued that are not riders: the writer sends as soon as there is one
+        self._riders_due = False  # riders go without company (their timer ran out, or send_riders)
+        self._ride_timer: asyncio.TimerHandle | None = None
         self._conn: AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
         self.batches = 0  # batches written (tests; a batch is one breaker call)
 
-    def run(self, calls: Sequence[ScriptCall], what: str) -> asyncio.Future[list[Any]]:
+    def run(self, calls: Sequence[ScriptCall], what: str, ride: bool = False) -> asyncio.Future[list[Any]]:
         """Queue ``calls`` (in order, in one batch); the future holds one reply per call, an error reply as a
         ``ResponseError`` value in its place, or fails with ``UnavailableError`` (Redis unreachable, timed out,
-        breaker open, connection dropped: the calls may or may not have run)."""
+        breaker open, connection dropped: the calls may or may not have run). A rider (``ride``) goes with the next
+        batch that is not only riders, or after ``RIDE_S``; order is kept all the same (the queue's)."""
         fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         if self._closed:
             fut.set_exception(UnavailableError(f"redis connection closed during {what}", retry_after_ms=1_000))
@@ -77,13 +88,34 @@ class ScriptPipe:
         if not calls:
             fut.set_result([])
             return fut
-        self._queue.append(_Waiting(calls, what, fut))
+        self._queue.append(_Waiting(calls, what, fut, ride))
+        if not ride:
+            self._urgent += 1
+        elif self._ride_timer is None:
+            self._ride_timer = asyncio.get_running_loop().call_later(self._ride_s, self.send_riders)
+            return fut
+        else:
+            return fut
+        self._kick()
+        return fut
+
+    def send_riders(self) -> None:
+        """Send the riders queued now, without waiting for company (their timer ran out, or a caller waits on one
+        of them)."""
+        if self._ride_timer is not None:
+            self._ride_timer.cancel()
+            self._ride_timer = None
+        if self._closed or not self._queue:
+            return
+        self._riders_due = True
+        self._kick()
+
+    def _kick(self) -> None:
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = watch_task(asyncio.create_task(self._write_loop(), name="redis-pipe"))
         elif self._wake is not None and not self._wake.is_set():
             self._wake.set()
-        return fut
 
     async def close(self) -> None:
         """Stop the writer (shutdown); whatever still waits is answered ``unavailable``."""
@@ -93,9 +125,18 @@ class ScriptPipe:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fail(list(self._queue), UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000))
-        self._queue.clear()
+        self._fail_queued(UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000))
         await self._drop()
+
+    def _fail_queued(self, err: BaseException) -> None:
+        """Answer every queued waiter ``err`` and empty the queue (riders and their timer included)."""
+        self._fail(list(self._queue), err)
+        self._queue.clear()
+        self._urgent = 0
+        self._riders_due = False
+        if self._ride_timer is not None:
+            self._ride_timer.cancel()
+            self._ride_timer = None
 
     # ---- the writer ----------------------------------------------------------------------------------------
 
@@ -103,7 +144,7 @@ class ScriptPipe:
         batch: list[_Waiting] = []
         try:
             while not self._closed:
-                if not self._queue:
+                if not self._urgent and not self._riders_due:  # nothing, or riders waiting for company
                     assert self._wake is not None
                     self._wake.clear()
                     await self._wake.wait()
@@ -115,26 +156,34 @@ class ScriptPipe:
         except BaseException as e:  # cancelled (close) or a bug: no waiter is left hanging
             err = e if isinstance(e, Exception) else UnavailableError("redis connection closed", retry_after_ms=1_000)
             self._fail(batch, err)
-            self._fail(list(self._queue), err)
-            self._queue.clear()
+            self._fail_queued(err)
             raise
         finally:
             self._task = None
 
     def _take(self) -> list[_Waiting]:
-        """The next batch: the waiters queued, in order, up to ``max_calls`` calls (at least one waiter); waiters
-        whose caller gave up are dropped unsent."""
+        """The next batch: the waiters queued, in order, riders included, up to ``max_calls`` calls (at least one
+        waiter); waiters whose caller gave up are dropped unsent."""
         out: list[_Waiting] = []
         n = 0
         while self._queue:
             w = self._queue[0]
-            if w.fut.done():
-                self._queue.popleft()
-                continue
-            if out and n + len(w.calls) > self._max:
+            if out and not w.fut.done() and n + len(w.calls) > self._max:
                 break
-            out.append(self._queue.popleft())
+            self._queue.popleft()
+            if not w.ride:
+                self._urgent -= 1
+            if w.fut.done():
+                continue
+            out.append(w)
             n += len(w.calls)
+        if self._queue:  # cut by max_calls: the rest goes next, riders included (they waited already)
+            self._riders_due = True
+        else:
+            self._riders_due = False
+            if self._ride_timer is not None:
+                self._ride_timer.cancel()
+                self._ride_timer = None
         return out
 
     async def _run_batch(self, batch: list[_Waiting]) -> None:

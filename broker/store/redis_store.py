@@ -126,8 +126,14 @@ class RedisStore:
     async def reconcile_claims(self) -> int:
         return await self.messages.reconcile_claims()
 
-    async def ack_many(self, topic: str, group: str, items: Sequence[AckItem]) -> list[AckOutcome]:
-        return await self.messages.ack_many(topic, group, items)
+    async def ack_many(
+        self, topic: str, group: str, items: Sequence[AckItem], *, ride: bool = False
+    ) -> list[AckOutcome]:
+        return await self.messages.ack_many(topic, group, items, ride=ride)
+
+    def send_riders(self) -> None:
+        """Send the script calls that wait to ride on the next write (``ScriptPipe``) now: someone waits on one."""
+        self.scripts.pipe.send_riders()
 
     async def nack_many(self, topic: str, group: str, items: Sequence[tuple[NackItem, int, str]]) -> list[NackOutcome]:
         return await self.messages.nack_many(topic, group, items)

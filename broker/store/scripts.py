@@ -53,9 +53,9 @@ class Scripts:
             script = self._loaded[name] = client.register_script(text)
         return script
 
-    async def call(self, name: str, keys: list[str], args: list[Any], what: str) -> Any:
-        """One script call; an error reply raises (translated)."""
-        (res,) = await self.run([(self.get(name), keys, args)], what)
+    async def call(self, name: str, keys: list[str], args: list[Any], what: str, *, ride: bool = False) -> Any:
+        """One script call; an error reply raises (translated). ``ride``: see ``run``."""
+        (res,) = await self.run([(self.get(name), keys, args)], what, ride=ride)
         return res
 
     async def run(
@@ -66,11 +66,13 @@ class Scripts:
         keep_errors: bool = False,
         keep_refusals: bool = False,
         wait: Wait | None = None,
+        ride: bool = False,
     ) -> list[Any]:
         """Many script calls in one round trip, in order. Without ``keep_errors`` the first error reply fails the
         call (translated: ``StoreRefusedError`` for a refusal, else ``BrokerError``); with it, error replies come back
-        in place as exception values (see ``eval_many``)."""
-        res = await self.eval_many(calls, keep_refusals=keep_refusals, what=what, wait=wait)
+        in place as exception values (see ``eval_many``). ``ride``: nobody waits on the answer soon, so on a single
+        Redis the calls share the pipe's next write (``ScriptPipe``, riders) instead of one of their own."""
+        res = await self.eval_many(calls, keep_refusals=keep_refusals, what=what, wait=wait, ride=ride)
         if not keep_errors:
             for x in res:
                 if isinstance(x, Exception):
@@ -78,7 +80,12 @@ class Scripts:
         return res
 
     async def eval_many(
-        self, calls: Sequence[ScriptCall], keep_refusals: bool = False, what: str = "script", wait: Wait | None = None
+        self,
+        calls: Sequence[ScriptCall],
+        keep_refusals: bool = False,
+        what: str = "script",
+        wait: Wait | None = None,
+        ride: bool = False,
     ) -> list[Any]:
         """Run scripts by SHA in one round trip (``ScriptPipe``; on a cluster or with ``wait``, ``_eval_direct``).
         Error replies come back as exception values, in place; a refusal (OOM, READONLY...) fails the whole call
@@ -87,7 +94,7 @@ class Scripts:
         if wait is not None or is_cluster(self.gateway.client):
             res = await self.gateway.call(lambda r: self._eval_direct(r, calls, wait), what)
         else:
-            res = await self.pipe.run(calls, what)
+            res = await self.pipe.run(calls, what, ride)
         if not keep_refusals:
             for x in res:
                 if isinstance(x, ResponseError) and is_refusal(x):
