@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     MovedError,
     RedisClusterException,
     RedisClusterUnreachableError,
@@ -39,11 +40,10 @@ from broker.core.config import Settings
 from broker.store.replication import Wait
 
 # Errors of a cluster that is (for a moment) not serving a slot: outages for the breaker, like a lost connection.
-# CLUSTERDOWN / MASTERDOWN (a failover in progress), TRYAGAIN (a multi-key call during a slot migration), a slot no
-# node covers, no node reachable at all.
+# CLUSTERDOWN / MASTERDOWN (a failover in progress), a slot no node covers, no node reachable at all. Not TRYAGAIN:
+# that is one slot on the move (resharding), which the masters serve (``is_migrating``; docs/scaling.md).
 CLUSTER_OUTAGES: tuple[type[BaseException], ...] = (
     ClusterDownError,
-    TryAgainError,
     SlotNotCoveredError,
     RedisClusterUnreachableError,
 )
@@ -53,12 +53,40 @@ CLUSTER_BUGS = RedisClusterException
 
 _PUBLISH = "redis.call('PUBLISH', "
 
+# Prepended to every script on a cluster: a script whose slot is on the move refuses before its first command. While
+# a slot migrates, a script on the source master fails at the first key it builds at run time that is not (or no
+# longer) there (Redis: "non local key"), and on the target at the first multi-key command with a key not yet there,
+# both after the script's earlier writes, which stay: half a publish, ids popped from a ready list and never leased.
+# The probe touches two keys of the slot that never exist: a normal slot answers 0; the migrating source redirects
+# (ASK) and the importing target refuses (TRYAGAIN: several keys, not all there), which ``redis.pcall`` hands back
+# as an error instead of failing the script. The call then did nothing and says TRYAGAIN (``is_migrating``): sent
+# again a little later (``migration.settle``) until the move ends (SETSLOT NODE: MOVED, the client follows). Every
+# call of the store declares its topic's key first (KEYS[1]); a suffix keeps its hash tag, so its slot.
+MIGRATING_GUARD = """\
+do
+  local moving = redis.pcall('EXISTS', KEYS[1] .. '|moving:0', KEYS[1] .. '|moving:1')
+  if type(moving) == 'table' and moving.err then
+    return redis.error_reply('TRYAGAIN the slot of ' .. KEYS[1] .. ' is moving (resharding); the call did not run')
+  end
+end
+"""
+
 
 def sharded(text: str) -> str:
-    """A script's text for a cluster: its wake-up notes go out with ``SPUBLISH`` (sharded Pub/Sub: only the shard that
-    owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to every node of the cluster). Every
-    ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds them to it)."""
-    return text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+    """A script's text for a cluster: ``MIGRATING_GUARD`` first, and its wake-up notes go out with ``SPUBLISH``
+    (sharded Pub/Sub: only the shard that owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to
+    every node of the cluster). Every ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds
+    them to it). A single Redis runs the scripts as written: the guard costs it nothing."""
+    return MIGRATING_GUARD + text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+
+
+def is_migrating(reply: object) -> bool:
+    """A call that did not run because its slot is on the move: the guard's (or Redis's) ``TRYAGAIN``, an ``ASK`` not
+    followed (a pass with ``WAIT``, ``eval_pass``), or redis-py giving up following a slot that kept answering ASK /
+    TRYAGAIN (``TTL exhausted``)."""
+    if isinstance(reply, AskError):  # ASK: the slot is migrating (MOVED, a subclass: it has moved, follow it)
+        return not isinstance(reply, MovedError)
+    return isinstance(reply, TryAgainError) or (isinstance(reply, ClusterError) and "TTL exhausted" in str(reply))
 
 
 def connect_cluster(url: str, settings: Settings) -> aioredis.Redis:

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerOpenError
-from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES
+from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES, is_migrating
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")
@@ -144,7 +144,12 @@ class Gateway:
     def reply_error(self, exc: Exception, what: str) -> BrokerError:
         """Our error for one error reply: ``StoreRefusedError`` for a refusal (Redis is up but will not write; not a
         breaker failure: an open breaker would also block the claims and acks that drain a full Redis), else a
-        ``BrokerError`` with code internal. Logged loud but bounded."""
+        ``BrokerError`` with code internal. A call whose cluster slot is on the move (did not run; see
+        ``migration.py``) is ``unavailable`` to retry soon, and neither a refusal nor a breaker failure. Logged loud
+        but bounded."""
+        if is_migrating(exc):
+            self.log_bounded("redis_slot_moving", what, exc)
+            return UnavailableError(f"the slot of {what} is moving (resharding): {exc}", retry_after_ms=500)
         if isinstance(exc, ResponseError) and is_refusal(exc):
             self.refused_at, self.refusal = time.monotonic(), str(exc)
             self.log_bounded("redis_write_refused", what, exc)
@@ -160,6 +165,8 @@ class Gateway:
             return
         if event == "redis_write_refused":
             log.error("redis_write_refused", op=what, error=str(error), count=n)
+        elif event == "redis_slot_moving":
+            log.warning("redis_slot_moving", op=what, error=str(error), count=n)
         else:
             log.error("redis_error_reply", op=what, error=str(error), count=n)
 
