@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -177,12 +178,17 @@ async def test_moving_a_busy_topics_slot_there_and_back_loses_and_strands_nothin
             copies = {seq: s for seq, s in consumers.ids_of_seq.items() if len(s) > 1}
             ack_errors = consumers.ack_errors
         breaker_opened = [metric(b, r'breaker_transitions_total\{.*breaker="redis".*to="open"') for b in brokers]
+        # (a background sweep that met the moving slot reports its round as failed; the next round succeeds)
+        with contextlib.suppress(AssertionError):
+            await until(lambda: all(b.get("/readyz")[0] == 200 for b in brokers), "/readyz 200", 30)
         readyz = [b.get("/readyz")[0] for b in brokers]
-        script_errors = [metric(b, r"store_errors_total\{.*redis_error_reply") for b in brokers]
+        # (error replies of the scripts; the sweep's read of the group sets, a plain SMEMBERS, may meet the moving
+        # slot: redis-py's "TTL exhausted", and that round of the sweep reports it)
+        script_errors = [metric(b, r'store_errors_total\{op="(?!all_pairs").*redis_error_reply') for b in brokers]
         resent = [metric(b, r"slot_moving_total\{") for b in brokers]
     finally:
         for b in brokers:
-            print(f"--- broker {b.port} ---\n{b.log_tail(15)}")
+            print(f"--- broker {b.port} ---\n{b.log_tail(int(os.environ.get('RESHARD_LOG_LINES', '15')))}")
             b.close()
     stray = {p: int(cluster.cli(p, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) for p in cluster.masters() if p != home}
     print(

@@ -195,12 +195,15 @@ async def eval_pass(
     one write on one connection, the masters in parallel. Returns the replies in order (error replies as values)
     and, per call, its master's ``WAIT`` count (None without ``wait``, or when that ``WAIT`` vouches for nothing).
 
-    Without ``wait`` the pipeline follows MOVED / ASK. With ``wait``, a ``WAIT`` goes to each master the first
-    ``wait.calls`` calls were sent to, after them on the same connection, and redirections are *not* followed: a
-    redirected call would run on another connection, which that ``WAIT`` does not cover (a false confirm), and the
-    old master may even be a replica by now (``WAIT`` is an error there). Such a call did not run: it comes back as
-    its ``MovedError`` / ``AskError`` (``is_redirect``), the slot map is patched for a MOVED, and the caller sends it
-    again (``scripts._eval_direct``)."""
+    Redirections are *not* followed by redis-py here. With ``wait``, a ``WAIT`` goes to each master the first
+    ``wait.calls`` calls were sent to, after them on the same connection: a redirected call would run on another
+    connection, which that ``WAIT`` does not cover (a false confirm), and the old master may even be a replica by now
+    (``WAIT`` is an error there). Without, following an ``ASK`` cannot help a script (the importing master refuses
+    it too, ``MIGRATING_GUARD``), and redis-py would send each such call alone, again and again for half a second
+    (its TRYAGAIN loop), one after the other: a pass with many calls of a moving slot would outlast the breaker's
+    call timeout. Such a call did not run: it comes back as its ``MovedError`` / ``AskError`` (``is_redirect``); the
+    slot map is patched for a MOVED and the caller sends it again at once (``scripts._eval_direct``), an ASK waits
+    for the move to end (``migration.settle``)."""
     rc = await ready(client)
     owners = [_owner(rc, keys[0]) for _, keys, _ in calls]
     waited: dict[str, ClusterNode] = {}
@@ -211,7 +214,7 @@ async def eval_pass(
             p.evalsha(sha, len(keys), *keys, *args)
         for node in waited.values():
             p.execute_command(*wait.command, target_nodes=node)  # type: ignore[union-attr]
-        res: list[Any] = list(await p.execute(raise_on_error=False, allow_redirections=wait is None))
+        res: list[Any] = list(await p.execute(raise_on_error=False, allow_redirections=False))
     replies, acks = res[: len(calls)], dict(zip(waited, res[len(calls) :], strict=True))
     for got in acks.values():
         # the master's connection failed after the writes: nothing is vouched for, and the writes' fate is unknown

@@ -20,14 +20,15 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ClusterError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerOpenError
 from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES, is_migrating
+from broker.store.migration import RETRY_AFTER_MS
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")
@@ -109,6 +110,10 @@ class Gateway:
                 if isinstance(e, CLUSTER_OUTAGES):
                     raise
                 return _Answered(e)
+            except ClusterError as e:  # redis-py gave up following a slot on the move ("TTL exhausted"): no outage
+                if is_migrating(e):
+                    return _Answered(e)
+                raise
             finally:
                 metrics.child(metrics.redis_latency, what).observe(time.perf_counter() - t0)
 
@@ -149,7 +154,7 @@ class Gateway:
         but bounded."""
         if is_migrating(exc):
             self.log_bounded("redis_slot_moving", what, exc)
-            return UnavailableError(f"the slot of {what} is moving (resharding): {exc}", retry_after_ms=500)
+            return UnavailableError(f"the slot of {what} is moving (resharding): {exc}", retry_after_ms=RETRY_AFTER_MS)
         if isinstance(exc, ResponseError) and is_refusal(exc):
             self.refused_at, self.refusal = time.monotonic(), str(exc)
             self.log_bounded("redis_write_refused", what, exc)
