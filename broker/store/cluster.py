@@ -3,7 +3,8 @@
 The client is redis-py's asyncio ``RedisCluster`` with the single client's policy: its own retries are off
 (``Retry(NoBackoff(), 0)``), so an unreachable master reaches the breaker at once instead of after silent tries.
 ``MOVED`` and ``ASK`` are not retries of a failed call but redirections the client follows (bounded by its request
-TTL), so a slot that moved (resharding, a failover) costs one more hop, not an error.
+TTL), so a slot that moved (resharding, a failover) costs one more hop, not an error; script pipelines follow
+``MOVED`` themselves and wait out ``ASK`` (``eval_pass``, ``MIGRATING_GUARD``, ``migration.py``).
 
 It is handed around typed as the single client (``redis.asyncio.Redis``): the store calls only commands both clients
 share, and the cluster-only forms (a command on one node, a node's slot) are in this module. The store's tests run on
