@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_random_exponential
-
 from broker.runtime import metrics
+from broker.runtime.resilience import repeat_while_left
 from broker.store.cluster import is_migrating
 from broker.store.replication import Wait
 
@@ -41,20 +40,14 @@ async def settle(replies: list[Any], calls: Sequence[Call], wait: Wait | None, s
     def moving() -> list[int]:
         return [i for i, x in enumerate(out) if is_migrating(x)]
 
-    async def once() -> list[int]:
+    async def once() -> bool:
         again = moving()
         metrics.child(metrics.slot_moving, what).inc(len(again))
         rewait = None if wait is None else Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in again))
         for i, x in zip(again, await send([calls[i] for i in again], rewait), strict=True):
             out[i] = x
-        return moving()
+        return bool(moving())  # still refused: again, after a wait (an exception, e.g. an outage, is raised)
 
-    if moving():
-        retrying = AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.02, max=0.25),
-            stop=stop_after_delay(SETTLE_S),
-            retry=retry_if_result(bool),  # calls still refused: again (an exception, e.g. an outage, raises)
-            retry_error_callback=lambda state: None,  # out of time: the refusals stay in ``out``
-        )
-        await retrying(once)
+    if moving():  # out of time: the refusals stay in ``out``
+        await repeat_while_left(once, deadline_s=SETTLE_S, initial_s=0.02, max_s=0.25)
     return out
