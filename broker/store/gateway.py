@@ -103,7 +103,7 @@ class Gateway:
             try:
                 return await fn(client)
             except ResponseError as e:  # refusals too: Redis is up and answering (reads, acks, deletes still work)
-                if is_outage(e):  # CLUSTERDOWN and TRYAGAIN are error replies, but of a slot nobody serves now
+                if is_outage(e):  # CLUSTERDOWN is an error reply, but of a slot nobody serves now
                     raise
                 return _Answered(e)
             except CLUSTER_BUGS as e:  # keys of one call in two slots, no key to route by: a bug, not an outage
