@@ -163,3 +163,37 @@ class RedisCluster:
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def move_slot(
+    cluster: RedisCluster, slot: int, src: int, dst: int, batch: int = 10, pause_s: float = 0.005, timeout_s: float = 60
+) -> int:
+    """Move one slot from the master on port ``src`` to the one on ``dst`` the way ``redis-cli --cluster reshard``
+    does: ``SETSLOT IMPORTING`` on the target, ``SETSLOT MIGRATING`` on the source, ``MIGRATE`` of ``batch`` keys at
+    a time (reshard's ``--cluster-pipeline``, default 10) until the source holds none, then ``SETSLOT NODE`` on
+    target, source and every other master. ``pause_s`` between batches lets traffic meet the half-moved slot.
+    Returns the number of keys moved. Bounded by ``timeout_s``."""
+    import redis as sync_redis
+
+    conns = {p: sync_redis.Redis(host="127.0.0.1", port=p, decode_responses=True) for p in cluster.masters()}
+    try:
+        src_id, dst_id = conns[src].execute_command("CLUSTER MYID"), conns[dst].execute_command("CLUSTER MYID")
+        conns[dst].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        conns[src].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} still had keys on {src} after {timeout_s} s")
+            keys = conns[src].execute_command("CLUSTER GETKEYSINSLOT", slot, batch)
+            if not keys:
+                break
+            conns[src].execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause_s)
+        for p in (dst, src, *(p for p in conns if p not in (src, dst))):
+            conns[p].execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+        return moved
+    finally:
+        for c in conns.values():
+            c.close()

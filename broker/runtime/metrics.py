@@ -91,6 +91,12 @@ promoted = Counter(
 )
 orphans = Counter("broker_queue_entries_without_body_total", "Queue ids whose body was missing", registry=REGISTRY)
 store_errors = Counter("broker_store_errors_total", "Redis operations that failed", ["op", "kind"], registry=REGISTRY)
+slot_moving = Counter(
+    "broker_store_slot_moving_total",
+    "Script calls a Redis Cluster refused because their slot was moving (resharding); each is sent again",
+    ["op"],
+    registry=REGISTRY,
+)
 loop_errors = Counter("broker_loop_errors_total", "Background loop failures", ["loop"], registry=REGISTRY)
 loop_restarts = Counter(
     "broker_loop_restarts_total", "Background loop tasks restarted after ending unexpectedly", ["loop"],

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import pybreaker
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_result, stop_after_delay
 from tenacity import wait_exponential_jitter as _wait_exponential_jitter
 
 T = TypeVar("T")
@@ -252,6 +252,21 @@ def retry_until(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+async def repeat_while_left(
+    step: Callable[[], Awaitable[bool]], *, deadline_s: float, initial_s: float, max_s: float
+) -> bool:
+    """Await ``step`` until it answers False (nothing left to do), with jittered exponential waits (``initial_s``
+    growing to ``max_s``) between, for at most ``deadline_s``. An exception of ``step`` is raised at once. Returns
+    whether something was still left at the end (the caller reports it: a retry that gave up is never silent)."""
+    retrying = AsyncRetrying(
+        retry=retry_if_result(bool),
+        wait=_wait_exponential_jitter(multiplier=initial_s, max=max_s, jitter=initial_s),
+        stop=stop_after_delay(deadline_s),
+        retry_error_callback=lambda state: True,
+    )
+    return bool(await retrying(step))
 
 
 class LoopBackoff:

@@ -3,7 +3,8 @@
 The client is redis-py's asyncio ``RedisCluster`` with the single client's policy: its own retries are off
 (``Retry(NoBackoff(), 0)``), so an unreachable master reaches the breaker at once instead of after silent tries.
 ``MOVED`` and ``ASK`` are not retries of a failed call but redirections the client follows (bounded by its request
-TTL), so a slot that moved (resharding, a failover) costs one more hop, not an error.
+TTL), so a slot that moved (resharding, a failover) costs one more hop, not an error; script pipelines follow
+``MOVED`` themselves and wait out ``ASK`` (``eval_pass``, ``MIGRATING_GUARD``, ``migration.py``).
 
 It is handed around typed as the single client (``redis.asyncio.Redis``): the store calls only commands both clients
 share, and the cluster-only forms (a command on one node, a node's slot) are in this module. The store's tests run on
@@ -27,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     MovedError,
     RedisClusterException,
     RedisClusterUnreachableError,
@@ -39,11 +41,10 @@ from broker.core.config import Settings
 from broker.store.replication import Wait
 
 # Errors of a cluster that is (for a moment) not serving a slot: outages for the breaker, like a lost connection.
-# CLUSTERDOWN / MASTERDOWN (a failover in progress), TRYAGAIN (a multi-key call during a slot migration), a slot no
-# node covers, no node reachable at all.
+# CLUSTERDOWN / MASTERDOWN (a failover in progress), a slot no node covers, no node reachable at all. Not TRYAGAIN:
+# that is one slot on the move (resharding), which the masters serve (``is_migrating``; docs/scaling.md).
 CLUSTER_OUTAGES: tuple[type[BaseException], ...] = (
     ClusterDownError,
-    TryAgainError,
     SlotNotCoveredError,
     RedisClusterUnreachableError,
 )
@@ -53,12 +54,40 @@ CLUSTER_BUGS = RedisClusterException
 
 _PUBLISH = "redis.call('PUBLISH', "
 
+# Prepended to every script on a cluster: a script whose slot is on the move refuses before its first command. While
+# a slot migrates, a script on the source master fails at the first key it builds at run time that is not (or no
+# longer) there (Redis: "non local key"), and on the target at the first multi-key command with a key not yet there,
+# both after the script's earlier writes, which stay: half a publish, ids popped from a ready list and never leased.
+# The probe touches two keys of the slot that never exist: a normal slot answers 0; the migrating source redirects
+# (ASK) and the importing target refuses (TRYAGAIN: several keys, not all there), which ``redis.pcall`` hands back
+# as an error instead of failing the script. The call then did nothing and says TRYAGAIN (``is_migrating``): sent
+# again a little later (``migration.settle``) until the move ends (SETSLOT NODE: MOVED, the client follows). Every
+# call of the store declares its topic's key first (KEYS[1]); a suffix keeps its hash tag, so its slot.
+MIGRATING_GUARD = """\
+do
+  local moving = redis.pcall('EXISTS', KEYS[1] .. '|moving:0', KEYS[1] .. '|moving:1')
+  if type(moving) == 'table' and moving.err then
+    return redis.error_reply('TRYAGAIN the slot of ' .. KEYS[1] .. ' is moving (resharding); the call did not run')
+  end
+end
+"""
+
 
 def sharded(text: str) -> str:
-    """A script's text for a cluster: its wake-up notes go out with ``SPUBLISH`` (sharded Pub/Sub: only the shard that
-    owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to every node of the cluster). Every
-    ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds them to it)."""
-    return text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+    """A script's text for a cluster: ``MIGRATING_GUARD`` first, and its wake-up notes go out with ``SPUBLISH``
+    (sharded Pub/Sub: only the shard that owns the topic's slot carries them; a plain ``PUBLISH`` is broadcast to
+    every node of the cluster). Every ``PUBLISH`` of the scripts is written ``redis.call('PUBLISH', `` (a test holds
+    them to it). A single Redis runs the scripts as written: the guard costs it nothing."""
+    return MIGRATING_GUARD + text.replace(_PUBLISH, "redis.call('SPUBLISH', ")
+
+
+def is_migrating(reply: object) -> bool:
+    """A call that did not run because its slot is on the move: the guard's (or Redis's) ``TRYAGAIN``, an ``ASK`` not
+    followed (a pass with ``WAIT``, ``eval_pass``), or redis-py giving up following a slot that kept answering ASK /
+    TRYAGAIN (``TTL exhausted``)."""
+    if isinstance(reply, AskError):  # ASK: the slot is migrating (MOVED, a subclass: it has moved, follow it)
+        return not isinstance(reply, MovedError)
+    return isinstance(reply, TryAgainError) or (isinstance(reply, ClusterError) and "TTL exhausted" in str(reply))
 
 
 def connect_cluster(url: str, settings: Settings) -> aioredis.Redis:
@@ -167,12 +196,15 @@ async def eval_pass(
     one write on one connection, the masters in parallel. Returns the replies in order (error replies as values)
     and, per call, its master's ``WAIT`` count (None without ``wait``, or when that ``WAIT`` vouches for nothing).
 
-    Without ``wait`` the pipeline follows MOVED / ASK. With ``wait``, a ``WAIT`` goes to each master the first
-    ``wait.calls`` calls were sent to, after them on the same connection, and redirections are *not* followed: a
-    redirected call would run on another connection, which that ``WAIT`` does not cover (a false confirm), and the
-    old master may even be a replica by now (``WAIT`` is an error there). Such a call did not run: it comes back as
-    its ``MovedError`` / ``AskError`` (``is_redirect``), the slot map is patched for a MOVED, and the caller sends it
-    again (``scripts._eval_direct``)."""
+    Redirections are *not* followed by redis-py here. With ``wait``, a ``WAIT`` goes to each master the first
+    ``wait.calls`` calls were sent to, after them on the same connection: a redirected call would run on another
+    connection, which that ``WAIT`` does not cover (a false confirm), and the old master may even be a replica by now
+    (``WAIT`` is an error there). Without, following an ``ASK`` cannot help a script (the importing master refuses
+    it too, ``MIGRATING_GUARD``), and redis-py would send each such call alone, again and again for half a second
+    (its TRYAGAIN loop), one after the other: a pass with many calls of a moving slot would outlast the breaker's
+    call timeout. Such a call did not run: it comes back as its ``MovedError`` / ``AskError`` (``is_redirect``); the
+    slot map is patched for a MOVED and the caller sends it again at once (``scripts._eval_direct``), an ASK waits
+    for the move to end (``migration.settle``)."""
     rc = await ready(client)
     owners = [_owner(rc, keys[0]) for _, keys, _ in calls]
     waited: dict[str, ClusterNode] = {}
@@ -183,7 +215,7 @@ async def eval_pass(
             p.evalsha(sha, len(keys), *keys, *args)
         for node in waited.values():
             p.execute_command(*wait.command, target_nodes=node)  # type: ignore[union-attr]
-        res: list[Any] = list(await p.execute(raise_on_error=False, allow_redirections=wait is None))
+        res: list[Any] = list(await p.execute(raise_on_error=False, allow_redirections=False))
     replies, acks = res[: len(calls)], dict(zip(waited, res[len(calls) :], strict=True))
     for got in acks.values():
         # the master's connection failed after the writes: nothing is vouched for, and the writes' fate is unknown

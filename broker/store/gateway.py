@@ -20,14 +20,15 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ClusterError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerOpenError
-from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES
+from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES, is_migrating
+from broker.store.migration import RETRY_AFTER_MS
 
 T = TypeVar("T")
 log = structlog.get_logger("broker.store")
@@ -102,13 +103,17 @@ class Gateway:
             try:
                 return await fn(client)
             except ResponseError as e:  # refusals too: Redis is up and answering (reads, acks, deletes still work)
-                if is_outage(e):  # CLUSTERDOWN and TRYAGAIN are error replies, but of a slot nobody serves now
+                if is_outage(e):  # CLUSTERDOWN is an error reply, but of a slot nobody serves now
                     raise
                 return _Answered(e)
             except CLUSTER_BUGS as e:  # keys of one call in two slots, no key to route by: a bug, not an outage
                 if isinstance(e, CLUSTER_OUTAGES):
                     raise
                 return _Answered(e)
+            except ClusterError as e:  # redis-py gave up following a slot on the move ("TTL exhausted"): no outage
+                if is_migrating(e):
+                    return _Answered(e)
+                raise
             finally:
                 metrics.child(metrics.redis_latency, what).observe(time.perf_counter() - t0)
 
@@ -144,7 +149,12 @@ class Gateway:
     def reply_error(self, exc: Exception, what: str) -> BrokerError:
         """Our error for one error reply: ``StoreRefusedError`` for a refusal (Redis is up but will not write; not a
         breaker failure: an open breaker would also block the claims and acks that drain a full Redis), else a
-        ``BrokerError`` with code internal. Logged loud but bounded."""
+        ``BrokerError`` with code internal. A call whose cluster slot is on the move (did not run; see
+        ``migration.py``) is ``unavailable`` to retry soon, and neither a refusal nor a breaker failure. Logged loud
+        but bounded."""
+        if is_migrating(exc):
+            self.log_bounded("redis_slot_moving", what, exc)
+            return UnavailableError(f"the slot of {what} is moving (resharding): {exc}", retry_after_ms=RETRY_AFTER_MS)
         if isinstance(exc, ResponseError) and is_refusal(exc):
             self.refused_at, self.refusal = time.monotonic(), str(exc)
             self.log_bounded("redis_write_refused", what, exc)
@@ -160,6 +170,8 @@ class Gateway:
             return
         if event == "redis_write_refused":
             log.error("redis_write_refused", op=what, error=str(error), count=n)
+        elif event == "redis_slot_moving":
+            log.warning("redis_slot_moving", op=what, error=str(error), count=n)
         else:
             log.error("redis_error_reply", op=what, error=str(error), count=n)
 

@@ -13,7 +13,7 @@ connection is every caller's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -21,8 +21,17 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from broker.store.cluster import eval_pass, is_cluster, is_redirect, load_script_where, node_of, sharded
+from broker.store.cluster import (
+    eval_pass,
+    is_cluster,
+    is_migrating,
+    is_redirect,
+    load_script_where,
+    node_of,
+    sharded,
+)
 from broker.store.gateway import Gateway, is_refusal, raise_outages
+from broker.store.migration import settle
 from broker.store.pipe import ScriptCall, ScriptPipe
 from broker.store.replication import Wait, mark_unreplicated, moved_away
 
@@ -92,7 +101,12 @@ class Scripts:
         (``StoreRefusedError``) unless ``keep_refusals`` (the caller then handles each reply, e.g. claims that did
         run). An outage raises ``UnavailableError``. With ``wait`` the batch ends with ``WAIT`` (``replication.py``)."""
         if wait is not None or is_cluster(self.gateway.client):
-            res = await self.gateway.call(lambda r: self._eval_direct(r, calls, wait), what)
+
+            def direct(some: Sequence[ScriptCall], w: Wait | None) -> Awaitable[list[Any]]:
+                return self.gateway.call(lambda r: self._eval_direct(r, some, w), what)
+
+            # calls refused because their slot is moving (resharding) go again, outside the breaker (migration.py)
+            res = await settle(await direct(calls, wait), calls, wait, direct, what)
         else:
             res = await self.pipe.run(calls, what, ride)
         if not keep_refusals:
@@ -104,14 +118,15 @@ class Scripts:
     async def _eval_direct(self, r: aioredis.Redis, calls: Sequence[ScriptCall], wait: Wait | None) -> list[Any]:
         """Script calls in one pipeline of their own (inside a gateway call). Calls that did not run are sent again,
         with their own ``WAIT``: those answered NOSCRIPT (a restarted Redis, a promoted replica) once their script is
-        loaded (on a cluster, on the master that lacks it only), and on a cluster those a waited pass did not follow
-        to the slot's new master (``cluster.eval_pass``). A call still redirected after a few passes (a slot that
-        keeps moving) is refused (``replication.moved_away``): the publisher retries with its idempotency key."""
+        loaded (on a cluster, on the master that lacks it only), and on a cluster those answered MOVED (the pass does
+        not follow redirections, ``cluster.eval_pass``). A call still MOVED after a few passes (a slot that keeps
+        moving) is refused (``replication.moved_away``): the publisher retries with its idempotency key; one still
+        sent away by ASK (its slot is migrating) is left for ``migration.settle``."""
         routed = is_cluster(r)
         one_pass = eval_pass if routed else _eval_pass
         res, counts = await one_pass(r, [(s.sha, k, a) for s, k, a in calls], wait)
         for _ in range(_REDO_PASSES):
-            again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError) or is_redirect(x)]
+            again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError) or _moved(x)]
             if not again:
                 break
             loaded: set[tuple[str, str]] = set()
@@ -127,12 +142,17 @@ class Scripts:
             res2, counts2 = await one_pass(r, redo, rewait)
             for i, x, n in zip(again, res2, counts2, strict=True):
                 res[i], counts[i] = x, n
-        res = [moved_away(x) if is_redirect(x) else x for x in res]
+        res = [moved_away(x) if _moved(x) else x for x in res]  # ASK: the slot is moving, settle() waits
         raise_outages(res)  # an outage reaches the breaker as an exception
         return mark_unreplicated(res, counts, wait)
 
     async def close(self) -> None:
         await self.pipe.close()
+
+
+def _moved(reply: object) -> bool:
+    """A call a cluster master did not run because its slot is served elsewhere now (not: is migrating, ASK)."""
+    return is_redirect(reply) and not is_migrating(reply)
 
 
 async def _eval_pass(
