@@ -56,6 +56,10 @@ class Scripts:
         self.pipe = ScriptPipe(gateway)
         self._loaded: dict[str, AsyncScript] = {}
 
+    @property
+    def on_cluster(self) -> bool:
+        return is_cluster(self.gateway.client)
+
     def get(self, name: str) -> AsyncScript:
         """The script ``scripts/<name>.lua`` (registered on first use; the text is read once)."""
         script = self._loaded.get(name)
