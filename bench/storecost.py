@@ -9,6 +9,9 @@ Shapes (every call is awaited, so each is a fixed sequence of calls whatever the
 - ``single``: one message per call, one call at a time (a lightly loaded broker: each message's calls go alone);
 - ``concurrent``: 20 workers, each ``single`` on a topic of its own, at the same time (calls that meet in flight).
 
+``--listen``: the store's wake-up listener runs meanwhile, as in a broker node alone (the notes of its own
+publishes reach it and are dropped, where the checkout sends them).
+
     PYTHONPATH=. .venv/bin/python bench/storecost.py --shape single --messages 5000
 """
 
@@ -56,7 +59,7 @@ async def cycle(store: RedisStore, topic: str, n: int) -> None:
     assert all(res), res
 
 
-async def run(shape: str, messages: int, port: int) -> dict[str, Any]:
+async def run(shape: str, messages: int, port: int, listen: bool = False) -> dict[str, Any]:
     settings = Settings()
     store = RedisStore(
         connect_redis(f"redis://127.0.0.1:{port}/0", settings),
@@ -67,6 +70,10 @@ async def run(shape: str, messages: int, port: int) -> dict[str, Any]:
     topics = [f"cost{i}" for i in range(20 if shape == "concurrent" else 1)]
     for t in topics:
         await store.ensure_group(t, "default")
+    listening = True
+    listener = (
+        asyncio.create_task(store.listen_wakes(lambda _t: None, lambda: None, lambda: listening)) if listen else None
+    )
     for t in topics:  # warm up: scripts loaded, connections open
         await cycle(store, t, 10)
     admin = aioredis.Redis(port=port, decode_responses=True)
@@ -90,12 +97,16 @@ async def run(shape: str, messages: int, port: int) -> dict[str, Any]:
         await asyncio.gather(*(worker(t) for t in topics))
     c1, r1, t1 = cpu_self(), cpu_pid(redis_pid), time.perf_counter()
     stats = await admin.info("commandstats")
+    if listener is not None:
+        listening = False
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
     await admin.aclose()
     await store.close()
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
     calls.pop("info", None)
     return {
-        "shape": shape,
+        "shape": shape + ("+listen" if listen else ""),
         "messages": messages,
         "python_us_per_msg": round((c1 - c0) * 1e6 / messages, 1),
         "redis_us_per_msg": round((r1 - r0) * 1e6 / messages, 1),
@@ -115,6 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["batch", "single", "concurrent"], default="single")
     ap.add_argument("--messages", type=int, default=5000)
+    ap.add_argument("--listen", action="store_true", help="run the store's wake-up listener meanwhile")
     ap.add_argument("--redis-port", type=int, default=0, help="a throwaway redis-server (default: start one)")
     a = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # stdout is the JSON
@@ -129,7 +141,7 @@ def main() -> None:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         time.sleep(0.3)
     try:
-        print(json.dumps(asyncio.run(asyncio.wait_for(run(a.shape, a.messages, port), 600))))
+        print(json.dumps(asyncio.run(asyncio.wait_for(run(a.shape, a.messages, port, a.listen), 600))))
     finally:
         if proc is not None:
             proc.terminate()

@@ -6,6 +6,7 @@ import asyncio
 import random
 import statistics
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pybreaker
 import pytest
@@ -77,9 +78,9 @@ def test_lua_backoff_matches_the_python_formula() -> None:
     # Given the backoff function the Lua scripts use (it lets a message's own backoff base apply inside Redis)
     import fakeredis
 
-    from broker.store.scripts import load_script
+    from broker.store.lua_lib import with_lib
 
-    lib = load_script("promote").split("-- promote.lua", 1)[0]
+    lib = (Path(__file__).resolve().parent.parent / "broker/store/scripts/_lib.lua").read_text()
     r = fakeredis.FakeStrictRedis()
     cases = [
         (a, base, mult, cap, u)
@@ -88,7 +89,7 @@ def test_lua_backoff_matches_the_python_formula() -> None:
         for u in (0.5, 0.8, 1.0, 1.2, 1.999)
     ]
     args = ", ".join(f"tonumber(ARGV[{i}])" for i in range(1, 6))
-    script = f"{lib}\nreturn backoff({args})"
+    script = with_lib(lib, f"return backoff({args})")
     # When both compute the same cases, Then they agree to the millisecond
     for case in cases:
         assert r.eval(script, 0, *case) == backoff_delay(*case), case

@@ -109,3 +109,15 @@ def node_key(prefix: str, node_id: str) -> str:
 def nodes_key(prefix: str) -> str:
     """ZSET broker node id -> last heartbeat (epoch ms)."""
     return f"{prefix}:nodes"
+
+
+def listeners_channel(prefix: str) -> str:
+    """Pub/Sub channel (not a key), never published on: every node's wake-up listener subscribes to it on one Redis,
+    so ``PUBSUB NUMSUB`` counts the listening nodes (publish.lua skips its note when no other node listens)."""
+    return f"{prefix}:listeners"
+
+
+def listener_channel(prefix: str, node_id: str) -> str:
+    """Pub/Sub channel (not a key), never published on: one node's wake-up listener subscribes to it along with
+    ``listeners_channel``, so the count of the others is exact (the publishing node's own listener may be down)."""
+    return f"{prefix}:listener:{node_id}"

@@ -20,7 +20,7 @@ from broker.core.errors import BrokerError, UnavailableError
 from broker.core.model import AckItem, Delivery, NackItem, PublishRequest, PublishResult, new_message_id
 from broker.runtime import metrics
 from broker.runtime.resilience import jitter_factor
-from broker.store.keys import TopicKeys
+from broker.store.keys import TopicKeys, listener_channel, listeners_channel
 from broker.store.replication import Wait
 from broker.store.scripts import ScriptCall, Scripts
 from broker.store.topology import Topology
@@ -107,6 +107,10 @@ class Messages:
         self.strict = strict
         self.node_id = node_id
         self.clock = clock
+        # publish.lua's note goes out only when another node's listener is subscribed (PUBSUB NUMSUB of these two
+        # channels). Not on a cluster: there a count is one node's own, and the notes are sharded per topic.
+        prefix = topology.prefix
+        self._listeners = [] if scripts.on_cluster else [listeners_channel(prefix), listener_channel(prefix, node_id)]
         self._uncertain_claims: list[tuple[str, str, str, str, int]] = []
         self._claim_seq = itertools.count()
         self._rng = random.Random()
@@ -143,7 +147,7 @@ class Messages:
                 args += [ids[i], r.payload, r.headers, r.idempotency_key or "", r.delay_ms, r.key or ""]
                 args += [r.max_attempts or "", r.backoff_base_ms or ""]
             strict = self.strict.groups_of(topic)
-            args += [len(strict), *strict, self.node_id]
+            args += [len(strict), *strict, self.node_id, *self._listeners]
             calls.append((script, [k.groups], args))
         calls += [self.claim_call(c, now) for c in claims]
         try:

@@ -18,7 +18,7 @@ from broker.core.config import Settings
 from broker.core.errors import UnavailableError
 from broker.store.cluster import is_cluster
 from broker.store.gateway import OUTAGES, Gateway
-from broker.store.keys import node_key, nodes_key
+from broker.store.keys import listener_channel, listeners_channel, node_key, nodes_key
 from broker.store.sharded_wakes import listen_sharded
 
 
@@ -106,6 +106,11 @@ class Nodes:
         own_due = f"due:{self.node_id}"
         pubsub = self.gateway.client.pubsub(ignore_subscribe_messages=True)
         try:
+            # First the two channels that count this node as a listener (publish.lua sends its note only when another
+            # node's listener is counted), in one SUBSCRIBE (Redis runs it whole: never counted as this node without
+            # being counted as a listener). Then, on the same connection, the pattern: whenever a note could reach
+            # this listener, it is counted.
+            await pubsub.subscribe(listeners_channel(self.prefix), listener_channel(self.prefix, self.node_id))
             await pubsub.psubscribe(pattern)
             if on_subscribed is not None:
                 on_subscribed()

@@ -1,4 +1,5 @@
-"""Loading and calling the Lua scripts of ``scripts/`` (each one state transition; ``_lib.lua`` is prepended).
+"""Loading and calling the Lua scripts of ``scripts/`` (each one state transition, preceded by the part of
+``_lib.lua`` it uses).
 
 Scripts are called by SHA through the store's one pipelined connection (``pipe.ScriptPipe``): concurrent calls share
 one write and one breaker call, and calls answered NOSCRIPT (a Redis restart or SCRIPT FLUSH forgets scripts) are
@@ -31,6 +32,7 @@ from broker.store.cluster import (
     sharded,
 )
 from broker.store.gateway import Gateway, is_refusal, raise_outages
+from broker.store.lua_lib import with_lib
 from broker.store.migration import settle
 from broker.store.pipe import ScriptCall, ScriptPipe
 from broker.store.replication import Wait, mark_unreplicated, moved_away
@@ -43,8 +45,9 @@ _REDO_PASSES = 3
 
 
 def load_script(name: str) -> str:
+    """The script's text, preceded by the definitions of ``_lib.lua`` it uses (``lua_lib.with_lib``)."""
     lib = resources.files("broker.store").joinpath("scripts/_lib.lua").read_text()
-    return lib + "\n" + resources.files("broker.store").joinpath(f"scripts/{name}.lua").read_text()
+    return with_lib(lib, resources.files("broker.store").joinpath(f"scripts/{name}.lua").read_text())
 
 
 class Scripts:
@@ -52,6 +55,10 @@ class Scripts:
         self.gateway = gateway
         self.pipe = ScriptPipe(gateway)
         self._loaded: dict[str, AsyncScript] = {}
+
+    @property
+    def on_cluster(self) -> bool:
+        return is_cluster(self.gateway.client)
 
     def get(self, name: str) -> AsyncScript:
         """The script ``scripts/<name>.lua`` (registered on first use; the text is read once)."""

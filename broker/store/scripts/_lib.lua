@@ -1,4 +1,5 @@
--- _lib.lua: helpers prepended to every script at load time (not a transition of its own).
+-- _lib.lua: helpers for the scripts (not a transition of its own). Each script is loaded with the top-level definitions
+-- below that it uses, and the ones those use (broker/store/lua_lib.py): Redis runs a script's whole text on every call.
 --
 -- Key schema (docs/keys.md; broker/store/keys.py builds the same names in Python, tests/test_lua_schema.py holds the
 -- two together). A script touches two kinds of keys:

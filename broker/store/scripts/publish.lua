@@ -14,6 +14,13 @@
 --          group is in flight, in publish order) and a key line would reorder: keyed messages queue like others.
 -- then     the publishing node's id: the payload of the wake-up note, so that node can skip its own notes; when
 --          a message went to a delayed set, a second note "due:<node id>" (the other nodes' timers read the heads)
+-- then     optional (one Redis, not a cluster): the channel every node's wake-up listener subscribes to and the one
+--          the publishing node's listener alone subscribes to (keys.py listeners_channel, listener_channel). Given,
+--          the wake-up note goes out only when a listener other than the publishing node's is subscribed: the
+--          difference of their PUBSUB NUMSUB counts (a listener subscribes to both before its wake pattern, so it is
+--          counted whenever a note could reach it). At a low rate every message travels alone, and a single node
+--          paid a note per message that Redis wrote to its own listener only for it to be dropped (its own
+--          consumers claim after its publishes: claims ride on them). The "due:" note always goes out.
 -- Returns  flat array, 3 per message: id, duplicate (0|1), groups stored in (-1: rejected, no group)
 local base, now, ttl, policy_, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local W = 8
@@ -35,6 +42,7 @@ local s0 = 6 + n * W
 local ns = tonumber(ARGV[s0] or '0')
 for j = 1, ns do strict[ARGV[s0 + j]] = true end
 local origin = ARGV[s0 + ns + 1] or 'p'
+local all_listeners, own_listener = ARGV[s0 + ns + 2], ARGV[s0 + ns + 3]
 local ready = {}          -- group -> ids that go live now, in publish order
 local q = {}              -- group -> its keys (group_keys)
 for _, g in ipairs(groups) do ready[g] = {}; q[g] = group_keys(base, g) end
@@ -80,6 +88,10 @@ for i = 0, n - 1 do
 end
 for _, g in ipairs(groups) do
   if #ready[g] > 0 then call_chunked('RPUSH', q[g].ready, ready[g]) end
+end
+if live and own_listener then
+  local c = redis.call('PUBSUB', 'NUMSUB', all_listeners, own_listener)
+  live = c[2] - c[4] > 0
 end
 if live then redis.call('PUBLISH', key(base, 'wake'), origin) end
 if delayed then redis.call('PUBLISH', key(base, 'wake'), 'due:' .. origin) end
