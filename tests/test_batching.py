@@ -10,6 +10,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from broker.node.server import BrokerConnection
+from broker.runtime import metrics
 from broker.runtime.batching import Coalescer
 
 
@@ -179,3 +180,34 @@ async def test_a_request_submitted_while_drain_wakes_the_flusher_is_not_stranded
     late = co.submit(8)
     # Then the request is flushed and answered all the same
     assert await asyncio.wait_for(late, 1.0) == 16
+
+
+async def test_submit_call_answers_through_the_function_and_a_failing_one_spoils_nothing() -> None:
+    # Given requests answered through functions (one of which raises: a bug in the caller), and one through a future
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=10)
+    got: list[tuple[str, int | BaseException]] = []
+
+    def boom(arg: str, res: int | BaseException) -> None:
+        raise RuntimeError("bug")
+
+    errors_before = metrics.task_errors._value.get()
+    co.submit_call(1, lambda arg, res: got.append((arg, res)), "a")
+    co.submit_call(2, boom, "b")
+    co.submit_call(-3, lambda arg, res: got.append((arg, res)), "c")
+    fut = co.submit(4)
+    # When they are flushed together, Then each function is called once with its result or its error in place,
+    # the raising one is counted as a task error, and the others (and the future) are answered all the same
+    assert await fut == 8
+    assert got[0] == ("a", 2) and got[1][0] == "c" and isinstance(got[1][1], ValueError) and len(got) == 2
+    assert flush.batches == [[1, 2, -3, 4]]
+    assert metrics.task_errors._value.get() == errors_before + 1
+    # And at shutdown a request still waiting is answered through its function too (fail_all)
+    flush.gate.clear()
+    co.submit_call(5, lambda arg, res: got.append((arg, res)), "d")
+    await asyncio.sleep(0)
+    assert co.fail_all(ConnectionError("cut")) == 1
+    assert got[2][0] == "d" and isinstance(got[2][1], ConnectionError)
+    flush.gate.set()
+    await asyncio.sleep(0.01)
+    assert len(got) == 3  # the late result of the cut flush is not delivered a second time
