@@ -615,3 +615,20 @@ def test_every_error_class_maps_to_a_known_code() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BrokerError)]
     assert len(classes) >= 12
     assert {c.code for c in classes} <= ERROR_CODES
+
+
+@pytest.mark.parametrize(
+    ("ref", "msg_id", "duplicate"),
+    [(7, "0190f3a2b4c51a2b3c4d00000001", False), (-(2**53), "abc", False), (0, "x\"y", False), (7, "a\u00e9", False),
+     (7, "abc", True), ("r-1", "abc", False), (None, "abc", False), (7, "", False)],
+)  # fmt: skip
+def test_published_reply_is_the_json_of_its_fields(ref: Any, msg_id: str, duplicate: bool) -> None:
+    # Given any ref, id and duplicate flag (the common reply is formatted without a dict), Then the reply is exactly
+    # the JSON text of its fields
+    want: dict[str, Any] = {"op": "published", "id": msg_id}
+    if duplicate:
+        want["duplicate"] = True
+    if ref is not None:
+        want["ref"] = ref
+    got = protocol.published(ref, msg_id, duplicate)
+    assert got == orjson.dumps(want).decode() and orjson.loads(got) == want

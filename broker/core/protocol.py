@@ -571,6 +571,8 @@ def _with_ref(d: dict[str, Any], ref: Ref) -> dict[str, Any]:
 
 
 def published(ref: Ref, msg_id: str, duplicate: bool) -> str:
+    if type(ref) is int and not duplicate and msg_id.isalnum():  # the common reply (a broker's ids are hex), as
+        return f'{{"op":"published","id":"{msg_id}","ref":{ref}}}'  # orjson would write it, without the dict
     d: dict[str, Any] = {"op": "published", "id": msg_id}
     if duplicate:
         d["duplicate"] = True
