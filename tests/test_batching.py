@@ -10,6 +10,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from broker.node.server import BrokerConnection
+from broker.runtime import metrics
 from broker.runtime.batching import Coalescer
 
 
@@ -141,3 +142,72 @@ async def test_a_flush_cancelled_at_shutdown_answers_everything_still_waiting() 
         assert fut.done() and isinstance(fut.exception(), asyncio.CancelledError)
     assert many.done() and all(isinstance(r, asyncio.CancelledError) for r in many.result())
     assert len(co) == 0
+
+
+async def test_one_flusher_task_serves_flush_after_flush_and_drain_ends_it() -> None:
+    # Given a coalescer that has flushed one request (the low-rate case: every request travels alone)
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=10)
+    assert await co.submit(1) == 2
+    flusher = co._task
+    tasks = len(asyncio.all_tasks())
+    # When more requests come one at a time, single and grouped
+    for i in range(2, 6):
+        assert await co.submit(i) == 2 * i
+        got = await co.submit_many([i, -i])
+        assert got[0] == 2 * i and isinstance(got[1], ValueError)
+    # Then the same flusher task served them all, each request in a flush of its own (no added wait, no new task)
+    assert co._task is flusher and flusher is not None and not flusher.done()
+    assert len(asyncio.all_tasks()) == tasks
+    assert flush.batches[:3] == [[1], [2], [2, -2]]
+    # When the coalescer is drained (shutdown), Then the parked flusher ends
+    assert await co.drain(1.0)
+    await asyncio.sleep(0)
+    assert flusher.done() and not flusher.cancelled() and co._task is None
+    # And a request after the drain is still flushed and answered (a new flusher, which ends when idle)
+    assert await co.submit(7) == 14
+    await asyncio.sleep(0)
+    assert co._task is None
+
+
+async def test_a_request_submitted_while_drain_wakes_the_flusher_is_not_stranded() -> None:
+    # Given a parked flusher
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=10)
+    assert await co.submit(1) == 2
+    # When drain ends it and, in the same loop turn, a request comes
+    assert await co.drain(1.0)
+    late = co.submit(8)
+    # Then the request is flushed and answered all the same
+    assert await asyncio.wait_for(late, 1.0) == 16
+
+
+async def test_submit_call_answers_through_the_function_and_a_failing_one_spoils_nothing() -> None:
+    # Given requests answered through functions (one of which raises: a bug in the caller), and one through a future
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=10)
+    got: list[tuple[str, int | BaseException]] = []
+
+    def boom(arg: str, res: int | BaseException) -> None:
+        raise RuntimeError("bug")
+
+    errors_before = metrics.task_errors._value.get()
+    co.submit_call(1, lambda arg, res: got.append((arg, res)), "a")
+    co.submit_call(2, boom, "b")
+    co.submit_call(-3, lambda arg, res: got.append((arg, res)), "c")
+    fut = co.submit(4)
+    # When they are flushed together, Then each function is called once with its result or its error in place,
+    # the raising one is counted as a task error, and the others (and the future) are answered all the same
+    assert await fut == 8
+    assert got[0] == ("a", 2) and got[1][0] == "c" and isinstance(got[1][1], ValueError) and len(got) == 2
+    assert flush.batches == [[1, 2, -3, 4]]
+    assert metrics.task_errors._value.get() == errors_before + 1
+    # And at shutdown a request still waiting is answered through its function too (fail_all)
+    flush.gate.clear()
+    co.submit_call(5, lambda arg, res: got.append((arg, res)), "d")
+    await asyncio.sleep(0)
+    assert co.fail_all(ConnectionError("cut")) == 1
+    assert got[2][0] == "d" and isinstance(got[2][1], ConnectionError)
+    flush.gate.set()
+    await asyncio.sleep(0.01)
+    assert len(got) == 3  # the late result of the cut flush is not delivered a second time

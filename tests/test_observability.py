@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 import websockets
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 
@@ -262,3 +263,18 @@ def test_metrics_can_be_disabled() -> None:
     with RedisServer() as redis, BrokerProcess(redis.url, env={"BROKER_SERVER_METRICS_ENABLED": "false"}) as b:
         assert b.get("/metrics")[0] == 404
         assert b.get("/readyz")[0] == 200
+
+
+def test_tally_histogram_exposes_what_a_prometheus_histogram_would() -> None:
+    # Given a TallyHistogram and a prometheus Histogram of the same name and buckets, each in a registry of its own
+    buckets = (0.001, 0.005, 0.1, 1, 60)
+    ours_reg, theirs_reg = CollectorRegistry(), CollectorRegistry()
+    ours = metrics.TallyHistogram("x_seconds", "doc", buckets, ours_reg)
+    theirs = Histogram("x_seconds", "doc", buckets=buckets, registry=theirs_reg)
+    # When both observe the same values (on a bucket bound, between bounds, beyond the last, zero)
+    for v in (0.0, 0.001, 0.0011, 0.003, 0.1, 0.5, 60.0, 61.0, 1e9, 0.001):
+        ours.observe(v)
+        theirs.observe(v)
+    # Then /metrics shows the same series with the same values
+    assert generate_latest(ours_reg) == generate_latest(theirs_reg)
+    assert b'x_seconds_bucket{le="0.001"} 3.0' in generate_latest(ours_reg)

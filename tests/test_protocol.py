@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broker.core import errors, protocol
@@ -442,6 +442,76 @@ def test_fuzz_binary(data: bytes) -> None:
     check(data)
 
 
+# ---- the fast path (publish of topic + payload, one-item ack) answers as the full path -------------------------
+
+FAST_PUBLISH: dict[str, Any] = {"op": "publish", "topic": "orders", "payload": 1}
+FAST_ACK: dict[str, Any] = {"op": "ack", "id": "m1", "receipt": "r1"}
+FAST_FIELDS = ["ref", "topic", "payload", "key", "idempotency_key", "id", "receipt", "headers", "delay_ms", "items"]
+fast_values = (
+    json_values
+    | st.sampled_from(["orders", "t", "a b", "", "x" * 64, "x" * 65, "k" * 200, "k" * 201, "r" * 129])
+    | st.sampled_from([2**53, 2**53 + 1, -(2**53) - 1, 2**64, 10**30, 1e16, 1.5, True, 0])
+)
+fast_frames = st.builds(  # a valid frame of each shape with up to 3 fields changed, added or taken out
+    lambda base, extra, drop: {k: v for k, v in {**base, **extra}.items() if k != drop},
+    st.sampled_from([FAST_PUBLISH, FAST_ACK]),
+    st.dictionaries(st.sampled_from(FAST_FIELDS), fast_values, max_size=3),
+    st.sampled_from([None, "topic", "payload", "id", "receipt"]),
+)
+
+
+def outcome(call: Any) -> tuple[str, Any]:
+    try:
+        return "ok", call()
+    except ProtocolError as e:
+        return "error", (type(e), e.message, getattr(e, "ref", None))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fast_frames)
+@example({**FAST_PUBLISH, "ref": 2**53 + 1})
+@example({**FAST_PUBLISH, "ref": "r" * 129})
+@example({**FAST_PUBLISH, "ref": 1.5})
+@example({**FAST_PUBLISH, "ref": True})
+@example({**FAST_PUBLISH, "payload": 10**30})
+@example({**FAST_PUBLISH, "payload": [-(2**64)]})
+@example({**FAST_PUBLISH, "key": "k" * 201})
+@example({**FAST_PUBLISH, "key": ""})
+@example({**FAST_PUBLISH, "idempotency_key": 7})
+@example({**FAST_PUBLISH, "topic": "a b"})
+@example({**FAST_PUBLISH, "headers": {}})
+@example({**FAST_ACK, "id": "x" * 65})
+@example({**FAST_ACK, "receipt": "x" * 65})
+@example({**FAST_ACK, "receipt": ""})
+@example({**FAST_ACK, "id": 5})
+@example({**FAST_ACK, "ref": -(2**53) - 1})
+@example({**FAST_ACK, "items": []})
+def test_fast_path_answers_every_frame_as_the_full_path(frame: dict[str, Any]) -> None:
+    # Given a publish or ack frame built from the fast path's fields, odd values among them (and "orders" and "t"
+    # seen valid before, as names a broker serves again and again are)
+    limits = Limits(max_payload_bytes=300)
+    parse({"op": "publish", "topic": "orders", "payload": 1})
+    parse({"op": "publish", "topic": "t", "payload": 1})
+    text = json.dumps(frame)
+    # When parsed (the fast path where it applies), Then the answer is the full path's: the same request, or the
+    # same error with the same ref
+    full = outcome(lambda: protocol._parse_decoded(text, orjson.loads(text), limits))
+    assert outcome(lambda: parse_frame(text, limits)) == full
+
+
+def test_fast_path_takes_the_common_frames() -> None:
+    # Given the two frames a broker reads most, on a topic seen valid before
+    parse({"op": "publish", "topic": "orders", "payload": 1})
+    publish = {"op": "publish", "ref": 7, "topic": "orders", "payload": {"a": [1, 2.5, "x"]}, "key": "k1"}
+    ack = {"op": "ack", "id": "m-1", "receipt": "r:1"}
+    # When the fast path reads them, Then it gives what the full path gives (it is the one that answered them)
+    assert protocol._publish_fast(orjson.loads(json.dumps(publish)), LIMITS) == parse(publish)
+    assert protocol._ack_fast(orjson.loads(json.dumps(ack))) == parse(ack) == Ack(None, (AckRef("m-1", "r:1"),))
+    # And a frame it is not sure of is left to the full path: a payload with a maybe-rounded integer, a new topic
+    assert protocol._publish_fast(orjson.loads('{"op":"publish","topic":"orders","payload":[1e30]}'), LIMITS) is None
+    assert protocol._publish_fast({"op": "publish", "topic": "never.seen.before", "payload": 1}, LIMITS) is None
+
+
 # ---- replies ------------------------------------------------------------------------------------------------------
 
 
@@ -545,3 +615,20 @@ def test_every_error_class_maps_to_a_known_code() -> None:
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BrokerError)]
     assert len(classes) >= 12
     assert {c.code for c in classes} <= ERROR_CODES
+
+
+@pytest.mark.parametrize(
+    ("ref", "msg_id", "duplicate"),
+    [(7, "0190f3a2b4c51a2b3c4d00000001", False), (-(2**53), "abc", False), (0, "x\"y", False), (7, "a\u00e9", False),
+     (7, "abc", True), ("r-1", "abc", False), (None, "abc", False), (7, "", False)],
+)  # fmt: skip
+def test_published_reply_is_the_json_of_its_fields(ref: Any, msg_id: str, duplicate: bool) -> None:
+    # Given any ref, id and duplicate flag (the common reply is formatted without a dict), Then the reply is exactly
+    # the JSON text of its fields
+    want: dict[str, Any] = {"op": "published", "id": msg_id}
+    if duplicate:
+        want["duplicate"] = True
+    if ref is not None:
+        want["ref"] = ref
+    got = protocol.published(ref, msg_id, duplicate)
+    assert got == orjson.dumps(want).decode() and orjson.loads(got) == want

@@ -280,6 +280,11 @@ def _loads(data: str) -> tuple[Any, bytes | None]:
         d = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
+    return _settle(data, d)
+
+
+def _settle(data: str, d: Any) -> tuple[Any, bytes | None]:
+    """``_loads`` after the parse: frame ``d`` re-read with exact integers when it may hold a rounded one."""
     if type(d) is not dict:
         return (_loads_exact(data) if _has_huge_float(d) else d), None
     raw: bytes | None = None
@@ -309,9 +314,107 @@ def _dumps(value: Any, what: str) -> bytes:
 
 
 def parse_frame(data: str | bytes, limits: Limits) -> Request:
+    if type(data) is str:
+        try:
+            d = _orjson_loads(data)
+        except orjson.JSONDecodeError as e:
+            raise ProtocolError(f"malformed JSON: {e}") from None
+        if type(d) is dict:
+            op = d.get("op")
+            fast = _publish_fast(d, limits) if op == "publish" else _ack_fast(d) if op == "ack" else None
+            if fast is not None:
+                return fast
+        return _parse_decoded(data, d, limits)
     if isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("binary frames are not supported: send JSON text frames")
-    d, payload_raw = _loads(data)
+    return _parse_decoded(data, _orjson_loads_checked(data), limits)
+
+
+def _orjson_loads_checked(data: str) -> Any:
+    try:
+        return _orjson_loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+
+
+# ---- the fast path: the hot frames' common shapes -----------------------------------------------------------
+#
+# A publish of topic + payload (ref, key, idempotency_key optional) and a one-item ack (id, receipt, ref optional)
+# are most of what a broker reads. For them, ``_publish_fast`` / ``_ack_fast`` check only what such a frame can get
+# wrong, on the decoded dict, without the ``_Fields`` walk; anything they are not sure of (another field, a type or
+# length out of line, a topic not seen valid yet, a payload whose text has ``e+``, i.e. maybe a rounded integer)
+# returns None and the frame takes the full path below, which answers it (or its error) as it always has. So the fast
+# path never raises and never accepts what the full path refuses: tests/test_protocol.py compares the two on
+# generated frames.
+
+_PUBLISH_FAST_KEYS = frozenset(("op", "ref", "topic", "payload", "key", "idempotency_key"))
+_ACK_FAST_KEYS = frozenset(("op", "ref", "id", "receipt"))
+_orjson_loads = orjson.loads
+_orjson_dumps = orjson.dumps
+_NO = object()
+
+
+def _fast_ref(d: dict[str, Any]) -> Ref | object:
+    """The frame's ref when it is a plain valid one (None: absent or null), else ``_NO``."""
+    ref = d.get("ref")
+    if ref is None:
+        return None
+    t = type(ref)
+    if t is int:
+        return ref if -(2**53) <= ref <= 2**53 else _NO
+    if t is str:
+        return ref if len(ref) <= MAX_REF_LEN else _NO
+    return _NO
+
+
+def _publish_fast(d: dict[str, Any], limits: Limits) -> Publish | None:
+    if not d.keys() <= _PUBLISH_FAST_KEYS:
+        return None
+    topic = d.get("topic")
+    if type(topic) is not str or topic not in _GOOD_NAMES:
+        return None
+    payload = d.get("payload", _NO)
+    if payload is _NO:
+        return None
+    try:
+        raw = _orjson_dumps(payload)
+    except orjson.JSONEncodeError:
+        return None
+    if b"e+" in raw or len(raw) > limits.max_payload_bytes:
+        return None
+    ref = _fast_ref(d)
+    if ref is _NO:
+        return None
+    key = d.get("key")
+    if key is not None and (type(key) is not str or not 0 < len(key) <= 200):
+        return None
+    idem = d.get("idempotency_key")
+    if idem is not None and (type(idem) is not str or not 0 < len(idem) <= 200):
+        return None
+    return Publish(ref, topic, raw.decode(), "{}", idem, 0, key)  # type: ignore[arg-type]
+
+
+def _ack_fast(d: dict[str, Any]) -> Ack | None:
+    if not d.keys() <= _ACK_FAST_KEYS:
+        return None
+    msg_id = d.get("id")
+    receipt = d.get("receipt")
+    if type(msg_id) is not str or type(receipt) is not str:
+        return None
+    if not (0 < len(msg_id) <= MAX_ID_LEN and 0 < len(receipt) <= MAX_ID_LEN):
+        return None
+    ref = _fast_ref(d)
+    if ref is _NO:
+        return None
+    return Ack(ref, (AckRef(msg_id, receipt),))  # type: ignore[arg-type]
+
+
+# ---- the full path ------------------------------------------------------------------------------------------
+
+
+def _parse_decoded(data: str, decoded: Any, limits: Limits) -> Request:
+    """Every frame the fast path did not take: ``decoded`` is ``data`` as orjson read it."""
+    d, payload_raw = _settle(data, decoded)
     if not isinstance(d, dict):
         raise ProtocolError("a frame must be a JSON object")
     ref = _read_ref(d)
@@ -468,6 +571,8 @@ def _with_ref(d: dict[str, Any], ref: Ref) -> dict[str, Any]:
 
 
 def published(ref: Ref, msg_id: str, duplicate: bool) -> str:
+    if type(ref) is int and not duplicate and msg_id.isalnum():  # the common reply (a broker's ids are hex), as
+        return f'{{"op":"published","id":"{msg_id}","ref":{ref}}}'  # orjson would write it, without the dict
     d: dict[str, Any] = {"op": "published", "id": msg_id}
     if duplicate:
         d["duplicate"] = True

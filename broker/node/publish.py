@@ -23,7 +23,8 @@ recognised), or the ``BrokerError`` to answer with. In between, here:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from broker.core.errors import BrokerError, NotFoundError, UnavailableError
 from broker.core.model import PublishRequest, PublishResult
@@ -36,6 +37,7 @@ SHUTDOWN_RETRY_AFTER_MS = 1_000  # a refused publish may go to another node (or 
 MAX_BATCH = 1000  # publishes per flush (one script round trip)
 EAGER_CLAIM_MAX_BATCH = 8  # flushes up to this size carry claims for idle groups (see the module's docstring)
 
+T = TypeVar("T")
 Riding = tuple[GroupDispatcher, Consumer, ClaimRequest]  # a claim sent with a publish flush, for one group
 
 
@@ -58,6 +60,18 @@ class Publisher:
             fut.set_exception(_refused())
             return fut
         return self._coalescer.submit(req)
+
+    def submit_then(
+        self, req: PublishRequest, fn: Callable[[T, PublishResult | BaseException], None], arg: T
+    ) -> None:
+        """``submit`` that answers by calling ``fn(arg, result)`` (or ``fn(arg, error)``) as soon as the flush has
+        it, instead of through a future (the session's per-publish path: no future, no done callback per publish).
+        Refused at once (``fn`` called before this returns) while stopping."""
+        if self.stopping:
+            metrics.publish_failed.labels(UnavailableError.code).inc()
+            fn(arg, _refused())
+            return
+        self._coalescer.submit_call(req, fn, arg)
 
     async def stop(self, timeout_s: float) -> int:
         """Shutdown: take nothing new, give the flush in Redis up to ``timeout_s``, then answer every publish still

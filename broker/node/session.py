@@ -460,8 +460,7 @@ class Session:
 
     def _submit(self, req: protocol.Publish) -> None:
         self._unconfirmed += 1
-        fut = self.publisher.submit(req.to_request())
-        fut.add_done_callback(partial(self._published, req))
+        self.publisher.submit_then(req.to_request(), self._published, req)
 
     async def _publish_batch(self, req: protocol.PublishBatch) -> None:
         self._batch_checks(req)
@@ -508,16 +507,15 @@ class Session:
         if self._unconfirmed < self._max_unconfirmed:
             self._room.set()
 
-    def _published(self, req: protocol.Publish, fut: asyncio.Future[PublishResult]) -> None:
-        """Confirm one publish, or answer why not (the ``Publisher`` has counted it either way)."""
+    def _published(self, req: protocol.Publish, res: PublishResult | BaseException) -> None:
+        """Confirm one publish, or answer why not (the ``Publisher`` has counted it either way). Called by the
+        publisher's flush (``submit_then``)."""
         self._confirmed(1)
-        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
-        if exc is not None:
-            if not isinstance(exc, BrokerError | asyncio.CancelledError):
-                self.log.error("publish_failed", topic=req.topic, error=repr(exc))
-            self.reply_error(_publish_error(exc), req.ref)
+        if isinstance(res, BaseException):
+            if not isinstance(res, BrokerError | asyncio.CancelledError):
+                self.log.error("publish_failed", topic=req.topic, error=repr(res))
+            self.reply_error(_publish_error(res), req.ref)
         else:
-            res = fut.result()
             self.send(protocol.published(req.ref, res.id, res.duplicate))
 
     def _find(self, msg_id: str, receipt: str) -> Consumer | None:
