@@ -130,14 +130,18 @@ class Recovery:
         """The nodes without a heartbeat for a node timeout, unless this node's own heartbeats resumed less than a
         node timeout ago: after an outage of Redis every node's last heartbeat is old, and the first sweep to run
         would take every node whose heartbeat had not landed yet for dead, expiring the leases of its live
-        consumers (redeliveries, attempts spent). Leases still expire at their deadlines meanwhile."""
+        consumers (redeliveries, attempts spent). Nor while its own heartbeats are failing (a sweep can get through
+        before the next heartbeat does). Leases still expire at their deadlines meanwhile."""
         dead = await self.store.dead_nodes(self.node_timeout_ms)
         wait_s = self._judge_after - time.monotonic()
-        if dead and wait_s > 0:
-            if self._deferral_logged != self._judge_after:  # once per deferral
-                self._deferral_logged = self._judge_after
-                log.info("dead_node_judgement_deferred", nodes=sorted(dead), wait_s=round(wait_s, 2),
-                         reason="this node's own heartbeats resumed after failing")  # fmt: skip
+        if dead and (self._beats_failed or wait_s > 0):  # (a sweep can succeed before the next heartbeat does)
+            key = -1.0 if self._beats_failed else self._judge_after
+            if self._deferral_logged != key:  # once per deferral
+                self._deferral_logged = key
+                reason = "this node's own heartbeats are failing" if self._beats_failed else (
+                    "this node's own heartbeats resumed after failing")  # fmt: skip
+                log.info("dead_node_judgement_deferred", nodes=sorted(dead), reason=reason,
+                         wait_s=None if self._beats_failed else round(wait_s, 2))  # fmt: skip
             return []
         return dead
 
