@@ -140,6 +140,8 @@ class Scripts:
         ``unavailable``; the other masters' calls are answered as usual). A call redirected to another master
         (a failover, ``MOVED``) is followed within its part, behind the breaker it was routed to first."""
         assert self.gateway.masters is not None
+        if not calls:
+            return []
         client = self.gateway.client
         await self.gateway.call(ready, what)  # the slot map (a no-op once known; behind no master's breaker)
         parts: dict[str, list[int]] = {}
