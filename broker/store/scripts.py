@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError, SlotNotCoveredError
 
 from broker.core.errors import UnavailableError
 from broker.store.cluster import (
@@ -145,9 +145,15 @@ class Scripts:
         client = self.gateway.client
         await self.gateway.call(ready, what)  # the slot map (a no-op once known; behind no master's breaker)
         parts: dict[str, list[int]] = {}
+        out: list[Any] = [None] * len(calls)
         for i, (_, keys, _) in enumerate(calls):
-            parts.setdefault(node_of(client, keys[0]).name, []).append(i)
-        if len(parts) == 1:  # one topic, or topics of one master: no split
+            try:
+                parts.setdefault(node_of(client, keys[0]).name, []).append(i)
+            except SlotNotCoveredError as e:  # no master serves the slot now (a failover under way): an outage
+                out[i] = UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000)
+        if not parts:
+            return out
+        if len(parts) == 1 and len(calls) == len(next(iter(parts.values()))):  # one master: no split
             ((master, _),) = parts.items()
             try:
                 return await self._eval_on(master, calls, what, wait)
@@ -161,7 +167,6 @@ class Scripts:
             ),
             return_exceptions=True,
         )
-        out: list[Any] = [None] * len(calls)
         for ix, one in zip(idxs, got, strict=True):
             if isinstance(one, UnavailableError):
                 for i in ix:
