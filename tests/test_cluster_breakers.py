@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.crc import key_slot
 
 from broker.core.errors import UnavailableError
 from broker.core.model import PublishRequest, PublishResult
@@ -161,8 +162,18 @@ def readyz(broker: BrokerProcess) -> tuple[int, dict[str, Any]]:
     return status, (orjson.loads(body) if body else {})
 
 
-def keyslot_owner(cluster: RedisCluster, key: str) -> str:
-    return f"127.0.0.1:{cluster.port_of_slot_owner(key)}"
+def slot_owners(cluster: RedisCluster) -> Callable[[str], str]:
+    """``owner(key)``: the master (``host:port``) serving ``key``'s slot, from one ``CLUSTER SLOTS``."""
+    import redis
+
+    with redis.Redis(port=cluster.masters()[0]) as r:
+        ranges = [(int(a), int(b), f"127.0.0.1:{int(m[1])}") for a, b, m, *_ in r.execute_command("CLUSTER SLOTS")]
+
+    def owner(key: str) -> str:
+        slot = key_slot(key.encode())
+        return next(m for a, b, m in ranges if a <= slot <= b)
+
+    return owner
 
 
 async def stats_nodes(seed: str, prefix: str) -> tuple[int, list[dict[str, Any]], str]:
@@ -175,48 +186,68 @@ async def stats_nodes(seed: str, prefix: str) -> tuple[int, list[dict[str, Any]]
         sys.executable, "-m", "broker", "stats", "--json", "--nodes", "--no-memory",
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+        raise AssertionError(f"broker stats did not answer in 60 s: {err.decode()[-2000:]}") from None
+    print(f"broker stats: exit {proc.returncode} in {time.monotonic() - t0:.1f} s: {err.decode()[-600:]}")
     doc = orjson.loads(out) if out.strip() else {}
     return int(proc.returncode or 0), doc.get("nodes", []), err.decode()
 
 
-def pick_prefix(cluster: RedisCluster) -> tuple[str, str]:
-    """A key prefix whose registries (schema, topics, nodes) share one master, and a topic on another master:
-    freezing that topic's master leaves the registries up (a node key may still land there: see below)."""
-    for _ in range(200):
+def pick_prefix(owner: Callable[[str], str], masters: set[str]) -> tuple[str, str, str]:
+    """A key prefix whose registries (schema, topics, nodes) live on one master that does not serve slot 0, and the
+    master to freeze: the third one. Slot 0's master is the one a new cluster client (an operator command) asks for
+    redis-py's command table: while it is down no new client starts (docs/scaling.md, "Breakers")."""
+    slot0 = owner(next(f"s{i}" for i in range(100_000) if key_slot(f"s{i}".encode()) == 0))
+    for _ in range(10_000):
         prefix = f"n{uuid.uuid4().hex[:6]}"
-        owners = {keyslot_owner(cluster, f"{prefix}:{k}") for k in ("schema", "topics", "nodes")}
-        if len(owners) == 1:
-            return prefix, owners.pop()
-    raise AssertionError("no prefix with its registries on one master")
+        owners = {owner(f"{prefix}:{k}") for k in ("schema", "topics", "nodes")}
+        if len(owners) == 1 and owners != {slot0}:
+            (registry,) = owners
+            (frozen,) = masters - {slot0, registry}
+            return prefix, registry, frozen
+    raise AssertionError("no prefix with its registries on one master other than slot 0's")
 
 
 async def test_readyz_stats_and_metrics_name_the_master_whose_breaker_is_open(
     slow_failover_cluster: RedisCluster,
 ) -> None:
     cluster = slow_failover_cluster
-    prefix, registry = pick_prefix(cluster)
-    env = {
-        "BROKER_REDIS_CLUSTER": "true",
-        "BROKER_REDIS_KEY_PREFIX": prefix,
-        "BROKER_REDIS_SOCKET_TIMEOUT_MS": "300",
-        "BROKER_REDIS_CONNECT_TIMEOUT_MS": "300",
-        "BROKER_BREAKERS_REDIS_FAIL_MAX": "2",
-        "BROKER_BREAKERS_REDIS_CALL_TIMEOUT_MS": "500",
-        "BROKER_DELIVERY_POLL_INTERVAL_MS": "100",
-        "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200",
-    }
-    with BrokerProcess(cluster.url, env=env) as broker:
+    keyslot_owner = slot_owners(cluster)
+    masters = {f"127.0.0.1:{p}" for p in cluster.masters()}
+    # (a node whose heartbeat key lands on the master to freeze starts again under a new prefix: at most 10 times;
+    # a node that ever heartbeated stays in its prefix's registry, and `broker stats` reads every node's status)
+    for _ in range(10):
+        prefix, registry, frozen = pick_prefix(keyslot_owner, masters)
+        env = {
+            "BROKER_REDIS_CLUSTER": "true",
+            "BROKER_REDIS_KEY_PREFIX": prefix,
+            "BROKER_REDIS_SOCKET_TIMEOUT_MS": "300",
+            "BROKER_REDIS_CONNECT_TIMEOUT_MS": "300",
+            "BROKER_BREAKERS_REDIS_FAIL_MAX": "2",
+            "BROKER_BREAKERS_REDIS_CALL_TIMEOUT_MS": "500",
+            "BROKER_DELIVERY_POLL_INTERVAL_MS": "100",
+            "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200",
+        }
+        broker = BrokerProcess(cluster.url, env=env).start()
+        node_id = orjson.loads(broker.get("/healthz")[1])["node"]
+        if keyslot_owner(f"{prefix}:node:{node_id}") != frozen:
+            break
+        broker.close()
+    else:
+        raise AssertionError("every node started had its heartbeat on the master to freeze")
+    try:
         from broker.client.client import BrokerClient
 
         async with BrokerClient(broker.url) as client:
             # Given a consumer of topics on every master
-            node_id = orjson.loads(broker.get("/healthz")[1])["node"]
-            node_master = keyslot_owner(cluster, f"{prefix}:node:{node_id}")
-            owner = {t: keyslot_owner(cluster, f"{prefix}:{{{t}}}:groups") for t in TOPICS}
-            candidates = sorted(set(owner.values()) - {registry, node_master})
-            assert candidates, "every master holds a registry or this node's heartbeat: nothing to freeze"
-            frozen = candidates[0]
+            owner = {t: keyslot_owner(f"{prefix}:{{{t}}}:groups") for t in TOPICS}
+            assert len(set(owner.values())) == 3
             on_frozen = sorted(t for t in TOPICS if owner[t] == frozen)
             await client.subscribe(TOPICS, "g", prefetch=10)
             for t in TOPICS:
@@ -241,12 +272,11 @@ async def test_readyz_stats_and_metrics_name_the_master_whose_breaker_is_open(
                 assert f'broker_breaker_state{{breaker="redis@{frozen}"}} 2.0' in metrics_text
                 assert f'broker_breaker_transitions_total{{breaker="redis@{frozen}",to="open"}} 1.0' in metrics_text
                 # And `broker stats` names it per node (the snapshot itself fails: it needs every master)
-                async with asyncio.timeout(30):
-                    while True:
-                        code, nodes, err = await stats_nodes(registry, prefix)
-                        if nodes and nodes[0]["masters_down"]:
-                            break
-                        await asyncio.sleep(0.5)
+                for _ in range(20):  # until the node's heartbeat carries it (bounded)
+                    code, nodes, err = await stats_nodes(registry, prefix)
+                    if nodes and nodes[0]["masters_down"]:
+                        break
+                    await asyncio.sleep(0.5)
                 assert code != 0 and frozen in err, err
                 (row,) = nodes
                 assert row["ready"] is True and row["breakers"][f"redis@{frozen}"] == "open"
@@ -256,6 +286,12 @@ async def test_readyz_stats_and_metrics_name_the_master_whose_breaker_is_open(
             # When the master answers again, Then the node is ready with no reason, by itself
             await until(lambda: readyz(broker) == (200, {"ready": True, "reasons": [], "node": node_id}),
                         "/readyz to clear", 60)  # fmt: skip
-            code, nodes, err = await stats_nodes(registry, prefix)
+            for _ in range(20):  # until the node's next heartbeat carries it (bounded)
+                code, nodes, err = await stats_nodes(registry, prefix)
+                if code == 0 and nodes and not nodes[0]["masters_down"]:
+                    break
+                await asyncio.sleep(0.5)
             assert code == 0, err
-            assert nodes[0]["masters_down"] == {} and nodes[0]["breakers"][f"redis@{frozen}"] == "closed"
+            assert nodes[0]["masters_down"] == {} and nodes[0]["breakers"].get(f"redis@{frozen}") == "closed", nodes
+    finally:
+        broker.close()

@@ -54,11 +54,11 @@ async def stats(args: argparse.Namespace) -> int:
 
 
 async def _print_nodes_anyway(s: RedisStore, as_json: bool) -> None:
-    """The nodes' view (readiness, breakers, masters down) when the snapshot itself failed; quiet if even that
-    cannot be read (the error that follows says why)."""
+    """The nodes' view (readiness, breakers, masters down) when the snapshot itself failed (or why not)."""
     try:
         rows = await ops_stats.node_rows(s)
-    except BrokerError:
+    except BrokerError as e:
+        print(f"the nodes' status could not be read either: {e.message}", file=sys.stderr)
         return
     if as_json:
         print(orjson.dumps({"nodes": rows}, option=orjson.OPT_INDENT_2).decode())
