@@ -379,3 +379,35 @@ async def test_without_a_healthy_probe_the_breaker_stays_open_and_probes_at_its_
     with pytest.raises(BreakerOpenError):
         await b.call(calls.ok)
     await b.close()
+
+
+async def test_master_breakers_one_per_master_like_the_template_and_gone_masters_forgotten() -> None:
+    from broker.store.breakers import MasterBreakers
+
+    changes: list[tuple[str, BreakerState]] = []
+    probed: list[str] = []
+
+    async def probe(master: str) -> None:
+        probed.append(master)
+        raise OSError("still down")
+
+    # Given a template breaker (2 failures open it) with a listener
+    template = Breaker("redis", fail_max=2, reset_timeout_s=600, on_change=lambda n, _, new: changes.append((n, new)))
+    mb = MasterBreakers(template, probe)
+    # When two masters are met, Then each has its own breaker, named after it, made once
+    a, b = mb.of("10.0.0.1:6379"), mb.of("10.0.0.2:6379")
+    assert (a.name, b.name) == ("redis@10.0.0.1:6379", "redis@10.0.0.2:6379") and mb.of("10.0.0.1:6379") is a
+
+    async def down() -> None:
+        raise OSError("down")
+
+    # When one master fails twice, Then its breaker opens (the template's listener hears it) and the other stays closed
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await a.call(down)
+    assert mb.not_closed() == {"10.0.0.1:6379": BreakerState.OPEN}
+    assert changes == [("redis@10.0.0.1:6379", BreakerState.OPEN)] and template.state is BreakerState.CLOSED
+    # When that master is no longer one of the cluster's (failed over), Then its open breaker is forgotten
+    assert mb.not_closed({"10.0.0.2:6379", "10.0.0.3:6379"}) == {}
+    assert set(mb.by_master) == {"10.0.0.2:6379"}
+    await mb.close()

@@ -398,3 +398,18 @@ async def test_retry_failing_now_ends_a_failed_loops_backoff_but_not_a_healthy_l
     assert healthy_runs == 1
     assert sup.reasons() == []
     await sup.stop(1.0)
+
+
+def test_loops_failing_with_unavailable_are_told_apart() -> None:
+    # Given one loop failing with `unavailable` (a cluster master away), one with an error reply, one healthy
+    sup = Supervisor(LoopSettings(fail_threshold=1))
+    sup.loop("unit_prune", 1.0).failed(UnavailableError("redis@10.0.0.12:6379 unreachable during dlq_prune"))
+    sup.loop("unit_sweep", 1.0).failed(BrokerError("WRONGTYPE"))
+    sup.loop("unit_ok", 1.0)
+    # Then readiness can take the first as part of that outage (degraded) and the second as a reason to be unready
+    hard, unavailable = sup.split_reasons()
+    assert hard == ["loop unit_sweep failing: WRONGTYPE (1 consecutive failures)"]
+    assert unavailable == [
+        "loop unit_prune failing: redis@10.0.0.12:6379 unreachable during dlq_prune (1 consecutive failures)"
+    ]
+    assert sorted(sup.reasons()) == sorted(hard + unavailable)

@@ -12,8 +12,10 @@ import orjson
 
 from broker.cli.common import human_bytes, human_duration, print_table, store
 from broker.cli.exits import EXIT_FAILURE, EXIT_OK
+from broker.core.errors import BrokerError, UnavailableError
 from broker.ops import stats as ops_stats
 from broker.ops.stats import RATED, PairKey, Row
+from broker.store import RedisStore
 
 COLUMNS = ["topic", "group", "ready", "leased", "delayed", "dead", "consumers", "oldest_ready"]
 
@@ -29,7 +31,11 @@ async def stats(args: argparse.Namespace) -> int:
             previous, t_prev = ops_stats.by_pair(first.groups), time.monotonic()
             await asyncio.sleep(2.0)
         while True:
-            snap = await ops_stats.collect(s, args.topic, memory=not args.no_memory)
+            try:
+                snap = await ops_stats.collect(s, args.topic, memory=not args.no_memory)
+            except UnavailableError:  # a cluster master does not answer: still say what the nodes report about it
+                await _print_nodes_anyway(s, args.json)
+                raise
             for problem in snap.broken:  # the rest is still shown; the exit status says something is wrong
                 print(f"unreadable topic (run `broker diagnose`): {problem}", file=sys.stderr)
             t = time.monotonic()
@@ -47,6 +53,19 @@ async def stats(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.watch)
 
 
+async def _print_nodes_anyway(s: RedisStore, as_json: bool) -> None:
+    """The nodes' view (readiness, breakers, masters down) when the snapshot itself failed (or why not)."""
+    try:
+        rows = await ops_stats.node_rows(s)
+    except BrokerError as e:
+        print(f"the nodes' status could not be read either: {e.message}", file=sys.stderr)
+        return
+    if as_json:
+        print(orjson.dumps({"nodes": rows}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_node_rows(rows)
+
+
 def _print(snap: ops_stats.Stats, clear: bool) -> None:
     if clear:
         print("\033[2J\033[H", end="")
@@ -62,14 +81,24 @@ def _print(snap: ops_stats.Stats, clear: bool) -> None:
         print()
         print_table([_memory_cells(m) for m in snap.topics], ["topic", "keys", "memory"])
     print()
-    for n in snap.nodes:
-        state = "ready" if n["ready"] else "NOT READY: " + "; ".join(n["reasons"])
-        breakers = ", ".join(f"{k}={v}" for k, v in n["breakers"].items())
-        print(f"node {n['node']}: {state}; breakers {breakers}; heartbeat {n['heartbeat_age_s']}s ago")
-        for name, problem in n["loops"].items():
-            print(f"  unhealthy loop {name}: {problem}")
+    _print_node_rows(snap.nodes)
     if not snap.nodes:
         print("(no broker node is running)")
+
+
+def _print_node_rows(rows: list[Row]) -> None:
+    for n in rows:
+        if not n["ready"]:
+            state = "NOT READY: " + "; ".join(n["reasons"])
+        else:
+            state = "ready, DEGRADED: " + "; ".join(n["reasons"]) if n["reasons"] else "ready"
+        breakers = ", ".join(f"{k}={v}" for k, v in n["breakers"].items())
+        print(f"node {n['node']}: {state}; breakers {breakers}; heartbeat {n['heartbeat_age_s']}s ago")
+        for master, down in n.get("masters_down", {}).items():
+            topics = ", ".join(down["topics"]) or "(none on this node)"
+            print(f"  redis master {master}: breaker {down['state']}; topics affected: {topics}")
+        for name, problem in n["loops"].items():
+            print(f"  unhealthy loop {name}: {problem}")
 
 
 def _cell(row: Row, col: str) -> Any:

@@ -208,8 +208,12 @@ class Broker:
             if gd.consumers:
                 consumers[f"{topic}/{group}"] = len(gd.consumers)
         breakers = {self.redis_breaker.name: self.redis_breaker.state.value}
+        mb = self.store.master_breakers
+        if mb is not None:  # a Redis Cluster: the node's own Redis breaker is unused, each master has one
+            breakers = {b.name: b.state.value for b in mb.by_master.values()}
         breakers.update({h.breaker.name: h.breaker.state.value for h in self.handlers})
         ready, reasons = self.readiness()
+        down = {m: {"state": st.value, "topics": ts} for m, (st, ts) in self.store.master_outage().down.items()}
         supervisor: Supervisor | None = getattr(self, "supervisor", None)
         loops = supervisor.problems() if supervisor is not None else {}
         return {
@@ -219,23 +223,41 @@ class Broker:
             "ready": "1" if ready else "0",
             "reasons": orjson.dumps(reasons).decode(),
             "loops": orjson.dumps(loops).decode(),
+            "masters_down": orjson.dumps(down).decode(),
             "pid": str(os.getpid()),
         }
 
     def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons). Ready with reasons is *degraded*: on a Redis Cluster some masters' breakers are not
+        closed (each named with its topics, ``degraded: ...``), the other masters' topics are served. Unready when
+        no master's breaker is closed (nothing can be served). A loop failing with ``unavailable`` during such a
+        partial outage is part of it (degraded too); any other loop problem makes the node unready as ever."""
         reasons = []
         if self.stopping:
             reasons.append("shutting down")
         state = self.redis_breaker.state
         if state is not BreakerState.CLOSED:
             reasons.append(f"redis breaker {state.value}")
+        store: RedisStore | None = getattr(self, "store", None)
+        outage = store.master_outage() if store is not None else None
+        partial = outage is not None and bool(outage.down) and not outage.total
+        degraded: list[str] = []
         supervisor: Supervisor | None = getattr(self, "supervisor", None)
         if supervisor is not None:
-            reasons += supervisor.reasons()
-        store: RedisStore | None = getattr(self, "store", None)
+            if partial:
+                hard, unavailable = supervisor.split_reasons()
+                reasons += hard
+                degraded += unavailable
+            else:
+                reasons += supervisor.reasons()
+        if outage is not None and outage.down:
+            if partial:
+                degraded = outage.reasons() + degraded
+            else:
+                reasons += outage.reasons()
         if store is not None and store.refused_at is not None and time.monotonic() - store.refused_at < 5.0:
             reasons.append(f"redis refusing writes: {store.refusal}")
-        return (not reasons, reasons)
+        return (not reasons, reasons + [f"degraded: {d}" for d in degraded])
 
     async def stop(self) -> None:
         """Graceful, in phases with deadlines (safe after a partial start):

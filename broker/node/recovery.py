@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
+from broker.core.errors import UnavailableError
 from broker.node.dispatch import Dispatch
 from broker.runtime import metrics
 from broker.runtime.supervisor import DegradedError, Loop, Supervisor
@@ -99,8 +100,17 @@ class Recovery:
             self.dispatch.wake_all()
         now = time.monotonic()
         if now - self._pairs_at > PAIRS_REFRESH_S or not self._pairs:
-            self._broken = []
-            self._pairs = await self.store.all_pairs(self._broken)
+            try:
+                broken: list[str] = []
+                self._pairs = await self.store.all_pairs(broken)
+                self._broken = broken
+            except UnavailableError as e:
+                if self.store.master_breakers is None or not self._pairs:
+                    raise
+                # a cluster master is away: its topics' group sets cannot be read, the other masters' pairs can
+                # still be swept (the known pairs; a group created meanwhile waits for the next refresh)
+                metrics.store_errors.labels("all_pairs", e.code).inc()
+                log.warning("sweep_pairs_not_refreshed", error=e.message, pairs=len(self._pairs))
             self._pairs_at = now
             known = self.dispatch.known_due
             for gone in set(known) - set(self._pairs):

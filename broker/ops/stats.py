@@ -25,8 +25,9 @@ class Stats:
     ``delayed``, ``dead``, ``consumers``, ``oldest_ready_age_s`` (None when nothing is ready), the counters of
     ``RATED`` and, when memory was read, ``topic_keys``, ``topic_memory_bytes``, ``topic_memory_estimated``.
     ``nodes``: a row per live node with ``node``, ``ready``, ``breakers``, ``reasons``, ``loops``,
-    ``heartbeat_age_s``. ``topics``: the memory per topic (empty unless asked for). ``broken``: topics whose group
-    set could not be read; they are left out of ``groups`` (``broker diagnose`` says why)."""
+    ``masters_down`` (cluster masters whose breaker is not closed: state and topics affected), ``heartbeat_age_s``.
+    ``topics``: the memory per topic (empty unless asked for). ``broken``: topics whose group set could not be read;
+    they are left out of ``groups`` (``broker diagnose`` says why)."""
 
     groups: list[Row]
     nodes: list[Row]
@@ -61,15 +62,26 @@ async def collect(store: RedisStore, topic: str | None = None, *, memory: bool =
         m = by_topic.get(r["topic"])
         if m is not None:
             r.update(topic_keys=m["keys"], topic_memory_bytes=m["memory_bytes"], topic_memory_estimated=m["estimated"])
-    node_rows = [
+    node_rows = _node_rows(nodes, now)
+    return Stats(rows, node_rows, mem_rows, broken)
+
+
+async def node_rows(store: RedisStore) -> list[Row]:
+    """The rows of ``Stats.nodes`` alone: what ``broker stats`` still shows when a Redis Cluster master does not
+    answer (the node registry may live on another master), e.g. which masters' breakers are open, per node."""
+    return _node_rows(await store.node_status(), time.time() * 1000)
+
+
+def _node_rows(nodes: list[dict[str, str]], now: float) -> list[Row]:
+    return [
         {
             "node": n["node"], "ready": n.get("ready") == "1", "breakers": orjson.loads(n.get("breakers", "{}")),
             "reasons": orjson.loads(n.get("reasons", "[]")), "loops": orjson.loads(n.get("loops", "{}")),
+            "masters_down": orjson.loads(n.get("masters_down", "{}")),
             "heartbeat_age_s": round((now - int(n.get("heartbeat", "0"))) / 1000, 1),
         }
         for n in nodes
     ]  # fmt: skip
-    return Stats(rows, node_rows, mem_rows, broken)
 
 
 def _node_totals(nodes: list[dict[str, str]]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:

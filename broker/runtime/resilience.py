@@ -108,6 +108,9 @@ class Breaker:
         self.name = name
         self.reset_timeout_s = reset_timeout_s
         self.call_timeout_s = call_timeout_s
+        self._fail_max = fail_max
+        self._success_threshold = success_threshold
+        self._exclude = tuple(exclude)
         self._on_change = on_change
         self._probe = probe
         self._probe_interval_s = probe_interval_s
@@ -123,6 +126,21 @@ class Breaker:
             throw_new_error_on_trip=False,
         )
         self._trial = asyncio.Lock()
+
+    def like(self, name: str, probe: Callable[[], Awaitable[object]] | None = None) -> Breaker:
+        """A new breaker named ``name`` with this one's settings and listener (and ``probe`` as its probe): e.g. one
+        per Redis Cluster master, made from the node's Redis breaker."""
+        return Breaker(
+            name,
+            fail_max=self._fail_max,
+            reset_timeout_s=self.reset_timeout_s,
+            success_threshold=self._success_threshold,
+            call_timeout_s=self.call_timeout_s,
+            exclude=self._exclude,
+            on_change=self._on_change,
+            probe=probe,
+            probe_interval_s=self._probe_interval_s,
+        )
 
     @property
     def state(self) -> BreakerState:
@@ -156,6 +174,11 @@ class Breaker:
                 log.info("breaker_probe_healthy", breaker=self.name)
                 self._cb.half_open()
             return
+
+    def stop_probe(self) -> None:
+        """Stop the probe without waiting (a breaker that is forgotten)."""
+        if self._prober is not None and not self._prober.done():
+            self._prober.cancel()
 
     async def close(self) -> None:
         """Stop the probe (shutdown)."""
@@ -227,6 +250,26 @@ class Breaker:
         except Exception as e:
             if e is not exc:
                 raise
+
+
+class Unguarded:
+    """Calls behind no breaker, only a per-call timeout (``call`` as ``Breaker.call``; it never refuses). On a Redis
+    Cluster the calls that are for no one master (registries, heartbeats, reads and scans over many topics) run so:
+    a breaker shared by every master would let one master's outage refuse the calls to all the others, and a call
+    over many masters cannot be counted against one of them. Their callers pace them (loops back off, operators
+    ask once), so a master that does not answer is not hammered."""
+
+    name = "redis"
+    state = BreakerState.CLOSED
+
+    def __init__(self, call_timeout_s: float | None) -> None:
+        self.call_timeout_s = call_timeout_s
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if self.call_timeout_s is None:
+            return await fn()
+        async with asyncio.timeout(self.call_timeout_s):
+            return await fn()
 
 
 def retry_until(

@@ -63,6 +63,7 @@ class Loop:
         self.stall_after_s = max(sup.policy.stall_timeout_s, STALL_INTERVALS * interval_s)
         self.failures = 0  # consecutive
         self.last_error = ""
+        self.last_unavailable = False  # the last error was `unavailable` (Redis, or one cluster master, away)
         self.failing = False
         self.stalled = False
         self.restarts = 0
@@ -119,6 +120,7 @@ class Loop:
     def _count(self, exc: BaseException | None) -> None:
         self.failures += 1
         self.last_error = describe(exc) if exc is not None else "the loop returned while it should run"
+        self.last_unavailable = isinstance(exc, UnavailableError)
         metrics.loop_errors.labels(self.kind).inc()
 
     def _after_failure(self) -> float:
@@ -271,6 +273,18 @@ class Supervisor:
 
     def reasons(self) -> list[str]:
         return list(self.problems().values())
+
+    def split_reasons(self) -> tuple[list[str], list[str]]:
+        """``reasons()`` in two: the loops failing with anything but ``unavailable`` (or stalled), and those failing
+        with ``unavailable`` (on a Redis Cluster with some masters away, part of that outage: the node degraded)."""
+        now = self.clock()
+        hard: list[str] = []
+        unavailable: list[str] = []
+        for loop in self.loops.values():
+            p = loop.problem(now)
+            if p is not None:
+                (unavailable if loop.failing and not loop.stalled and loop.last_unavailable else hard).append(p)
+        return hard, unavailable
 
     async def stop(self, timeout_s: float) -> None:
         self.stopping.set()

@@ -26,8 +26,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.errors import BrokerError, StoreRefusedError, UnavailableError
 from broker.runtime import metrics
-from broker.runtime.resilience import Breaker, BreakerOpenError
-from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES, is_migrating
+from broker.runtime.resilience import Breaker, BreakerOpenError, Unguarded
+from broker.store.breakers import MasterBreakers
+from broker.store.cluster import CLUSTER_BUGS, CLUSTER_OUTAGES, as_cluster, is_cluster, is_migrating
 from broker.store.migration import RETRY_AFTER_MS
 
 T = TypeVar("T")
@@ -83,8 +84,15 @@ class _Answered:
 
 class Gateway:
     def __init__(self, client: aioredis.Redis, breaker: Breaker) -> None:
+        """On a single Redis every call runs behind ``breaker``. On a Redis Cluster each master has a breaker of its
+        own, made from ``breaker`` (``masters``; callers route a call to one with ``call(..., breaker=)``), and calls
+        for no one master run behind none (``resilience.Unguarded``): see ``breakers.py``."""
         self.client = client
-        self.breaker = breaker
+        self.breaker: Breaker | Unguarded = breaker
+        self.masters: MasterBreakers | None = None
+        if is_cluster(client):
+            self.breaker = Unguarded(breaker.call_timeout_s)
+            self.masters = MasterBreakers(breaker, self.probe_master)
         self.refused_at: float | None = None  # time.monotonic() of the last write Redis refused (for /readyz)
         self.refusal = ""
         self._error_counts: dict[str, int] = {}
@@ -94,9 +102,19 @@ class Gateway:
         half-open at once (``Breaker(probe=...)``). Never real work, so it cannot burn or confirm anything."""
         await self.client.ping()
 
-    async def call(self, fn: Callable[[aioredis.Redis], Awaitable[T]], what: str) -> T:
-        """``await fn(client)`` behind the breaker; ``what`` names the call in metrics, logs and errors."""
+    async def probe_master(self, master: str) -> None:
+        """``PING`` to one cluster master (``host:port``) outside its breaker: the probe of that master's breaker."""
+        rc = as_cluster(self.client)
+        node = rc.get_node(node_name=master)
+        if node is None:
+            raise UnavailableError(f"redis master {master} is no longer in the cluster's slot map")
+        await rc.execute_command("PING", target_nodes=node)
+
+    async def call(self, fn: Callable[[aioredis.Redis], Awaitable[T]], what: str, breaker: Breaker | None = None) -> T:
+        """``await fn(client)`` behind the breaker (``breaker``: a cluster master's, else the gateway's own);
+        ``what`` names the call in metrics, logs and errors."""
         client = self.client
+        guard = self.breaker if breaker is None else breaker
 
         async def answered() -> T | _Answered:
             t0 = time.perf_counter()
@@ -118,15 +136,15 @@ class Gateway:
                 metrics.child(metrics.redis_latency, what).observe(time.perf_counter() - t0)
 
         try:
-            res = await self.breaker.call(answered)
+            res = await guard.call(answered)
         except BreakerOpenError as e:
             raise UnavailableError(
-                f"redis unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
+                f"{guard.name} unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
             ) from None
         except OUTAGES as e:
-            raise UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000) from None
+            raise UnavailableError(f"{guard.name} unreachable during {what}: {e}", retry_after_ms=1_000) from None
         except RedisError as e:
-            raise UnavailableError(f"redis error during {what}: {e}", retry_after_ms=1_000) from None
+            raise UnavailableError(f"{guard.name} error during {what}: {e}", retry_after_ms=1_000) from None
         if isinstance(res, _Answered):
             raise self.reply_error(res.error, what)
         return res
@@ -150,8 +168,11 @@ class Gateway:
         """Our error for one error reply: ``StoreRefusedError`` for a refusal (Redis is up but will not write; not a
         breaker failure: an open breaker would also block the claims and acks that drain a full Redis), else a
         ``BrokerError`` with code internal. A call whose cluster slot is on the move (did not run; see
-        ``migration.py``) is ``unavailable`` to retry soon, and neither a refusal nor a breaker failure. Logged loud
-        but bounded."""
+        ``migration.py``) is ``unavailable`` to retry soon, and neither a refusal nor a breaker failure. One of ours
+        (e.g. the ``UnavailableError`` in the place of a call whose cluster master failed) is returned as it is.
+        Logged loud but bounded."""
+        if isinstance(exc, BrokerError):
+            return exc
         if is_migrating(exc):
             self.log_bounded("redis_slot_moving", what, exc)
             return UnavailableError(f"the slot of {what} is moving (resharding): {exc}", retry_after_ms=RETRY_AFTER_MS)
@@ -176,4 +197,6 @@ class Gateway:
             log.error("redis_error_reply", op=what, error=str(error), count=n)
 
     async def close(self) -> None:
+        if self.masters is not None:
+            await self.masters.close()
         await self.client.aclose()

@@ -163,7 +163,10 @@ class Messages:
                 self.uncertain(c, now)
             raise
         for c, flat in zip(claims, replies[len(by_topic) :], strict=True):
-            if isinstance(flat, Exception):
+            if isinstance(flat, UnavailableError):  # its cluster master failed: the claim may have run
+                self.uncertain(c, now)
+                c.result = flat
+            elif isinstance(flat, Exception):
                 c.result = self.gateway.reply_error(flat, f"claim from {c.topic}/{c.group}")
             else:
                 c.result = self.deliveries(c.topic, c.group, flat, now + c.lease_ms)
@@ -241,17 +244,28 @@ class Messages:
         """Give back deliveries of claims whose reply was lost in an outage (they never reached a consumer), so
         an outage costs no attempts. Returns how many were given back; claims still unreachable are kept."""
         given = 0
-        while self._uncertain_claims:
-            topic, group, consumer, prefix, deadline = self._uncertain_claims[0]
-            k = self.keys(topic)
-            g = k.group(group)
-            n = await self.scripts.call(
-                "unclaim", [g.ready, g.leased, g.held], [k.base, group, consumer, prefix, deadline], "unclaim"
-            )
-            self._uncertain_claims.pop(0)
-            if int(n):
-                log.warning("lost_claim_reply_reconciled", topic=topic, group=group, given_back=int(n))
-                given += int(n)
+        pending, self._uncertain_claims = self._uncertain_claims, []
+        try:
+            while pending:
+                topic, group, consumer, prefix, deadline = pending[0]
+                k = self.keys(topic)
+                g = k.group(group)
+                try:
+                    n = await self.scripts.call(
+                        "unclaim", [g.ready, g.leased, g.held], [k.base, group, consumer, prefix, deadline], "unclaim"
+                    )
+                except UnavailableError:
+                    if self.gateway.masters is None:
+                        raise  # one Redis: the others cannot be reached either
+                    # on a cluster only this topic's master is away: kept for the next pass, the others go on
+                    self._uncertain_claims.append(pending.pop(0))
+                    continue
+                pending.pop(0)
+                if int(n):
+                    log.warning("lost_claim_reply_reconciled", topic=topic, group=group, given_back=int(n))
+                    given += int(n)
+        finally:
+            self._uncertain_claims[:0] = pending  # what was not tried yet stays first, in order
         return given
 
     # ---- settling ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
+from broker.core.errors import UnavailableError
 from broker.core.model import GroupDepth
 from broker.store.cluster import config_of_each_master, is_cluster, on_each_master
 from broker.store.connection import (
@@ -46,6 +47,8 @@ class Reads:
         replies = await self.scripts.run(calls, "group_stats", keep_errors=broken is not None)
         out: list[GroupStats] = []
         for topic, flat in zip(topics, replies, strict=True):
+            if isinstance(flat, UnavailableError):
+                raise flat  # a cluster master that does not answer: named, never its topics left out silently
             if isinstance(flat, Exception):
                 assert broken is not None
                 self.gateway.log_bounded("redis_error_reply", "group_stats", flat)

@@ -18,14 +18,17 @@ default the wall clock), so tests step time instead of sleeping. Redis keeps rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from broker.core.config import Settings
 from broker.core.errors import BrokerError
 from broker.core.model import AckItem, Delivery, GroupDepth, NackItem, PublishRequest, PublishResult, now_ms
-from broker.runtime.resilience import Breaker
+from broker.runtime.resilience import Breaker, BreakerState
+from broker.store.breakers import MasterBreakers
+from broker.store.cluster import masters, node_of
 from broker.store.gateway import Gateway
 from broker.store.keys import TopicKeys
 from broker.store.messages import AckOutcome, ClaimRequest, Messages, NackOutcome, NackReply, StrictOrder
@@ -36,6 +39,22 @@ from broker.store.sweep import Sweeper, Swept
 from broker.store.topology import Topology
 
 Clock = Callable[[], int]
+
+
+@dataclass(frozen=True, slots=True)
+class MasterOutage:
+    """Cluster masters whose breaker is not closed: state and the affected topics (of those asked about) per master;
+    ``total`` when no master of the cluster has a closed breaker (nothing can be served)."""
+
+    down: dict[str, tuple[BreakerState, list[str]]] = field(default_factory=dict)
+    total: bool = False
+
+    def reasons(self) -> list[str]:
+        """One line per master, for /readyz and the logs."""
+        return [
+            f"redis master {m} breaker {state.value}: topics {', '.join(topics) if topics else '(none here)'}"
+            for m, (state, topics) in sorted(self.down.items())
+        ]
 
 
 class RedisStore:
@@ -78,6 +97,33 @@ class RedisStore:
 
     def keys(self, topic: str) -> TopicKeys:
         return self.topology.keys(topic)
+
+    @property
+    def master_breakers(self) -> MasterBreakers | None:
+        """On a Redis Cluster, the breaker of each master (None on a single Redis)."""
+        return self.gateway.masters
+
+    def master_outage(self, topics: Iterable[str] = ()) -> MasterOutage:
+        """Which cluster masters' breakers are not closed, each with the ones of ``topics`` (default: the topics
+        this process knows) whose slot it serves. No Redis call (the client's slot map). Empty on a single Redis."""
+        mb = self.gateway.masters
+        if mb is None or not mb.by_master:
+            return MasterOutage()
+        client = self.gateway.client
+        known = {n.name for n in masters(client)} or None  # empty before the client knows the cluster
+        down = mb.not_closed(known)
+        if not down:
+            return MasterOutage()
+        affected: dict[str, list[str]] = {m: [] for m in down}
+        for t in sorted(set(topics) or self.topology.known_topics):
+            try:
+                m = node_of(client, self.keys(t).groups).name
+            except Exception:  # a slot nobody serves right now: no master to name it under
+                continue
+            if m in affected:
+                affected[m].append(t)
+        total = known is not None and known <= set(down)
+        return MasterOutage({m: (state, affected[m]) for m, state in down.items()}, total)
 
     def is_strict(self, topic: str, group: str) -> bool:
         return self._strict.is_strict(topic, group)

@@ -7,21 +7,23 @@ loaded and sent again. Many calls of one caller (``run``) stay together and in o
 several topics with its riding claims, a sweep of many groups, an import.
 
 Two kinds of calls bypass the pipe and go out as one pipeline of their own (``_eval_direct``): on a Redis Cluster
-every call (redis-py's cluster pipeline sends each master its calls, ``cluster.eval_pass``), and a publish batch that
-must be followed by ``WAIT`` (``redis.replicas_to_ack``): ``WAIT`` blocks the connection it is sent on, and the pipe's
-connection is every caller's.
+every call (split per master, each master's part behind its own breaker: ``_eval_routed``, ``breakers.py``), and a
+publish batch that must be followed by ``WAIT`` (``redis.replicas_to_ack``): ``WAIT`` blocks the connection it is
+sent on, and the pipe's connection is every caller's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Sequence
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError, SlotNotCoveredError
 
+from broker.core.errors import UnavailableError
 from broker.store.cluster import (
     eval_pass,
     is_cluster,
@@ -29,6 +31,7 @@ from broker.store.cluster import (
     is_redirect,
     load_script_where,
     node_of,
+    ready,
     sharded,
 )
 from broker.store.gateway import Gateway, is_refusal, raise_outages
@@ -106,13 +109,21 @@ class Scripts:
         """Run scripts by SHA in one round trip (``ScriptPipe``; on a cluster or with ``wait``, ``_eval_direct``).
         Error replies come back as exception values, in place; a refusal (OOM, READONLY...) fails the whole call
         (``StoreRefusedError``) unless ``keep_refusals`` (the caller then handles each reply, e.g. claims that did
-        run). An outage raises ``UnavailableError``. With ``wait`` the batch ends with ``WAIT`` (``replication.py``)."""
-        if wait is not None or is_cluster(self.gateway.client):
+        run). An outage raises ``UnavailableError``; on a cluster, a master's outage (or its open breaker) puts the
+        ``UnavailableError`` in the place of each of its calls instead (``_eval_routed``). With ``wait`` the batch
+        ends with ``WAIT`` (``replication.py``)."""
+        if self.gateway.masters is not None:
+
+            def routed(some: Sequence[ScriptCall], w: Wait | None) -> Awaitable[list[Any]]:
+                return self._eval_routed(some, what, w)
+
+            # calls refused because their slot is moving (resharding) go again, outside the breaker (migration.py)
+            res = await settle(await routed(calls, wait), calls, wait, routed, what)
+        elif wait is not None:
 
             def direct(some: Sequence[ScriptCall], w: Wait | None) -> Awaitable[list[Any]]:
                 return self.gateway.call(lambda r: self._eval_direct(r, some, w), what)
 
-            # calls refused because their slot is moving (resharding) go again, outside the breaker (migration.py)
             res = await settle(await direct(calls, wait), calls, wait, direct, what)
         else:
             res = await self.pipe.run(calls, what, ride)
@@ -121,6 +132,56 @@ class Scripts:
                 if isinstance(x, ResponseError) and is_refusal(x):
                     raise self.gateway.reply_error(x, what)
         return res
+
+    async def _eval_routed(self, calls: Sequence[ScriptCall], what: str, wait: Wait | None) -> list[Any]:
+        """On a cluster: the calls split by the master of their topic's slot, each master's part in one pipeline
+        behind that master's breaker, the masters in parallel. A master that fails (or whose breaker is open) fails
+        only its own calls: each gets the ``UnavailableError`` in its place (its topic's callers answer
+        ``unavailable``; the other masters' calls are answered as usual). A call redirected to another master
+        (a failover, ``MOVED``) is followed within its part, behind the breaker it was routed to first."""
+        assert self.gateway.masters is not None
+        if not calls:
+            return []
+        client = self.gateway.client
+        await self.gateway.call(ready, what)  # the slot map (a no-op once known; behind no master's breaker)
+        parts: dict[str, list[int]] = {}
+        out: list[Any] = [None] * len(calls)
+        for i, (_, keys, _) in enumerate(calls):
+            try:
+                parts.setdefault(node_of(client, keys[0]).name, []).append(i)
+            except SlotNotCoveredError as e:  # no master serves the slot now (a failover under way): an outage
+                out[i] = UnavailableError(f"redis unreachable during {what}: {e}", retry_after_ms=1_000)
+        if not parts:
+            return out
+        if len(parts) == 1 and len(calls) == len(next(iter(parts.values()))):  # one master: no split
+            ((master, _),) = parts.items()
+            try:
+                return await self._eval_on(master, calls, what, wait)
+            except UnavailableError as e:
+                return [e] * len(calls)
+        idxs = list(parts.values())
+        got = await asyncio.gather(
+            *(
+                self._eval_on(m, [calls[i] for i in ix], what, _share(wait, ix))
+                for m, ix in zip(parts, idxs, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        for ix, one in zip(idxs, got, strict=True):
+            if isinstance(one, UnavailableError):
+                for i in ix:
+                    out[i] = one
+            elif isinstance(one, BaseException):
+                raise one  # a bug or a cancellation: the whole call fails as before
+            else:
+                for i, x in zip(ix, one, strict=True):
+                    out[i] = x
+        return out
+
+    async def _eval_on(self, master: str, calls: Sequence[ScriptCall], what: str, wait: Wait | None) -> list[Any]:
+        assert self.gateway.masters is not None
+        breaker = self.gateway.masters.of(master)
+        return await self.gateway.call(lambda r: self._eval_direct(r, calls, wait), what, breaker)
 
     async def _eval_direct(self, r: aioredis.Redis, calls: Sequence[ScriptCall], wait: Wait | None) -> list[Any]:
         """Script calls in one pipeline of their own (inside a gateway call). Calls that did not run are sent again,
@@ -160,6 +221,14 @@ class Scripts:
 def _moved(reply: object) -> bool:
     """A call a cluster master did not run because its slot is served elsewhere now (not: is migrating, ASK)."""
     return is_redirect(reply) and not is_migrating(reply)
+
+
+def _share(wait: Wait | None, idxs: list[int]) -> Wait | None:
+    """The ``WAIT`` of one master's part of a batch: it vouches for the part's calls among the batch's first
+    ``wait.calls`` (a part keeps the batch's order, so they come first in it too)."""
+    if wait is None:
+        return None
+    return Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in idxs))
 
 
 async def _eval_pass(

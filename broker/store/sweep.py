@@ -11,6 +11,8 @@ from typing import Any
 import structlog
 
 from broker.core.config import Settings
+from broker.core.errors import UnavailableError
+from broker.runtime import metrics
 from broker.runtime.resilience import jitter_factor
 from broker.store.messages import StrictOrder
 from broker.store.scripts import ScriptCall, Scripts
@@ -63,7 +65,8 @@ class Sweeper:
         (topic, group) pairs in one pipeline. Returns per pair what was done and when its next work is due.
         A pair whose scripts fail (an error reply, e.g. WRONGTYPE on a damaged key) fails the call, unless
         ``failed`` is given: then it counts nothing (next due unknown: None) and "topic/group: error" is appended
-        there."""
+        there. With ``failed``, a pair whose cluster master is away (``unavailable``) counts nothing either but is
+        not listed: it is not damaged, and its master's breaker reports the outage."""
         if not pairs:
             return []
         r = self.settings.retry
@@ -84,6 +87,10 @@ class Sweeper:
         res = await self.scripts.run(calls, "sweep", keep_errors=failed is not None)
         for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):
             bad = next((x for x in (res[i], res[i + 1]) if isinstance(x, Exception)), None)
+            if isinstance(bad, UnavailableError):  # its cluster master is away: that master's breaker says so
+                metrics.child(metrics.store_errors, "sweep", bad.code).inc()
+                res[i] = None
+                continue
             if bad is not None:
                 assert failed is not None
                 self.scripts.gateway.log_bounded("redis_error_reply", "sweep", bad)

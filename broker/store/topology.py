@@ -21,6 +21,11 @@ class Topology:
     def keys(self, topic: str) -> TopicKeys:
         return TopicKeys(self.prefix, topic)
 
+    @property
+    def known_topics(self) -> frozenset[str]:
+        """The topics this process registered or subscribed to (no Redis call)."""
+        return frozenset(self._known_topics)
+
     async def schema_version(self) -> str | None:
         """The key schema version Redis holds (None: none written yet); read-only."""
         v = await self.gateway.call(lambda r: r.get(schema_key(self.prefix)), "schema_version")

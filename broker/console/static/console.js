@@ -72,7 +72,8 @@ function renderOverview(o) {
   const ready = $("#ready");
   ready.textContent = o.readyz.ready ? "ready" : "not ready";
   ready.className = `badge ${o.readyz.ready ? "ok" : "bad"}`;
-  $("#reasons").textContent = o.readyz.ready ? "/readyz: ready" : `/readyz: ${o.readyz.reasons.join("; ")}`;
+  const why = o.readyz.reasons.join("; ");  // ready with reasons: degraded (a Redis Cluster master's breaker open)
+  $("#reasons").textContent = o.readyz.ready ? (why ? `/readyz: ready, ${why}` : "/readyz: ready") : `/readyz: ${why}`;
   $("#updated").textContent = `refreshed ${new Date().toLocaleTimeString()} (${o.server_ms} ms)`;
   const notice = $("#notice");
   notice.hidden = !o.local_dev;
