@@ -20,15 +20,15 @@ import asyncio
 import collections
 import contextlib
 import signal
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from broker.client.client import BrokerClient, Message
-from broker.core.errors import BrokerError
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.cluster import RedisCluster
+from tests.cluster_traffic import Consumers
+from tests.support import until
 
 TOPICS = [f"t{i:02d}" for i in range(30)]
 GROUPS = ("audit", "billing")
@@ -53,55 +53,6 @@ def nodes_on(cluster: RedisCluster, n: int, **settings: str) -> list[BrokerProce
     return [BrokerProcess(cluster.url, env=env).start() for _ in range(n)]
 
 
-class Consumers:
-    """``per_group`` competing consumers in each group, round robin over the broker nodes, every one subscribed to
-    every topic; counts deliveries per (group, message id)."""
-
-    def __init__(self, urls: list[str], per_group: int) -> None:
-        self.urls, self.per_group = urls, per_group
-        self.got: dict[str, collections.Counter[str]] = {g: collections.Counter() for g in GROUPS}
-        self.ids_of_seq: dict[int, set[str]] = collections.defaultdict(set)  # a retry that stored a copy shows here
-        self.stack = contextlib.AsyncExitStack()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> Consumers:
-        n = 0
-        for group in GROUPS:
-            for _ in range(self.per_group):
-                url = self.urls[n % len(self.urls)]
-                n += 1
-                client = await self.stack.enter_async_context(BrokerClient(url, reconnect_deadline_s=120))
-                sub = await client.subscribe(TOPICS, group, prefetch=50)
-                self.tasks.append(asyncio.create_task(self._consume(group, sub)))
-        return self
-
-    async def _consume(self, group: str, sub: object) -> None:
-        async for m in sub:  # type: ignore[attr-defined]
-            assert isinstance(m, Message)
-            self.got[group][m.id] += 1
-            self.ids_of_seq[int(m.payload["seq"])].add(m.id)
-            with contextlib.suppress(BrokerError):  # a stale receipt after a failure: the message comes again
-                await m.ack()
-
-    def have_all(self, ids: set[str]) -> bool:
-        return all(ids <= set(c) for c in self.got.values())
-
-    async def __aexit__(self, *exc: object) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.stack.aclose()
-
-
-async def until(cond: object, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(cond) and cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def logs(brokers: list[BrokerProcess]) -> str:
     return "\n".join(f"--- broker {b.port} ---\n{b.log_tail(12)}" for b in brokers)
 
@@ -114,7 +65,7 @@ async def test_three_nodes_thirty_topics_two_groups_of_competing_consumers(clust
     ids: set[str] = set()
     try:
         # And 2 groups x 3 competing consumers, one on each broker node
-        async with Consumers([b.url for b in brokers], per_group=3) as consumers:
+        async with Consumers([b.url for b in brokers], TOPICS, GROUPS, per_group=3) as consumers:
             # When 900 messages are published through all three nodes
             async with contextlib.AsyncExitStack() as stack:
                 pubs = [await stack.enter_async_context(BrokerClient(b.url)) for b in brokers]
@@ -150,7 +101,7 @@ async def failover_run(cluster: RedisCluster, replicas_to_ack: int, n: int = 3_0
     victim_topics = {t for t in TOPICS if cluster.port_of_slot_owner(f"mq:{{{t}}}:groups") == victim}
     confirmed: dict[str, str] = {}  # id -> topic
     try:
-        async with Consumers([b.url for b in brokers], per_group=1) as consumers:
+        async with Consumers([b.url for b in brokers], TOPICS, GROUPS, per_group=1) as consumers:
             async with contextlib.AsyncExitStack() as stack:
                 pubs = [await stack.enter_async_context(BrokerClient(b.url, reconnect_deadline_s=120)) for b in brokers]
                 window = asyncio.Semaphore(100)

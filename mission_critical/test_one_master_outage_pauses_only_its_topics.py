@@ -21,7 +21,7 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ from broker.client.client import BrokerClient, Message
 from broker.core.errors import BrokerError
 from tests.brokers import BrokerProcess
 from tests.cluster import RedisCluster
+from tests.support import until
 
 TOPICS = [f"m{i:02d}" for i in range(12)]
 N = 1_200  # messages, round robin over the topics
@@ -75,15 +76,6 @@ def events(broker: BrokerProcess, name: str) -> list[dict[str, Any]]:
             if e.get("event") == name:
                 out.append(e)
     return out
-
-
-async def until(cond: Callable[[], object], what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 async def test_a_frozen_master_pauses_only_its_topics(cluster: RedisCluster) -> None:

@@ -20,16 +20,16 @@ import collections
 import contextlib
 import os
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from broker.client.client import BrokerClient, Message
-from broker.core.errors import BrokerError
+from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.cluster import RedisCluster, move_slot
+from tests.cluster_traffic import Consumers
+from tests.support import until
 
 HOT = "hot"
 TOPICS = [HOT, "cool0", "cool1", "cool2"]
@@ -49,54 +49,6 @@ ENV = {
 def cluster() -> Iterator[RedisCluster]:
     with RedisCluster(node_timeout_ms=1_000) as c:
         yield c
-
-
-class Consumers:
-    """One consumer per group on each broker node, each subscribed to every topic; counts deliveries per id."""
-
-    def __init__(self, urls: list[str]) -> None:
-        self.urls = urls
-        self.got: dict[str, collections.Counter[str]] = {g: collections.Counter() for g in GROUPS}
-        self.ids_of_seq: dict[int, set[str]] = collections.defaultdict(set)  # a retry that stored a copy shows here
-        self.ack_errors = 0
-        self.stack = contextlib.AsyncExitStack()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def __aenter__(self) -> Consumers:
-        for group in GROUPS:
-            for url in self.urls:
-                client = await self.stack.enter_async_context(BrokerClient(url, reconnect_deadline_s=120))
-                sub = await client.subscribe(TOPICS, group, prefetch=50)
-                self.tasks.append(asyncio.create_task(self._consume(group, sub)))
-        return self
-
-    async def _consume(self, group: str, sub: object) -> None:
-        async for m in sub:  # type: ignore[attr-defined]
-            assert isinstance(m, Message)
-            self.got[group][m.id] += 1
-            self.ids_of_seq[int(m.payload["seq"])].add(m.id)
-            try:
-                await m.ack()
-            except BrokerError:  # counted; the message comes again after its lease and is acked then
-                self.ack_errors += 1
-
-    def have_all(self, ids: set[str]) -> bool:
-        return all(ids <= set(c) for c in self.got.values())
-
-    async def __aexit__(self, *exc: object) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.stack.aclose()
-
-
-async def until(cond: object, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(cond) and cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def leftovers(cluster: RedisCluster) -> dict[str, int]:
@@ -143,7 +95,7 @@ async def test_moving_a_busy_topics_slot_there_and_back_loses_and_strands_nothin
     confirmed: dict[str, int] = {}  # id -> seq
     moved: list[int] = []
     try:
-        async with Consumers([b.url for b in brokers]) as consumers:
+        async with Consumers(urls := [b.url for b in brokers], TOPICS, GROUPS, per_group=len(urls)) as consumers:
             async with contextlib.AsyncExitStack() as stack:
                 pubs = [await stack.enter_async_context(BrokerClient(b.url, reconnect_deadline_s=120)) for b in brokers]
                 window = asyncio.Semaphore(100)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -282,3 +282,13 @@ def make_store(
     """A ``RedisStore`` over ``client`` (redis.asyncio or fakeredis) behind a Redis breaker built from settings."""
     settings = settings or Settings()
     return RedisStore(client, settings, make_breaker(settings), node_id, clock=clock)
+
+
+async def until(cond: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    """Wait (bounded, polling every 50 ms) until ``cond()`` is true; fails naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -6,23 +6,13 @@ from __future__ import annotations
 import asyncio
 
 from broker.core.config import Settings
-from broker.core.model import AckItem, Delivery, PublishRequest
+from broker.core.model import AckItem, PublishRequest
 from broker.node.dispatch import Consumer, Dispatch, GroupDispatcher
 
 from .conftest import StoreFactory
+from .test_dispatch_clock import Outlet  # a consumer's outlet that sends nowhere
 
 T = "ride-topic"
-
-
-class Outlet:
-    def send_delivery(self, consumer: Consumer, delivery: Delivery) -> None:
-        pass
-
-    def congested(self) -> bool:
-        return False
-
-    def holds(self, msg_id: str, receipt: str) -> bool:
-        return False
 
 
 async def test_an_ack_with_a_waiter_sends_the_riding_ones_at_once(store_factory: StoreFactory) -> None:

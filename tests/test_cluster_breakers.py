@@ -32,7 +32,7 @@ from broker.store import RedisStore, connect_redis
 
 from .brokers import BrokerProcess
 from .cluster import RedisCluster
-from .support import make_store
+from .support import make_store, until
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = [f"b{i}" for i in range(12)]
@@ -43,15 +43,6 @@ def slow_failover_cluster() -> Any:
     """A cluster whose replicas wait 60 s before taking over: a frozen master stays the slot owner."""
     with RedisCluster(node_timeout_ms=60_000) as cluster:
         yield cluster
-
-
-async def until(cond: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def master_name(store: RedisStore, cluster: RedisCluster, topic: str) -> str:
