@@ -27,19 +27,12 @@ import pytest
 from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.cluster import RedisCluster
-from tests.cluster_traffic import Consumers
+from tests.cluster_traffic import BROKER_ENV, Consumers
 from tests.support import until
 
 TOPICS = [f"t{i:02d}" for i in range(30)]
 GROUPS = ("audit", "billing")
-ENV = {
-    "BROKER_DELIVERY_LEASE_MS": "3000",
-    "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200",
-    "BROKER_DELIVERY_POLL_INTERVAL_MS": "100",
-    "BROKER_BREAKERS_REDIS_RESET_TIMEOUT_S": "2",
-    "BROKER_REDIS_SOCKET_TIMEOUT_MS": "2000",
-    "BROKER_REDIS_CONNECT_TIMEOUT_MS": "500",
-}
+ENV = {**BROKER_ENV, "BROKER_BREAKERS_REDIS_RESET_TIMEOUT_S": "2"}
 
 
 @pytest.fixture
@@ -49,7 +42,7 @@ def cluster() -> Iterator[RedisCluster]:
 
 
 def nodes_on(cluster: RedisCluster, n: int, **settings: str) -> list[BrokerProcess]:
-    env = {**ENV, "BROKER_REDIS_CLUSTER": "true", **settings}
+    env = {**ENV, **settings}
     return [BrokerProcess(cluster.url, env=env).start() for _ in range(n)]
 
 

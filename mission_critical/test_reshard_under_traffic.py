@@ -28,21 +28,14 @@ import redis
 from broker.client.client import BrokerClient
 from tests.brokers import BrokerProcess
 from tests.cluster import RedisCluster, move_slot
-from tests.cluster_traffic import Consumers
+from tests.cluster_traffic import BROKER_ENV, Consumers
 from tests.support import until
 
 HOT = "hot"
 TOPICS = [HOT, "cool0", "cool1", "cool2"]
 GROUPS = ("audit", "billing")
 N = 3_000  # publishes, 3 of 4 to the busy topic
-ENV = {
-    "BROKER_REDIS_CLUSTER": "true",
-    "BROKER_DELIVERY_LEASE_MS": "3000",
-    "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200",
-    "BROKER_DELIVERY_POLL_INTERVAL_MS": "100",
-    "BROKER_REDIS_SOCKET_TIMEOUT_MS": "2000",
-    "BROKER_REDIS_CONNECT_TIMEOUT_MS": "500",
-}
+ENV = BROKER_ENV
 
 
 @pytest.fixture

@@ -13,6 +13,17 @@ from collections.abc import Sequence
 from broker.client.client import BrokerClient, Message
 from broker.core.errors import BrokerError
 
+# Broker settings for traffic on a cluster in a test: short leases and timers (redelivery and sweeps within a test's
+# time), Redis timeouts well below the breaker's so a killed master is noticed at once.
+BROKER_ENV = {
+    "BROKER_REDIS_CLUSTER": "true",
+    "BROKER_DELIVERY_LEASE_MS": "3000",
+    "BROKER_DELIVERY_SWEEP_INTERVAL_MS": "200",
+    "BROKER_DELIVERY_POLL_INTERVAL_MS": "100",
+    "BROKER_REDIS_SOCKET_TIMEOUT_MS": "2000",
+    "BROKER_REDIS_CONNECT_TIMEOUT_MS": "500",
+}
+
 
 class Consumers:
     """``async with Consumers(urls, topics, groups, per_group) as c``: ``per_group`` consumers in each group, the

@@ -202,7 +202,7 @@ async def eval_pass(
     (``WAIT`` is an error there). Without, following an ``ASK`` cannot help a script (the importing master refuses
     it too, ``MIGRATING_GUARD``), and redis-py would send each such call alone, again and again for half a second
     (its TRYAGAIN loop), one after the other: a pass with many calls of a moving slot would outlast the breaker's
-    call timeout. Such a call did not run: it comes back as its ``MovedError`` / ``AskError`` (``is_redirect``); the
+    call timeout. Such a call did not run: it comes back as its ``MovedError`` / ``AskError``; the
     slot map is patched for a MOVED and the caller sends it again at once (``scripts._eval_direct``), an ASK waits
     for the move to end (``migration.settle``)."""
     rc = await ready(client)
@@ -229,11 +229,6 @@ async def eval_pass(
         got = acks.get(node.name)  # an error reply (e.g. a master demoted meanwhile) vouches for nothing
         counts.append(got if isinstance(got, int) else None)
     return replies, counts
-
-
-def is_redirect(reply: object) -> bool:
-    """A call a cluster master did not run because its slot is served elsewhere (MOVED) or migrating (ASK)."""
-    return isinstance(reply, AskError)  # MovedError is an AskError
 
 
 async def config_of_each_master(client: aioredis.Redis, names: Sequence[str]) -> dict[str, dict[str, str]]:

@@ -19,7 +19,7 @@ from typing import Any
 from broker.runtime import metrics
 from broker.runtime.resilience import repeat_while_left
 from broker.store.cluster import is_migrating
-from broker.store.replication import Wait
+from broker.store.replication import Wait, for_part
 
 __all__ = ["RETRY_AFTER_MS", "SETTLE_S", "is_migrating", "settle"]
 
@@ -43,7 +43,7 @@ async def settle(replies: list[Any], calls: Sequence[Call], wait: Wait | None, s
     async def once() -> bool:
         again = moving()
         metrics.child(metrics.slot_moving, what).inc(len(again))
-        rewait = None if wait is None else Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in again))
+        rewait = for_part(wait, again)
         for i, x in zip(again, await send([calls[i] for i in again], rewait), strict=True):
             out[i] = x
         return bool(moving())  # still refused: again, after a wait (an exception, e.g. an outage, is raised)

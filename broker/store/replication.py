@@ -33,6 +33,14 @@ class Wait:
         return ("WAIT", self.replicas, self.timeout_ms)
 
 
+def for_part(wait: Wait | None, idxs: Sequence[int]) -> Wait | None:
+    """The ``WAIT`` for a part of a batch (the calls at ``idxs``, in order): it vouches for those among the batch's
+    first ``wait.calls``, which come first in the part too (a redo pass, one master's share)."""
+    if wait is None:
+        return None
+    return Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in idxs))
+
+
 def not_replicated(wait: Wait, got: int) -> ResponseError:
     return ResponseError(
         f"NOREPLICAS {got} of {wait.replicas} replicas confirmed the write within {wait.timeout_ms} ms; not confirmed"

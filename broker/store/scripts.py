@@ -21,14 +21,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError, SlotNotCoveredError
+from redis.exceptions import MovedError, NoScriptError, ResponseError, SlotNotCoveredError
 
 from broker.core.errors import UnavailableError
 from broker.store.cluster import (
     eval_pass,
     is_cluster,
-    is_migrating,
-    is_redirect,
     load_script_where,
     node_of,
     ready,
@@ -38,7 +36,7 @@ from broker.store.gateway import Gateway, is_refusal, raise_outages
 from broker.store.lua_lib import with_lib
 from broker.store.migration import settle
 from broker.store.pipe import ScriptCall, ScriptPipe
-from broker.store.replication import Wait, mark_unreplicated, moved_away
+from broker.store.replication import Wait, for_part, mark_unreplicated, moved_away
 
 __all__ = ["ScriptCall", "Scripts", "load_script"]
 
@@ -162,7 +160,7 @@ class Scripts:
         idxs = list(parts.values())
         got = await asyncio.gather(
             *(
-                self._eval_on(m, [calls[i] for i in ix], what, _share(wait, ix))
+                self._eval_on(m, [calls[i] for i in ix], what, for_part(wait, ix))
                 for m, ix in zip(parts, idxs, strict=True)
             ),
             return_exceptions=True,
@@ -194,7 +192,7 @@ class Scripts:
         one_pass = eval_pass if routed else _eval_pass
         res, counts = await one_pass(r, [(s.sha, k, a) for s, k, a in calls], wait)
         for _ in range(_REDO_PASSES):
-            again = [i for i, x in enumerate(res) if isinstance(x, NoScriptError) or _moved(x)]
+            again = [i for i, x in enumerate(res) if isinstance(x, (NoScriptError, MovedError))]
             if not again:
                 break
             loaded: set[tuple[str, str]] = set()
@@ -205,30 +203,15 @@ class Scripts:
                     await (load_script_where(r, str(script.script), keys) if routed else r.script_load(script.script))
                     loaded.add((script.sha, where))
             redo = [(calls[i][0].sha, calls[i][1], calls[i][2]) for i in again]
-            # the calls a WAIT vouches for come first (the publishes), so they do in the redo too
-            rewait = None if wait is None else Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in again))
-            res2, counts2 = await one_pass(r, redo, rewait)
+            res2, counts2 = await one_pass(r, redo, for_part(wait, again))
             for i, x, n in zip(again, res2, counts2, strict=True):
                 res[i], counts[i] = x, n
-        res = [moved_away(x) if _moved(x) else x for x in res]  # ASK: the slot is moving, settle() waits
+        res = [moved_away(x) if isinstance(x, MovedError) else x for x in res]  # ASK: the slot moves, settle() waits
         raise_outages(res)  # an outage reaches the breaker as an exception
         return mark_unreplicated(res, counts, wait)
 
     async def close(self) -> None:
         await self.pipe.close()
-
-
-def _moved(reply: object) -> bool:
-    """A call a cluster master did not run because its slot is served elsewhere now (not: is migrating, ASK)."""
-    return is_redirect(reply) and not is_migrating(reply)
-
-
-def _share(wait: Wait | None, idxs: list[int]) -> Wait | None:
-    """The ``WAIT`` of one master's part of a batch: it vouches for the part's calls among the batch's first
-    ``wait.calls`` (a part keeps the batch's order, so they come first in it too)."""
-    if wait is None:
-        return None
-    return Wait(wait.replicas, wait.timeout_ms, sum(i < wait.calls for i in idxs))
 
 
 async def _eval_pass(
