@@ -1,6 +1,6 @@
 """The managed redis-server (``broker/node/embedded.py``): its broker reaches it through a Unix socket in its data
 folder (mode 700), operator commands through its loopback port (the URL it records), and a data folder too deep for
-a socket's path (107 bytes) falls back to TCP with a warning instead of a socket path Redis would cut short."""
+a socket's path (107 bytes) falls back to TCP with a warning (redis-server would refuse to start with it)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ async def test_the_broker_link_is_a_unix_socket_and_operators_get_the_port(
         finally:
             await r.aclose()
             await tcp.aclose()
+    finally:
+        embedded.stop()
+
+
+async def test_a_data_folder_whose_path_a_url_would_misread_still_gets_its_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    embedded = EmbeddedRedis(str(tmp_path / "my data%20?#x" / "redis"))  # a space, an escape, a query, a fragment
+    await embedded.start()
+    try:
+        r = connect_redis(embedded.url, Settings())
+        try:
+            assert await r.ping()
+            assert r.connection_pool.connection_kwargs["path"] == str(embedded.socket)
+        finally:
+            await r.aclose()
     finally:
         embedded.stop()
 

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import structlog
 
@@ -30,7 +31,8 @@ MAX_SOCKET_PATH_BYTES = 107  # sun_path is 108 bytes on Linux, its last one the 
 
 
 def socket_path_fits(path: Path) -> bool:
-    """Whether a Unix socket can be bound at ``path`` (Redis 7.0 would cut a longer one short, silently)."""
+    """Whether a Unix socket can be bound at ``path`` (redis-server 7.0 exits at start with a longer one: "unix socket
+    path too long")."""
     return len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES
 
 
@@ -71,7 +73,7 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """The URL the broker connects through: its Unix socket, or TCP when the socket's path is too long."""
-        return f"unix://{self.socket}?db=0" if self.socket is not None else self.tcp_url
+        return f"unix://{quote(str(self.socket))}?db=0" if self.socket is not None else self.tcp_url
 
     @property
     def tcp_url(self) -> str:
