@@ -38,6 +38,7 @@ from . import retry as _retry  # noqa: F401  (registers s4, reprocess)
 from . import scenarios as _scenarios  # noqa: F401  (registers s1, s2, s3, relay, relay-s2, relay-s3)
 from .procs import (
     DEFAULT_BROKER_CMD,
+    TRANSPORTS,
     BrokerServer,
     RedisServer,
     RelayServer,
@@ -149,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="everysec",
         help="appendfsync of the throwaway redis-server (AOF is always on, RDB off)",
     )
+    proc.add_argument(
+        "--redis-transport",
+        choices=TRANSPORTS,
+        default=TRANSPORTS[0],
+        help="how the broker and the raw Redis baseline reach their redis-server: its Unix socket (the default, as "
+        "`make run`'s broker reaches its managed one) or loopback TCP (default: %(default)s)",
+    )
     proc.add_argument("--keep-logs", action="store_true", help="keep the temporary directory with all process logs")
     nats = ap.add_argument_group("NATS baseline")
     nats.add_argument("--nats-url", default="nats://127.0.0.1:4222")
@@ -201,10 +209,11 @@ class Resources:
             self.redis = await start_redis(self.workdir, a.redis_fsync)
             log(self.redis.description)
             self.setup["redis"] = self.redis.description
-            log(f"starting broker: {a.broker_cmd} (BROKER_REDIS_URL={self.redis.url}) ...")
+            url = self.redis.url_for(a.redis_transport)
+            log(f"starting broker: {a.broker_cmd} (BROKER_REDIS_URL={url}) ...")
             self.broker = await start_broker(
                 self.workdir,
-                self.redis.url,
+                url,
                 cmd=a.broker_cmd,
                 log_level=a.broker_log_level,
                 timeout_s=a.startup_timeout,
@@ -214,13 +223,14 @@ class Resources:
             self.setup["broker"] = {
                 "url": self.broker.ws_url,
                 "argv": self.broker.argv,
+                "redis_url": url,
                 "log_level": a.broker_log_level,
                 "extra_env": dict(a.broker_env),
             }
         if "rawredis" in needs:
             log(f"starting the raw Redis baseline's redis-server (AOF appendfsync={a.redis_fsync}, RDB off) ...")
             self.raw_redis = await start_redis(self.workdir / "raw", a.redis_fsync)
-            self.setup["rawredis"] = self.raw_redis.description
+            self.setup["rawredis"] = f"{self.raw_redis.description}; the bench connects over {a.redis_transport}"
         if "relay" in needs:
             self.relay = await start_relay(self.workdir)
             log(f"relay up on {self.relay.ws_url} (pid {self.relay.proc.pid})")
@@ -516,11 +526,11 @@ async def amain(args: argparse.Namespace, names: list[str]) -> int:
             broker_url=(res.broker.ws_url + (f"/?token={args.broker_token}" if args.broker_token else ""))
             if res.broker
             else "",
-            redis_url=res.redis.url if res.redis else "",
+            redis_url=res.redis.url_for(args.redis_transport) if res.redis else "",
             broker_env=dict(args.broker_env),
             broker_cmd=res.broker.argv if res.broker else [],
             relay_url=res.relay.ws_url if res.relay else "",
-            raw_redis_url=res.raw_redis.url if res.raw_redis else "",
+            raw_redis_url=res.raw_redis.url_for(args.redis_transport) if res.raw_redis else "",
             nats_url=args.nats_url,
             nats_storage=args.nats_storage,
             nats_consumer=args.nats_consumer,

@@ -30,6 +30,9 @@ from . import SetupError
 HASH_LISTPACK_VALUE = 4096
 
 LOOPBACK = "127.0.0.1"
+TRANSPORTS = ("unix", "tcp")  # how the broker (and the raw Redis baseline) reach their redis-server; unix first:
+# the default, as the broker's managed redis-server is reached by ``make run``
+SUN_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path, less its NUL)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _STARTED: list[Proc] = []
@@ -203,10 +206,19 @@ class RedisServer:
     proc: Proc
     port: int
     description: str
+    socket: Path | None = None  # its Unix socket (mode 700), when the path fits in sun_path
 
     @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def url_for(self, transport: str) -> str:
+        """The URL of ``transport`` ("tcp" or "unix"); ``SetupError`` when it has no socket."""
+        if transport == "tcp":
+            return self.url
+        if self.socket is None:
+            raise SetupError(f"the redis-server on port {self.port} has no Unix socket (its path is too long)")
+        return f"unix://{self.socket}?db=0"
 
 
 async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> RedisServer:
@@ -216,6 +228,9 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
     ver = await asyncio.to_thread(_redis_version, exe)
     data = workdir / "redis"
     data.mkdir(parents=True, exist_ok=True)
+    sock: Path | None = data / "redis.sock"
+    if len(os.fsencode(sock)) > SUN_PATH_MAX:
+        sock = None
     last: SetupError | None = None
     for _ in range(3):  # free_port() can race with another process; try a new port if the bind fails
         port = free_port()
@@ -231,6 +246,7 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
             "--hash-max-listpack-value", str(HASH_LISTPACK_VALUE),  # as the broker's managed redis-server
             "--dir", str(data),
             "--logfile", "",
+            *(["--unixsocket", str(sock), "--unixsocketperm", "700"] if sock is not None else []),
         ]  # fmt: skip
         proc = Proc("redis-server", argv, workdir / f"redis-{port}.log")
         proc.start()
@@ -243,9 +259,9 @@ async def start_redis(workdir: Path, fsync: str, timeout_s: float = 10.0) -> Red
         desc = (
             f'redis-server {ver} on {LOOPBACK}:{port}: RDB snapshots off (--save ""), '
             f"AOF on (--appendonly yes --appendfsync {fsync}), hash-max-listpack-value {HASH_LISTPACK_VALUE} (as the "
-            f"broker's managed redis-server), data in {data}"
+            f"broker's managed redis-server), data in {data}, Unix socket {sock or 'none (path too long)'}"
         )
-        return RedisServer(proc, port, desc)
+        return RedisServer(proc, port, desc, sock)
     assert last is not None
     raise last
 

@@ -46,6 +46,9 @@ class Resp:
 
     @classmethod
     async def open(cls, url: str) -> Resp:
+        if url.startswith("unix://"):  # the redis-server's own socket (procs.RedisServer.url_for)
+            reader, writer = await asyncio.open_unix_connection(url.removeprefix("unix://").split("?", 1)[0])
+            return cls(reader, writer)
         if not url.startswith("redis://127.0.0.1:"):
             raise BenchError(f"refusing non-loopback Redis URL {url}")
         port = int(url.removeprefix("redis://127.0.0.1:").split("/", 1)[0])

@@ -10,7 +10,9 @@ Shapes (every call is awaited, so each is a fixed sequence of calls whatever the
 - ``concurrent``: 20 workers, each ``single`` on a topic of its own, at the same time (calls that meet in flight).
 
 ``--listen``: the store's wake-up listener runs meanwhile, as in a broker node alone (the notes of its own
-publishes reach it and are dropped, where the checkout sends them).
+publishes reach it and are dropped, where the checkout sends them). ``--transport unix``: the store reaches the
+redis-server it starts through a Unix socket (``unix://``) instead of loopback TCP (a checkout from before the
+packing connection took ``unix://`` gets redis-py's own connection there).
 
     PYTHONPATH=. .venv/bin/python bench/storecost.py --shape single --messages 5000
 """
@@ -59,10 +61,10 @@ async def cycle(store: RedisStore, topic: str, n: int) -> None:
     assert all(res), res
 
 
-async def run(shape: str, messages: int, port: int, listen: bool = False) -> dict[str, Any]:
+async def run(shape: str, messages: int, port: int, listen: bool = False, url: str = "") -> dict[str, Any]:
     settings = Settings()
     store = RedisStore(
-        connect_redis(f"redis://127.0.0.1:{port}/0", settings),
+        connect_redis(url or f"redis://127.0.0.1:{port}/0", settings),
         settings,
         Breaker("redis", fail_max=5, reset_timeout_s=60, call_timeout_s=3.0),
         "cost",
@@ -107,6 +109,7 @@ async def run(shape: str, messages: int, port: int, listen: bool = False) -> dic
     calls.pop("info", None)
     return {
         "shape": shape + ("+listen" if listen else ""),
+        "transport": "unix" if url.startswith("unix://") else "tcp",
         "messages": messages,
         "python_us_per_msg": round((c1 - c0) * 1e6 / messages, 1),
         "redis_us_per_msg": round((r1 - r0) * 1e6 / messages, 1),
@@ -128,9 +131,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--listen", action="store_true", help="run the store's wake-up listener meanwhile")
     ap.add_argument("--redis-port", type=int, default=0, help="a throwaway redis-server (default: start one)")
+    ap.add_argument("--transport", choices=["tcp", "unix"], default="tcp", help="how the store reaches the one started")
     a = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # stdout is the JSON
-    port, proc, tmp = a.redis_port, None, None
+    port, proc, tmp, url = a.redis_port, None, None, ""
     if not port:
         exe = shutil.which("redis-server")
         assert exe, "redis-server not on PATH"
@@ -138,10 +142,13 @@ def main() -> None:
         port = free_port()
         argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
         argv += ["--appendfsync", "everysec", "--dir", tmp.name, "--logfile", ""]
+        if a.transport == "unix":
+            argv += ["--unixsocket", f"{tmp.name}/redis.sock", "--unixsocketperm", "700"]
+            url = f"unix://{tmp.name}/redis.sock?db=0"
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         time.sleep(0.3)
     try:
-        print(json.dumps(asyncio.run(asyncio.wait_for(run(a.shape, a.messages, port, a.listen), 600))))
+        print(json.dumps(asyncio.run(asyncio.wait_for(run(a.shape, a.messages, port, a.listen, url), 600))))
     finally:
         if proc is not None:
             proc.terminate()

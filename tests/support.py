@@ -64,7 +64,11 @@ class RedisServer:
     """
 
     def __init__(
-        self, port: int | None = None, data_dir: str | Path | None = None, extra_args: Sequence[str] = ()
+        self,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+        unix_socket: bool = False,  # also listen on ``<dir>/redis.sock`` (mode 700): ``unix_url``
     ) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
@@ -74,6 +78,7 @@ class RedisServer:
         self.dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="broker-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logfile = self.dir / "redis.log"
+        self.socket = self.dir / "redis.sock" if unix_socket else None
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
@@ -82,6 +87,10 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def unix_url(self, db: int = 0) -> str:
+        assert self.socket is not None, "RedisServer(unix_socket=True)"
+        return f"unix://{self.socket}?db={db}"
 
     @property
     def running(self) -> bool:
@@ -106,6 +115,7 @@ class RedisServer:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.logfile),
+            *(["--unixsocket", str(self.socket), "--unixsocketperm", "700"] if self.socket is not None else []),
             *self.extra_args,
         ]  # fmt: skip
         self._out = open(self.dir / "redis.stdout", "ab")  # noqa: SIM115 - closed in _reap

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import DataError
@@ -50,7 +50,8 @@ def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     With ``redis.cluster``, ``url`` is a seed node and the client is a cluster client (``cluster.py``)."""
     if settings.redis.cluster:
         return connect_cluster(url, settings)
-    extra: dict[str, Any] = {"connection_class": connection_class()} if url.startswith("redis://") else {}
+    cls = connection_class(url)
+    extra: dict[str, Any] = {"connection_class": cls} if cls is not None else {}
     return aioredis.Redis.from_url(
         url,
         **extra,
@@ -101,35 +102,77 @@ def memory_hints(cfg: dict[str, str]) -> list[str]:
     return []
 
 
-class HiredisPackingConnection(Connection):
+class HiredisPacking(AbstractConnection):
+    """The packing and the timeout scope, for any transport: mixed into TCP and Unix socket connections below."""
+
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         timeout = self.socket_timeout
         if not timeout:
             return await super().send_packed_command(command, check_health)
-        self.socket_timeout = None  # the stock path then writes directly, without wait_for
         try:
             async with asyncio.timeout(timeout):
-                await super().send_packed_command(command, check_health)
+                await self.send_unbounded(command, check_health)
         except TimeoutError:
             await self.disconnect(nowait=True)
             raise RedisTimeoutError("Timeout writing to socket") from None
+
+    async def send_unbounded(self, command: Any, check_health: bool = True) -> None:
+        """``send_packed_command`` with no deadline of its own, for a caller whose deadline covers the write (the
+        script pipe's, over a write and its replies: one timer per batch instead of two). A write cut short still
+        drops the connection (redis-py's path does, whatever interrupts it)."""
+        timeout, self.socket_timeout = self.socket_timeout, None  # the stock path then writes without wait_for
+        try:
+            await super().send_packed_command(command, check_health)
         finally:
             self.socket_timeout = timeout
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        first = args[0]
-        if isinstance(first, str):
-            args = (*first.encode().split(), *args[1:])
-        elif b" " in first:
-            args = (*first.split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as e:
-            raise DataError(str(e)) from None
+        return [_pack(args)]
 
     def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join(self.pack_command(*cmd)[0] for cmd in commands)]
+        return [b"".join([_pack(tuple(cmd)) for cmd in commands])]
 
 
-def connection_class() -> type[Connection]:
-    return HiredisPackingConnection if HAVE_HIREDIS else Connection
+def _pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP, the bytes redis-py's packer writes: a name of several words (``"CONFIG GET"``, as
+    redis-py passes it) split into one argument each. A name of letters only (``"EVALSHA"``) has nothing to split
+    and goes as it is: hiredis encodes a str as UTF-8, as the split's ``encode`` would."""
+    first = args[0]
+    if isinstance(first, str):
+        if not first.isalpha():
+            args = (*first.encode().split(), *args[1:])
+    elif b" " in first:
+        args = (*first.split(), *args[1:])
+    try:
+        packed: bytes = hiredis.pack_command(args)
+    except TypeError as e:
+        raise DataError(str(e)) from None
+    return packed
+
+
+async def send_under_deadline(conn: AbstractConnection, command: list[bytes]) -> None:
+    """Write packed ``command`` (no health check) for a caller whose own ``asyncio.timeout`` covers the write. A
+    connection without ``send_unbounded`` (redis-py's own: ``rediss://``, no hiredis) keeps its own timeout."""
+    if isinstance(conn, HiredisPacking):
+        await conn.send_unbounded(command, check_health=False)
+    else:
+        await conn.send_packed_command(command, check_health=False)
+
+
+class HiredisPackingConnection(HiredisPacking, Connection):
+    """``redis://``"""
+
+
+class HiredisUnixConnection(HiredisPacking, UnixDomainSocketConnection):
+    """``unix://``"""
+
+
+def connection_class(url: str) -> type[AbstractConnection] | None:
+    """The packing connection for ``url``'s transport; None: redis-py's own (``rediss://``, or no hiredis)."""
+    if not HAVE_HIREDIS:
+        return None
+    if url.startswith("redis://"):
+        return HiredisPackingConnection
+    if url.startswith("unix://"):
+        return HiredisUnixConnection
+    return None

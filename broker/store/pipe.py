@@ -11,11 +11,11 @@ with load and cost nothing extra when idle), writes them with one ``send_packed_
   the other run in that order (a publish before the claim that rides on it, an ack flush before the next).
 - **Breaker**: one batch is one breaker call (``Gateway.call``): a batch that times out or loses its connection is one
   failure, a batch that was answered is one success, whatever its error replies (they are values, for the caller).
-- **Timeouts**: the batch runs inside the breaker's call timeout, and its replies are read within
-  ``redis.socket_timeout_ms``; either drops the connection (its stream can no longer be trusted) and fails every
-  waiter of the batch with ``unavailable``. Calls queued behind it go out in the next batch on a new connection (or
-  are refused at once by an open breaker). So a hung Redis answers a caller after at most the batch in flight plus its
-  own, as before.
+- **Timeouts**: the batch runs inside the breaker's call timeout, and it is written and its replies are read within
+  ``redis.socket_timeout_ms`` (one deadline for both); either drops the connection (its stream can no longer be
+  trusted) and fails every waiter of the batch with ``unavailable``. Calls queued behind it go out in the next batch
+  on a new connection (or are refused at once by an open breaker). So a hung Redis answers a caller after at most the
+  batch in flight plus its own, as before.
 - **A dropped connection** fails every waiter of the batch in flight with ``unavailable`` (its calls may have run:
   the callers treat that as today, e.g. a claim's deliveries are reconciled); the next batch reconnects.
 - **NOSCRIPT** (a Redis restart or ``SCRIPT FLUSH``): the calls answered so are sent again behind a ``SCRIPT LOAD``
@@ -44,6 +44,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from broker.core.errors import UnavailableError
 from broker.runtime.supervisor import watch_task
+from broker.store.connection import send_under_deadline
 from broker.store.gateway import Gateway
 
 log = structlog.get_logger("broker.store")
@@ -228,11 +229,11 @@ class ScriptPipe:
 
     @staticmethod
     async def _send(conn: AbstractConnection, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        await conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
         out: list[Any] = []
-        # One deadline for all the replies of the write (not one timer per reply); the reads themselves wait forever
-        # (math.inf: redis-py's "no per-read timeout") inside it.
+        # One deadline for the write and all its replies (not a timer for the write, then one per reply); the write
+        # and the reads themselves wait forever (math.inf: redis-py's "no per-read timeout") inside it.
         async with asyncio.timeout(conn.socket_timeout or None):
+            await send_under_deadline(conn, conn.pack_commands(cmds))
             for _ in cmds:
                 try:
                     out.append(await conn.read_response(timeout=math.inf))
