@@ -13,26 +13,31 @@
 -- Returns  flat array, 7 per message: id, payload|false, headers, published_at, key, attempt, receipt
 --          (payload false: the queue held an id whose body is gone; it is dropped and reported by the caller)
 local base, group, n, now, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local q = group_keys(base, group, KEYS[1], KEYS[2], nil, nil, KEYS[3])
+local gb = key(base, 'g', group, '')  -- the group's base (per-message keys): its other keys are in KEYS
 if ARGV[8] == '1' then
   if redis.call('ZCARD', KEYS[2]) > 0 then return {} end
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then return {} end
-  local nb = redis.call('HGET', key(q.gb, 'dlv', head), 'not_before')
+  local nb = redis.call('HGET', key(gb, 'dlv', head), 'not_before')
   if nb and tonumber(nb) > now then return {} end
   n = 1
 end
 local ids = redis.call('LPOP', KEYS[1], n)
 if not ids then return {} end
-local deadline = now + lease
-local out = {}
-local lease_args = {}     -- ZADD pairs (deadline, id): one call for the whole claim
-local held = {}           -- HSET pairs (id, state) of the first deliveries: one call for the whole claim
-local holder = '|' .. ARGV[7] .. '|' .. ARGV[6] .. '|'
+-- Numbers that go into a redis.call or a string are made strings once per call, not per message: Redis formats
+-- each number argument with printf (%.17g) and Lua each concatenated one (%.14g), ~0.6 us of Redis CPU apiece.
+-- string.format('%d') is exact for any integer epoch ms.
+local deadline = string.format('%d', now + lease)
+local first = ARGV[9] .. '-1'  -- a first delivery's receipt (claims 1): the same for every one of this call
+-- The replies and batched arguments are filled with counters (#t is a search per append).
+local out, o = {}, 0
+local lease_args, l = {}, 0  -- ZADD pairs (deadline, id): one call for the whole claim
+local held, h = {}, 0        -- HSET pairs (id, state) of the first deliveries: one call for the whole claim
+local first_held = first .. '|' .. ARGV[7] .. '|' .. ARGV[6] .. '|'  -- a held value up to its ordering key
 -- One EXISTS over the batch's delivery hashes: none (the usual case, every id on its first delivery) saves a read
 -- per message; otherwise each is read.
 local dkeys = {}
-for i, id in ipairs(ids) do dkeys[i] = key(q.gb, 'dlv', id) end
+for i, id in ipairs(ids) do dkeys[i] = key(gb, 'dlv', id) end
 local later = 0
 for s = 1, #dkeys, 1000 do later = later + redis.call('EXISTS', unpack(dkeys, s, math.min(s + 999, #dkeys))) end
 local NONE = {false, false, false}
@@ -41,24 +46,27 @@ for i, id in ipairs(ids) do
   if b[1] then
     local dkey = dkeys[i]
     local d = later > 0 and redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before') or NONE
-    local attempt, claims = (tonumber(d[1]) or 0) + 1, (tonumber(d[2]) or 0) + 1
-    local receipt = ARGV[9] .. '-' .. claims
+    local attempt, receipt
     if not d[1] and not d[2] then
-      held[#held + 1] = id; held[#held + 1] = receipt .. holder .. (b[4] or '')
+      attempt, receipt = 1, first
+      held[h + 1] = id; held[h + 2] = first_held .. (b[4] or ''); h = h + 2
     else
+      local claims = (tonumber(d[2]) or 0) + 1
+      attempt, receipt = (tonumber(d[1]) or 0) + 1, ARGV[9] .. '-' .. claims
       -- 'key' ('' for none) saves ack.lua a read of the body; older leases lack it and ack reads the body then
       redis.call('HSET', dkey, 'attempts', attempt, 'claims', claims, 'receipt', receipt,
         'consumer', ARGV[6], 'node', ARGV[7], 'leased_until', deadline, 'key', b[4] or '')
       if d[3] then redis.call('HDEL', dkey, 'not_before') end
     end
-    lease_args[#lease_args + 1] = deadline; lease_args[#lease_args + 1] = id
-    out[#out + 1] = id; out[#out + 1] = b[1]; out[#out + 1] = b[2]; out[#out + 1] = b[3]
-    out[#out + 1] = b[4] or ''; out[#out + 1] = attempt; out[#out + 1] = receipt
+    lease_args[l + 1] = deadline; lease_args[l + 2] = id; l = l + 2
+    out[o + 1] = id; out[o + 2] = b[1]; out[o + 3] = b[2]; out[o + 4] = b[3]
+    out[o + 5] = b[4] or ''; out[o + 6] = attempt; out[o + 7] = receipt
   else
-    out[#out + 1] = id; out[#out + 1] = false; out[#out + 1] = ''; out[#out + 1] = 0
-    out[#out + 1] = ''; out[#out + 1] = 0; out[#out + 1] = ''
+    out[o + 1] = id; out[o + 2] = false; out[o + 3] = ''; out[o + 4] = 0
+    out[o + 5] = ''; out[o + 6] = 0; out[o + 7] = ''
   end
+  o = o + 7
 end
-if #lease_args > 0 then call_chunked('ZADD', KEYS[2], lease_args) end
-if #held > 0 then call_chunked('HSET', KEYS[3], held) end
+if l > 0 then call_chunked('ZADD', KEYS[2], lease_args) end
+if h > 0 then call_chunked('HSET', KEYS[3], held) end
 return out
