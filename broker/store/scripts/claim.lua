@@ -5,29 +5,29 @@
 -- KEYS[2]  <gb>leased  ZSET id -> lease deadline (ms)
 -- KEYS[3]  <gb>held    HASH id -> first delivery's lease state
 -- Built (_lib.lua key(), from ARGV[1]): each body <base>msg:<id> and delivery <gb>dlv:<id>
--- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease_ms, ARGV[6] consumer, ARGV[7] node,
+-- ARGV[1]  base, ARGV[2] group, ARGV[3] N, ARGV[4] now, ARGV[5] lease deadline (now + lease ms: the caller adds, so
+--          the script parses and prints no number; epoch ms), ARGV[6] consumer, ARGV[7] node,
 -- ARGV[8]  strict order (1|0): at most one lease in the whole group, and a head whose retry is not due yet
 --          (delivery field not_before) holds the queue
 -- ARGV[9]  claim tag "<now>.<n>", unique per claim call of a node: receipts are "<tag>-<claim seq>", so the
 --          deliveries of one claim can be found again (unclaim.lua) and no two claims share a receipt prefix
 -- Returns  flat array, 7 per message: id, payload|false, headers, published_at, key, attempt, receipt
 --          (payload false: the queue held an id whose body is gone; it is dropped and reported by the caller)
-local base, group, n, now, lease = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Numbers stay the strings they came as, and nothing per message is a number made a string: Redis formats each
+-- number argument of a redis.call with printf (%.17g) and Lua each concatenated one (%.14g), tonumber() is a strtod:
+-- about a microsecond of Redis CPU apiece.
+local base, group, n, deadline = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local gb = key(base, 'g', group, '')  -- the group's base (per-message keys): its other keys are in KEYS
 if ARGV[8] == '1' then
   if redis.call('ZCARD', KEYS[2]) > 0 then return {} end
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then return {} end
   local nb = redis.call('HGET', key(gb, 'dlv', head), 'not_before')
-  if nb and tonumber(nb) > now then return {} end
-  n = 1
+  if nb and tonumber(nb) > tonumber(ARGV[4]) then return {} end
+  n = '1'
 end
 local ids = redis.call('LPOP', KEYS[1], n)
 if not ids then return {} end
--- Numbers that go into a redis.call or a string are made strings once per call, not per message: Redis formats
--- each number argument with printf (%.17g) and Lua each concatenated one (%.14g), ~0.6 us of Redis CPU apiece.
--- string.format('%d') is exact for any integer epoch ms.
-local deadline = string.format('%d', now + lease)
 local first = ARGV[9] .. '-1'  -- a first delivery's receipt (claims 1): the same for every one of this call
 -- The replies and batched arguments are filled with counters (#t is a search per append).
 local out, o = {}, 0
