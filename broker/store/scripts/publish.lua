@@ -26,14 +26,16 @@ local base, ttl, policy_, n = ARGV[1], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local now  -- ARGV[2] as a number, parsed only for a delay (tonumber() is a strtod, ~0.3 us of Redis CPU)
 local W = 8
 local groups = redis.call('SMEMBERS', KEYS[1])
-local out = {}
+-- The reply: 3 fields per message, filled by index; sized for one message (a table grown from {} one entry at a
+-- time is rebuilt at 1, 2 and 4 entries, ~800 instructions apiece); n is at least 1.
+local out = {false, false, false}
 if #groups == 0 then
   if policy_ == 'default' then
     redis.call('SADD', KEYS[1], 'default')
     groups = {'default'}
   else
     for i = 0, n - 1 do
-      out[#out + 1] = ARGV[6 + i * W]; out[#out + 1] = 0; out[#out + 1] = -1
+      out[3 * i + 1] = ARGV[6 + i * W]; out[3 * i + 2] = 0; out[3 * i + 3] = -1
     end
     return out
   end
@@ -61,7 +63,7 @@ for i = 0, n - 1 do
   if idem ~= '' then  -- one call: set when absent, and answer what was there (Redis >= 7.0: NX with GET)
     existing = redis.call('SET', key(base, 'idem', idem), id, 'NX', 'GET', 'EX', ttl)
   end
-  if existing then  -- 3 reply fields per message, filled by index (#out would be a search per append)
+  if existing then
     out[3 * i + 1] = existing; out[3 * i + 2] = 1; out[3 * i + 3] = 0
   else
     local bkey = key(base, 'msg', id)
