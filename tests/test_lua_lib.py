@@ -38,4 +38,4 @@ def test_a_name_in_a_comment_or_as_a_field_brings_nothing() -> None:
 
 def test_the_claim_script_carries_only_its_helpers() -> None:
     text = load_script("claim")
-    assert defined(text.split("\n-- claim.lua:")[0]) == ["key", "group_keys", "call_chunked"]
+    assert defined(text.split("\n-- claim.lua:")[0]) == ["key", "call_chunked"]

@@ -842,6 +842,41 @@ async def test_an_id_twice_in_one_ack_batch_is_acked_once(store: RedisStore) -> 
     assert other.payload == '"a"'
 
 
+async def test_stored_times_counts_and_receipts_are_exact_strings(store_factory: StoreFactory) -> None:
+    # The scripts write numbers as strings made once per call (publish: published_at, refs; claim: the deadline, a
+    # first delivery's receipt; ack: the refs decrement): the stored bytes are those an integer prints as.
+    clock = FakeClock(start_ms=1_718_000_000_123)
+    store = await store_factory(clock=clock)
+    await store.ensure_group(T, "g1")
+    await store.ensure_group(T, "g2")
+    a, b = await publish(store, '"a"', '"b"', key="k")
+    k = store.keys(T)
+    g = k.group("g1")
+    assert await store.redis.hmget(k.body(a), "published_at", "refs") == ["1718000000123", "2"]
+    # b waits behind a (same ordering key): claim a, ack it, then b goes live
+    (da,) = await store.claim(T, "g1", 2, 30_000, "c1")
+    assert da.id == a and da.attempt == 1 and da.receipt.endswith("-1")
+    assert await store.redis.hget(g.held, a) == f"{da.receipt}|test-node|c1|k"
+    assert await store.redis.zscore(g.leased, a) == 1_718_000_030_123
+    assert await store.ack_many(T, "g1", [AckItem(a, da.receipt)]) == [2]
+    assert await store.redis.hget(k.body(a), "refs") == "1"  # g2 still holds it
+    # a later attempt keeps its state in the delivery hash: exact deadline, claim sequence 2
+    (db,) = await store.claim(T, "g1", 1, 30_000, "c1")
+    await store.nack_many(T, "g1", [(NackItem(b, db.receipt, "x", 0), 1, "c1")])
+    clock.advance(5)
+    (again,) = await store.claim(T, "g1", 1, 30_000, "c2")
+    assert again.id == b and again.attempt == 2 and again.receipt.endswith("-2")
+    h = await store.redis.hgetall(g.delivery(b))
+    assert (h["attempts"], h["claims"], h["receipt"], h["consumer"]) == ("2", "2", again.receipt, "c2")
+    assert h["leased_until"] == "1718000030128"
+    # the first deliveries of one claim share its receipt (g2: a is live, b waits behind it, c and d have no key)
+    c, d = await publish(store, '"c"', '"d"')
+    got = await store.claim(T, "g2", 4, 30_000, "c3")
+    assert [x.id for x in got] == [a, c, d]
+    assert len({x.receipt for x in got}) == 1 and got[0].receipt.endswith("-1")
+    assert await store.redis.hget(k.group("g2").held, c) == f"{got[0].receipt}|test-node|c3|"
+
+
 async def test_extending_a_retry_moves_its_delivery_hash_deadline_too(store: RedisStore) -> None:
     await store.ensure_group(T, "g1")
     (mid,) = await publish(store, '"a"')

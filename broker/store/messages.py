@@ -206,7 +206,7 @@ class Messages:
         g = k.group(c.group)
         c.tag = f"{now}.{next(self._claim_seq)}"
         strict = self.strict.flag(c.topic, c.group)
-        args = [k.base, c.group, c.n, now, c.lease_ms, c.consumer, self.node_id, strict, c.tag]
+        args = [k.base, c.group, c.n, now, now + c.lease_ms, c.consumer, self.node_id, strict, c.tag]
         return self.scripts.get("claim"), [g.ready, g.leased, g.held], args
 
     def uncertain(self, c: ClaimRequest, now: int) -> None:

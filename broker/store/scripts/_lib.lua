@@ -108,7 +108,7 @@ end
 -- list gone, by the caller's one DEL for a whole batch (the body's key is added to gone).
 local function release_body(base, id, gone)
   local bkey = key(base, 'msg', id)
-  if redis.call('HINCRBY', bkey, 'refs', -1) <= 0 then
+  if redis.call('HINCRBY', bkey, 'refs', '-1') <= 0 then  -- a string: Redis would printf a number argument
     if gone then gone[#gone + 1] = bkey else redis.call('DEL', bkey) end
   end
 end

@@ -13,20 +13,28 @@
 -- Returns  array of 1 (acked) | 2 (acked, and the next message of its ordering key went live) | 3 (acked, and the
 --          next message of its ordering key went to the delayed set: its publish delay runs) | 0 (stale: not
 --          leased, or leased under another receipt)
-local base, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local audit, audit_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local base, group = ARGV[1], ARGV[2]
+-- now (ARGV[3]) and the audit settings are parsed only where used (tonumber() is a strtod, ~0.3 us of Redis CPU):
+-- now for an ordering key's next message, the audit ttl with the audit record on.
+local audit = ARGV[4] ~= '0' and tonumber(ARGV[4]) or 0
+local now
 local q = group_keys(base, group, KEYS[3], KEYS[1], KEYS[4], nil, KEYS[5])
-local out = {}
+local out = {}            -- one outcome per pair, in order
 local woke = false
 local acked = 0
 local gone = {}           -- delivery hashes and bodies to delete: one DEL for the whole batch
-local unheld = {}         -- held first deliveries acked: one HDEL and one ZREM for the whole batch
-local ids = {}
-for i = 6, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
-local held = {}
-for s = 1, #ids, 1000 do
-  local part = redis.call('HMGET', KEYS[5], unpack(ids, s, math.min(s + 999, #ids)))
-  for j = 1, #part do held[s + j - 1] = part[j] end
+local unheld, u = {}, 0   -- held first deliveries acked: one HDEL and one ZREM for the whole batch
+local ids, n_ids = {}, 0
+for i = 6, #ARGV, 2 do n_ids = n_ids + 1; ids[n_ids] = ARGV[i] end
+local held                -- n -> the held value of the n-th id (false: not a held first delivery)
+if n_ids <= 1000 then
+  held = n_ids > 0 and redis.call('HMGET', KEYS[5], unpack(ids)) or {}
+else
+  held = {}
+  for s = 1, n_ids, 1000 do
+    local part = redis.call('HMGET', KEYS[5], unpack(ids, s, math.min(s + 999, n_ids)))
+    for j = 1, #part do held[s + j - 1] = part[j] end
+  end
 end
 -- First pass: which deliveries the receipts hold, and their leases released (ZREM, HDEL: writes that free memory
 -- come first, so at maxmemory an ack still runs: Redis refuses a script whose first write could grow memory).
@@ -39,7 +47,7 @@ for n, id in ipairs(ids) do
     local r, _, _, k = held_fields(v)
     if r == receipt then
       okeys[n] = k
-      unheld[#unheld + 1] = id
+      u = u + 1; unheld[u] = id
       done[id] = true
     end
   elseif not done[id] then
@@ -54,7 +62,7 @@ for n, id in ipairs(ids) do
     end
   end
 end
-if #unheld > 0 then
+if u > 0 then
   call_chunked('ZREM', KEYS[1], unheld)
   call_chunked('HDEL', KEYS[5], unheld)
 end
@@ -62,26 +70,28 @@ end
 for n, id in ipairs(ids) do
   local okey = okeys[n]
   if okey then
+    if okey ~= '' then now = now or tonumber(ARGV[3]) end
     local next_live = okey ~= '' and key_done(q, okey, id, now)
     release_body(base, id, gone)
-    if audit > 0 then redis.call('ZADD', KEYS[2], now, id) end
+    if audit > 0 then redis.call('ZADD', KEYS[2], ARGV[3], id) end  -- ARGV[3]: now, a string (no printf)
     acked = acked + 1
     if next_live == 'delayed' then
-      out[#out + 1] = 3
+      out[n] = 3
     elseif next_live then
       woke = true
-      out[#out + 1] = 2
+      out[n] = 2
     else
-      out[#out + 1] = 1
+      out[n] = 1
     end
   else
-    out[#out + 1] = 0
+    out[n] = 0
   end
 end
 call_chunked('DEL', false, gone)
 if woke then redis.call('PUBLISH', key(base, 'wake'), 'k') end
 if audit > 0 and acked > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - audit_ttl * 1000)
+  local audit_ttl = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[3]) - audit_ttl * 1000)
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -audit - 1)
   redis.call('EXPIRE', KEYS[2], audit_ttl)
 end
