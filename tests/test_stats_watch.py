@@ -39,6 +39,12 @@ async def _screens(out: asyncio.StreamReader, seen: list[str], until: str, timeo
                 return
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT at its default, as in a terminal's foreground process: a test run started as a background job has it
+    ignored, the child would inherit that, and Ctrl-C would then reach nothing (the test hung 5 s and failed)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_stats_watch_refreshes_and_stops_cleanly_on_sigint(redis_server: RedisServer) -> None:
     prefix = "watch"
     settings = Settings().replace("redis", key_prefix=prefix)
@@ -50,6 +56,7 @@ async def test_stats_watch_refreshes_and_stops_cleanly_on_sigint(redis_server: R
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "stats", "--watch", "0.3", "--no-memory", "--redis-url", redis_server.url,
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_as_in_a_terminal,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     try:
