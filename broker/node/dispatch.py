@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Callable, Coroutine, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import structlog
 
@@ -30,6 +30,7 @@ from broker.runtime.supervisor import Loop, Supervisor, watch_task
 from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, Swept
 
 log = structlog.get_logger("broker.dispatch")
+T = TypeVar("T")
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -503,6 +504,20 @@ class Dispatch:
         ``ride``: the caller does not wait on the answer soon (see "Acks that ride" above)."""
         ride = ride and self._may_ride(consumer)
         return self._ack_coalescer(consumer, items, ride).submit_many([(it, ride) for it in items])
+
+    def ack_then(
+        self,
+        consumer: Consumer,
+        items: Sequence[AckItem],
+        fn: Callable[[T, list[bool | BaseException]], None],
+        arg: T,
+        *,
+        ride: bool = False,
+    ) -> None:
+        """``ack_many`` answering by ``fn(arg, results)``, called in the flush that has them (the session's ack
+        path: no future and no done callback per ack frame). ``items`` must not be empty."""
+        ride = ride and self._may_ride(consumer)
+        self._ack_coalescer(consumer, items, ride).submit_many_call([(it, ride) for it in items], fn, arg)
 
     def _may_ride(self, consumer: Consumer) -> bool:
         gd = self.dispatchers.get((consumer.topic, consumer.group))
