@@ -132,6 +132,8 @@ class GroupDispatcher:
     def _ended(self, task: asyncio.Task[None]) -> None:
         if self.task is task:
             self.task = None
+            if not self.consumers:  # its last consumer left while the loop ran: nothing keeps the group here
+                self.dispatch.forget(self)
 
     async def _deliver(self, loop: Loop) -> None:
         """Claim rounds while this node has consumers for the group. Redis unavailable: consumers get ``paused``
@@ -391,9 +393,25 @@ class Dispatch:
             gd.consumers.remove(consumer)
             if not gd.consumers:
                 gd.stop_timer()  # the periodic sweep covers the group again
-                gd.wake.set()  # lets the loop see it has no consumers and end
+                gd.wake.set()  # lets the loop see it has no consumers and end (then forgotten, ``_ended``)
                 if gd.task is None or gd.task.done():
-                    del self.dispatchers[(consumer.topic, consumer.group)]
+                    self.forget(gd)
+
+    def forget(self, gd: GroupDispatcher) -> None:
+        """A group without consumers here any more: drop its dispatcher and retire its idle ack and nack coalescers
+        (each holds a parked flusher task). Otherwise every group ever consumed on this node (an ephemeral group per
+        ``broker consume --ephemeral``) would stay, and each publish flush walks the dispatchers. A settlement that
+        comes later (a delivery acked after its unsubscribe) makes a new coalescer; one busy now is left as it is."""
+        key = (gd.topic, gd.group)
+        if gd.consumers or self.dispatchers.get(key) is not gd:
+            return
+        del self.dispatchers[key]
+        ack_co = self._acks.get(key)
+        if ack_co is not None and ack_co.retire():
+            del self._acks[key]
+        nack_co = self._nacks.get(key)
+        if nack_co is not None and nack_co.retire():
+            del self._nacks[key]
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():

@@ -211,6 +211,17 @@ class Coalescer(Generic[Req, Res]):
             idle.set_result(None)  # the flusher sees nothing queued and ends
         return drained
 
+    def retire(self) -> bool:
+        """End the parked flusher now if nothing is queued or being flushed (a coalescer its owner no longer
+        needs); False (and nothing changed) otherwise. A later submission still gets a flusher of its own."""
+        if self._pending or self._busy():
+            return False
+        self._closing = True
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.set_result(None)  # the flusher sees nothing queued and ends
+        return True
+
     def _busy(self) -> bool:
         """A flush is in flight (the flusher runs and is not parked)."""
         return self._task is not None and self._idle is None and not self._task.done()
