@@ -283,7 +283,7 @@ class GroupDispatcher:
         if back:
             self.dispatch.release_later(self.topic, self.group, back)
         sent = len(deliveries) - len(back)
-        metrics.child(metrics.delivered, self.topic, self.group).inc(sent)
+        metrics.tally(metrics.delivered, self.topic, self.group).n += sent  # per message: a plain int (Tally)
         self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
 
     # ---- the timer -----------------------------------------------------------------------------------------
@@ -567,7 +567,7 @@ class Dispatch:
         items = [it for it, _ in acks]
         res = await self.store.ack_many(key[0], key[1], items, ride=all(ride for _, ride in acks))
         n = sum(1 for r in res if r)
-        metrics.child(metrics.acked, *key).inc(n)
+        metrics.tally(metrics.acked, *key).n += n
         self.count(f"{key[0]}/{key[1]}", "acked", n)
         if AckOutcome.ACKED_NEXT_LIVE in res or (n and self.store.is_strict(*key)):
             self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
