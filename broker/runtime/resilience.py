@@ -97,6 +97,11 @@ class _Call:
         self.ended = False
         self.expired = False
 
+    def timed_out(self) -> bool:
+        """On ``CancelledError``: whether it is this call's deadline that cancelled it and nobody else cancelled the
+        task too (then raise ``TimeoutError``), as ``asyncio.timeout`` decides."""
+        return self.expired and self.task.uncancel() <= self.cancelling
+
 
 class Deadlines:
     """A timeout of ``timeout_s`` for each call run through ``run``, with one loop timer between all of them.
@@ -117,11 +122,28 @@ class Deadlines:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
-        if task is None:  # not in a task (a callback): nothing to cancel, so a timeout of asyncio's own
+        """``await fn()``, raising ``TimeoutError`` if it has not ended ``timeout_s`` after it started."""
+        call = self.start()
+        if call is None:  # not in a task (a callback): nothing to cancel, so a timeout of asyncio's own
             async with asyncio.timeout(self.timeout_s):
                 return await fn()
+        try:
+            return await fn()
+        except asyncio.CancelledError:
+            if call.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            call.ended = True
+
+    def start(self) -> _Call | None:
+        """A call of the current task starts now (``run`` inlined, for a caller that wraps the await itself): set
+        ``ended`` on what this returns when the call ends, and on ``CancelledError`` ask it ``timed_out()``. None
+        outside a task."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            return None
         if loop is not self._loop:  # first call, or a new loop (tests): what the old one held is gone
             self._loop, self._timer = loop, None
             self._calls.clear()
@@ -132,15 +154,7 @@ class Deadlines:
         calls.append(call)
         if self._timer is None:
             self._timer = loop.call_at(call.deadline, self._fire)
-        try:
-            return await fn()
-        except asyncio.CancelledError:
-            # ours (the deadline passed) unless someone else cancelled the task too: as asyncio.timeout decides
-            if call.expired and task.uncancel() <= call.cancelling:
-                raise TimeoutError from None
-            raise
-        finally:
-            call.ended = True
+        return call
 
     def _fire(self) -> None:
         loop = self._loop
@@ -304,16 +318,26 @@ class Breaker:
         # reports nothing (pybreaker would count an excluded exception as a *success*: a cancelled half-open trial
         # would close the breaker, a cancelled call would reset the failure count), and a call that finishes after
         # others opened the breaker does not reopen it or fire the listener again.
+        deadlines = self._deadlines
+        call = deadlines.start() if deadlines is not None else None
         try:
-            if self._deadlines is None:
-                result = await fn()
+            if call is None and deadlines is not None:  # not in a task: asyncio's own timeout
+                async with asyncio.timeout(deadlines.timeout_s):
+                    result = await fn()
             else:
-                result = await self._deadlines.run(fn)
+                result = await fn()
         except asyncio.CancelledError:
-            raise
+            if call is None or not call.timed_out():
+                raise
+            timed_out = TimeoutError()
+            self._report(timed_out)
+            raise timed_out from None
         except Exception as e:
             self._report(e)
             raise
+        finally:
+            if call is not None:
+                call.ended = True
         cb = self._cb
         if cb.current_state != "closed" or cb.fail_counter:
             self._report(None)
