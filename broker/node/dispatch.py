@@ -678,9 +678,9 @@ class Dispatch:
         tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        for ack_co in self._acks.values():
+        for ack_co in list(self._acks.values()):  # (copies: a group forgotten meanwhile leaves the dicts)
             await ack_co.drain(timeout_s)
-        for nack_co in self._nacks.values():
+        for nack_co in list(self._nacks.values()):
             await nack_co.drain(timeout_s)
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=timeout_s)
