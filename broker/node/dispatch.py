@@ -98,6 +98,7 @@ class GroupDispatcher:
         self.dispatch = dispatch
         self.topic = topic
         self.group = group
+        self.pair = f"{topic}/{group}"  # its key in Dispatch.counts
         self.consumers: list[Consumer] = []
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -284,7 +285,7 @@ class GroupDispatcher:
             self.dispatch.release_later(self.topic, self.group, back)
         sent = len(deliveries) - len(back)
         metrics.tally(metrics.delivered, self.topic, self.group).n += sent  # per message: a plain int (Tally)
-        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
+        self.dispatch.count(self.pair, "delivered", sent)
 
     # ---- the timer -----------------------------------------------------------------------------------------
 
@@ -556,19 +557,25 @@ class Dispatch:
         key = (consumer.topic, consumer.group)
         co = self._acks.get(key)
         if co is None:
-            co = self._acks[key] = Coalescer(lambda acks: self._ack_flush(key, acks), 1000)
+            pair = f"{key[0]}/{key[1]}"
+            co = self._acks[key] = Coalescer(lambda acks: self._ack_flush(key, pair, acks), 1000)
         if was_full:
             self._wake_key(key)
         if not ride:
             self.store.send_riders()
         return co
 
-    async def _ack_flush(self, key: tuple[str, str], acks: Sequence[tuple[AckItem, bool]]) -> list[bool]:
-        items = [it for it, _ in acks]
-        res = await self.store.ack_many(key[0], key[1], items, ride=all(ride for _, ride in acks))
-        n = sum(1 for r in res if r)
+    async def _ack_flush(self, key: tuple[str, str], pair: str, acks: Sequence[tuple[AckItem, bool]]) -> list[bool]:
+        if len(acks) == 1:  # an ack alone (every one, at a low rate)
+            item, ride = acks[0]
+            items = [item]
+        else:
+            items = [it for it, _ in acks]
+            ride = all(r for _, r in acks)
+        res = await self.store.ack_many(key[0], key[1], items, ride=ride)
+        n = len(res) - res.count(AckOutcome.STALE)
         metrics.tally(metrics.acked, *key).n += n
-        self.count(f"{key[0]}/{key[1]}", "acked", n)
+        self.count(pair, "acked", n)
         if AckOutcome.ACKED_NEXT_LIVE in res or (n and self.store.is_strict(*key)):
             self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
         if AckOutcome.ACKED_NEXT_DELAYED in res:  # the next message of a key waits for its publish delay

@@ -168,11 +168,17 @@ class Coalescer(Generic[Req, Res]):
     async def _flusher(self) -> None:
         try:
             while True:
-                while self._pending:
-                    n = min(self._max, len(self._pending))
-                    batch = self._flushing = [self._pending.popleft() for _ in range(n)]
+                pending = self._pending
+                while pending:
+                    if len(pending) == 1:  # a request alone (every one, at a low rate): no comprehensions
+                        one = pending.popleft()
+                        batch = self._flushing = [one]
+                        reqs = [one[0]]
+                    else:
+                        batch = self._flushing = [pending.popleft() for _ in range(min(self._max, len(pending)))]
+                        reqs = [r for r, _, _ in batch]
                     try:
-                        results = await self._flush([r for r, _, _ in batch])
+                        results = await self._flush(reqs)
                     except BaseException as e:  # every waiter hears about the failure; nothing is dropped silently
                         for _, sink, i in batch:
                             _answer(sink, i, e)
