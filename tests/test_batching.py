@@ -211,3 +211,39 @@ async def test_submit_call_answers_through_the_function_and_a_failing_one_spoils
     flush.gate.set()
     await asyncio.sleep(0.01)
     assert len(got) == 3  # the late result of the cut flush is not delivered a second time
+
+
+async def test_submit_many_call_answers_a_group_once_through_the_function() -> None:
+    # Given a group of requests answered through a function (the session's ack frame), spanning two batches
+    flush = Recorder()
+    co: Coalescer[int, int] = Coalescer(flush, max_batch=2)
+    got: list[tuple[str, list[int | BaseException]]] = []
+    co.submit_call(9, lambda arg, res: None, "x")
+    co.submit_many_call([1, -2, 3], lambda arg, res: got.append((arg, res)), "frame")
+    # When they are flushed, Then the function is called once, with every result in order, the failure in place
+    assert await co.submit(5) == 10
+    ((arg, res),) = got
+    assert arg == "frame" and res[0] == 2 and res[2] == 6
+    assert isinstance(res[1], ValueError)
+    assert flush.batches == [[9, 1], [-2, 3], [5]]
+
+
+async def test_submit_many_call_hears_a_failed_flush_and_a_shutdown() -> None:
+    # Given a flush that fails as a whole, Then the group's function gets the error in place of every result
+    co: Coalescer[int, int] = Coalescer(Recorder(fail_whole=True), max_batch=10)
+    got: list[list[int | BaseException]] = []
+    co.submit_many_call([1, 2], lambda arg, res: got.append(res), None)
+    with pytest.raises(ConnectionError):
+        await co.submit(3)
+    assert [[type(r) for r in res] for res in got] == [[ConnectionError, ConnectionError]]
+    # Given a group still waiting when the coalescer is failed (shutdown), Then it is answered once, then never again
+    held = Recorder()
+    held.gate.clear()
+    co2: Coalescer[int, int] = Coalescer(held, max_batch=10)
+    got.clear()
+    co2.submit_many_call([4, 5], lambda arg, res: got.append(list(res)), None)
+    await asyncio.sleep(0)
+    assert co2.fail_all(RuntimeError("stopping")) == 2
+    held.gate.set()
+    await asyncio.sleep(0.01)
+    assert [[type(r) for r in res] for res in got] == [[RuntimeError, RuntimeError]]

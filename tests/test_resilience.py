@@ -11,7 +11,15 @@ from pathlib import Path
 import pybreaker
 import pytest
 
-from broker.runtime.resilience import Breaker, BreakerOpenError, BreakerState, backoff_delay, backoff_ms, jitter_factor
+from broker.runtime.resilience import (
+    Breaker,
+    BreakerOpenError,
+    BreakerState,
+    Deadlines,
+    backoff_delay,
+    backoff_ms,
+    jitter_factor,
+)
 
 # ---- backoff ------------------------------------------------------------------------------------------------------
 
@@ -411,3 +419,66 @@ async def test_master_breakers_one_per_master_like_the_template_and_gone_masters
     assert mb.not_closed({"10.0.0.2:6379", "10.0.0.3:6379"}) == {}
     assert set(mb.by_master) == {"10.0.0.2:6379"}
     await mb.close()
+
+
+# ---- one timer for the calls' timeouts (Deadlines) ----------------------------------------------------------------
+
+
+async def test_deadlines_time_out_a_hung_call_after_calls_that_ended() -> None:
+    # Given one timer for a 50 ms timeout and calls that end at once (the timer is armed at the first one's deadline)
+    d = Deadlines(0.05)
+    for _ in range(3):
+        assert await d.run(lambda: asyncio.sleep(0, "ok")) == "ok"
+    # When a later call hangs, Then it fails with TimeoutError, as under asyncio.timeout
+    with pytest.raises(TimeoutError):
+        await d.run(asyncio.Event().wait)
+    # And nothing is left in flight
+    assert len(d) == 0
+
+
+async def test_deadlines_never_cancel_a_task_whose_call_ended() -> None:
+    # Given a call that ended well before its deadline
+    d = Deadlines(0.05)
+    await d.run(lambda: asyncio.sleep(0))
+    # When its task goes on waiting past that deadline (the timer fires meanwhile), Then it is not cancelled
+    await asyncio.sleep(0.12)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_deadlines_keep_each_calls_own_deadline() -> None:
+    # Given a hung call, and a second one started 40 ms later (both 100 ms)
+    d = Deadlines(0.1)
+    first = asyncio.create_task(d.run(asyncio.Event().wait))
+    await asyncio.sleep(0.04)
+    second = asyncio.create_task(d.run(asyncio.Event().wait))
+    # When the first times out, Then the second is still running: it has its own deadline, then times out too
+    with pytest.raises(TimeoutError):
+        await first
+    assert not second.done()
+    with pytest.raises(TimeoutError):
+        await second
+
+
+async def test_deadlines_an_outside_cancel_stays_a_cancel() -> None:
+    # Given a call under a deadline, When its caller cancels it, Then it is cancelled (not a TimeoutError)
+    d = Deadlines(5.0)
+    task = asyncio.create_task(d.run(asyncio.Event().wait))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(d) == 0
+
+
+async def test_deadlines_nested_calls_the_outer_deadline_is_the_outer_timeout() -> None:
+    # Given a call made inside a call with a later deadline (the outer started 40 ms earlier)
+    d = Deadlines(0.1)
+
+    async def outer() -> None:
+        await asyncio.sleep(0.04)
+        await d.run(asyncio.Event().wait)
+
+    # When the outer deadline passes first, Then the outer call raises TimeoutError (the inner sees a cancel)
+    with pytest.raises(TimeoutError):
+        await d.run(outer)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Callable, Coroutine, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 import structlog
 
@@ -30,6 +30,7 @@ from broker.runtime.supervisor import Loop, Supervisor, watch_task
 from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, Swept
 
 log = structlog.get_logger("broker.dispatch")
+T = TypeVar("T")
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -97,6 +98,7 @@ class GroupDispatcher:
         self.dispatch = dispatch
         self.topic = topic
         self.group = group
+        self.pair = f"{topic}/{group}"  # its key in Dispatch.counts
         self.consumers: list[Consumer] = []
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -131,6 +133,8 @@ class GroupDispatcher:
     def _ended(self, task: asyncio.Task[None]) -> None:
         if self.task is task:
             self.task = None
+            if not self.consumers:  # its last consumer left while the loop ran: nothing keeps the group here
+                self.dispatch.forget(self)
 
     async def _deliver(self, loop: Loop) -> None:
         """Claim rounds while this node has consumers for the group. Redis unavailable: consumers get ``paused``
@@ -280,8 +284,8 @@ class GroupDispatcher:
         if back:
             self.dispatch.release_later(self.topic, self.group, back)
         sent = len(deliveries) - len(back)
-        metrics.child(metrics.delivered, self.topic, self.group).inc(sent)
-        self.dispatch.count(f"{self.topic}/{self.group}", "delivered", sent)
+        metrics.tally(metrics.delivered, self.topic, self.group).n += sent  # per message: a plain int (Tally)
+        self.dispatch.count(self.pair, "delivered", sent)
 
     # ---- the timer -----------------------------------------------------------------------------------------
 
@@ -390,9 +394,25 @@ class Dispatch:
             gd.consumers.remove(consumer)
             if not gd.consumers:
                 gd.stop_timer()  # the periodic sweep covers the group again
-                gd.wake.set()  # lets the loop see it has no consumers and end
+                gd.wake.set()  # lets the loop see it has no consumers and end (then forgotten, ``_ended``)
                 if gd.task is None or gd.task.done():
-                    del self.dispatchers[(consumer.topic, consumer.group)]
+                    self.forget(gd)
+
+    def forget(self, gd: GroupDispatcher) -> None:
+        """A group without consumers here any more: drop its dispatcher and retire its idle ack and nack coalescers
+        (each holds a parked flusher task). Otherwise every group ever consumed on this node (an ephemeral group per
+        ``broker consume --ephemeral``) would stay, and each publish flush walks the dispatchers. A settlement that
+        comes later (a delivery acked after its unsubscribe) makes a new coalescer; one busy now is left as it is."""
+        key = (gd.topic, gd.group)
+        if gd.consumers or self.dispatchers.get(key) is not gd:
+            return
+        del self.dispatchers[key]
+        ack_co = self._acks.get(key)
+        if ack_co is not None and ack_co.retire():
+            del self._acks[key]
+        nack_co = self._nacks.get(key)
+        if nack_co is not None and nack_co.retire():
+            del self._nacks[key]
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():
@@ -504,6 +524,20 @@ class Dispatch:
         ride = ride and self._may_ride(consumer)
         return self._ack_coalescer(consumer, items, ride).submit_many([(it, ride) for it in items])
 
+    def ack_then(
+        self,
+        consumer: Consumer,
+        items: Sequence[AckItem],
+        fn: Callable[[T, list[bool | BaseException]], None],
+        arg: T,
+        *,
+        ride: bool = False,
+    ) -> None:
+        """``ack_many`` answering by ``fn(arg, results)``, called in the flush that has them (the session's ack
+        path: no future and no done callback per ack frame). ``items`` must not be empty."""
+        ride = ride and self._may_ride(consumer)
+        self._ack_coalescer(consumer, items, ride).submit_many_call([(it, ride) for it in items], fn, arg)
+
     def _may_ride(self, consumer: Consumer) -> bool:
         gd = self.dispatchers.get((consumer.topic, consumer.group))
         return gd is not None and not gd.keyed and not self.store.is_strict(consumer.topic, consumer.group)
@@ -523,19 +557,25 @@ class Dispatch:
         key = (consumer.topic, consumer.group)
         co = self._acks.get(key)
         if co is None:
-            co = self._acks[key] = Coalescer(lambda acks: self._ack_flush(key, acks), 1000)
+            pair = f"{key[0]}/{key[1]}"
+            co = self._acks[key] = Coalescer(lambda acks: self._ack_flush(key, pair, acks), 1000)
         if was_full:
             self._wake_key(key)
         if not ride:
             self.store.send_riders()
         return co
 
-    async def _ack_flush(self, key: tuple[str, str], acks: Sequence[tuple[AckItem, bool]]) -> list[bool]:
-        items = [it for it, _ in acks]
-        res = await self.store.ack_many(key[0], key[1], items, ride=all(ride for _, ride in acks))
-        n = sum(1 for r in res if r)
-        metrics.child(metrics.acked, *key).inc(n)
-        self.count(f"{key[0]}/{key[1]}", "acked", n)
+    async def _ack_flush(self, key: tuple[str, str], pair: str, acks: Sequence[tuple[AckItem, bool]]) -> list[bool]:
+        if len(acks) == 1:  # an ack alone (every one, at a low rate)
+            item, ride = acks[0]
+            items = [item]
+        else:
+            items = [it for it, _ in acks]
+            ride = all(r for _, r in acks)
+        res = await self.store.ack_many(key[0], key[1], items, ride=ride)
+        n = len(res) - res.count(AckOutcome.STALE)
+        metrics.tally(metrics.acked, *key).n += n
+        self.count(pair, "acked", n)
         if AckOutcome.ACKED_NEXT_LIVE in res or (n and self.store.is_strict(*key)):
             self._wake_key(key)  # the next message of a key, or of a strict-order group, may be claimed now
         if AckOutcome.ACKED_NEXT_DELAYED in res:  # the next message of a key waits for its publish delay
@@ -645,9 +685,9 @@ class Dispatch:
         tasks = [gd.task for gd in self.dispatchers.values() if gd.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        for ack_co in self._acks.values():
+        for ack_co in list(self._acks.values()):  # (copies: a group forgotten meanwhile leaves the dicts)
             await ack_co.drain(timeout_s)
-        for nack_co in self._nacks.values():
+        for nack_co in list(self._nacks.values()):
             await nack_co.drain(timeout_s)
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=timeout_s)

@@ -526,15 +526,15 @@ class Session:
         return None
 
     def _ack(self, req: protocol.Ack) -> None:
-        """One waiter per consumer of the frame (normally one), not one per item."""
+        """One waiter per consumer of the frame (normally one), not one per item; answered in the ack flush."""
+        ride = req.ref is None  # nobody waits on the answer: the ack may share the next Redis write
         if len(req.items) == 1:  # the common frame: one delivery, no grouping needed
             it = req.items[0]
             c = self._find(it.id, it.receipt)
             if c is None:
                 self._stale("ack", req.ref, it.id)
                 return
-            ride = req.ref is None  # nobody waits on the answer: the ack may share the next Redis write
-            self.dispatch.ack_many(c, req.items, ride=ride).add_done_callback(partial(self._acked, req.ref, [it.id]))
+            self.dispatch.ack_then(c, req.items, self._acked, (req.ref, [it.id]), ride=ride)
             return
         held: dict[Consumer, list[AckItem]] = {}
         for it in req.items:
@@ -545,13 +545,13 @@ class Session:
             held.setdefault(c, []).append(it)
         if not held:
             return
-        ride = req.ref is None
-        futs = [self.dispatch.ack_many(c, items, ride=ride) for c, items in held.items()]
         ids = [it.id for items in held.values() for it in items]
-        if len(futs) == 1:
-            futs[0].add_done_callback(partial(self._acked, req.ref, ids))
-        else:
-            self._spawn(self._acked_all(req.ref, futs, ids))
+        if len(held) == 1:
+            ((c, items),) = held.items()
+            self.dispatch.ack_then(c, items, self._acked, (req.ref, ids), ride=ride)
+            return
+        futs = [self.dispatch.ack_many(c, items, ride=ride) for c, items in held.items()]
+        self._spawn(self._acked_all(req.ref, futs, ids))
 
     async def _acked_all(
         self, ref: protocol.Ref, futs: list[asyncio.Future[list[bool | BaseException]]], ids: list[str]
@@ -561,9 +561,9 @@ class Session:
             results += await f
         self._ack_answer(ref, ids, results)
 
-    def _acked(self, ref: protocol.Ref, ids: list[str], fut: asyncio.Future[list[bool | BaseException]]) -> None:
-        if not fut.cancelled():
-            self._ack_answer(ref, ids, fut.result())
+    def _acked(self, arg: tuple[protocol.Ref, list[str]], results: list[bool | BaseException]) -> None:
+        """The ack flush's answer to one ack frame (``Dispatch.ack_then``)."""
+        self._ack_answer(arg[0], arg[1], results)
 
     def _ack_answer(self, ref: protocol.Ref, ids: list[str], results: list[bool | BaseException]) -> None:
         """Each refused item gets its own error frame; with a ref, ``acked`` then names the ids that were acked."""

@@ -18,6 +18,7 @@ import contextlib
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -84,6 +85,99 @@ class _Listener(pybreaker.CircuitBreakerListener):
         self._on_change(old, new)
 
 
+class _Call:
+    """One call under ``Deadlines``: its task, its deadline (loop time), whether it ended or timed out."""
+
+    __slots__ = ("cancelling", "deadline", "ended", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.cancelling = task.cancelling()
+        self.ended = False
+        self.expired = False
+
+    def timed_out(self) -> bool:
+        """On ``CancelledError``: whether it is this call's deadline that cancelled it and nobody else cancelled the
+        task too (then raise ``TimeoutError``), as ``asyncio.timeout`` decides."""
+        return self.expired and self.task.uncancel() <= self.cancelling
+
+
+class Deadlines:
+    """A timeout of ``timeout_s`` for each call run through ``run``, with one loop timer between all of them.
+
+    ``asyncio.timeout`` per call costs a timer handle made and cancelled, a ``Timeout`` object and two lookups of the
+    running loop (a ``getpid()`` each on Python 3.11): at a low rate, where every Redis batch travels alone, that is
+    per message. Here a call costs an entry in a queue. Every call has the same timeout, so the calls' deadlines
+    come in the order they started: the timer is armed at the oldest's deadline; when it fires it cancels the task
+    of every call past its deadline that has not ended (its ``run`` raises ``TimeoutError``, as ``asyncio.timeout``
+    would) and is armed again at the next call's. A call that ends only marks its entry (nothing to cancel): the
+    timer then fires once at a deadline that no longer holds and moves on. So a hung call still fails within its
+    ``timeout_s`` (a few ms of loop lag aside, as with ``asyncio.timeout``)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._calls: deque[_Call] = deque()  # started, in order; ended ones are dropped lazily
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``await fn()``, raising ``TimeoutError`` if it has not ended ``timeout_s`` after it started."""
+        call = self.start()
+        if call is None:  # not in a task (a callback): nothing to cancel, so a timeout of asyncio's own
+            async with asyncio.timeout(self.timeout_s):
+                return await fn()
+        try:
+            return await fn()
+        except asyncio.CancelledError:
+            if call.timed_out():
+                raise TimeoutError from None
+            raise
+        finally:
+            call.ended = True
+
+    def start(self) -> _Call | None:
+        """A call of the current task starts now (``run`` inlined, for a caller that wraps the await itself): set
+        ``ended`` on what this returns when the call ends, and on ``CancelledError`` ask it ``timed_out()``. None
+        outside a task."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        if task is None:
+            return None
+        if loop is not self._loop:  # first call, or a new loop (tests): what the old one held is gone
+            self._loop, self._timer = loop, None
+            self._calls.clear()
+        call = _Call(task, loop.time() + self.timeout_s)
+        calls = self._calls
+        while calls and calls[0].ended:
+            calls.popleft()
+        calls.append(call)
+        if self._timer is None:
+            self._timer = loop.call_at(call.deadline, self._fire)
+        return call
+
+    def _fire(self) -> None:
+        loop = self._loop
+        if loop is None or loop is not asyncio.get_running_loop():  # a timer of a loop left behind (tests)
+            return
+        self._timer = None
+        now = loop.time()
+        calls = self._calls
+        while calls:
+            call = calls[0]
+            if not call.ended:
+                if call.deadline > now:
+                    self._timer = loop.call_at(call.deadline, self._fire)
+                    return
+                call.expired = True
+                call.task.cancel()
+            calls.popleft()
+
+    def __len__(self) -> int:
+        """Calls in flight (tests)."""
+        return sum(1 for c in self._calls if not c.ended)
+
+
 class Breaker:
     """An asyncio circuit breaker over pybreaker's state machine.
 
@@ -126,6 +220,7 @@ class Breaker:
             throw_new_error_on_trip=False,
         )
         self._trial = asyncio.Lock()
+        self._deadlines = Deadlines(call_timeout_s) if call_timeout_s is not None else None
 
     def like(self, name: str, probe: Callable[[], Awaitable[object]] | None = None) -> Breaker:
         """A new breaker named ``name`` with this one's settings and listener (and ``probe`` as its probe): e.g. one
@@ -201,7 +296,7 @@ class Breaker:
         return 1
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        if self.state is BreakerState.CLOSED:
+        if self._cb.current_state == "closed":  # (not ``self.state``: an enum made from the string per call)
             return await self._guarded(fn)
         if self._trial.locked():
             raise BreakerOpenError(self.name, self.retry_after_ms())
@@ -223,18 +318,28 @@ class Breaker:
         # reports nothing (pybreaker would count an excluded exception as a *success*: a cancelled half-open trial
         # would close the breaker, a cancelled call would reset the failure count), and a call that finishes after
         # others opened the breaker does not reopen it or fire the listener again.
+        deadlines = self._deadlines
+        call = deadlines.start() if deadlines is not None else None
         try:
-            if self.call_timeout_s is None:
-                result = await fn()
-            else:
-                async with asyncio.timeout(self.call_timeout_s):  # no extra task per call, unlike wait_for
+            if call is None and deadlines is not None:  # not in a task: asyncio's own timeout
+                async with asyncio.timeout(deadlines.timeout_s):
                     result = await fn()
+            else:
+                result = await fn()
         except asyncio.CancelledError:
-            raise
+            if call is None or not call.timed_out():
+                raise
+            timed_out = TimeoutError()
+            self._report(timed_out)
+            raise timed_out from None
         except Exception as e:
             self._report(e)
             raise
-        if self._cb.current_state != "closed" or self._cb.fail_counter:
+        finally:
+            if call is not None:
+                call.ended = True
+        cb = self._cb
+        if cb.current_state != "closed" or cb.fail_counter:
             self._report(None)
         # else: a success changes nothing in pybreaker's closed state without failures (it resets a counter at 0 and
         # tells listeners, ours listen to state changes only): skipped, as it costs a lock and a generator per call
@@ -264,12 +369,12 @@ class Unguarded:
 
     def __init__(self, call_timeout_s: float | None) -> None:
         self.call_timeout_s = call_timeout_s
+        self._deadlines = Deadlines(call_timeout_s) if call_timeout_s is not None else None
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        if self.call_timeout_s is None:
+        if self._deadlines is None:
             return await fn()
-        async with asyncio.timeout(self.call_timeout_s):
-            return await fn()
+        return await self._deadlines.run(fn)
 
 
 def retry_until(
