@@ -106,3 +106,6 @@ def test_an_embedded_broker_connects_through_the_socket(tmp_path: Path) -> None:
         finally:
             r.close()
         assert others and all("U" in c["flags"] for c in others), others
+        # (Ctrl-C: an orderly stop also stops its redis-server, which the context's kill -9 would leave running)
+        assert b.interrupt() == 0, b.log_tail()
+    assert not sock.exists(), "the embedded redis-server outlived its broker"
