@@ -45,3 +45,22 @@ async def test_a_group_whose_last_consumer_left_is_forgotten_with_its_coalescers
     await dispatch.add(again)
     assert dispatch.dispatchers[(T, "g")].consumers == [again]
     await dispatch.stop(5)
+
+
+async def test_a_consumer_that_leaves_holding_deliveries_leaves_nothing_behind(store_factory: StoreFactory) -> None:
+    # Given a group consumed on this node whose only consumer holds two deliveries it never settled
+    store = await store_factory()
+    dispatch = Dispatch(store, Settings())
+    consumer = Consumer(Outlet(), "conn", T, "g", prefetch=10, lease_ms=30_000)
+    await dispatch.add(consumer)
+    await store.publish_many([PublishRequest(T, '"a"', "{}", None), PublishRequest(T, '"b"', "{}", None)])
+    dispatch.wake(T)
+    await until(lambda: len(consumer.inflight) == 2, "both delivered to the consumer")
+    # When it leaves (its connection dropped): both go back as failed attempts through the nack coalescer
+    dispatch.requeue_all(consumer, set(), "consumer disconnected")
+    await until(lambda: (T, "g") not in dispatch.dispatchers, "the group's dispatcher to be dropped")
+    # Then both are back in the queue for the next consumer, and nothing of the group stays on the node: no ack or
+    # nack coalescer, whose parked flusher would otherwise wait forever
+    await until(lambda: (T, "g") not in dispatch._nacks and (T, "g") not in dispatch._acks, "the coalescers to go")
+    assert len(await store.claim(T, "g", 10, 30_000, "c2")) == 2
+    await dispatch.stop(5)

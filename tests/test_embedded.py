@@ -110,3 +110,24 @@ def test_an_embedded_broker_connects_through_the_socket(tmp_path: Path) -> None:
         # (Ctrl-C: an orderly stop also stops its redis-server, which the context's kill -9 would leave running)
         assert b.interrupt() == 0, b.log_tail()
     assert not sock.exists(), "the embedded redis-server outlived its broker"
+
+
+async def test_a_socket_that_cannot_be_bound_falls_back_to_tcp_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a data folder where the socket cannot be made (a directory in its place; on a mount without sockets
+    # redis-server fails the same way: it logs the bind error and exits at start)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    (tmp_path / "redis" / "redis.sock" / "x").mkdir(parents=True)
+    with capture_logs() as logs:
+        async with running(tmp_path / "redis") as embedded:
+            # Then it runs over TCP, and a warning names the socket and quotes Redis's own reason
+            assert embedded.url == embedded.tcp_url
+            (warning,) = [e for e in logs if e["event"] == "embedded_redis_socket_failed"]
+            assert warning["log_level"] == "warning" and warning["path"] == str(tmp_path / "redis" / "redis.sock")
+            assert "unix socket" in warning["redis_log"].lower(), warning
+            r = aioredis.from_url(embedded.url)
+            try:
+                assert await r.ping()
+            finally:
+                await r.aclose()

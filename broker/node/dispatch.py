@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Coroutine, Sequence
-from typing import ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import structlog
 
@@ -401,8 +402,9 @@ class Dispatch:
     def forget(self, gd: GroupDispatcher) -> None:
         """A group without consumers here any more: drop its dispatcher and retire its idle ack and nack coalescers
         (each holds a parked flusher task). Otherwise every group ever consumed on this node (an ephemeral group per
-        ``broker consume --ephemeral``) would stay, and each publish flush walks the dispatchers. A settlement that
-        comes later (a delivery acked after its unsubscribe) makes a new coalescer; one busy now is left as it is."""
+        ``broker consume --ephemeral``) would stay, and each publish flush walks the dispatchers. A coalescer busy now,
+        or a new one for a settlement that comes later (a delivery acked after its unsubscribe, the nacks of a consumer
+        that left holding deliveries), ends once its queue is empty (``_let_go``)."""
         key = (gd.topic, gd.group)
         if gd.consumers or self.dispatchers.get(key) is not gd:
             return
@@ -413,6 +415,16 @@ class Dispatch:
         nack_co = self._nacks.get(key)
         if nack_co is not None and nack_co.retire():
             del self._nacks[key]
+
+    def _let_go(self, key: tuple[str, str], table: dict[tuple[str, str], Any], co: Coalescer[Any, Any]) -> bool:
+        """A settlement coalescer has emptied its queue: a group forgotten meanwhile (it was busy then, or the ack or
+        nack came after the group's last consumer left, e.g. the redeliveries of a consumer that left holding
+        messages) lets it go, so its flusher ends instead of parking for good."""
+        if key in self.dispatchers:
+            return False
+        if table.get(key) is co:
+            del table[key]
+        return True
 
     def wake(self, topic: str, group: str | None = None) -> None:
         for (t, g), gd in self.dispatchers.items():
@@ -559,6 +571,7 @@ class Dispatch:
         if co is None:
             pair = f"{key[0]}/{key[1]}"
             co = self._acks[key] = Coalescer(lambda acks: self._ack_flush(key, pair, acks), 1000)
+            co.on_idle = functools.partial(self._let_go, key, self._acks, co)
         if was_full:
             self._wake_key(key)
         if not ride:
@@ -594,6 +607,7 @@ class Dispatch:
         co = self._nacks.get(key)
         if co is None:
             co = self._nacks[key] = Coalescer(lambda items: self._nack_flush(key, items), 500)
+            co.on_idle = functools.partial(self._let_go, key, self._nacks, co)
         if wake:
             self._wake_key(key)
         return co.submit((item, attempt, who))

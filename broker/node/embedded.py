@@ -36,6 +36,12 @@ def socket_path_fits(path: Path) -> bool:
     return len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES
 
 
+class _ExitedAtStart(RuntimeError):
+    def __init__(self, message: str, tail: str) -> None:
+        super().__init__(message)
+        self.tail = tail
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +121,23 @@ class EmbeddedRedis:
                 limit_bytes=MAX_SOCKET_PATH_BYTES,
                 note="the broker connects over loopback TCP instead; a shorter redis.data_dir gets the Unix socket",
             )
+        try:
+            await self._run(args, timeout_s)
+        except _ExitedAtStart as e:
+            if self.socket is None:
+                raise RuntimeError(str(e)) from None
+            # (a data folder on a file system that cannot hold a socket, a directory where the socket goes): the
+            # broker still starts, over loopback TCP, and says why
+            log.warning(
+                "embedded_redis_socket_failed",
+                path=str(self.socket),
+                redis_log=e.tail,
+                note="the broker connects over loopback TCP instead",
+            )
+            self.socket = None
+            await self._run(args[: args.index("--unixsocket")], timeout_s)
+
+    async def _run(self, args: list[str], timeout_s: float) -> None:
         # A session of its own: Ctrl-C in the terminal sends SIGINT to the whole foreground process group, and Redis
         # must outlive the broker's orderly shutdown (which still needs it), then be stopped last by stop().
         self.proc = subprocess.Popen(  # noqa: ASYNC220
@@ -124,8 +147,12 @@ class EmbeddedRedis:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"embedded redis-server exited with {self.proc.returncode}: {err[-500:]}")
+                err = ""
+                if self.proc.stderr is not None:
+                    err = self.proc.stderr.read().decode()
+                    self.proc.stderr.close()
+                tail = err[-500:] or self._log_tail()  # it logs to its logfile, so its stderr is mostly empty
+                raise _ExitedAtStart(f"embedded redis-server exited with {self.proc.returncode}: {tail}", tail)
             if await self._accepts():
                 (self.data_dir / "url").write_text(self.tcp_url + "\n")  # lets `broker stats` find it
                 record_last(self.tcp_url, self.data_dir)  # ... and from any other folder
@@ -140,6 +167,13 @@ class EmbeddedRedis:
             await asyncio.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis-server did not listen on {self.port} within {timeout_s}s")
+
+    def _log_tail(self, lines: int = 3) -> str:
+        try:
+            text = (self.data_dir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

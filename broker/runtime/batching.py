@@ -105,6 +105,9 @@ class Coalescer(Generic[Req, Res]):
         self._closing = False  # drain() ran: the flusher ends whenever nothing is queued
         self._loop: asyncio.AbstractEventLoop | None = None  # the flusher's loop (its futures)
         self._flushing: list[tuple[Req, Sink[Res], int]] = []  # the batch being flushed
+        # Asked whenever the flusher has emptied the queue: True ends it instead of parking (its owner no longer
+        # needs it and has let it go; a coalescer that was busy when its owner tried ``retire``)
+        self.on_idle: Callable[[], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -189,7 +192,7 @@ class Coalescer(Generic[Req, Res]):
                         self._flushing = []
                     for (_, sink, i), res in zip(batch, results, strict=True):
                         _answer(sink, i, res)
-                if self._closing:
+                if self._closing or (self.on_idle is not None and self.on_idle()):
                     return
                 idle = self._idle = self._loop_now().create_future()
                 await idle
