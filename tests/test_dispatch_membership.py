@@ -9,6 +9,7 @@ import asyncio
 from broker.core.config import Settings
 from broker.core.model import AckItem, PublishRequest
 from broker.node.dispatch import Consumer, Dispatch
+from broker.store import RedisStore
 
 from .conftest import StoreFactory
 from .support import until
@@ -17,8 +18,8 @@ from .test_dispatch_clock import Outlet  # a consumer's outlet that sends nowher
 T = "membership-topic"
 
 
-async def test_a_group_whose_last_consumer_left_is_forgotten_with_its_coalescers(store_factory: StoreFactory) -> None:
-    # Given a group consumed on this node, whose consumer has acked a delivery (the group has an ack coalescer)
+async def two_delivered(store_factory: StoreFactory) -> tuple[RedisStore, Dispatch, Consumer]:
+    """A group consumed on this node by one consumer holding two deliveries."""
     store = await store_factory()
     dispatch = Dispatch(store, Settings())
     consumer = Consumer(Outlet(), "conn", T, "g", prefetch=10, lease_ms=30_000)
@@ -26,6 +27,12 @@ async def test_a_group_whose_last_consumer_left_is_forgotten_with_its_coalescers
     await store.publish_many([PublishRequest(T, '"a"', "{}", None), PublishRequest(T, '"b"', "{}", None)])
     dispatch.wake(T)
     await until(lambda: len(consumer.inflight) == 2, "both delivered to the consumer")
+    return store, dispatch, consumer
+
+
+async def test_a_group_whose_last_consumer_left_is_forgotten_with_its_coalescers(store_factory: StoreFactory) -> None:
+    # Given a group consumed on this node, whose consumer has acked a delivery (the group has an ack coalescer)
+    store, dispatch, consumer = await two_delivered(store_factory)
     first, second = (AckItem(msg_id, held[0]) for msg_id, held in list(consumer.inflight.items()))
     assert await dispatch.ack_many(consumer, [first]) == [True]
     flusher = dispatch._acks[(T, "g")]._task
@@ -49,13 +56,7 @@ async def test_a_group_whose_last_consumer_left_is_forgotten_with_its_coalescers
 
 async def test_a_consumer_that_leaves_holding_deliveries_leaves_nothing_behind(store_factory: StoreFactory) -> None:
     # Given a group consumed on this node whose only consumer holds two deliveries it never settled
-    store = await store_factory()
-    dispatch = Dispatch(store, Settings())
-    consumer = Consumer(Outlet(), "conn", T, "g", prefetch=10, lease_ms=30_000)
-    await dispatch.add(consumer)
-    await store.publish_many([PublishRequest(T, '"a"', "{}", None), PublishRequest(T, '"b"', "{}", None)])
-    dispatch.wake(T)
-    await until(lambda: len(consumer.inflight) == 2, "both delivered to the consumer")
+    store, dispatch, consumer = await two_delivered(store_factory)
     # When it leaves (its connection dropped): both go back as failed attempts through the nack coalescer
     dispatch.requeue_all(consumer, set(), "consumer disconnected")
     await until(lambda: (T, "g") not in dispatch.dispatchers, "the group's dispatcher to be dropped")
