@@ -123,7 +123,7 @@ class Deadlines:
 
     async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()``, raising ``TimeoutError`` if it has not ended ``timeout_s`` after it started."""
-        call = self.start()
+        call = self._start()
         if call is None:  # not in a task (a callback): nothing to cancel, so a timeout of asyncio's own
             async with asyncio.timeout(self.timeout_s):
                 return await fn()
@@ -136,10 +136,8 @@ class Deadlines:
         finally:
             call.ended = True
 
-    def start(self) -> _Call | None:
-        """A call of the current task starts now (``run`` inlined, for a caller that wraps the await itself): set
-        ``ended`` on what this returns when the call ends, and on ``CancelledError`` ask it ``timed_out()``. None
-        outside a task."""
+    def _start(self) -> _Call | None:
+        """A call of the current task starts now (None outside a task)."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         if task is None:
@@ -319,25 +317,13 @@ class Breaker:
         # would close the breaker, a cancelled call would reset the failure count), and a call that finishes after
         # others opened the breaker does not reopen it or fire the listener again.
         deadlines = self._deadlines
-        call = deadlines.start() if deadlines is not None else None
         try:
-            if call is None and deadlines is not None:  # not in a task: asyncio's own timeout
-                async with asyncio.timeout(deadlines.timeout_s):
-                    result = await fn()
-            else:
-                result = await fn()
+            result = await (fn() if deadlines is None else deadlines.run(fn))
         except asyncio.CancelledError:
-            if call is None or not call.timed_out():
-                raise
-            timed_out = TimeoutError()
-            self._report(timed_out)
-            raise timed_out from None
-        except Exception as e:
+            raise
+        except Exception as e:  # a timeout of the call's own deadline included (``TimeoutError``)
             self._report(e)
             raise
-        finally:
-            if call is not None:
-                call.ended = True
         cb = self._cb
         if cb.current_state != "closed" or cb.fail_counter:
             self._report(None)
