@@ -47,6 +47,8 @@ from .procs import (
     start_relay,
 )
 from .registry import (
+    CLIENT_BUSY,
+    CPU_CLIENT,
     CPU_REDIS,
     CPU_SERVER,
     CPU_TOTAL,
@@ -338,7 +340,19 @@ def evaluate(results: dict[str, ScenarioResult]) -> list[dict[str, Any]]:
 #: Metrics that have a column of their own; any other metric is listed under the table.
 RATE_KEYS = ("throughput", "deliveries", "fill")
 LATENCY_KEYS = (("p50", "p99"), ("retry_p50", "retry_p99"))
-COLUMN_KEYS = {*RATE_KEYS, "p50", "p99", "max", "retry_p50", "retry_p99", CPU_SERVER, CPU_REDIS, CPU_TOTAL}
+COLUMN_KEYS = {
+    *RATE_KEYS,
+    "p50",
+    "p99",
+    "max",
+    "retry_p50",
+    "retry_p99",
+    CPU_SERVER,
+    CPU_REDIS,
+    CPU_TOTAL,
+    CPU_CLIENT,
+    CLIENT_BUSY,
+}
 
 
 def _cell(r: ScenarioResult, key: str) -> str:
@@ -348,8 +362,21 @@ def _cell(r: ScenarioResult, key: str) -> str:
 
 def render_table(results: dict[str, ScenarioResult], evaluations: list[dict[str, Any]]) -> str:
     """One row per scenario: its rate, p50/p99 (S4: the retry's due -> delivered delay), the servers' CPU per
-    message (server process, Redis, sum), ratios to the same shape on the relay and on NATS, targets, checks."""
-    head = ["scenario", "rate", "unit", "p50 ms", "p99 ms", "cpu server", "cpu redis", "cpu sum", "cpu unit"]
+    message (server process, Redis, sum), the clients' CPU per message and how busy their process was (% of one
+    core), ratios to the same shape on the relay and on NATS, targets, checks."""
+    head = [
+        "scenario",
+        "rate",
+        "unit",
+        "p50 ms",
+        "p99 ms",
+        "cpu server",
+        "cpu redis",
+        "cpu sum",
+        "cpu unit",
+        "cpu client",
+        "client busy",
+    ]
     head += [c for c, _ in RATIO_COLUMNS] + ["vs S1", "targets", "checks"]
     rows: list[list[str]] = []
     more: list[str] = []
@@ -368,6 +395,8 @@ def render_table(results: dict[str, ScenarioResult], evaluations: list[dict[str,
             _cell(r, CPU_REDIS),
             _cell(r, CPU_TOTAL),
             cpu.unit if cpu else "",
+            _cell(r, CPU_CLIENT),
+            _cell(r, CLIENT_BUSY) + ("%" if r.metric(CLIENT_BUSY) is not None else ""),
         ]
         for _, system in RATIO_COLUMNS:
             x = None

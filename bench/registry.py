@@ -196,6 +196,9 @@ class Target:
 
 #: CPU metrics every load scenario reports: the servers' CPU seconds over the timed part / messages, in µs.
 CPU_SERVER, CPU_REDIS, CPU_TOTAL = "cpu_server", "cpu_redis", "cpu_total"
+#: ... and the bench's own process (every client of a scenario runs in it, on one core): µs per message, and how
+#: busy it was over the timed part (% of one core; near 100 the clients, not the server, set the rate).
+CPU_CLIENT, CLIENT_BUSY = "cpu_client", "client_busy"
 
 TARGETS: tuple[Target, ...] = (
     # issue 14

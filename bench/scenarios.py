@@ -10,6 +10,7 @@ servers' CPU (``/proc/<pid>/stat``) is read at the start and the end of the time
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -17,7 +18,18 @@ from typing import Any, Protocol
 from . import BenchError
 from .cmdstats import CommandStats
 from .cpumon import CpuMeter, find_pids
-from .registry import CPU_REDIS, CPU_SERVER, CPU_TOTAL, Context, ScenarioResult, System, percentile, scenario
+from .registry import (
+    CLIENT_BUSY,
+    CPU_CLIENT,
+    CPU_REDIS,
+    CPU_SERVER,
+    CPU_TOTAL,
+    Context,
+    ScenarioResult,
+    System,
+    percentile,
+    scenario,
+)
 from .wsclient import (
     Abort,
     AckingConsumer,
@@ -38,22 +50,27 @@ SERVICE_PROCESSES: dict[str, tuple[str, ...]] = {
 
 def cpu_meter(ctx: Context, system: System) -> CpuMeter:
     """A meter over ``system``'s server processes: those the runner started (``ctx.pids``), or a system service's
-    processes found by name."""
-    if system in SERVICE_PROCESSES:
-        return CpuMeter({"server": find_pids(SERVICE_PROCESSES[system])})
-    return CpuMeter(ctx.pids.get(system, {}))
+    processes found by name; and over the bench's own process, where the clients run (role ``client``)."""
+    roles = (
+        {"server": find_pids(SERVICE_PROCESSES[system])} if system in SERVICE_PROCESSES else ctx.pids.get(system, {})
+    )
+    return CpuMeter({**roles, "client": [os.getpid()]})
 
 
 def add_cpu(res: ScenarioResult, meter: CpuMeter, count: int, unit: str = "us/msg") -> None:
-    """The servers' CPU over the timed part per message (per delivery for S2), in µs: server, redis and the sum.
-    CPU seconds come in ticks of 10 ms: a short run is only a rough figure."""
+    """The servers' CPU over the timed part per message (per delivery for S2), in µs: server, redis and the sum
+    (the servers only); and the clients' (the bench process), with how busy it was (% of one core). CPU seconds
+    come in ticks of 10 ms: a short run is only a rough figure."""
     secs = meter.seconds
     if not meter.roles or not count:
         return
-    for role, key in (("server", CPU_SERVER), ("redis", CPU_REDIS)):
+    for role, key in (("server", CPU_SERVER), ("redis", CPU_REDIS), ("client", CPU_CLIENT)):
         if role in meter.roles:
             res.add(key, secs.get(role, 0.0) * 1e6 / count, unit, higher_is_better=False)
-    res.add(CPU_TOTAL, sum(secs.values()) * 1e6 / count, unit, higher_is_better=False)
+    servers = sum(s for role, s in secs.items() if role != "client")
+    res.add(CPU_TOTAL, servers * 1e6 / count, unit, higher_is_better=False)
+    if "client" in meter.roles and meter.wall_s > 0:
+        res.add(CLIENT_BUSY, secs.get("client", 0.0) * 100 / meter.wall_s, "% of a core", higher_is_better=False)
     res.extra["cpu"] = {
         "seconds": secs,
         "pids": meter.roles,
