@@ -62,7 +62,7 @@ def add_cpu(res: ScenarioResult, meter: CpuMeter, count: int, unit: str = "us/ms
     (the servers only); and the clients' (the bench process), with how busy it was (% of one core). CPU seconds
     come in ticks of 10 ms: a short run is only a rough figure."""
     secs = meter.seconds
-    if not meter.roles or not count:
+    if not count or not any(role != "client" for role in meter.roles):  # no server process found: no figure at all
         return
     for role, key in (("server", CPU_SERVER), ("redis", CPU_REDIS), ("client", CPU_CLIENT)):
         if role in meter.roles:
