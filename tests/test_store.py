@@ -919,3 +919,28 @@ async def test_a_body_is_written_with_one_hset_its_retry_policy_included(
         finally:
             await counter.aclose()
             await store.close()
+
+
+async def test_a_claim_reads_no_delivery_hash_after_the_ones_that_exist() -> None:
+    from .support import RedisServer
+
+    with RedisServer() as server:  # its own: the test counts every HMGET the server runs
+        settings = Settings()
+        store = make_store(connect_redis(server.url, settings), settings)
+        counter = connect_redis(server.url, settings)
+        try:
+            # Given a queue of 10 messages whose first one is a retry (nacked with delay 0: back at the head)
+            await store.ensure_group("t", "g")
+            await store.publish_many([PublishRequest("t", str(n)) for n in range(10)])
+            (first,) = await store.claim("t", "g", 1, 30_000, "c1")
+            await store.nack_many("t", "g", [(NackItem(first.id, first.receipt, "again", delay_ms=0), 1, "c1")])
+            await counter.config_resetstat()
+            # When one claim takes all ten
+            got = await store.claim("t", "g", 10, 30_000, "c1")
+            # Then the retry is attempt 2 and the others attempt 1, and besides the ten bodies only the retry's
+            # delivery hash was read (the others have none: EXISTS counted one)
+            assert [d.attempt for d in got] == [2] + [1] * 9 and got[0].id == first.id
+            assert (await counter.info("commandstats"))["cmdstat_hmget"]["calls"] == 10 + 1
+        finally:
+            await counter.aclose()
+            await store.close()
