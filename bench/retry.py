@@ -5,13 +5,18 @@ the default backoff policy applies: x multiplier per attempt, jitter), and the c
 (sequence number divisible by 10) once, without ``delay_ms``, the first time it is delivered: the broker schedules
 the retry (about 50 ms, jittered) in the group's retry set, it is delivered again as attempt 2 and acked. msg/s is
 measured over the same span as S1 (first publish -> last ack) and compared with S1 from the same run. The retry's
-delay from *due* to *delivered* is measured on a sample of the nacked messages (at most about 500): the nack
-carries a ``ref``; once it is answered ``nacked`` (outcome ``retry``), a ``status`` lookup on a connection of its
-own (two, up to 8 lookups in flight on each) reads the ``due`` time the broker chose; the delay is the wall clock
-at the attempt-2 delivery minus ``due`` (same machine, same clock; milliseconds). A lookup that finds the message
-no longer waiting (already moved to the queue) cannot know its due time: it is counted as ``retry_unresolved``
-next to ``retry_samples``, both shown in the table; many unresolved lookups (a loaded machine, lookups queued
-behind each other) bias the sample towards the retries that were looked up fastest.
+delay from *due* to *delivered* is measured on every nacked message: once its nack is answered ``nacked`` (outcome
+``retry``), the bench reads the ``due`` time the broker chose straight from the group's retry set in Redis (``ZSCORE
+<prefix>:{<topic>}:g:default:delayed <id>``, docs/keys.md; the lookups batched into one pipeline per turn of the loop,
+on a connection of their own); the delay is the wall clock at the attempt-2 delivery minus ``due`` (same machine, same
+clock; milliseconds). A lookup that finds the message no longer waiting (already moved to the queue) cannot know its
+due time: it is counted as ``retry_unresolved`` next to ``retry_samples``.
+
+Why not the broker's own ``status`` request (as until 2026-12-07, session 5): a ``status`` lookup costs the broker
+about a millisecond of CPU (redis-py round trips) and, while the retry waits, cost Redis two ``LPOS`` scans of the
+whole ready queue (the backlog: milliseconds each, during which Redis served nothing else). 500 of them took a third
+of S4's throughput and inflated the very delay they sampled. A ``ZSCORE`` costs Redis a microsecond and the broker
+nothing (docs/performance.md, session 5).
 
 ``reprocess`` makes dead letters through the protocol (batch publishes, a consumer that nacks each delivery with
 ``dead: true``, untimed), then runs the operator's command ``python -m broker dlq reprocess --topic T --group
@@ -34,14 +39,14 @@ from typing import Any
 import orjson
 
 from . import BenchError
+from .cmdstats import CommandStats
 from .procs import REPO_ROOT
+from .rawredis import Resp
 from .registry import Context, ScenarioResult, percentile, scenario
 from .scenarios import BrokerRun, _publish_all, add_cpu, cpu_meter, latency_summary, new_topic
 from .wsclient import Abort, AckingConsumer, BrokerConn, Frame, before, payload_text, perf, wait_for_event
 
 NACK_EVERY = 10  # s4: every 10th message is nacked once
-DUE_SAMPLES = 500  # s4: most status lookups of nacked messages (their due time)
-OBSERVERS = 2  # s4: connections for the lookups (the broker serves 8 lookups at once per connection)
 DEAD_BATCH = 1_000  # reprocess: messages per publish frame
 
 
@@ -50,10 +55,11 @@ class NackingConsumer(AckingConsumer):
     ``NACK_EVERY``-th message and acks everything else. A nacked delivery is not recorded in the tracker: its
     redelivery (attempt 2) is, so "every message exactly once" still means every message acked exactly once. Any
     delivery with an unexpected attempt number (a nacked message delivered as 1 twice, or a redelivery that is not
-    2) is a problem. With ``observers`` (connections), sampled nacks get a ``status`` lookup of their due time."""
+    2) is a problem. With ``redis`` (a connection to the broker's Redis) and ``delayed_key`` (the group's retry set),
+    each nack answered ``retry`` gets its due time read there (``ZSCORE``, batched)."""
 
-    observers: tuple[BrokerConn, ...] = ()
-    topic = ""
+    redis: Resp | None = None
+    delayed_key = ""
 
     def __init__(self, conn: BrokerConn, expected: int, **kw: Any) -> None:
         super().__init__(conn, expected, **kw)
@@ -68,20 +74,24 @@ class NackingConsumer(AckingConsumer):
         self.unresolved = 0
         self.lookup_errors: list[str] = []
         self._ids: dict[int, str] = {}
-        self._sample_every = max(1, math.ceil(len(range(0, expected, NACK_EVERY)) / DUE_SAMPLES))
-        self._lookups: dict[int, asyncio.Semaphore] = {}  # per observer: 8 lookups in flight at most
-        self._turn = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._to_look_up: list[int] = []  # seqs whose nack was answered retry, due time not read yet
+        self._look_kick = asyncio.Event()
+        self._looker: asyncio.Task[None] | None = None
         self._nack_frames: list[bytes] = []
         self._nack_kick = asyncio.Event()
         self._nacker: asyncio.Task[None] | None = None
+        self.last_first_at = 0.0  # perf() at the last attempt-1 delivery: what follows it is the retries' tail
+        self._nacked_at: dict[int, float] = {}  # seq -> perf() at the delivery it nacked
+        self.back_after_s: list[float] = []  # per retry: that delivery -> its attempt-2 delivery (s)
 
     def start(self) -> None:
         super().start()
         self._nacker = asyncio.create_task(self._nack_loop(), name=f"nacks-{self.conn.name}")
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *([self._nacker] if self._nacker else [])]:
+        for task in (self._nacker, self._looker):
+            if task is None:
+                continue
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
@@ -96,8 +106,11 @@ class NackingConsumer(AckingConsumer):
             expected = 1 if nack_this or seq % NACK_EVERY else 2
             if attempt != expected:
                 self._attempt_problem(f"seq {seq} delivered as attempt {attempt}, expected {expected}")
+            if expected == 1:
+                self.last_first_at = now
             if nack_this:
                 self.nacked[seq] = 1
+                self._nacked_at[seq] = now
                 self._ids[seq] = str(d.get("id"))
                 frame = {"op": "nack", "ref": f"n-{seq}", "id": d.get("id"), "receipt": d.get("receipt"), "error": "s4"}
                 self._nack_frames.append(orjson.dumps(frame))
@@ -106,6 +119,8 @@ class NackingConsumer(AckingConsumer):
             if expected == 2:
                 self.redeliveries += 1
                 self.delivered_ms[seq] = time.time() * 1000
+                if seq in self._nacked_at:
+                    self.back_after_s.append(now - self._nacked_at[seq])
         super()._on_message(d, now)
 
     def _on_reply(self, d: Frame) -> bool:
@@ -118,29 +133,33 @@ class NackingConsumer(AckingConsumer):
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             if outcome != "retry":
                 self._attempt_problem(f"seq {seq}: nack outcome {outcome}, expected retry")
-            elif self.observers and (seq // NACK_EVERY) % self._sample_every == 0:
-                task = asyncio.create_task(self._lookup(seq))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            elif self.redis is not None:
+                if self._looker is None:  # (started here: ``redis`` is set after the run has started its consumers)
+                    self._looker = asyncio.create_task(self._look_up_loop(self.redis), name=f"due-{self.conn.name}")
+                self._to_look_up.append(seq)
+                self._look_kick.set()
         else:
             self._attempt_problem(f"seq {seq}: nack answered {d.get('code')}: {d.get('message')}")
         return True
 
-    async def _lookup(self, seq: int) -> None:
-        self._turn = (self._turn + 1) % len(self.observers)
-        observer = self.observers[self._turn]
-        async with self._lookups.setdefault(self._turn, asyncio.Semaphore(8)):
+    async def _look_up_loop(self, redis: Resp) -> None:
+        """Read the due time of every retry answered so far: one pipeline of ``ZSCORE``s per turn."""
+        while True:
+            await self._look_kick.wait()
+            self._look_kick.clear()
+            seqs, self._to_look_up = self._to_look_up, []
+            if not seqs:
+                continue
             try:
-                reply = await observer.request({"op": "status", "topic": self.topic, "id": self._ids[seq]}, 10)
-            except BenchError as e:
-                self.lookup_errors.append(str(e))
+                scores = await redis.pipeline([Resp.pack("ZSCORE", self.delayed_key, self._ids[q]) for q in seqs])
+            except (BenchError, OSError) as e:
+                self.lookup_errors.append(f"ZSCORE {self.delayed_key}: {e}")
                 return
-        rows = reply.get("groups") or []
-        row = rows[0] if rows and isinstance(rows[0], dict) else {}
-        if row.get("state") == "retry_wait" and isinstance(row.get("due"), int):
-            self.due_ms[seq] = row["due"]
-        else:
-            self.unresolved += 1
+            for q, score in zip(seqs, scores, strict=True):
+                if score is None:
+                    self.unresolved += 1  # already moved to the queue: its due time is gone
+                else:
+                    self.due_ms[q] = int(float(score))
 
     def retry_delays_ms(self) -> list[float]:
         return sorted(self.delivered_ms[s] - due for s, due in self.due_ms.items() if s in self.delivered_ms)
@@ -185,12 +204,13 @@ class NackingConsumer(AckingConsumer):
         }
 
 
-async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tuple[float, BrokerRun]:
+async def _s4_run(
+    ctx: Context, tag: str, messages: int, cpu: Any = None, cmds: CommandStats | None = None
+) -> tuple[float, float, BrokerRun]:
+    """One S4 run; returns (first publish -> done, last first delivery -> done, the run)."""
     s = ctx.sizes
-    observers: list[BrokerConn] = []
+    redis = await Resp.open(ctx.redis_url)
     try:
-        for i in range(OBSERVERS):
-            observers.append(await BrokerConn.open(ctx.broker_url, f"{tag}-observer{i}", Abort(), s.connect_timeout_s))
         async with BrokerRun(
             ctx,
             tag,
@@ -200,20 +220,30 @@ async def _s4_run(ctx: Context, tag: str, messages: int, cpu: Any = None) -> tup
             consumer_cls=NackingConsumer,
             extra=f',"backoff_base_ms":{s.retry_backoff_base_ms}',
         ) as run:
+            prefix = ctx.broker_env.get("BROKER_REDIS_KEY_PREFIX", "mq")
+            groups_key = f"{prefix}:{{{run.topic}}}:groups"
+            (known,) = await redis.pipeline([Resp.pack("EXISTS", groups_key)])
+            if not known:
+                raise BenchError(f"{groups_key} is not in the broker's Redis: where are the topic's keys?")
             for c in run.consumers:
                 assert isinstance(c, NackingConsumer)
-                c.observers, c.topic = tuple(observers), run.topic
+                c.redis, c.delayed_key = redis, f"{prefix}:{{{run.topic}}}:g:default:delayed"
+            if cmds is not None:
+                await cmds.start()
             if cpu is not None:
                 cpu.start()
             t0 = await _publish_all(run)
             t_end = await run.finish()
             if cpu is not None:
                 cpu.stop()
+            if cmds is not None:
+                await cmds.stop()
             await run.settle()
-        return t_end - t0, run
     finally:
-        for observer in observers:
-            await observer.close()
+        await redis.close()
+    consumer = run.consumers[0]
+    assert isinstance(consumer, NackingConsumer)
+    return t_end - t0, t_end - consumer.last_first_at, run
 
 
 @scenario(
@@ -228,7 +258,8 @@ async def s4_retries(ctx: Context) -> ScenarioResult:
     if s.warmup_messages > 0:
         await _s4_run(ctx, "s4-warmup", s.warmup_messages)
     cpu = cpu_meter(ctx, "broker")
-    elapsed, run = await _s4_run(ctx, "s4", s.messages, cpu)
+    cmds = CommandStats(ctx.redis_url)
+    elapsed, tail, run = await _s4_run(ctx, "s4", s.messages, cpu, cmds)
     run.check(res)
     consumer = run.consumers[0]
     assert isinstance(consumer, NackingConsumer)
@@ -239,8 +270,12 @@ async def s4_retries(ctx: Context) -> ScenarioResult:
     res.add("retry_samples", len(delays), "lookups")
     res.add("retry_unresolved", consumer.unresolved, "lookups", higher_is_better=False)
     add_cpu(res, cpu, s.messages)
+    cmds.add(res, s.messages)
+    back = sorted(consumer.back_after_s)
     if not delays:
-        res.problem("no retry's due time could be read (status lookups found none waiting)")
+        res.problem("no retry's due time could be read (the retry set held none of them when read)")
+    if consumer.lookup_errors:
+        res.problem(f"reading due times failed: {consumer.lookup_errors[0]}")
     res.extra.update(
         messages=s.messages,
         payload_bytes=s.payload_bytes,
@@ -248,6 +283,12 @@ async def s4_retries(ctx: Context) -> ScenarioResult:
         nacked=consumer.nacks_sent,
         deliveries=s.messages + consumer.redeliveries,
         elapsed_s=elapsed,
+        tail_s=tail,
+        nack_to_redelivery_ms={
+            "p50": percentile(back, 50) * 1000,
+            "p99": percentile(back, 99) * 1000,
+            "max": back[-1] * 1000 if back else math.nan,
+        },
         retry_delay_ms={
             "samples": len(delays),
             "unresolved": consumer.unresolved,

@@ -255,8 +255,10 @@ local redis = setmetatable({call = function(cmd, ...)
   local c, args = string.upper(cmd), {...}
   if c == 'PUBLISH' or c == 'SPUBLISH' then
     if string.sub(args[1], 1, #__base) ~= __base then error('audit: ' .. __name .. ': channel ' .. args[1]) end
-  elseif c == 'PUBSUB' then  -- no key: publish.lua's count of the listening nodes (one Redis only, never a cluster)
-    if __name ~= 'publish' or string.upper(args[1]) ~= 'NUMSUB' then error('audit: ' .. __name .. ': PUBSUB') end
+  elseif c == 'PUBSUB' then  -- no key: publish.lua's and promote.lua's count of the listening nodes (one Redis only)
+    if (__name ~= 'publish' and __name ~= 'promote') or string.upper(args[1]) ~= 'NUMSUB' then
+      error('audit: ' .. __name .. ': PUBSUB')
+    end
   elseif __ALL_KEYS[c] then
     for _, k in ipairs(args) do __check(k) end
   else

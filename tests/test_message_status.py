@@ -9,10 +9,12 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from broker.core.config import Settings
 from broker.core.model import AckItem, NackItem, PublishRequest
 from broker.store import connect_redis
+from broker.store.status import message_status
 
 from .brokers import ROOT
 from .support import RedisServer, make_store
@@ -88,3 +90,30 @@ async def test_keyed_message_waiting_behind_its_key(redis: RedisServer) -> None:
     assert [(r["state"], r["key"], r["position"]) for r in rows] == [("key_wait", "acct-1", 1)]
     code, rows = status(redis, first.id)
     assert [r["state"] for r in rows] == ["leased"] and held.id == first.id
+
+
+async def test_lookup_of_a_leased_or_waiting_message_does_not_scan_the_queue(redis: RedisServer) -> None:
+    settings = Settings()
+    store = make_store(connect_redis(redis.url, settings), settings)
+    counter = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        # Given a group with a queue of 1,000 messages, one message leased and one waiting for its retry
+        await store.ensure_group("orders", "g")
+        published = await store.publish_many([PublishRequest("orders", str(n)) for n in range(1_002)])
+        leased, waiting = await store.claim("orders", "g", 2, 60_000, "c1.1")
+        await store.nack_many("orders", "g", [(NackItem(waiting.id, waiting.receipt, "later", 60_000), 1, "c1.1")])
+        await counter.config_resetstat()
+
+        # When both are looked up
+        rows = [*await message_status(store, leased.id, "orders"), *await message_status(store, waiting.id, "orders")]
+
+        # Then their states are told without a scan of the queue (LPOS: O(its length) for an id not in it)
+        assert [r["state"] for r in rows] == ["leased", "retry_wait"]
+        assert "cmdstat_lpos" not in await counter.info("commandstats")
+
+        # And a message in the queue is still found at its position
+        (queued,) = await message_status(store, published[5].id, "orders")
+        assert (queued["state"], queued["position"]) == ("ready", 3)
+    finally:
+        await counter.aclose()
+        await store.close()

@@ -21,6 +21,8 @@ import websockets
 
 from broker.core.config import Settings
 from broker.core.model import NackItem, PublishRequest
+from broker.node.dispatch import TIMER_GAP_MS, Consumer, Dispatch, GroupDispatcher
+from broker.store import Swept
 
 from .brokers import BrokerProcess
 from .conftest import StoreFactory
@@ -215,3 +217,61 @@ async def test_a_message_that_failed_twice_queues_at_the_tail(store_factory: Sto
     assert s.promoted == 1
     got = await store.claim(T, "g", 10, 30_000, "c1")
     assert [x.id for x in got] == [*(b.id for b in backlog), m.id]
+
+
+# ---- node: the timer's gap ------------------------------------------------------------------------------------
+
+
+class _SweepLog:
+    """A store whose every sweep step promotes one message and reports another one due at once (a retry set under
+    load: due times a few milliseconds apart), recording the dispatch clock at each step."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.steps: list[int] = []
+
+    async def sweep_due(self, pairs: list[tuple[str, str]]) -> list[Swept]:
+        self.steps.append(self.clock())
+        return [Swept(0, 0, 1, self.clock())]
+
+    def is_strict(self, topic: str, group: str) -> bool:
+        return False
+
+
+class _Outlet:
+    def send_delivery(self, consumer: Consumer, delivery: Any) -> None:
+        pass
+
+    def congested(self) -> bool:
+        return False
+
+    def holds(self, msg_id: str, receipt: str) -> bool:
+        return False
+
+
+async def test_a_groups_timer_fires_again_only_after_the_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a group whose sweep steps keep finding work due at once, on a dispatch with a stepped clock
+    clock = FakeClock()
+    store = _SweepLog(clock)
+    dispatch = Dispatch(store, Settings(), clock=clock)  # type: ignore[arg-type]
+    gd = dispatch.dispatchers[(T, "g")] = GroupDispatcher(dispatch, T, "g")
+    gd.consumers.append(Consumer(_Outlet(), "c1", T, "g", prefetch=10, lease_ms=30_000))
+    loop = asyncio.get_running_loop()
+    delays: list[float] = []
+    call_later = loop.call_later
+
+    def record(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        delays.append(delay)
+        return call_later(delay, callback, *args)
+
+    monkeypatch.setattr(loop, "call_later", record)
+    try:
+        # When its timer is armed for now, fires, and its step reports the next work due now as well
+        gd.arm(clock())
+        async with asyncio.timeout(10):
+            while len(delays) < 2:
+                await asyncio.sleep(0)  # (no call_later of its own)
+        # Then the first fire comes at once, the next only TIMER_GAP_MS after the step began (the clock stood still)
+        assert delays[:2] == [0.001, TIMER_GAP_MS / 1000] and store.steps == [clock()]
+    finally:
+        gd.stop_timer()

@@ -1,4 +1,5 @@
-"""publish.lua's wake-up note goes out only when a node other than the publishing one listens (one Redis).
+"""publish.lua's and promote.lua's wake-up notes go out only when a node other than the publishing (sweeping) one
+listens (one Redis).
 
 Each node's wake-up listener subscribes to ``<prefix>:listeners`` and ``<prefix>:listener:<node id>`` before its
 pattern; the script compares their ``PUBSUB NUMSUB`` counts. Whether a note went out is read in order on a plain
@@ -75,14 +76,42 @@ async def listening(r: aioredis.Redis, prefix: str, count: int) -> None:
 
 async def notes_of_one_publish(publisher: RedisStore, topic: str) -> list[str]:
     """The notes a publish through ``publisher`` sent on the topic's channel, read by a plain subscriber."""
-    r = publisher.redis
-    channel = TopicKeys(publisher.prefix, topic).wake
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    await pubsub.psubscribe(f"{publisher.prefix}:{{*}}:wake")
-    try:
-        await until(lambda: _numpat_at_least(r, 1))
+
+    async def publish() -> None:
         [res] = await publisher.publish_many([PublishRequest(topic=topic, payload='"x"')])
         assert not isinstance(res, Exception) and res.groups == 1
+
+    return await notes_of(publisher, topic, publish)
+
+
+async def notes_of_one_promotion(node: RedisStore, topic: str) -> list[str]:
+    """The notes a sweep step of ``node`` sent on the topic's channel when it promoted a delayed message."""
+    [res] = await node.publish_many([PublishRequest(topic=topic, payload='"later"', delay_ms=1)])
+    assert not isinstance(res, Exception) and res.groups == 1
+    due = node.clock() + 1
+    await until(lambda: _now_past(node, due))  # (a bound on a wait for the due time, no assertion on it)
+
+    async def sweep() -> None:
+        [(_, _, promoted)] = await node.sweep([(topic, "default")])
+        assert promoted == 1
+
+    return await notes_of(node, topic, sweep)
+
+
+async def _now_past(node: RedisStore, due: int) -> bool:
+    await asyncio.sleep(0.002)
+    return node.clock() > due
+
+
+async def notes_of(node: RedisStore, topic: str, action: Callable[[], Awaitable[None]]) -> list[str]:
+    """The notes ``action`` sent on the topic's channel, read by a plain subscriber."""
+    r = node.redis
+    channel = TopicKeys(node.prefix, topic).wake
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(f"{node.prefix}:{{*}}:wake")
+    try:
+        await until(lambda: _numpat_at_least(r, 1))
+        await action()
         marker = f"marker-{uuid.uuid4().hex}"
         await r.publish(channel, marker)
         notes: list[str] = []
@@ -157,3 +186,33 @@ async def test_a_node_that_stopped_listening_is_no_longer_counted(nodes: Callabl
         assert await notes_of_one_publish(a, "left") == []
     finally:
         await la.stop()
+
+
+async def test_a_node_alone_sends_no_note_for_its_promotions(nodes: Callable[[str], RedisStore]) -> None:
+    # Given one node whose wake-up listener is subscribed, and no other node
+    a = nodes("node-a")
+    la = Listener(a)
+    try:
+        await listening(a.redis, a.prefix, 1)
+        # When its sweep step promotes a due message, Then no wake-up note goes out (the node wakes its own loop from
+        # the step's reply)
+        assert await notes_of_one_promotion(a, "alone-later") == []
+    finally:
+        await la.stop()
+
+
+async def test_another_listening_node_gets_the_note_of_a_promotion(nodes: Callable[[str], RedisStore]) -> None:
+    # Given two nodes, both listening
+    a, b = nodes("node-a"), nodes("node-b")
+    la, lb = Listener(a), Listener(b)
+    try:
+        await listening(a.redis, a.prefix, 2)
+        # When node a's sweep step promotes a due message, Then the note goes out and node b's listener wakes the topic
+        assert await notes_of_one_promotion(a, "shared-later") == ["r"]
+        async with asyncio.timeout(BOUND_S):
+            while (topic := await lb.topics.get()) != "shared-later":
+                pass
+        assert topic == "shared-later"
+    finally:
+        await la.stop()
+        await lb.stop()

@@ -32,6 +32,11 @@ from broker.store import AckOutcome, ClaimRequest, NackOutcome, RedisStore, Swep
 
 log = structlog.get_logger("broker.dispatch")
 T = TypeVar("T")
+# A group's timer fires at most once per this many ms (from one sweep step's start to the next): under load the retry
+# set holds many due times a few milliseconds apart (S4: ~400 retries/s), and a step per due time was a step (two
+# script calls, one round trip, a wake) per ~1.4 retries. With the gap a step moves everything due by then; a retry
+# waits at most this much longer, and a lone one (no step in the last gap) not at all.
+TIMER_GAP_MS = 5
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -116,6 +121,7 @@ class GroupDispatcher:
         # sweep step of this group (the periodic sweep's first, then the timer's own) told its heads: from then on
         # the periodic sweep leaves the group to the timer, until the timer fails or the last consumer leaves.
         self.due: int | None = None
+        self.quiet_until = 0  # (epoch ms, the dispatch clock) no step before: TIMER_GAP_MS after the last one began
         self.timed = False
         self.keyed = False  # it has delivered a message with an ordering key: its acks never ride (Dispatch.ack)
         self._timer: asyncio.TimerHandle | None = None
@@ -301,7 +307,7 @@ class GroupDispatcher:
         if self._timer is not None:
             self._timer.cancel()
         self.due = due
-        delay = max(0.001, (due - self.dispatch.clock()) / 1000)
+        delay = max(0.001, (max(due, self.quiet_until) - self.dispatch.clock()) / 1000)
         self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def stop_timer(self) -> None:
@@ -314,6 +320,7 @@ class GroupDispatcher:
         if due is not None and due > self.dispatch.clock():  # early (the loop's clock is not the wall clock)
             self.arm(due)
             return
+        self.quiet_until = self.dispatch.clock() + TIMER_GAP_MS
         self.dispatch.spawn(self._step())
 
     async def _step(self) -> None:

@@ -77,7 +77,7 @@ class RedisStore:
         strict = StrictOrder(settings)
         self._strict = strict
         self.messages = Messages(self.scripts, self.topology, settings, strict, node_id, clock)
-        self.sweeper = Sweeper(self.scripts, self.topology, settings, strict, clock)
+        self.sweeper = Sweeper(self.scripts, self.topology, settings, strict, clock, node_id)
         self.nodes = Nodes(self.gateway, settings, self.prefix, node_id, clock)
         self.reads = Reads(self.gateway, self.topology, self.scripts)
 

@@ -14,6 +14,7 @@ from broker.core.config import Settings
 from broker.core.errors import UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import jitter_factor
+from broker.store.keys import listener_channel, listeners_channel
 from broker.store.messages import StrictOrder
 from broker.store.scripts import ScriptCall, Scripts
 from broker.store.topology import Topology
@@ -35,7 +36,13 @@ class Swept:
 
 class Sweeper:
     def __init__(
-        self, scripts: Scripts, topology: Topology, settings: Settings, strict: StrictOrder, clock: Callable[[], int]
+        self,
+        scripts: Scripts,
+        topology: Topology,
+        settings: Settings,
+        strict: StrictOrder,
+        clock: Callable[[], int],
+        node_id: str,
     ) -> None:
         self.scripts = scripts
         self.topology = topology
@@ -43,6 +50,10 @@ class Sweeper:
         self.strict = strict
         self.clock = clock
         self._rng = random.Random()
+        # promote.lua's note goes out only when another node's listener is subscribed (as publish.lua's). Not on a
+        # cluster: there a count is one node's own, and the notes are sharded per topic.
+        prefix = topology.prefix
+        self._listeners = [] if scripts.on_cluster else [listeners_channel(prefix), listener_channel(prefix, node_id)]
 
     async def sweep(
         self,
@@ -82,7 +93,7 @@ class Sweeper:
             expire_args += [len(dead_nodes), *dead_nodes, self.strict.flag(topic, group)]
             expire_args += [r.backoff_base_ms, r.backoff_multiplier, r.backoff_cap_ms, *jitters]
             calls.append((expire, [g.leased, g.delayed, g.dead, g.ready, g.held], expire_args))
-            calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake, k.base, group]))
+            calls.append((promote, [g.delayed, g.ready], [now, limit, k.wake, k.base, group, *self._listeners]))
 
         res = await self.scripts.run(calls, "sweep", keep_errors=failed is not None)
         for (topic, group), i in zip(pairs, range(0, len(res), 2), strict=True):

@@ -37,17 +37,21 @@ local lease_args, l = {false, false}, 0  -- ZADD pairs (deadline, id): one call 
 local held, h = {false, false}, 0        -- HSET pairs (id, state) of the first deliveries: one call (if h > 0)
 local first_held = first .. '|' .. ARGV[7] .. '|' .. ARGV[6] .. '|'  -- a held value up to its ordering key
 -- One EXISTS over the batch's delivery hashes: none (the usual case, every id on its first delivery) saves a read
--- per message; otherwise each is read.
+-- per message; otherwise each is read until as many were found as EXISTS counted (the rest are first deliveries).
+-- A first retry is promoted to the head of the list, so under load (a retry in most claims) it is found first and
+-- the batch's other messages are not read for nothing.
 local dkeys = {false}
 for i, id in ipairs(ids) do dkeys[i] = key(gb, 'dlv', id) end
 local later = 0
 for s = 1, #dkeys, 1000 do later = later + redis.call('EXISTS', unpack(dkeys, s, math.min(s + 999, #dkeys))) end
 local NONE = {false, false, false}
+local found = 0  -- delivery hashes read that exist (no more reads once it is `later`)
 for i, id in ipairs(ids) do
   local b = redis.call('HMGET', key(base, 'msg', id), 'payload', 'headers', 'published_at', 'key')
   if b[1] then
     local dkey = dkeys[i]
-    local d = later > 0 and redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before') or NONE
+    local d = found < later and redis.call('HMGET', dkey, 'attempts', 'claims', 'not_before') or NONE
+    if d[1] or d[2] or d[3] then found = found + 1 end
     local attempt, receipt
     if not d[1] and not d[2] then
       attempt, receipt = 1, first

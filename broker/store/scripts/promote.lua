@@ -10,6 +10,12 @@
 -- Built (_lib.lua key(), from ARGV[4]): each delivery <gb>dlv:<id> (read: its attempts)
 -- ARGV[1] now, ARGV[2] limit, ARGV[3] wake channel "<prefix>:{<topic>}:wake" (TopicKeys.wake), ARGV[4] base,
 -- ARGV[5] group
+-- ARGV[6], ARGV[7] optional (one Redis, not a cluster): the channel every node's wake-up listener subscribes to and the
+--         one the sweeping node's listener alone subscribes to (keys.py listeners_channel, listener_channel). Given,
+--         the note "r" goes out only when a listener other than the sweeping node's is subscribed (as in publish.lua):
+--         the sweeping node wakes its own delivery loop from this reply, and on one node under load, where a group's
+--         timer fires every few milliseconds, a note per step was a write Redis made and a read the node made for
+--         nothing.
 -- Returns {number promoted, due time (epoch ms) of the new head of the delayed set, -1 when it is empty}: the
 --         caller's timer for this group is armed at that time (broker/node/dispatch.py)
 -- The lowest score of sorted set k (epoch ms), -1 when it is empty (the group's timer is armed there).
@@ -34,6 +40,11 @@ if #ids > 0 then
   call_chunked('ZREM', KEYS[1], ids)
   if #first > 0 then call_chunked('LPUSH', KEYS[2], first) end
   if #rest > 0 then call_chunked('RPUSH', KEYS[2], rest) end
-  redis.call('PUBLISH', ARGV[3], 'r')
+  local note = true
+  if ARGV[7] then
+    local c = redis.call('PUBSUB', 'NUMSUB', ARGV[6], ARGV[7])
+    note = c[2] - c[4] > 0
+  end
+  if note then redis.call('PUBLISH', ARGV[3], 'r') end
 end
 return {#ids, zset_head(KEYS[1])}

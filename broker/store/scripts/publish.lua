@@ -67,9 +67,20 @@ for i = 0, n - 1 do
     out[3 * i + 1] = existing; out[3 * i + 2] = 1; out[3 * i + 3] = 0
   else
     local bkey = key(base, 'msg', id)
-    redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs)
-    if ARGV[o+6] ~= '' then redis.call('HSET', bkey, 'max_attempts', ARGV[o+6]) end
-    if ARGV[o+7] ~= '' then redis.call('HSET', bkey, 'backoff_base_ms', ARGV[o+7]) end
+    -- One HSET per body, its retry policy included (a message that carries one: one call, not one per field)
+    local maxa, bbase = ARGV[o+6], ARGV[o+7]
+    if maxa == '' and bbase == '' then
+      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs)
+    elseif maxa == '' then
+      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
+        'backoff_base_ms', bbase)
+    elseif bbase == '' then
+      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
+        'max_attempts', maxa)
+    else
+      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
+        'max_attempts', maxa, 'backoff_base_ms', bbase)
+    end
     if okey ~= '' then
       redis.call('HSET', bkey, 'key', okey)
       if delay > 0 then redis.call('HSET', bkey, 'deliver_at', now + delay) end
