@@ -400,6 +400,47 @@ async def test_retry_failing_now_ends_a_failed_loops_backoff_but_not_a_healthy_l
     await sup.stop(1.0)
 
 
+async def test_a_try_that_fails_after_the_recovery_backs_off_from_one_second_not_a_whole_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (the /readyz flake: dlq_prune, a 30 s loop, failed during the outage; its first try after the breaker closed
+    # met a connection the outage had left dead, and /readyz named it failing for its next 30 s backoff)
+    monkeypatch.setattr(tenacity.wait.random, "uniform", lambda a, b: a)
+    sup = RecordingSupervisor(LoopSettings(fail_threshold=3, backoff_cap_s=10.0))
+    outcomes: asyncio.Queue[Exception | None] = asyncio.Queue()
+    down = UnavailableError("redis unreachable during topics: Connection closed by server.")
+
+    async def step() -> None:
+        if (e := await outcomes.get()) is not None:
+            raise e
+
+    async def results(*items: Exception | None) -> None:
+        n = len(sup.waits) + len(items)
+        for item in items:
+            outcomes.put_nowait(item)
+        await until(lambda: len(sup.waits) == n)
+
+    # Given a loop with a 30 s interval that failed through an outage: failing, 30 s between tries
+    loop = sup.periodic("unit_prune", step, 30.0)
+    await results(down, down, down)
+    assert loop.failing and sup.waits == [30.0, 30.0, 30.0]
+    # When Redis is back (the breaker closed) while the loop's next try is under way, and that try fails too
+    sup.retry_failing_now()
+    await results(down)
+    # Then it tries again after a second, not after 30 (and again if that fails, doubling back up to its backoff)
+    await results(down, down, down, down, down, down)
+    assert sup.waits[3:] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert sup.reasons() == [f"loop unit_prune failing: {down.message} (10 consecutive failures)"]
+    # And once a try succeeds it is healthy, and a later failure backs off from its interval again
+    await results(None)
+    assert sup.reasons() == [] and sup.waits[-1] == 30.0
+    await results(down)
+    assert sup.waits[-1] == 30.0 and loop.failures == 1
+    sup.stopping.set()
+    outcomes.put_nowait(None)  # the step waiting for its next outcome ends, and the loop sees the stop
+    await sup.stop(1.0)
+
+
 def test_loops_failing_with_unavailable_are_told_apart() -> None:
     # Given one loop failing with `unavailable` (a cluster master away), one with an error reply, one healthy
     sup = Supervisor(LoopSettings(fail_threshold=1))

@@ -8,6 +8,11 @@ the watchdog itself) runs as a named ``Loop`` under the node's ``Supervisor``:
   again after a jittered exponential backoff computed by tenacity (``resilience.LoopBackoff``);
 - ``loops.fail_threshold`` consecutive failures make the loop *failing* (``loop_unhealthy``): ``/readyz`` is 503
   with ``loop <name> failing: <error>`` until a step succeeds again (``loop_recovered``);
+- when the dependency is back (``retry_failing_now``: the Redis breaker half-opened or closed), a loop that has
+  failed tries again at once, and until its next success its backoff starts over from ``RECOVERY_BACKOFF_S``
+  (never above its own): a try that fails just after an outage (a connection the outage left dead, a call that was
+  under way when the breaker closed) does not keep it failing, and ``/readyz`` red, for a whole interval-long
+  backoff (``dlq_prune``'s is 30 s) while everything works;
 - a loop that reports no progress (``Loop.beat``) for its stall timeout past the wait it announced is *stalled*
   (``loop_stalled``, ``/readyz`` 503) until it beats again; the watchdog checks every second;
 - a loop whose task ends unexpectedly (an exception escaped its body, or the body returned while the loop should
@@ -36,6 +41,7 @@ WATCHDOG_PERIOD_S = 1.0
 STALL_INTERVALS = 5  # a loop may be silent for this many of its intervals (at least loops.stall_timeout_s)
 LOG_EVERY = 20  # an expected failure (Redis unavailable) is logged the 1st time, then every 20th
 MIN_BACKOFF_S = 0.1  # backoff base for loops with a shorter interval
+RECOVERY_BACKOFF_S = 1.0  # backoff base after the dependency came back, for loops with a longer one (see Loop.failed)
 MAX_ERROR_CHARS = 300
 
 Clock = Callable[[], float]
@@ -69,6 +75,9 @@ class Loop:
         self.restarts = 0
         cap = sup.policy.backoff_cap_s if backoff_cap_s is None else min(backoff_cap_s, sup.policy.backoff_cap_s)
         self.backoff = LoopBackoff(max(interval_s, MIN_BACKOFF_S), cap)
+        # after the dependency came back: the same curve from a lower base, never above the normal backoff
+        self.recovery_backoff = LoopBackoff(min(RECOVERY_BACKOFF_S, self.backoff.base_s), self.backoff.cap_s)
+        self.failures_at_recovery: int | None = None  # ``failures`` when retry_failing_now came; None: no recovery
         self._sup = sup
         self.last_beat = sup.clock()
         self.due = self.last_beat + self.stall_after_s  # stalled when no beat by then
@@ -88,6 +97,7 @@ class Loop:
         log.info("loop_recovered", loop=self.name, after_failures=self.failures,
                  was="failing" if self.failing else "retrying")  # fmt: skip
         self.failures = 0
+        self.failures_at_recovery = None
         self.last_error = ""
         if self.failing:
             self.failing = False
@@ -105,10 +115,16 @@ class Loop:
         wait = self._after_failure()
         return self.interval_s if isinstance(exc, DegradedError) else wait
 
+    def recovered(self) -> None:
+        """The dependency this loop failed on looks healthy again (``Supervisor.retry_failing_now``): until its next
+        success, a failure backs off as if it were the first since then, from ``recovery_backoff``'s lower base."""
+        if self.failures:
+            self.failures_at_recovery = self.failures
+
     def ended(self, exc: BaseException | None, restarting: bool = True) -> float:
         """The loop's task ended unexpectedly: log, count, answer the wait before its restart."""
         self._count(exc)
-        wait = self.backoff(self.failures)
+        wait = self._backoff()
         restart_in_s = round(wait, 2) if restarting else None
         if exc is not None:
             log.exception("loop_task_ended", loop=self.name, reason="raised", restart_in_s=restart_in_s, exc_info=exc)
@@ -128,7 +144,14 @@ class Loop:
             self.failing = True
             log.error("loop_unhealthy", loop=self.name, failures=self.failures, error=self.last_error)
             self._sup.health_changed(self)
-        return self.backoff(self.failures)
+        return self._backoff()
+
+    def _backoff(self) -> float:
+        """The wait after the latest failure: the normal backoff, or after a recovery the recovery backoff counted
+        from the failures since then (bounded: it grows back to the normal one)."""
+        if self.failures_at_recovery is None:
+            return self.backoff(self.failures)
+        return self.recovery_backoff(self.failures - self.failures_at_recovery)
 
     def problem(self, now: float) -> str | None:
         """Why this loop makes the node unready, or None."""
@@ -236,7 +259,11 @@ class Supervisor:
 
     def retry_failing_now(self) -> None:
         """The dependency the failing loops wait for is healthy again (the Redis breaker half-opened or closed): end
-        their backoff now, so readiness returns within moments instead of after the longest backoff."""
+        their backoff now, so readiness returns within moments instead of after the longest backoff. A loop whose
+        step is under way now is not waiting: should that step fail, it backs off from the recovery base as well
+        (``Loop.recovered``), as does every loop whose next try fails."""
+        for loop in self.loops.values():
+            loop.recovered()
         self._retry_now.set()
         self._retry_now = asyncio.Event()
 
