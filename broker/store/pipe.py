@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,12 +41,17 @@ from typing import Any
 import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core.errors import UnavailableError
+from broker.runtime import metrics
+from broker.runtime.resilience import Breaker, BreakerOpenError
 from broker.runtime.supervisor import watch_task
-from broker.store.connection import send_under_deadline
+from broker.store.connection import pack, send_under_deadline
 from broker.store.gateway import Gateway
+from broker.store.pipe_wire import Replies, take_over
 
 log = structlog.get_logger("broker.store")
 
@@ -62,9 +68,31 @@ class _Waiting:
     ride: bool
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """The batch written on the protocol path, waiting for its replies (``expected`` of them, in ``replies``)."""
+
+    batch: list[_Waiting]
+    calls: list[ScriptCall]
+    cmds: list[tuple[Any, ...]]
+    what: str
+    trial: bool  # the breaker's half-open trial (``Breaker.begin``)
+    t0: float  # perf_counter at the write (the latency metric)
+    deadline: float  # loop time
+    replies: list[Any]
+    expected: int
+    again: list[int] | None = None  # the calls answered NOSCRIPT, sent again behind ``loads`` script loads
+    loads: int = 0
+
+
 class ScriptPipe:
-    def __init__(self, gateway: Gateway, max_calls: int = MAX_BATCH_CALLS, ride_s: float = RIDE_S) -> None:
+    def __init__(
+        self, gateway: Gateway, max_calls: int = MAX_BATCH_CALLS, ride_s: float = RIDE_S, callbacks: bool = True
+    ) -> None:
+        """``callbacks``: read replies in a protocol callback where the connection allows it (see the module);
+        False keeps the writer task for every batch (tests compare the two)."""
         self.gateway = gateway
+        self._callbacks = callbacks
         self._max = max_calls
         self._ride_s = ride_s
         self._queue: deque[_Waiting] = deque()
@@ -75,6 +103,10 @@ class ScriptPipe:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closed = False
+        self._wire: Replies | None = None  # the connection read in callbacks (None: the writer task reads)
+        self._flight: _InFlight | None = None
+        self._timer: asyncio.TimerHandle | None = None  # at the deadline of the batch in flight (or an earlier one's)
+        self._releasing: set[asyncio.Task[None]] = set()
         self.batches = 0  # batches written (tests; a batch is one breaker call)
 
     def run(self, calls: Sequence[ScriptCall], what: str, ride: bool = False) -> asyncio.Future[list[Any]]:
@@ -112,7 +144,9 @@ class ScriptPipe:
         self._kick()
 
     def _kick(self) -> None:
-        if self._task is None:
+        if self._wire is not None and self._task is None:
+            self._pump()
+        elif self._task is None:
             self._wake = asyncio.Event()
             self._task = watch_task(asyncio.create_task(self._write_loop(), name="redis-pipe"))
         elif self._wake is not None and not self._wake.is_set():
@@ -126,8 +160,16 @@ class ScriptPipe:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fail_queued(UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000))
+        err = UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000)
+        flight, self._flight = self._flight, None
+        if flight is not None:  # neither a success nor a failure of Redis: as a cancelled call
+            self._end(flight, None, counted=False)
+            self._fail(flight.batch, err)
+        self._fail_queued(err)
         await self._drop()
+        for t in list(self._releasing):
+            with contextlib.suppress(Exception):
+                await t
 
     def _fail_queued(self, err: BaseException) -> None:
         """Answer every queued waiter ``err`` and empty the queue (riders and their timer included)."""
@@ -154,6 +196,8 @@ class ScriptPipe:
                 if batch:
                     await self._run_batch(batch)
                 batch = []
+                if self._hand_over():
+                    break
         except BaseException as e:  # cancelled (close) or a bug: no waiter is left hanging
             err = e if isinstance(e, Exception) else UnavailableError("redis connection closed", retry_after_ms=1_000)
             self._fail(batch, err)
@@ -161,6 +205,7 @@ class ScriptPipe:
             raise
         finally:
             self._task = None
+        self._pump()  # what was queued meanwhile goes on the protocol path
 
     def _take(self) -> list[_Waiting]:
         """The next batch: the waiters queued, in order, riders included, up to ``max_calls`` calls (at least one
@@ -244,6 +289,9 @@ class ScriptPipe:
     async def _drop(self) -> None:
         """Disconnect the pipe's connection (its stream can no longer be trusted) and hand it back to the pool, which
         connects it again when it is next used."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.give_back()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -251,6 +299,150 @@ class ScriptPipe:
             except Exception as e:  # closing a broken socket: nothing left to save, but say so
                 log.debug("redis_pipe_disconnect_failed", error=repr(e))
             await self.gateway.client.connection_pool.release(conn)
+
+    # ---- the protocol path: batches written at once, replies taken in ``Replies.data_received`` --------------
+
+    def _hand_over(self) -> bool:
+        """After a batch the writer task ran: move the connection to the protocol path if it can serve (then the
+        task ends; it runs again only to connect)."""
+        conn = self._conn
+        if not self._callbacks or conn is None or self._closed or not isinstance(self.gateway.breaker, Breaker):
+            return False
+        self._wire = take_over(conn, self._on_reply, self._on_lost)
+        return self._wire is not None
+
+    def _pump(self) -> None:
+        """Write the next batch if none is in flight (from ``run``, a rider's timer, or the reply that ended the
+        previous batch); without a connection, the writer task connects and runs it."""
+        while self._flight is None and (self._urgent or self._riders_due) and not self._closed:
+            if self._wire is None:
+                if self._task is None:
+                    self._wake = asyncio.Event()
+                    self._task = watch_task(asyncio.create_task(self._write_loop(), name="redis-pipe"))
+                return
+            batch = self._take()
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[_Waiting]) -> None:
+        what = batch[0].what if len(batch) == 1 else "batch"
+        breaker = self.gateway.breaker
+        assert isinstance(breaker, Breaker) and self._wire is not None and self._conn is not None
+        try:
+            trial = breaker.begin()
+        except BreakerOpenError as e:  # refused at once, never sent
+            self._fail(batch, self.gateway.unavailable(e, what))
+            return
+        calls = [c for w in batch for c in w.calls]
+        cmds = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+        loop = asyncio.get_running_loop()
+        # today's two limits, the socket timeout over the write and its replies, the breaker's over the call
+        limits = [t for t in (self._conn.socket_timeout, breaker.call_timeout_s) if t]
+        deadline = loop.time() + min(limits) if limits else math.inf
+        flight = self._flight = _InFlight(batch, calls, cmds, what, trial, time.perf_counter(), deadline, [], len(cmds))
+        try:
+            self._wire.write(b"".join([pack(c) for c in cmds]))
+        except Exception as e:  # a command that cannot be packed (DataError), or a transport gone
+            self._lose(flight, e)
+            return
+        if self._timer is None and deadline != math.inf:
+            self._timer = loop.call_at(deadline, self._on_deadline)
+
+    def _on_reply(self, reply: Any) -> None:
+        flight = self._flight
+        if flight is None:  # a reply nobody asked for: the stream cannot be trusted
+            self._lose_wire(RedisConnectionError("redis sent a reply the script pipe did not ask for"))
+            return
+        flight.replies.append(reply)
+        if len(flight.replies) < flight.expected:
+            return
+        replies = flight.replies
+        if flight.again is None:
+            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+            if again:  # load the scripts and send the calls again, within the batch
+                scripts = list({flight.calls[i][0].sha: flight.calls[i][0] for i in again}.values())
+                load = [("SCRIPT", "LOAD", s.script) for s in scripts]
+                flight.again, flight.loads = again, len(load)
+                flight.expected += len(load) + len(again)
+                assert self._wire is not None
+                self._wire.write(b"".join([pack(c) for c in [*load, *(flight.cmds[i] for i in again)]]))
+                log.info("redis_scripts_loaded", scripts=len(scripts), calls=len(again))
+                return
+        else:
+            n = len(flight.cmds)
+            for i, x in zip(flight.again, replies[n + flight.loads :], strict=True):
+                replies[i] = x
+            del replies[n:]
+        self._flight = None
+        self._end(flight, None)
+        self.batches += 1
+        i = 0
+        for w in flight.batch:
+            k = len(w.calls)
+            if not w.fut.done():
+                w.fut.set_result(replies[i : i + k])
+            i += k
+        self._pump()
+
+    def _on_lost(self, err: Exception) -> None:
+        """The connection ended (EOF, reset, garbage) while attached."""
+        self._lose_wire(err)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        flight = self._flight
+        if flight is None:
+            return
+        loop = asyncio.get_running_loop()
+        if flight.deadline > loop.time():
+            self._timer = loop.call_at(flight.deadline, self._on_deadline)
+            return
+        self._lose(flight, RedisTimeoutError("Timeout reading from redis (script pipe)"))
+
+    def _lose_wire(self, err: Exception) -> None:
+        flight = self._flight
+        if flight is not None:
+            self._lose(flight, err)
+        else:
+            self._drop_wire()
+            self._pump()
+
+    def _lose(self, flight: _InFlight, err: Exception) -> None:
+        """The batch in flight failed without its answer (timeout, connection lost): one failure of the breaker,
+        every waiter answered ``unavailable``, the connection dropped; the next batch reconnects."""
+        self._flight = None
+        self._drop_wire()
+        self._end(flight, err)
+        self._fail(flight.batch, self.gateway.unavailable(err, flight.what))
+        self._pump()
+
+    def _end(self, flight: _InFlight, err: Exception | None, *, counted: bool = True) -> None:
+        """The breaker's outcome and the latency metric of a batch on the protocol path (as ``Gateway.call``)."""
+        metrics.child(metrics.redis_latency, flight.what).observe(time.perf_counter() - flight.t0)
+        breaker = self.gateway.breaker
+        assert isinstance(breaker, Breaker)
+        breaker.end(flight.trial, err, counted=counted)
+
+    def _drop_wire(self) -> None:
+        """Drop the protocol path's connection at once (no await); redis-py closes it and the pool takes it back in
+        a task."""
+        wire, self._wire = self._wire, None
+        conn, self._conn = self._conn, None
+        if wire is not None:
+            wire.give_back()
+            if wire.transport is not None:
+                wire.transport.abort()
+        if conn is not None:
+            task = watch_task(asyncio.get_running_loop().create_task(self._release(conn), name="redis-pipe-release"))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, conn: AbstractConnection) -> None:
+        try:
+            await conn.disconnect(nowait=True)
+        except Exception as e:  # closing a broken socket: nothing left to save, but say so
+            log.debug("redis_pipe_disconnect_failed", error=repr(e))
+        await self.gateway.client.connection_pool.release(conn)
 
     @staticmethod
     def _fail(waiting: Sequence[_Waiting], err: BaseException) -> None:
