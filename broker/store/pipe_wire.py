@@ -68,7 +68,7 @@ class Replies(asyncio.Protocol):
                 if _PUSH is not None and isinstance(reply, _PUSH):
                     continue
                 self._on_reply(reply)
-        except InvalidResponse as e:  # the stream is garbage from here on
+        except Exception as e:  # garbage (InvalidResponse), text that does not decode: the stream is lost from here
             self._lost(e)
 
     def eof_received(self) -> bool:
