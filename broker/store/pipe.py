@@ -161,6 +161,9 @@ class ScriptPipe:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         err = UnavailableError("redis connection closed (shutdown)", retry_after_ms=1_000)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         flight, self._flight = self._flight, None
         if flight is not None:  # neither a success nor a failure of Redis: as a cancelled call
             self._end(flight, None, counted=False)
