@@ -9,6 +9,8 @@ created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-c
 a failure) and then report its outcome to pybreaker's state machine through the public ``calling()`` context manager.
 ``asyncio.CancelledError`` is reported as nothing at all: pybreaker counts an excluded exception as a success, which
 would let a cancelled half-open trial close the breaker. In half-open only one trial call runs at a time.
+A call that is not an ``await`` (its outcome arrives in a callback: the script pipe's batches) uses
+``Breaker.begin``/``Breaker.end`` instead, on the same state machine and the same trial.
 """
 
 from __future__ import annotations

@@ -1,26 +1,53 @@
-"""One pipelined Redis connection for the script calls: callers queue their ``EVALSHA``s, one writer packs everything
-queued into one write and reads the replies in order.
+"""One pipelined Redis connection for the script calls: callers queue their ``EVALSHA``s, everything queued goes in
+one write and the replies are taken in order.
 
 Why: through redis-py's client every call pays its execute path (pool checkout, retry wrapper, command parsing,
 packing, a socket write and a wake-up per call), about a tenth of the broker's CPU per message. Here a call costs a
-queue append and a future; the writer takes every call queued while the previous batch was in Redis (so batches grow
-with load and cost nothing extra when idle), writes them with one ``send_packed_command`` and reads the replies with
-``read_response``.
+queue append and a future; every call queued while the previous batch was in Redis goes in the next write (so
+batches grow with load and cost nothing extra when idle).
+
+Two ways to run a batch, one switch (``_kick``), everything else shared (the queue, ``_take``, riders, NOSCRIPT,
+the answers):
+
+- **The protocol path** (the usual one): ``run`` packs and writes a batch at once when none is in flight, and the
+  connection's ``Replies`` protocol (``pipe_wire.py``: a ``hiredis.Reader`` fed in ``data_received``) hands each
+  reply over as it completes; the reply that completes a batch answers its callers' futures and writes the next
+  batch, there and then. No task, no ``Event``, no ``StreamReader``: at a low rate, where every message travels
+  alone, a script call costs one write, one read and no loop turn of its own (it was 2-3 more: the writer woken, the
+  reply waking the writer, the callers' futures set from it). The breaker is asked without an await
+  (``Breaker.begin``/``end``), the deadline is one loop timer for all batches (armed at the batch in flight's, moved
+  on when it fires; never one per batch), the latency metric and the error translation are ``Gateway``'s.
+- **The writer task** (``_write_loop``: the batch through ``Gateway.call``, written with ``send_packed_command``,
+  replies read with redis-py's ``read_response``) connects: the first batch, and the first after a dropped
+  connection, go this way; when it is answered the connection is taken over (``pipe_wire.take_over``) and the task
+  ends. Where the protocol path cannot serve, every batch goes this way, as before: ``rediss://`` (TLS), a client
+  whose connections are not the hiredis-packing ones (no hiredis, fakeredis), a gateway on a cluster (no one
+  breaker; the pipe is not used there anyway), or ``ScriptPipe(callbacks=False)``.
+
+The connection is one of the client's pool, checked out for the pipe as before (no client added to Redis), set up by
+redis-py (AUTH, HELLO, SELECT, CLIENT SETINFO, timeouts: the pool's ``connection_kwargs``) before it is taken over.
 
 - **Order**: one batch is in Redis at a time and calls are sent in the order queued, so two calls queued one after
   the other run in that order (a publish before the claim that rides on it, an ack flush before the next).
-- **Breaker**: one batch is one breaker call (``Gateway.call``): a batch that times out or loses its connection is one
-  failure, a batch that was answered is one success, whatever its error replies (they are values, for the caller).
+- **Breaker**: one batch is one breaker call (``Gateway.call``, or ``Breaker.begin``/``end`` on the protocol path): a
+  batch that times out or loses its connection is one failure, a batch that was answered is one success, whatever its
+  error replies (they are values, for the caller); an open breaker answers the batch's callers ``unavailable`` with
+  its ``retry_after`` at once, unsent; in half-open the batch is the one trial.
 - **Timeouts**: the batch runs inside the breaker's call timeout, and it is written and its replies are read within
-  ``redis.socket_timeout_ms`` (one deadline for both); either drops the connection (its stream can no longer be
+  ``redis.socket_timeout_ms`` (one deadline for both; on the protocol path the batch's deadline is the nearer of the
+  two, from its write); either drops the connection (its stream can no longer be
   trusted) and fails every waiter of the batch with ``unavailable``. Calls queued behind it go out in the next batch
   on a new connection (or are refused at once by an open breaker). So a hung Redis answers a caller after at most the
   batch in flight plus its own, as before.
-- **A dropped connection** fails every waiter of the batch in flight with ``unavailable`` (its calls may have run:
-  the callers treat that as today, e.g. a claim's deliveries are reconciled); the next batch reconnects.
+- **A dropped connection** (reset, EOF, a reply that cannot be parsed) fails every waiter of the batch in flight with
+  ``unavailable`` (its calls may have run: the callers treat that as today, e.g. a claim's deliveries are
+  reconciled); the next batch reconnects. A connection that ends while no batch is in flight costs no breaker failure.
 - **NOSCRIPT** (a Redis restart or ``SCRIPT FLUSH``): the calls answered so are sent again behind a ``SCRIPT LOAD``
   of their scripts in one more write, within the same batch; they did not run the first time.
-- A caller that gives up (cancelled) before its calls were taken loses nothing: they are skipped, never sent.
+- A caller that gives up (cancelled) before its calls were taken loses nothing: they are skipped, never sent. (On the
+  protocol path calls are taken at once when no batch is in flight: only calls queued behind one can be skipped.)
+- **Close** answers every caller still waiting, the batch in flight included, ``unavailable`` (not a breaker outcome)
+  and gives the connection back to the pool.
 - **Riders** (``run(..., ride=True)``: acks nobody waits on) are not worth a round trip of their own: they wait for the
   next batch that goes anyway (a publish, a claim) and share its write, or for ``RIDE_S`` at the longest. At a low
   rate, where every message travels alone, an ack then costs no write, read or wake-up of its own, in the broker or
