@@ -20,12 +20,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
+import structlog
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 
 from broker.store.connection import HiredisPacking
+
+log = structlog.get_logger("broker.store")
 
 _MORE = object()  # hiredis: no complete reply buffered (a reply may be False: RESP3 booleans)
 _PUSH: type[Any] | None = getattr(hiredis, "PushNotification", None)
@@ -115,8 +118,14 @@ def take_over(
     """Read ``conn``'s replies in a ``Replies`` protocol from now on (None: it cannot be; see the module)."""
     if not can_take_over(conn):
         return None
-    reader, writer = conn._reader, conn._writer
-    if reader is None or writer is None or reader.at_eof() or reader.exception() is not None or len(reader._buffer):  # type: ignore[attr-defined]
+    # redis-py's stream pair (private attributes: a redis-py that no longer has them keeps the writer task's path)
+    reader: asyncio.StreamReader | None = getattr(conn, "_reader", None)
+    writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+    buffered = getattr(reader, "_buffer", None)
+    if reader is None or writer is None or buffered is None:
+        log.warning("redis_pipe_stays_on_streams", reason="redis-py connection without its stream pair")
+        return None
+    if reader.at_eof() or reader.exception() is not None or len(buffered):
         return None
     transport = cast(asyncio.Transport, writer.transport)
     if transport.is_closing() or transport.get_extra_info("sslcontext") is not None:
