@@ -28,10 +28,14 @@ The connection is one of the client's pool, checked out for the pipe as before (
 redis-py (AUTH, HELLO, SELECT, CLIENT SETINFO, timeouts: the pool's ``connection_kwargs``) before it is taken over.
 
 - **Order**: one batch is in Redis at a time and calls are sent in the order queued, so two calls queued one after
-  the other run in that order (a publish before the claim that rides on it, an ack flush before the next).
+  the other run in that order (a publish before the claim that rides on it, an ack flush before the next). One
+  exception: a call answered NOSCRIPT (below) runs again after the rest of its batch, so after the calls queued behind
+  it in that batch (only after a Redis restart or ``SCRIPT FLUSH``; never after a later batch).
 - **Breaker**: one batch is one breaker call (``Gateway.call``, or ``Breaker.begin``/``end`` on the protocol path): a
   batch that times out or loses its connection is one failure, a batch that was answered is one success, whatever its
-  error replies (they are values, for the caller); an open breaker answers the batch's callers ``unavailable`` with
+  error replies (they are values, for the caller; but not those redis-py takes for a connection error: ``LOADING``,
+  ``NOAUTH``, ``WRONGPASS``, max clients, alone or first in an array, which drop the connection as below); an open
+  breaker answers the batch's callers ``unavailable`` with
   its ``retry_after`` at once, unsent; in half-open the batch is the one trial.
 - **Timeouts**: the batch runs inside the breaker's call timeout, and it is written and its replies are read within
   ``redis.socket_timeout_ms`` (one deadline for both; on the protocol path the batch's deadline is the nearer of the
@@ -42,12 +46,19 @@ redis-py (AUTH, HELLO, SELECT, CLIENT SETINFO, timeouts: the pool's ``connection
 - **A dropped connection** (reset, EOF, a reply that cannot be parsed) fails every waiter of the batch in flight with
   ``unavailable`` (its calls may have run: the callers treat that as today, e.g. a claim's deliveries are
   reconciled); the next batch reconnects. A connection that ends while no batch is in flight costs no breaker failure.
+- **A call that cannot be sent** (a caller's bug: no keys, an argument that cannot be packed) is found before the
+  breaker is asked: its caller alone hears an internal error (``BrokerError``, logged and counted in
+  ``broker_store_errors_total{op="script_pipe",kind="bad_call"}``); the rest of its batch goes, the breaker and the
+  connection never see it. Whatever fails after the breaker was asked ends that breaker call (a half-open trial is
+  never left held) and answers the batch's callers. A reply that comes with no batch in flight is logged as an error,
+  counted (``kind="unexpected_reply"``) and drops the connection.
 - **NOSCRIPT** (a Redis restart or ``SCRIPT FLUSH``): the calls answered so are sent again behind a ``SCRIPT LOAD``
   of their scripts in one more write, within the same batch; they did not run the first time.
 - A caller that gives up (cancelled) before its calls were taken loses nothing: they are skipped, never sent. (On the
   protocol path calls are taken at once when no batch is in flight: only calls queued behind one can be skipped.)
 - **Close** answers every caller still waiting, the batch in flight included, ``unavailable`` (not a breaker outcome)
-  and gives the connection back to the pool.
+  and gives the connection back to the pool; with a batch in flight its socket is aborted first, so nothing of it
+  still buffered reaches Redis after its callers were told.
 - **Riders** (``run(..., ride=True)``: acks nobody waits on) are not worth a round trip of their own: they wait for the
   next batch that goes anyway (a publish, a claim) and share its write, or for ``RIDE_S`` at the longest. At a low
   rate, where every message travels alone, an ack then costs no write, read or wake-up of its own, in the broker or
@@ -72,7 +83,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.core.errors import UnavailableError
+from broker.core.errors import BrokerError, UnavailableError
 from broker.runtime import metrics
 from broker.runtime.resilience import Breaker, BreakerOpenError
 from broker.runtime.supervisor import watch_task
@@ -193,8 +204,11 @@ class ScriptPipe:
             self._timer = None
         flight, self._flight = self._flight, None
         if flight is not None:  # neither a success nor a failure of Redis: as a cancelled call
-            self._end(flight, None, counted=False)
             self._fail(flight.batch, err)
+            # its unsent bytes must not reach Redis after its callers were told "shutdown", nor a half-read stream
+            # go back to redis-py: the transport is aborted (not closed gracefully, which drains the write buffer)
+            self._drop_wire()
+            self._end(flight, None, counted=False)
         self._fail_queued(err)
         await self._drop()
         for t in list(self._releasing):
@@ -355,33 +369,74 @@ class ScriptPipe:
                 self._write(batch)
 
     def _write(self, batch: list[_Waiting]) -> None:
-        what = batch[0].what if len(batch) == 1 else "batch"
         breaker = self.gateway.breaker
         assert isinstance(breaker, Breaker) and self._wire is not None and self._conn is not None
+        # Everything that can fail on a caller's calls (a call that cannot be packed: DataError, keys=None...) is done
+        # before the breaker is asked: such a caller alone hears it, the rest of the batch goes, and neither the
+        # breaker nor the connection sees it.
+        kept: list[_Waiting] = []
+        calls: list[ScriptCall] = []
+        cmds: list[tuple[Any, ...]] = []
+        packed: list[bytes] = []
+        for w in batch:
+            try:
+                wc = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in w.calls]
+                wp = [pack(c) for c in wc]
+            except Exception as e:  # a bug of that caller's: told to it, logged and counted
+                log.error("redis_pipe_bad_call", what=w.what, error=repr(e))
+                metrics.child(metrics.store_errors, w.what, "bad_call").inc()
+                self._fail([w], BrokerError(f"internal error: {w.what} could not be sent to redis ({e!r})"))
+                continue
+            kept.append(w)
+            calls.extend(w.calls)
+            cmds.extend(wc)
+            packed.extend(wp)
+        if not kept:
+            return
+        batch = kept
+        what = batch[0].what if len(batch) == 1 else "batch"
         try:
             trial = breaker.begin()
         except BreakerOpenError as e:  # refused at once, never sent
             self._fail(batch, self.gateway.unavailable(e, what))
             return
-        calls = [c for w in batch for c in w.calls]
-        cmds = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
-        loop = asyncio.get_running_loop()
-        # today's two limits, the socket timeout over the write and its replies, the breaker's over the call
-        limits = [t for t in (self._conn.socket_timeout, breaker.call_timeout_s) if t]
-        deadline = loop.time() + min(limits) if limits else math.inf
-        flight = self._flight = _InFlight(batch, calls, cmds, what, trial, time.perf_counter(), deadline, [], len(cmds))
+        # From here every failure ends the breaker call it began (``_lose``): a half-open trial is never left held.
+        flight = _InFlight(batch, calls, cmds, what, trial, time.perf_counter(), math.inf, [], len(cmds))
         try:
-            self._wire.write(b"".join([pack(c) for c in cmds]))
-        except Exception as e:  # a command that cannot be packed (DataError), or a transport gone
-            self._lose(flight, e)
-            return
-        if self._timer is None and deadline != math.inf:
-            self._timer = loop.call_at(deadline, self._on_deadline)
+            loop = asyncio.get_running_loop()
+            # today's two limits, the socket timeout over the write and its replies, the breaker's over the call
+            limits = [t for t in (self._conn.socket_timeout, breaker.call_timeout_s) if t]
+            flight.deadline = loop.time() + min(limits) if limits else math.inf
+            self._flight = flight
+            self._wire.write(b"".join(packed))
+            if self._timer is None and flight.deadline != math.inf:
+                self._timer = loop.call_at(flight.deadline, self._on_deadline)
+        except BaseException as e:  # a transport gone, or a bug: the batch fails as a lost one, the trial is ended
+            self._lose(flight, e if isinstance(e, Exception) else RedisConnectionError(repr(e)))
+            if not isinstance(e, Exception):
+                raise
 
     def _on_reply(self, reply: Any) -> None:
         flight = self._flight
         if flight is None:  # a reply nobody asked for: the stream cannot be trusted
+            log.error("redis_pipe_unexpected_reply", reply=repr(reply)[:200])
+            metrics.child(metrics.store_errors, "script_pipe", "unexpected_reply").inc()
             self._lose_wire(RedisConnectionError("redis sent a reply the script pipe did not ask for"))
+            return
+        try:
+            self._take_reply(flight, reply)
+        except Exception as e:  # a bug here: the batch's callers hear it, the stream (half read) is dropped
+            log.error("redis_pipe_reply_failed", what=flight.what, calls=len(flight.calls), error=repr(e))
+            metrics.child(metrics.store_errors, "script_pipe", "internal").inc()
+            if self._flight is flight:
+                self._lose(flight, e, internal=True)
+
+    def _take_reply(self, flight: _InFlight, reply: Any) -> None:
+        # An error reply redis-py's parser raises as a connection error (LOADING, NOAUTH, WRONGPASS, max clients;
+        # alone or first in an array: redis/_parsers/hiredis.py) is an outage, not a value for the caller.
+        first = reply[0] if isinstance(reply, list) and reply else reply
+        if isinstance(first, RedisConnectionError):
+            self._lose(flight, first)
             return
         flight.replies.append(reply)
         if len(flight.replies) < flight.expected:
@@ -404,15 +459,17 @@ class ScriptPipe:
                 replies[i] = x
             del replies[n:]
         self._flight = None
-        self._end(flight, None)
         self.batches += 1
         i = 0
-        for w in flight.batch:
+        for w in flight.batch:  # the callers first: whatever the breaker does, none is left waiting
             k = len(w.calls)
             if not w.fut.done():
                 w.fut.set_result(replies[i : i + k])
             i += k
-        self._pump()
+        try:
+            self._end(flight, None)
+        finally:
+            self._pump()
 
     def _on_lost(self, err: Exception) -> None:
         """The connection ended (EOF, reset, garbage) while attached."""
@@ -433,18 +490,25 @@ class ScriptPipe:
         flight = self._flight
         if flight is not None:
             self._lose(flight, err)
-        else:
+        else:  # idle: no caller and no breaker outcome; the next batch reconnects
+            log.info("redis_pipe_connection_closed_idle", error=repr(err))
             self._drop_wire()
             self._pump()
 
-    def _lose(self, flight: _InFlight, err: Exception) -> None:
+    def _lose(self, flight: _InFlight, err: Exception, *, internal: bool = False) -> None:
         """The batch in flight failed without its answer (timeout, connection lost): one failure of the breaker,
-        every waiter answered ``unavailable``, the connection dropped; the next batch reconnects."""
+        every waiter answered ``unavailable``, the connection dropped; the next batch reconnects. ``internal``: a
+        bug of the pipe's, not Redis's: the callers hear an internal error, the breaker no outcome."""
         self._flight = None
         self._drop_wire()
-        self._end(flight, err)
-        self._fail(flight.batch, self.gateway.unavailable(err, flight.what))
-        self._pump()
+        if internal:
+            self._fail(flight.batch, BrokerError(f"internal error during {flight.what} ({err!r})"))
+        else:
+            self._fail(flight.batch, self.gateway.unavailable(err, flight.what))
+        try:
+            self._end(flight, None if internal else err, counted=not internal)
+        finally:
+            self._pump()
 
     def _end(self, flight: _InFlight, err: Exception | None, *, counted: bool = True) -> None:
         """The breaker's outcome and the latency metric of a batch on the protocol path (as ``Gateway.call``)."""

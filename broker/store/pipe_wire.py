@@ -26,12 +26,14 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 
+from broker.runtime import metrics
 from broker.store.connection import HiredisPacking
 
 log = structlog.get_logger("broker.store")
 
 _MORE = object()  # hiredis: no complete reply buffered (a reply may be False: RESP3 booleans)
 _PUSH: type[Any] | None = getattr(hiredis, "PushNotification", None)
+_said_streams = False  # "redis_pipe_stays_on_streams" is logged once per process (it holds for every connection)
 
 
 class Replies(asyncio.Protocol):
@@ -59,20 +61,28 @@ class Replies(asyncio.Protocol):
         self._streams: asyncio.BaseProtocol | None = None  # redis-py's protocol, given the transport back
         self.transport: asyncio.Transport | None = None
         self.attached = False
+        self.paused = False  # the transport's write buffer is over its high-water mark (handed over in give_back)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
-        try:
-            while self.attached:
+        while self.attached:
+            try:
                 reply = reader.gets()
-                if reply is _MORE:
-                    return
-                if _PUSH is not None and isinstance(reply, _PUSH):
-                    continue
+            except Exception as e:  # garbage (InvalidResponse), text that does not decode: the stream is lost here
+                self._lost(e)
+                return
+            if reply is _MORE:
+                return
+            if _PUSH is not None and isinstance(reply, _PUSH):
+                continue
+            try:
                 self._on_reply(reply)
-        except Exception as e:  # garbage (InvalidResponse), text that does not decode: the stream is lost from here
-            self._lost(e)
+            except Exception as e:  # a bug of the reply's consumer, not of the stream: said as such, then dropped
+                log.error("redis_pipe_on_reply_failed", error=repr(e))
+                metrics.child(metrics.store_errors, "script_pipe", "internal").inc()
+                self._lost(e)
+                return
 
     def eof_received(self) -> bool:
         self._lost(RedisConnectionError("Connection closed by server."))
@@ -83,11 +93,11 @@ class Replies(asyncio.Protocol):
         if self._streams is not None:  # redis-py's stream waits for this to finish its close (wait_closed)
             self._streams.connection_lost(exc)
 
-    def pause_writing(self) -> None:  # one batch at most is written at a time: nothing to hold back
-        pass
+    def pause_writing(self) -> None:  # one batch at most is written at a time: nothing to hold back, but the state
+        self.paused = True  # goes back to redis-py's protocol with the transport (its resume_writing asserts it)
 
     def resume_writing(self) -> None:
-        pass
+        self.paused = False
 
     def _lost(self, err: Exception) -> None:
         if self.attached:
@@ -102,8 +112,10 @@ class Replies(asyncio.Protocol):
         """Detach (no more callbacks) and hand the transport back to redis-py's stream protocol."""
         self.attached = False
         if self.transport is not None and self._streams is not None and not self.transport.is_closing():
-            self.transport.set_protocol(self._streams)
-            self._streams = None
+            streams, self._streams = self._streams, None
+            self.transport.set_protocol(streams)
+            if self.paused and isinstance(streams, asyncio.Protocol):  # asyncio will call its resume_writing
+                streams.pause_writing()
 
 
 def can_take_over(conn: AbstractConnection) -> bool:
@@ -123,7 +135,10 @@ def take_over(
     writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
     buffered = getattr(reader, "_buffer", None)
     if reader is None or writer is None or buffered is None:
-        log.warning("redis_pipe_stays_on_streams", reason="redis-py connection without its stream pair")
+        global _said_streams
+        if not _said_streams:
+            _said_streams = True
+            log.warning("redis_pipe_stays_on_streams", reason="redis-py connection without its stream pair")
         return None
     if reader.at_eof() or reader.exception() is not None or len(buffered):
         return None
@@ -132,6 +147,7 @@ def take_over(
         return None
     proto = Replies(conn, on_reply, on_lost)
     proto._streams = transport.get_protocol()
+    proto.paused = bool(getattr(proto._streams, "_paused", False))  # redis-py's writer may be held back at the moment
     proto.transport = transport
     proto.attached = True
     transport.set_protocol(proto)
