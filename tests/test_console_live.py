@@ -26,6 +26,7 @@ from broker.node.console_gate import ConsoleContext, ConsoleRequest, Gate
 from broker.ops.stats import Stats
 from broker.store import RedisStore
 from broker.store.pipe import ScriptPipe
+from broker.store.pipe_wire import Replies
 
 from .conftest import StoreFactory
 
@@ -132,7 +133,8 @@ class RoundTrips:
 
         monkeypatch.setattr(Redis, "execute_command", counted_command)
         monkeypatch.setattr(Pipeline, "execute", counted_pipeline)
-        # script calls go through the store's pipe (broker/store/pipe.py): one write and its replies per _send
+        # script calls go through the store's pipe (broker/store/pipe.py): one write and its replies per _send on
+        # its writer task's path...
         send = ScriptPipe._send
 
         async def counted_send(conn: Any, cmds: list[tuple[Any, ...]]) -> list[Any]:
@@ -140,6 +142,14 @@ class RoundTrips:
             return await send(conn, cmds)
 
         monkeypatch.setattr(ScriptPipe, "_send", staticmethod(counted_send))
+        # ... or, on its protocol path (after its first batch), one write per round trip (broker/store/pipe_wire.py)
+        write = Replies.write
+
+        def counted_write(proto: Replies, data: bytes) -> None:
+            self.count += 1
+            write(proto, data)
+
+        monkeypatch.setattr(Replies, "write", counted_write)
 
     async def of(self, fn: Callable[[], Any]) -> int:
         before = self.count

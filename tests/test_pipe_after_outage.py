@@ -1,13 +1,13 @@
 """The script pipe after an outage (``broker/store/pipe.py``): the connection it keeps between batches is dropped
 while idle by an outage (here a cut of the path to Redis); once Redis answers again, its next batch must run.
 
-Today it does not: the pipe writes on the connection it kept, which the outage closed, so that batch fails
-``unavailable`` ("Connection closed by server") and counts as a breaker failure: one publish, claim, ack or loop step
-lost after every outage, and a half-open trial failed (the breaker opens again). A background loop that met it was
-taken for failing for its whole backoff: the flaky ``test_readyz_is_503_with_reasons_while_redis_is_cut_and_200_after``
-(``dlq_prune``, 30 s). The pooled connections do not have this problem: redis-py checks one for a closed peer at each
-checkout, and the pipe checks its connection out once. ``xfail(strict=True)``: the fix belongs with the pipe's own
-work (branch ``cbpipe``); when it lands, this test passes and the marker must go.
+It once did not: the pipe wrote on the connection it kept, which the outage had closed, so that batch failed
+``unavailable`` ("Connection closed by server") and counted as a breaker failure: one publish, claim, ack or loop
+step lost after every outage, and a half-open trial failed (the breaker opened again); a background loop that met
+it was taken for failing for its whole backoff (the flaky
+``test_readyz_is_503_with_reasons_while_redis_is_cut_and_200_after``). On the protocol path (branch ``cbpipe``) the
+taken-over connection hears the peer's close in its protocol (``eof_received``/``connection_lost``) while idle and is
+dropped at once, at no cost per batch: the next batch reconnects, as a pooled connection's checkout would.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker.core.model import PublishResult
@@ -39,7 +38,6 @@ async def reachable(ping: Callable[[], Awaitable[object]], want: bool) -> None:
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="the pipe writes on its kept connection, dead since the outage (cbpipe)")
 async def test_the_first_batch_after_an_outage_runs(redis_server: RedisServer) -> None:
     with TcpProxy(redis_server.port) as proxy:
         store = proxied_store(proxy)

@@ -9,6 +9,8 @@ created), and ``call_async`` needs Tornado. We run the ``await`` (with its per-c
 a failure) and then report its outcome to pybreaker's state machine through the public ``calling()`` context manager.
 ``asyncio.CancelledError`` is reported as nothing at all: pybreaker counts an excluded exception as a success, which
 would let a cancelled half-open trial close the breaker. In half-open only one trial call runs at a time.
+A call that is not an ``await`` (its outcome arrives in a callback: the script pipe's batches) uses
+``Breaker.begin``/``Breaker.end`` instead, on the same state machine and the same trial.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class Breaker:
             name=name,
             throw_new_error_on_trip=False,
         )
-        self._trial = asyncio.Lock()
+        self._trial = False  # a half-open trial call is running (``call`` or ``begin``): no other call may start
         self._deadlines = Deadlines(call_timeout_s) if call_timeout_s is not None else None
 
     def like(self, name: str, probe: Callable[[], Awaitable[object]] | None = None) -> Breaker:
@@ -289,21 +291,53 @@ class Breaker:
         """How many calls may start now: unlimited (-1) when closed, 1 when a trial is due, 0 while open."""
         if self.state is BreakerState.CLOSED:
             return -1
-        if self._trial.locked() or (self.state is BreakerState.OPEN and self._open_time_left_s() > 0):
+        if self._trial or (self.state is BreakerState.OPEN and self._open_time_left_s() > 0):
             return 0
         return 1
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self._cb.current_state == "closed":  # (not ``self.state``: an enum made from the string per call)
             return await self._guarded(fn)
-        if self._trial.locked():
-            raise BreakerOpenError(self.name, self.retry_after_ms())
-        async with self._trial:
-            if self.state is BreakerState.OPEN:
-                if self._open_time_left_s() > 0:
-                    raise BreakerOpenError(self.name, self.retry_after_ms())
-                self._cb.half_open()
+        self._take_trial()
+        try:
             return await self._guarded(fn)
+        finally:
+            self._trial = False
+
+    def begin(self) -> bool:
+        """Start a call that is not an ``await`` (its outcome is known later, in a callback): raises
+        ``BreakerOpenError`` if the breaker refuses it, as ``call`` would. Returns whether it is the half-open trial
+        (then no other call starts until it ends). Every ``begin`` that returned must be followed by exactly one
+        ``end``. The call's timeout is the caller's (``call_timeout_s``: a call past it is ended as a failure)."""
+        if self._cb.current_state == "closed":
+            return False
+        self._take_trial()
+        return True
+
+    def end(self, trial: bool, exc: Exception | None, *, counted: bool = True) -> None:
+        """The call ``begin`` started has ended: ``exc`` None is a success, else a failure (a timeout too), reported
+        to pybreaker as ``call`` reports an awaited call's outcome. ``counted=False``: it ended without an outcome
+        (abandoned at shutdown, as a cancelled ``call``): nothing is reported, only the trial is released."""
+        try:
+            if not counted:
+                return
+            if exc is not None:
+                self._report(exc)
+            elif self._cb.current_state != "closed" or self._cb.fail_counter:
+                self._report(None)
+        finally:
+            if trial:
+                self._trial = False
+
+    def _take_trial(self) -> None:
+        """The breaker is not closed: refuse the call, or make it the half-open trial (``_trial`` set)."""
+        if self._trial:
+            raise BreakerOpenError(self.name, self.retry_after_ms())
+        if self.state is BreakerState.OPEN:
+            if self._open_time_left_s() > 0:
+                raise BreakerOpenError(self.name, self.retry_after_ms())
+            self._cb.half_open()
+        self._trial = True
 
     def _open_time_left_s(self) -> float:
         opened = self._cb._state_storage.opened_at

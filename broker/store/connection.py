@@ -127,13 +127,13 @@ class HiredisPacking(AbstractConnection):
             self.socket_timeout = timeout
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        return [_pack(args)]
+        return [pack(args)]
 
     def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
-        return [b"".join([_pack(tuple(cmd)) for cmd in commands])]
+        return [b"".join([pack(tuple(cmd)) for cmd in commands])]
 
 
-def _pack(args: tuple[Any, ...]) -> bytes:
+def pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP, the bytes redis-py's packer writes: a name of several words (``"CONFIG GET"``, as
     redis-py passes it) split into one argument each. A name of letters only (``"EVALSHA"``) has nothing to split
     and goes as it is: hiredis encodes a str as UTF-8, as the split's ``encode`` would."""

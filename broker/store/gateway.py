@@ -137,17 +137,29 @@ class Gateway:
 
         try:
             res = await guard.call(answered)
-        except BreakerOpenError as e:
-            raise UnavailableError(
-                f"{guard.name} unavailable (breaker open) during {what}", retry_after_ms=e.retry_after_ms
-            ) from None
-        except OUTAGES as e:
-            raise UnavailableError(f"{guard.name} unreachable during {what}: {e}", retry_after_ms=1_000) from None
-        except RedisError as e:
-            raise UnavailableError(f"{guard.name} error during {what}: {e}", retry_after_ms=1_000) from None
+        except Exception as e:
+            err = self.unavailable(e, what, guard.name)
+            if err is e:  # not a failure of Redis (a bug): as it is
+                raise
+            raise err from None
         if isinstance(res, _Answered):
             raise self.reply_error(res.error, what)
         return res
+
+    @staticmethod
+    def unavailable(exc: Exception, what: str, name: str = "redis") -> Exception:
+        """Our error for a call that failed without an answer (``call`` raises it; the script pipe answers its
+        waiters with it): ``UnavailableError`` for a refusal of the breaker, an outage or another redis-py error;
+        anything else (a bug) as it is."""
+        if isinstance(exc, BreakerOpenError):
+            return UnavailableError(
+                f"{name} unavailable (breaker open) during {what}", retry_after_ms=exc.retry_after_ms
+            )
+        if isinstance(exc, OUTAGES):
+            return UnavailableError(f"{name} unreachable during {what}: {exc}", retry_after_ms=1_000)
+        if isinstance(exc, RedisError):
+            return UnavailableError(f"{name} error during {what}: {exc}", retry_after_ms=1_000)
+        return exc
 
     async def pipeline(
         self, build: Callable[[Pipeline], object], what: str, *, keep_errors: bool = False, transaction: bool = False
