@@ -6,11 +6,14 @@ Each test follows the delivery table in ``broker/core/model.py``: publish -> cla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from broker.core.config import Settings
@@ -890,57 +893,55 @@ async def test_extending_a_retry_moves_its_delivery_hash_deadline_too(store: Red
     assert await store.redis.zscore(g.leased, mid) == deadline
 
 
+@contextlib.asynccontextmanager
+async def counted_store() -> AsyncIterator[tuple[RedisStore, aioredis.Redis]]:
+    """A store on a redis-server of its own, and a second client to read that server's command counts."""
+    from .support import RedisServer
+
+    with RedisServer() as server:
+        settings = Settings()
+        store = make_store(connect_redis(server.url, settings), settings)
+        counter = connect_redis(server.url, settings)
+        try:
+            yield store, counter
+        finally:
+            await counter.aclose()
+            await store.close()
+
+
 @pytest.mark.parametrize(
     ("max_attempts", "backoff_base_ms"), [(None, None), (None, 50), (3, None), (3, 50)], ids=["none", "b", "m", "mb"]
 )
 async def test_a_body_is_written_with_one_hset_its_retry_policy_included(
     max_attempts: int | None, backoff_base_ms: int | None
 ) -> None:
-    from .support import RedisServer
-
-    with RedisServer() as server:  # its own: the test counts every HSET the server runs
-        settings = Settings()
-        store = make_store(connect_redis(server.url, settings), settings)
-        counter = connect_redis(server.url, settings)
-        try:
-            # Given a topic with a group
-            await store.ensure_group("t", "g")
-            await counter.config_resetstat()
-            # When a message with (or without) its own retry policy is published
-            (res,) = await store.publish_many(
-                [PublishRequest("t", '"x"', max_attempts=max_attempts, backoff_base_ms=backoff_base_ms)]
-            )
-            # Then its body took one HSET, and holds the policy it was given
-            assert (await counter.info("commandstats"))["cmdstat_hset"]["calls"] == 1
-            body = await counter.hgetall(store.keys("t").body(res.id))
-            assert body.get("max_attempts") == (None if max_attempts is None else str(max_attempts))
-            assert body.get("backoff_base_ms") == (None if backoff_base_ms is None else str(backoff_base_ms))
-            assert body["payload"] == '"x"'
-        finally:
-            await counter.aclose()
-            await store.close()
+    async with counted_store() as (store, counter):  # its own Redis: the test counts every HSET it runs
+        # Given a topic with a group
+        await store.ensure_group("t", "g")
+        await counter.config_resetstat()
+        # When a message with (or without) its own retry policy is published
+        (res,) = await store.publish_many(
+            [PublishRequest("t", '"x"', max_attempts=max_attempts, backoff_base_ms=backoff_base_ms)]
+        )
+        # Then its body took one HSET, and holds the policy it was given
+        assert (await counter.info("commandstats"))["cmdstat_hset"]["calls"] == 1
+        body = await counter.hgetall(store.keys("t").body(res.id))
+        assert body.get("max_attempts") == (None if max_attempts is None else str(max_attempts))
+        assert body.get("backoff_base_ms") == (None if backoff_base_ms is None else str(backoff_base_ms))
+        assert body["payload"] == '"x"'
 
 
 async def test_a_claim_reads_no_delivery_hash_after_the_ones_that_exist() -> None:
-    from .support import RedisServer
-
-    with RedisServer() as server:  # its own: the test counts every HMGET the server runs
-        settings = Settings()
-        store = make_store(connect_redis(server.url, settings), settings)
-        counter = connect_redis(server.url, settings)
-        try:
-            # Given a queue of 10 messages whose first one is a retry (nacked with delay 0: back at the head)
-            await store.ensure_group("t", "g")
-            await store.publish_many([PublishRequest("t", str(n)) for n in range(10)])
-            (first,) = await store.claim("t", "g", 1, 30_000, "c1")
-            await store.nack_many("t", "g", [(NackItem(first.id, first.receipt, "again", delay_ms=0), 1, "c1")])
-            await counter.config_resetstat()
-            # When one claim takes all ten
-            got = await store.claim("t", "g", 10, 30_000, "c1")
-            # Then the retry is attempt 2 and the others attempt 1, and besides the ten bodies only the retry's
-            # delivery hash was read (the others have none: EXISTS counted one)
-            assert [d.attempt for d in got] == [2] + [1] * 9 and got[0].id == first.id
-            assert (await counter.info("commandstats"))["cmdstat_hmget"]["calls"] == 10 + 1
-        finally:
-            await counter.aclose()
-            await store.close()
+    async with counted_store() as (store, counter):  # its own Redis: the test counts every HMGET it runs
+        # Given a queue of 10 messages whose first one is a retry (nacked with delay 0: back at the head)
+        await store.ensure_group("t", "g")
+        await store.publish_many([PublishRequest("t", str(n)) for n in range(10)])
+        (first,) = await store.claim("t", "g", 1, 30_000, "c1")
+        await store.nack_many("t", "g", [(NackItem(first.id, first.receipt, "again", delay_ms=0), 1, "c1")])
+        await counter.config_resetstat()
+        # When one claim takes all ten
+        got = await store.claim("t", "g", 10, 30_000, "c1")
+        # Then the retry is attempt 2 and the others attempt 1, and besides the ten bodies only the retry's
+        # delivery hash was read (the others have none: EXISTS counted one)
+        assert [d.attempt for d in got] == [2] + [1] * 9 and got[0].id == first.id
+        assert (await counter.info("commandstats"))["cmdstat_hmget"]["calls"] == 10 + 1
