@@ -319,12 +319,8 @@ class Breaker:
         to pybreaker as ``call`` reports an awaited call's outcome. ``counted=False``: it ended without an outcome
         (abandoned at shutdown, as a cancelled ``call``): nothing is reported, only the trial is released."""
         try:
-            if not counted:
-                return
-            if exc is not None:
+            if counted:
                 self._report(exc)
-            elif self._cb.current_state != "closed" or self._cb.fail_counter:
-                self._report(None)
         finally:
             if trial:
                 self._trial = False
@@ -358,14 +354,16 @@ class Breaker:
         except Exception as e:  # a timeout of the call's own deadline included (``TimeoutError``)
             self._report(e)
             raise
-        cb = self._cb
-        if cb.current_state != "closed" or cb.fail_counter:
-            self._report(None)
-        # else: a success changes nothing in pybreaker's closed state without failures (it resets a counter at 0 and
-        # tells listeners, ours listen to state changes only): skipped, as it costs a lock and a generator per call
+        self._report(None)
         return result
 
     def _report(self, exc: Exception | None) -> None:
+        """A call's outcome to pybreaker: ``exc`` None is a success."""
+        cb = self._cb
+        if exc is None and cb.current_state == "closed" and not cb.fail_counter:
+            # a success changes nothing in pybreaker's closed state without failures (it resets a counter at 0 and
+            # tells listeners, ours listen to state changes only): skipped, as it costs a lock and a generator per call
+            return
         try:
             with self._cb.calling():
                 if exc is not None:

@@ -182,11 +182,8 @@ class ScriptPipe:
         self._kick()
 
     def _kick(self) -> None:
-        if self._wire is not None and self._task is None:
-            self._pump()
-        elif self._task is None:
-            self._wake = asyncio.Event()
-            self._task = watch_task(asyncio.create_task(self._write_loop(), name="redis-pipe"))
+        if self._task is None:
+            self._pump()  # written now (protocol path), or the writer task started to connect
         elif self._wake is not None and not self._wake.is_set():
             self._wake.set()
 
@@ -284,13 +281,7 @@ class ScriptPipe:
         except Exception as e:  # UnavailableError (outage, timeout, breaker open), or a bug: every waiter hears it
             self._fail(batch, e)
             return
-        self.batches += 1
-        i = 0
-        for w in batch:
-            n = len(w.calls)
-            if not w.fut.done():
-                w.fut.set_result(replies[i : i + n])
-            i += n
+        self._answer(batch, replies)
 
     async def _exchange(self, calls: list[ScriptCall]) -> list[Any]:
         """One write of every call, the replies read in order (error replies in place); the calls answered
@@ -301,16 +292,13 @@ class ScriptPipe:
             # client to Redis, whose every client costs memory that counts against maxmemory)
             conn = self._conn = await self.gateway.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            cmds = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in calls]
+            cmds = [_evalsha(c) for c in calls]
             replies = await self._send(conn, cmds)
-            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+            again, load = _reloads(calls, replies)
             if again:
-                scripts = list({calls[i][0].sha: calls[i][0] for i in again}.values())
-                load = [("SCRIPT", "LOAD", s.script) for s in scripts]
                 retried = await self._send(conn, [*load, *(cmds[i] for i in again)])
                 for i, x in zip(again, retried[len(load) :], strict=True):
                     replies[i] = x
-                log.info("redis_scripts_loaded", scripts=len(scripts), calls=len(again))
             return replies
         except BaseException:
             await self._drop()
@@ -338,11 +326,7 @@ class ScriptPipe:
             wire.give_back()
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                await conn.disconnect(nowait=True)
-            except Exception as e:  # closing a broken socket: nothing left to save, but say so
-                log.debug("redis_pipe_disconnect_failed", error=repr(e))
-            await self.gateway.client.connection_pool.release(conn)
+            await self._release(conn)
 
     # ---- the protocol path: batches written at once, replies taken in ``Replies.data_received`` --------------
 
@@ -380,7 +364,7 @@ class ScriptPipe:
         packed: list[bytes] = []
         for w in batch:
             try:
-                wc = [("EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args in w.calls]
+                wc = [_evalsha(c) for c in w.calls]
                 wp = [pack(c) for c in wc]
             except Exception as e:  # a bug of that caller's: told to it, logged and counted
                 log.error("redis_pipe_bad_call", what=w.what, error=repr(e))
@@ -443,15 +427,12 @@ class ScriptPipe:
             return
         replies = flight.replies
         if flight.again is None:
-            again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+            again, load = _reloads(flight.calls, replies)
             if again:  # load the scripts and send the calls again, within the batch
-                scripts = list({flight.calls[i][0].sha: flight.calls[i][0] for i in again}.values())
-                load = [("SCRIPT", "LOAD", s.script) for s in scripts]
                 flight.again, flight.loads = again, len(load)
                 flight.expected += len(load) + len(again)
                 assert self._wire is not None
                 self._wire.write(b"".join([pack(c) for c in [*load, *(flight.cmds[i] for i in again)]]))
-                log.info("redis_scripts_loaded", scripts=len(scripts), calls=len(again))
                 return
         else:
             n = len(flight.cmds)
@@ -459,13 +440,7 @@ class ScriptPipe:
                 replies[i] = x
             del replies[n:]
         self._flight = None
-        self.batches += 1
-        i = 0
-        for w in flight.batch:  # the callers first: whatever the breaker does, none is left waiting
-            k = len(w.calls)
-            if not w.fut.done():
-                w.fut.set_result(replies[i : i + k])
-            i += k
+        self._answer(flight.batch, replies)  # the callers first: whatever the breaker does, none is left waiting
         try:
             self._end(flight, None)
         finally:
@@ -538,8 +513,34 @@ class ScriptPipe:
             log.debug("redis_pipe_disconnect_failed", error=repr(e))
         await self.gateway.client.connection_pool.release(conn)
 
+    def _answer(self, batch: Sequence[_Waiting], replies: list[Any]) -> None:
+        """A batch was answered: each waiter gets its calls' replies (one breaker call, counted in ``batches``)."""
+        self.batches += 1
+        i = 0
+        for w in batch:
+            n = len(w.calls)
+            if not w.fut.done():
+                w.fut.set_result(replies[i : i + n])
+            i += n
+
     @staticmethod
     def _fail(waiting: Sequence[_Waiting], err: BaseException) -> None:
         for w in waiting:
             if not w.fut.done():
                 w.fut.set_exception(err)
+
+
+def _evalsha(call: ScriptCall) -> tuple[Any, ...]:
+    script, keys, args = call
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _reloads(calls: Sequence[ScriptCall], replies: list[Any]) -> tuple[list[int], list[tuple[Any, ...]]]:
+    """The calls answered NOSCRIPT (their indexes) and the ``SCRIPT LOAD`` of their scripts, once each: sent before
+    those calls go again (a Redis restart or ``SCRIPT FLUSH``; they did not run)."""
+    again = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+    if not again:
+        return again, []
+    scripts = list({calls[i][0].sha: calls[i][0] for i in again}.values())
+    log.info("redis_scripts_loaded", scripts=len(scripts), calls=len(again))
+    return again, [("SCRIPT", "LOAD", s.script) for s in scripts]

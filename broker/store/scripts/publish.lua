@@ -67,19 +67,16 @@ for i = 0, n - 1 do
     out[3 * i + 1] = existing; out[3 * i + 2] = 1; out[3 * i + 3] = 0
   else
     local bkey = key(base, 'msg', id)
-    -- One HSET per body, its retry policy included (a message that carries one: one call, not one per field)
+    -- One HSET per body, its retry policy included (a message that carries one: one call, not one per field; the
+    -- usual message, without one, builds no table for it)
     local maxa, bbase = ARGV[o+6], ARGV[o+7]
     if maxa == '' and bbase == '' then
       redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs)
-    elseif maxa == '' then
-      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
-        'backoff_base_ms', bbase)
-    elseif bbase == '' then
-      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
-        'max_attempts', maxa)
     else
-      redis.call('HSET', bkey, 'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs,
-        'max_attempts', maxa, 'backoff_base_ms', bbase)
+      local f = {'payload', payload, 'headers', headers, 'published_at', ARGV[2], 'refs', refs}
+      if maxa ~= '' then f[#f + 1], f[#f + 2] = 'max_attempts', maxa end
+      if bbase ~= '' then f[#f + 1], f[#f + 2] = 'backoff_base_ms', bbase end
+      redis.call('HSET', bkey, unpack(f))
     end
     if okey ~= '' then
       redis.call('HSET', bkey, 'key', okey)
